@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Runs every Beacon test on this machine, installing what it lacks first (ops/setup.sh).
+# This is the README's test command and what CI runs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '[test] %s\n' "$*" >&2; }
+
+ops/setup.sh
+export BEACON_TEST_MODEL="${BEACON_TEST_MODEL:-${BEACON_CACHE:-$HOME/.cache/beacon}/models/SmolLM2-135M-Instruct.Q4_1.gguf}"
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+
+log "building (locked)"
+cargo build --workspace --all-targets --locked
+
+log "unit, property and end-to-end tests"
+cargo test --workspace --locked --no-fail-fast
+
+log "fuzz targets build"
+ops/fuzz.sh build

@@ -1,0 +1,25 @@
+//! `beacon-proto`: the types every Beacon component shares.
+//!
+//! Wire messages, their bincode codec with a size limit on every decode, ed25519 identities
+//! that double as libp2p `PeerId`s, signed envelopes with per-kind domain separation, content
+//! digests, and `docker model`-style model references. Nothing here performs I/O or needs an
+//! async runtime, so the crate can be fuzzed and property-tested in isolation.
+
+pub mod codec;
+pub mod digest;
+mod error;
+pub mod identity;
+pub mod messages;
+pub mod reference;
+pub mod signed;
+
+pub use codec::Wire;
+pub use digest::Digest;
+pub use error::ProtoError;
+pub use identity::{Keypair, PeerId, PublicKey};
+pub use messages::*;
+pub use reference::ModelRef;
+pub use signed::{Domain, Signed};
+
+/// The Beacon protocol version carried in adverts and used in protocol ids.
+pub const PROTOCOL_VERSION: &str = "1";

@@ -1,0 +1,448 @@
+//! The messages of the Beacon protocol: provider adverts (gossip), inference requests and
+//! signed results (data plane), audits (teacher-forced re-scoring), plus the pure checks a
+//! receiver runs on them before trusting anything they say.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::codec::Wire;
+use crate::signed::{Domain, Signed};
+use crate::{Digest, PeerId, ProtoError};
+
+/// Gossipsub topic that carries signed [`ProviderAdvert`]s.
+pub const ADVERT_TOPIC: &str = "beacon/adverts/1";
+/// Kademlia protocol name of the Beacon DHT.
+pub const KAD_PROTOCOL: &str = "/beacon/kad/1";
+/// Data-plane protocol id (QUIC ALPN).
+pub const INFER_PROTOCOL: &str = "/beacon/infer/1";
+
+/// 128-bit random identifier of a request, job or audit; shown as 32 hex characters.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Id(pub u128);
+
+impl Id {
+    /// A fresh random id.
+    pub fn random() -> Self {
+        let mut bytes = [0u8; 16];
+        rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut bytes);
+        Id(u128::from_le_bytes(bytes))
+    }
+    /// First 8 hex characters, for log spans.
+    pub fn short(&self) -> String {
+        format!("{:032x}", self.0)[..8].to_string()
+    }
+}
+
+impl fmt::Display for Id {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:032x}", self.0)
+    }
+}
+
+impl fmt::Debug for Id {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Id({})", self.short())
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Adverts
+
+/// One GPU (or other accelerator) of a provider.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Accelerator {
+    pub vendor: String,
+    pub name: String,
+    pub memory_total: u64,
+    pub memory_free: u64,
+    pub compute_capability: Option<String>,
+    pub driver: Option<String>,
+    pub utilisation_pct: Option<u8>,
+}
+
+/// CPU and memory of a provider; always reported, GPU or not.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct HostInfo {
+    pub cpu_model: String,
+    pub cores: u32,
+    pub ram_total: u64,
+    pub ram_free: u64,
+    pub cpu_flags: Vec<String>,
+}
+
+/// A model in a provider's store, identified by its manifest digest.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CachedModel {
+    pub references: Vec<String>,
+    pub digest: Digest,
+    pub size: u64,
+    pub quantization: String,
+    pub parameters: String,
+    pub architecture: String,
+    pub context_size: Option<u32>,
+}
+
+/// Parallel capacity of a provider right now.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Slots {
+    pub total: u32,
+    pub busy: u32,
+    pub queued: u32,
+}
+
+/// Measured decode throughput of one model on this provider.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Throughput {
+    pub model: Digest,
+    pub tokens_per_second: f32,
+}
+
+/// Optional price, in millionths of a currency unit per million tokens.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Price {
+    pub currency: String,
+    pub micros_per_mtok_prompt: u64,
+    pub micros_per_mtok_completion: u64,
+}
+
+/// What a provider tells the network about itself; gossiped signed, small.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ProviderAdvert {
+    pub peer_id: PeerId,
+    pub region: String,
+    /// libp2p multiaddrs, as strings.
+    pub listen_addrs: Vec<String>,
+    /// QUIC data-plane socket address (`host:port`).
+    pub data_plane: Option<String>,
+    pub version: String,
+    pub accelerators: Vec<Accelerator>,
+    pub host: HostInfo,
+    pub engines: Vec<String>,
+    pub models: Vec<CachedModel>,
+    pub slots: Slots,
+    pub throughput: Vec<Throughput>,
+    pub price: Option<Price>,
+    /// Strictly increasing per provider; a receiver drops anything not newer than it has.
+    pub seq: u64,
+    /// Milliseconds since the Unix epoch when the advert was made.
+    pub timestamp_ms: u64,
+}
+
+impl Wire for ProviderAdvert {
+    const KIND: &'static str = "provider advert";
+    const MAX_BYTES: usize = 60 * 1024;
+}
+impl Domain for ProviderAdvert {
+    const DOMAIN: &'static str = "beacon/advert/v1";
+}
+
+/// Freshness rules for adverts.
+#[derive(Clone, Copy, Debug)]
+pub struct AdvertPolicy {
+    /// Older adverts are stale.
+    pub max_age_ms: u64,
+    /// Adverts this far in the future are refused (clock skew allowance).
+    pub max_skew_ms: u64,
+}
+
+impl Default for AdvertPolicy {
+    fn default() -> Self {
+        AdvertPolicy { max_age_ms: 120_000, max_skew_ms: 30_000 }
+    }
+}
+
+/// Longest region name.
+pub const MAX_REGION_LEN: usize = 64;
+
+/// Everything a receiver checks before it believes or forwards an advert: the signature,
+/// that the signer is the peer it came from and the peer it describes, freshness, a newer
+/// sequence number than `last_seq`, and sane field sizes.
+pub fn validate_advert(
+    signed: &Signed<ProviderAdvert>,
+    source: &PeerId,
+    now_ms: u64,
+    last_seq: Option<u64>,
+    policy: AdvertPolicy,
+) -> Result<ProviderAdvert, ProtoError> {
+    let advert = signed.verify_from(source)?;
+    let reject = |reason: String| ProtoError::Rejected { kind: ProviderAdvert::KIND, reason };
+    if &advert.peer_id != source {
+        return Err(reject(format!("describes {} but was signed by {source}", advert.peer_id)));
+    }
+    if advert.timestamp_ms + policy.max_age_ms < now_ms {
+        return Err(reject(format!(
+            "stale: made {} ms ago",
+            now_ms.saturating_sub(advert.timestamp_ms)
+        )));
+    }
+    if advert.timestamp_ms > now_ms + policy.max_skew_ms {
+        return Err(reject("timestamp is in the future".into()));
+    }
+    if let Some(last) = last_seq
+        && advert.seq <= last
+    {
+        return Err(reject(format!("sequence {} is not newer than {last}", advert.seq)));
+    }
+    if advert.region.is_empty() || advert.region.len() > MAX_REGION_LEN {
+        return Err(reject(format!("region must be 1..={MAX_REGION_LEN} characters")));
+    }
+    if advert.slots.busy > advert.slots.total.saturating_mul(4) + 1024 {
+        return Err(reject("implausible slot counts".into()));
+    }
+    Ok(advert)
+}
+
+// ---------------------------------------------------------------------------------------
+// Inference
+
+/// A model as a request names it: the reference for humans, the manifest digest for trust.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ModelSpec {
+    pub reference: String,
+    pub digest: Digest,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Role {
+    System,
+    User,
+    Assistant,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    pub role: Role,
+    pub content: String,
+}
+
+/// Sampling parameters; `temperature == 0` means greedy.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Sampling {
+    pub temperature: f32,
+    pub top_p: f32,
+    /// 0 disables top-k.
+    pub top_k: u32,
+    pub min_p: f32,
+    pub max_tokens: u32,
+    pub seed: Option<u64>,
+    pub stop: Vec<String>,
+}
+
+impl Default for Sampling {
+    fn default() -> Self {
+        Sampling {
+            temperature: 0.0,
+            top_p: 1.0,
+            top_k: 0,
+            min_p: 0.0,
+            max_tokens: 256,
+            seed: None,
+            stop: Vec::new(),
+        }
+    }
+}
+
+/// One subtask for a provider.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct InferRequest {
+    pub request_id: Id,
+    pub job_id: Option<Id>,
+    pub model: ModelSpec,
+    pub messages: Vec<ChatMessage>,
+    pub sampling: Sampling,
+    /// JSON schema (as JSON text) the output must satisfy.
+    pub json_schema: Option<String>,
+    /// Milliseconds since the Unix epoch after which the answer is useless.
+    pub deadline_ms: Option<u64>,
+    /// Return the generated token ids, so the result can be audited.
+    pub return_tokens: bool,
+}
+
+impl Wire for InferRequest {
+    const KIND: &'static str = "infer request";
+    const MAX_BYTES: usize = 8 << 20;
+}
+
+impl InferRequest {
+    /// Digest of the canonical encoding: what a result must name to answer this request.
+    pub fn digest(&self) -> Result<Digest, ProtoError> {
+        Ok(Digest::of(&self.encode()?))
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FinishReason {
+    Stop,
+    Length,
+    Cancelled,
+    Error,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    pub prompt_tokens: u32,
+    pub completion_tokens: u32,
+    /// Prompt tokens served from a shared KV prefix rather than prefilled.
+    pub cached_prompt_tokens: u32,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Timings {
+    pub queue_ms: u32,
+    pub prefill_ms: u32,
+    pub decode_ms: u32,
+}
+
+/// A provider's answer to one [`InferRequest`]; travels signed.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct InferResult {
+    pub request_id: Id,
+    pub request_digest: Digest,
+    pub model_digest: Digest,
+    pub output: String,
+    pub finish_reason: FinishReason,
+    pub usage: Usage,
+    pub timings: Timings,
+    pub token_ids: Option<Vec<u32>>,
+}
+
+impl Wire for InferResult {
+    const KIND: &'static str = "infer result";
+    const MAX_BYTES: usize = 4 << 20;
+}
+impl Domain for InferResult {
+    const DOMAIN: &'static str = "beacon/result/v1";
+}
+
+/// Checks a signed result against what was asked of which peer: signature, signer, request
+/// id, request digest, model digest, and the token ids when they were asked for.
+pub fn verify_result(
+    signed: &Signed<InferResult>,
+    expected_peer: &PeerId,
+    request: &InferRequest,
+) -> Result<InferResult, ProtoError> {
+    let result = signed.verify_from(expected_peer)?;
+    let reject = |reason: String| ProtoError::Rejected { kind: InferResult::KIND, reason };
+    if result.request_id != request.request_id {
+        return Err(reject(format!(
+            "answers request {} instead of {}",
+            result.request_id, request.request_id
+        )));
+    }
+    let digest = request.digest()?;
+    if result.request_digest != digest {
+        return Err(reject(format!(
+            "request digest {} does not match {digest}",
+            result.request_digest
+        )));
+    }
+    if result.model_digest != request.model.digest {
+        return Err(reject(format!(
+            "ran model {} instead of {}",
+            result.model_digest, request.model.digest
+        )));
+    }
+    match (&result.token_ids, request.return_tokens) {
+        (None, true) => return Err(reject("token ids were requested but not returned".into())),
+        (Some(ids), _) if ids.len() != result.usage.completion_tokens as usize => {
+            return Err(reject(format!(
+                "{} token ids for {} completion tokens",
+                ids.len(),
+                result.usage.completion_tokens
+            )));
+        }
+        _ => {}
+    }
+    Ok(result)
+}
+
+// ---------------------------------------------------------------------------------------
+// Audits
+
+/// Re-score a claimed output by teacher-forced prefill on another provider.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AuditRequest {
+    pub audit_id: Id,
+    pub model: ModelSpec,
+    /// The prompt exactly as the audited request sent it (rendered with the same template).
+    pub messages: Vec<ChatMessage>,
+    /// The token ids the audited provider claims it generated.
+    pub claimed_tokens: Vec<u32>,
+}
+
+impl Wire for AuditRequest {
+    const KIND: &'static str = "audit request";
+    const MAX_BYTES: usize = 12 << 20;
+}
+
+impl AuditRequest {
+    pub fn digest(&self) -> Result<Digest, ProtoError> {
+        Ok(Digest::of(&self.encode()?))
+    }
+}
+
+/// How the auditing model scores one claimed token.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TokenScore {
+    /// Log-probability of the claimed token.
+    pub logprob: f32,
+    /// The auditor's most likely token at this position.
+    pub argmax: u32,
+    /// Its log-probability.
+    pub argmax_logprob: f32,
+}
+
+/// The auditor's scores for every claimed token; travels signed.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AuditResult {
+    pub audit_id: Id,
+    pub request_digest: Digest,
+    pub model_digest: Digest,
+    pub prompt_tokens: u32,
+    pub scores: Vec<TokenScore>,
+}
+
+impl Wire for AuditResult {
+    const KIND: &'static str = "audit result";
+    const MAX_BYTES: usize = 4 << 20;
+}
+impl Domain for AuditResult {
+    const DOMAIN: &'static str = "beacon/audit/v1";
+}
+
+/// A summary of an audit, from which the router decides pass or fail.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AuditSummary {
+    pub tokens: usize,
+    /// Claimed token is the auditor's argmax.
+    pub greedy_matches: usize,
+    /// Not the argmax, but within `near_tie` nats of it (hardware noise).
+    pub near_ties: usize,
+    pub mean_logprob: f32,
+}
+
+impl AuditResult {
+    /// Counts argmax agreement, treating a claimed token within `near_tie` nats of the
+    /// argmax as a tie (different hardware may break near-ties differently).
+    pub fn summarize(&self, claimed: &[u32], near_tie: f32) -> AuditSummary {
+        let mut greedy_matches = 0;
+        let mut near_ties = 0;
+        let mut sum = 0.0f32;
+        for (score, &token) in self.scores.iter().zip(claimed) {
+            if score.argmax == token {
+                greedy_matches += 1;
+            } else if score.argmax_logprob - score.logprob <= near_tie {
+                near_ties += 1;
+            }
+            sum += score.logprob;
+        }
+        let tokens = self.scores.len().min(claimed.len());
+        AuditSummary {
+            tokens,
+            greedy_matches,
+            near_ties,
+            mean_logprob: if tokens == 0 { 0.0 } else { sum / tokens as f32 },
+        }
+    }
+}

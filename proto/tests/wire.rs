@@ -1,0 +1,323 @@
+//! Codec and signature properties of every wire message: round-trips, tampering, wrong
+//! domain, wrong key, truncation, and arbitrary input never panicking.
+
+use beacon_proto::*;
+use proptest::prelude::*;
+
+fn spec() -> ModelSpec {
+    ModelSpec { reference: "index.docker.io/ai/smollm2:latest".into(), digest: Digest::of(b"m") }
+}
+
+fn request(prompt: &str) -> InferRequest {
+    InferRequest {
+        request_id: Id(7),
+        job_id: Some(Id(9)),
+        model: spec(),
+        messages: vec![
+            ChatMessage { role: Role::System, content: "be brief".into() },
+            ChatMessage { role: Role::User, content: prompt.into() },
+        ],
+        sampling: Sampling { max_tokens: 16, stop: vec!["\n\n".into()], ..Sampling::default() },
+        json_schema: Some(r#"{"type":"object"}"#.into()),
+        deadline_ms: Some(1_700_000_000_000),
+        return_tokens: true,
+    }
+}
+
+fn result_for(req: &InferRequest) -> InferResult {
+    InferResult {
+        request_id: req.request_id,
+        request_digest: req.digest().unwrap(),
+        model_digest: req.model.digest,
+        output: "Paris".into(),
+        finish_reason: FinishReason::Stop,
+        usage: Usage { prompt_tokens: 20, completion_tokens: 2, cached_prompt_tokens: 0 },
+        timings: Timings { queue_ms: 1, prefill_ms: 2, decode_ms: 3 },
+        token_ids: Some(vec![11, 12]),
+    }
+}
+
+fn advert(kp: &Keypair, seq: u64, ts: u64) -> ProviderAdvert {
+    ProviderAdvert {
+        peer_id: kp.peer_id(),
+        region: "eu-west".into(),
+        listen_addrs: vec!["/ip4/127.0.0.1/udp/4001/quic-v1".into()],
+        data_plane: Some("127.0.0.1:4002".into()),
+        version: "0.1.0".into(),
+        accelerators: vec![Accelerator {
+            vendor: "nvidia".into(),
+            name: "H100".into(),
+            memory_total: 80 << 30,
+            memory_free: 70 << 30,
+            compute_capability: Some("9.0".into()),
+            driver: Some("550".into()),
+            utilisation_pct: Some(3),
+        }],
+        host: HostInfo { cpu_model: "x".into(), cores: 2, ram_total: 1, ram_free: 1, cpu_flags: vec!["avx2".into()] },
+        engines: vec!["llama.cpp".into()],
+        models: vec![CachedModel {
+            references: vec!["ai/smollm2:latest".into()],
+            digest: Digest::of(b"m"),
+            size: 1,
+            quantization: "Q4_1".into(),
+            parameters: "135M".into(),
+            architecture: "llama".into(),
+            context_size: Some(8192),
+        }],
+        slots: Slots { total: 4, busy: 1, queued: 0 },
+        throughput: vec![Throughput { model: Digest::of(b"m"), tokens_per_second: 90.0 }],
+        price: None,
+        seq,
+        timestamp_ms: ts,
+    }
+}
+
+#[test]
+fn messages_round_trip() {
+    let req = request("capital of France?");
+    assert_eq!(InferRequest::decode(&req.encode().unwrap()).unwrap(), req);
+    let res = result_for(&req);
+    assert_eq!(InferResult::decode(&res.encode().unwrap()).unwrap(), res);
+    let kp = Keypair::generate();
+    let ad = advert(&kp, 1, 1000);
+    assert_eq!(ProviderAdvert::decode(&ad.encode().unwrap()).unwrap(), ad);
+    let audit = AuditRequest { audit_id: Id(1), model: spec(), messages: req.messages.clone(), claimed_tokens: vec![1, 2, 3] };
+    assert_eq!(AuditRequest::decode(&audit.encode().unwrap()).unwrap(), audit);
+    let ar = AuditResult {
+        audit_id: Id(1),
+        request_digest: audit.digest().unwrap(),
+        model_digest: Digest::of(b"m"),
+        prompt_tokens: 10,
+        scores: vec![TokenScore { logprob: -0.1, argmax: 1, argmax_logprob: -0.1 }],
+    };
+    assert_eq!(AuditResult::decode(&ar.encode().unwrap()).unwrap(), ar);
+}
+
+#[test]
+fn signed_envelope_round_trips_and_verifies() {
+    let kp = Keypair::generate();
+    let req = request("q");
+    let signed = Signed::sign(&kp, &result_for(&req)).unwrap();
+    let bytes = signed.encode().unwrap();
+    let back = Signed::<InferResult>::decode(&bytes).unwrap();
+    assert_eq!(back, signed);
+    assert_eq!(verify_result(&back, &kp.peer_id(), &req).unwrap(), result_for(&req));
+}
+
+#[test]
+fn tampered_payload_is_rejected() {
+    let kp = Keypair::generate();
+    let req = request("q");
+    let signed = Signed::sign(&kp, &result_for(&req)).unwrap();
+    let mut payload = signed.payload().to_vec();
+    // Flip a byte of the output text ("Paris" -> "Qaris").
+    let at = payload.windows(5).position(|w| w == b"Paris").unwrap();
+    payload[at] ^= 1;
+    let forged = Signed::<InferResult>::from_parts(payload, signed.signer(), signature_of(&signed));
+    assert!(matches!(forged.verify(), Err(ProtoError::BadSignature { .. })));
+}
+
+/// The signature bytes, read back through the public codec (the field is private).
+fn signature_of<T: Domain>(signed: &Signed<T>) -> Vec<u8> {
+    let bytes = signed.encode().unwrap();
+    bytes[bytes.len() - 64..].to_vec()
+}
+
+#[test]
+fn wrong_domain_tag_is_rejected() {
+    // A result signature replayed as an audit result (same envelope shape, other domain).
+    let kp = Keypair::generate();
+    let req = request("q");
+    let signed = Signed::sign(&kp, &result_for(&req)).unwrap();
+    let replayed: Signed<AuditResult> = signed.clone().cast();
+    assert!(matches!(replayed.verify(), Err(ProtoError::BadSignature { .. })));
+    // And the genuine envelope still verifies.
+    assert!(signed.verify().is_ok());
+}
+
+#[test]
+fn wrong_key_is_rejected() {
+    let kp = Keypair::generate();
+    let other = Keypair::generate();
+    let req = request("q");
+    let signed = Signed::sign(&kp, &result_for(&req)).unwrap();
+    // Claimed signer swapped for another key: signature no longer verifies.
+    let swapped = Signed::<InferResult>::from_parts(signed.payload().to_vec(), other.public(), signature_of(&signed));
+    assert!(matches!(swapped.verify(), Err(ProtoError::BadSignature { .. })));
+    // Genuine signature, but not from the peer we asked.
+    assert!(matches!(
+        verify_result(&signed, &other.peer_id(), &req),
+        Err(ProtoError::WrongSigner { .. })
+    ));
+}
+
+#[test]
+fn result_must_answer_the_request_asked() {
+    let kp = Keypair::generate();
+    let req = request("q");
+    let mut wrong_model = result_for(&req);
+    wrong_model.model_digest = Digest::of(b"other model");
+    let err = verify_result(&Signed::sign(&kp, &wrong_model).unwrap(), &kp.peer_id(), &req).unwrap_err();
+    assert!(err.to_string().contains("ran model"), "{err}");
+
+    let other_req = request("another question");
+    let err = verify_result(&Signed::sign(&kp, &result_for(&req)).unwrap(), &kp.peer_id(), &other_req)
+        .unwrap_err();
+    assert!(err.to_string().contains("request digest"), "{err}");
+
+    let mut no_tokens = result_for(&req);
+    no_tokens.token_ids = None;
+    let err = verify_result(&Signed::sign(&kp, &no_tokens).unwrap(), &kp.peer_id(), &req).unwrap_err();
+    assert!(err.to_string().contains("token ids"), "{err}");
+}
+
+#[test]
+fn truncated_bytes_are_rejected() {
+    let kp = Keypair::generate();
+    let signed = Signed::sign(&kp, &advert(&kp, 1, 1)).unwrap();
+    let bytes = signed.encode().unwrap();
+    for cut in 0..bytes.len() {
+        assert!(Signed::<ProviderAdvert>::decode(&bytes[..cut]).is_err(), "prefix {cut} decoded");
+    }
+    let mut extra = bytes.clone();
+    extra.push(0);
+    let err = Signed::<ProviderAdvert>::decode(&extra).unwrap_err();
+    assert!(err.to_string().contains("trailing"), "{err}");
+}
+
+#[test]
+fn oversized_input_is_rejected_before_parsing() {
+    let big = vec![0u8; ProviderAdvert::MAX_BYTES + 1];
+    assert!(matches!(ProviderAdvert::decode(&big), Err(ProtoError::TooLarge { .. })));
+    // A length prefix claiming far more than the input holds fails cleanly, no huge alloc.
+    let mut claim = vec![0u8; 16];
+    claim[0] = 0xfc; // varint u32 marker
+    claim[1..5].copy_from_slice(&u32::MAX.to_le_bytes());
+    assert!(InferRequest::decode(&claim).is_err());
+    // Encoding refuses values over the limit too.
+    let huge = request(&"x".repeat(InferRequest::MAX_BYTES));
+    assert!(matches!(huge.encode(), Err(ProtoError::TooLarge { .. })));
+}
+
+#[test]
+fn advert_validation() {
+    let kp = Keypair::generate();
+    let policy = AdvertPolicy::default();
+    let now = 1_000_000;
+    let good = Signed::sign(&kp, &advert(&kp, 5, now)).unwrap();
+    assert!(validate_advert(&good, &kp.peer_id(), now, Some(4), policy).is_ok());
+    // Not newer than what we have.
+    assert!(validate_advert(&good, &kp.peer_id(), now, Some(5), policy).is_err());
+    // Stale and future.
+    let stale = Signed::sign(&kp, &advert(&kp, 6, now - policy.max_age_ms - 1)).unwrap();
+    assert!(validate_advert(&stale, &kp.peer_id(), now, None, policy).unwrap_err().to_string().contains("stale"));
+    let future = Signed::sign(&kp, &advert(&kp, 6, now + policy.max_skew_ms + 1)).unwrap();
+    assert!(validate_advert(&future, &kp.peer_id(), now, None, policy).is_err());
+    // Forwarded by someone else than the signer.
+    let relay = Keypair::generate();
+    assert!(matches!(
+        validate_advert(&good, &relay.peer_id(), now, None, policy),
+        Err(ProtoError::WrongSigner { .. })
+    ));
+    // Signed by the sender, but describing another peer.
+    let mut impersonation = advert(&kp, 1, now);
+    impersonation.peer_id = relay.peer_id();
+    let signed = Signed::sign(&kp, &impersonation).unwrap();
+    assert!(validate_advert(&signed, &kp.peer_id(), now, None, policy).unwrap_err().to_string().contains("describes"));
+}
+
+#[test]
+fn audit_summary_tolerates_near_ties() {
+    let ar = AuditResult {
+        audit_id: Id(1),
+        request_digest: Digest::of(b"r"),
+        model_digest: Digest::of(b"m"),
+        prompt_tokens: 3,
+        scores: vec![
+            TokenScore { logprob: -0.1, argmax: 5, argmax_logprob: -0.1 },
+            TokenScore { logprob: -0.70, argmax: 9, argmax_logprob: -0.69 },
+            TokenScore { logprob: -9.0, argmax: 4, argmax_logprob: -0.01 },
+        ],
+    };
+    let s = ar.summarize(&[5, 6, 7], 0.05);
+    assert_eq!((s.tokens, s.greedy_matches, s.near_ties), (3, 1, 1));
+}
+
+fn arb_request() -> impl Strategy<Value = InferRequest> {
+    (
+        any::<u128>(),
+        proptest::option::of(any::<u128>()),
+        "\\PC{0,40}",
+        proptest::collection::vec(("\\PC{0,60}", 0u8..3), 0..5),
+        (0.0f32..2.0, 0.0f32..1.0, any::<u32>(), any::<Option<u64>>()),
+        proptest::collection::vec("\\PC{0,5}", 0..3),
+        proptest::option::of("\\PC{0,30}"),
+        any::<(Option<u64>, bool, [u8; 32])>(),
+    )
+        .prop_map(|(rid, jid, reference, msgs, (t, p, max, seed), stop, schema, (deadline, rt, d))| InferRequest {
+            request_id: Id(rid),
+            job_id: jid.map(Id),
+            model: ModelSpec { reference, digest: Digest(d) },
+            messages: msgs
+                .into_iter()
+                .map(|(content, r)| ChatMessage {
+                    role: [Role::System, Role::User, Role::Assistant][r as usize],
+                    content,
+                })
+                .collect(),
+            sampling: Sampling { temperature: t, top_p: p, top_k: max % 100, min_p: 0.05, max_tokens: max, seed, stop },
+            json_schema: schema,
+            deadline_ms: deadline,
+            return_tokens: rt,
+        })
+}
+
+proptest! {
+    #[test]
+    fn codec_round_trips(req in arb_request()) {
+        let bytes = req.encode().unwrap();
+        prop_assert_eq!(InferRequest::decode(&bytes).unwrap(), req.clone());
+        // Canonical: one value, one encoding, so digests are stable.
+        prop_assert_eq!(InferRequest::decode(&bytes).unwrap().encode().unwrap(), bytes);
+    }
+
+    #[test]
+    fn signed_round_trips(req in arb_request(), tokens in proptest::collection::vec(any::<u32>(), 0..20)) {
+        let kp = Keypair::generate();
+        let mut res = result_for(&req);
+        res.usage.completion_tokens = tokens.len() as u32;
+        res.token_ids = Some(tokens);
+        let signed = Signed::sign(&kp, &res).unwrap();
+        let back = Signed::<InferResult>::decode(&signed.encode().unwrap()).unwrap();
+        prop_assert_eq!(verify_result(&back, &kp.peer_id(), &req).unwrap(), res);
+    }
+
+    #[test]
+    fn any_single_bit_flip_breaks_the_signature(req in arb_request(), bit in any::<proptest::sample::Index>()) {
+        let kp = Keypair::generate();
+        let signed = Signed::sign(&kp, &result_for(&req)).unwrap();
+        let mut payload = signed.payload().to_vec();
+        let i = bit.index(payload.len() * 8);
+        payload[i / 8] ^= 1 << (i % 8);
+        let forged = Signed::<InferResult>::from_parts(payload, signed.signer(), signature_of(&signed));
+        prop_assert!(forged.verify().is_err());
+    }
+
+    #[test]
+    fn decoding_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+        let _ = InferRequest::decode(&bytes);
+        let _ = InferResult::decode(&bytes);
+        let _ = ProviderAdvert::decode(&bytes);
+        let _ = AuditRequest::decode(&bytes);
+        let _ = AuditResult::decode(&bytes);
+        if let Ok(s) = Signed::<InferResult>::decode(&bytes) { let _ = s.verify(); }
+        if let Ok(s) = Signed::<ProviderAdvert>::decode(&bytes) { let _ = s.verify(); }
+    }
+
+    #[test]
+    fn mutated_valid_messages_never_panic(req in arb_request(), edits in proptest::collection::vec((any::<proptest::sample::Index>(), any::<u8>()), 1..8)) {
+        let mut bytes = req.encode().unwrap();
+        for (at, v) in edits { let i = at.index(bytes.len()); bytes[i] = v; }
+        let _ = InferRequest::decode(&bytes);
+    }
+}
