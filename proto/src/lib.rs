@@ -7,6 +7,7 @@
 
 pub mod codec;
 pub mod digest;
+pub mod gguf;
 mod error;
 pub mod identity;
 pub mod messages;
