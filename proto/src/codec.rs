@@ -34,10 +34,18 @@ pub fn encode<T: Serialize + ?Sized>(
     kind: &'static str,
     limit: usize,
 ) -> Result<Vec<u8>, ProtoError> {
-    let bytes = bincode::serde::encode_to_vec(value, bincode::config::standard())
-        .map_err(|e| ProtoError::Encode { kind, reason: e.to_string() })?;
+    let bytes = bincode::serde::encode_to_vec(value, bincode::config::standard()).map_err(|e| {
+        ProtoError::Encode {
+            kind,
+            reason: e.to_string(),
+        }
+    })?;
     if bytes.len() > limit {
-        return Err(ProtoError::TooLarge { kind, len: bytes.len(), limit });
+        return Err(ProtoError::TooLarge {
+            kind,
+            len: bytes.len(),
+            limit,
+        });
     }
     Ok(bytes)
 }
@@ -51,7 +59,11 @@ pub fn decode<T: DeserializeOwned>(
     limit: usize,
 ) -> Result<T, ProtoError> {
     if bytes.len() > limit {
-        return Err(ProtoError::TooLarge { kind, len: bytes.len(), limit });
+        return Err(ProtoError::TooLarge {
+            kind,
+            len: bytes.len(),
+            limit,
+        });
     }
     const KIB64: usize = 64 << 10;
     const MIB1: usize = 1 << 20;
@@ -73,8 +85,12 @@ fn decode_limited<T: DeserializeOwned, const LIMIT: usize>(
     kind: &'static str,
 ) -> Result<T, ProtoError> {
     let config = bincode::config::standard().with_limit::<LIMIT>();
-    let (value, used) = bincode::serde::decode_from_slice::<T, _>(bytes, config)
-        .map_err(|e| ProtoError::Malformed { kind, reason: e.to_string() })?;
+    let (value, used) = bincode::serde::decode_from_slice::<T, _>(bytes, config).map_err(|e| {
+        ProtoError::Malformed {
+            kind,
+            reason: e.to_string(),
+        }
+    })?;
     if used != bytes.len() {
         return Err(ProtoError::Malformed {
             kind,

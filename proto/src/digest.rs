@@ -37,7 +37,10 @@ impl Digest {
         if hex_str.len() != 64 {
             return Err(bad("expected 64 hex characters"));
         }
-        if !hex_str.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+        if !hex_str
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
             return Err(bad("expected lowercase hex characters"));
         }
         let mut out = [0u8; 32];

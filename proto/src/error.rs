@@ -12,7 +12,11 @@ pub enum ProtoError {
     InvalidDigest { digest: String, reason: String },
     /// Input larger than the limit for this message kind.
     #[error("{kind} is {len} bytes, over the {limit}-byte limit")]
-    TooLarge { kind: &'static str, len: usize, limit: usize },
+    TooLarge {
+        kind: &'static str,
+        len: usize,
+        limit: usize,
+    },
     /// Bytes that do not decode as the expected message.
     #[error("malformed {kind}: {reason}")]
     Malformed { kind: &'static str, reason: String },
@@ -27,7 +31,11 @@ pub enum ProtoError {
     BadSignature { kind: &'static str },
     /// The signer is a valid key but not the peer the message had to come from.
     #[error("{kind} signed by {actual}, expected {expected}")]
-    WrongSigner { kind: &'static str, expected: String, actual: String },
+    WrongSigner {
+        kind: &'static str,
+        expected: String,
+        actual: String,
+    },
     /// A well-formed, correctly signed message that does not answer what was asked
     /// (request digest, model digest, request id) or breaks a protocol rule (stale advert).
     #[error("{kind} rejected: {reason}")]

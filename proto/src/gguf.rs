@@ -73,9 +73,11 @@ impl Value {
             Value::F64(v) => format!("{v:.6}"),
             Value::Bool(v) => v.to_string(),
             Value::Str(s) => s.clone(),
-            Value::Array(items) => {
-                items.iter().map(Value::to_dmr_string).collect::<Vec<_>>().join(", ")
-            }
+            Value::Array(items) => items
+                .iter()
+                .map(Value::to_dmr_string)
+                .collect::<Vec<_>>()
+                .join(", "),
         }
     }
 }
@@ -125,7 +127,9 @@ impl GgufHeader {
             let name = r.string()?;
             let n_dims = r.u32()?;
             if n_dims > MAX_DIMS {
-                return Err(gguf_err(&format!("tensor {name:?} has {n_dims} dimensions")));
+                return Err(gguf_err(&format!(
+                    "tensor {name:?} has {n_dims} dimensions"
+                )));
             }
             let mut dims = Vec::with_capacity(n_dims as usize);
             for _ in 0..n_dims {
@@ -133,9 +137,19 @@ impl GgufHeader {
             }
             let ggml_type = r.u32()?;
             let offset = r.u64()?;
-            tensors.push(TensorInfo { name, dims, ggml_type, offset });
+            tensors.push(TensorInfo {
+                name,
+                dims,
+                ggml_type,
+                offset,
+            });
         }
-        Ok(GgufHeader { version, metadata, tensors, header_len: r.pos as u64 })
+        Ok(GgufHeader {
+            version,
+            metadata,
+            tensors,
+            header_len: r.pos as u64,
+        })
     }
 
     pub fn get(&self, key: &str) -> Option<&Value> {
@@ -157,13 +171,16 @@ impl GgufHeader {
 
     /// Quantization name from `general.file_type` (`Q4_1`, `Q4_K_M`, …).
     pub fn quantization(&self) -> Option<&'static str> {
-        self.get("general.file_type").and_then(Value::as_u64).and_then(file_type_name)
+        self.get("general.file_type")
+            .and_then(Value::as_u64)
+            .and_then(file_type_name)
     }
 
     /// Trained context length, `<arch>.context_length`.
     pub fn context_length(&self) -> Option<u64> {
         let arch = self.architecture()?;
-        self.get(&format!("{arch}.context_length")).and_then(Value::as_u64)
+        self.get(&format!("{arch}.context_length"))
+            .and_then(Value::as_u64)
     }
 
     /// `split.count` for sharded models (1 when absent).
@@ -248,11 +265,18 @@ pub fn format_bytes(bytes: u64) -> String {
         v /= 1024.0;
         i += 1;
     }
-    if i == 0 { format!("{bytes} B") } else { format!("{v:.2} {}", UNITS[i]) }
+    if i == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.2} {}", UNITS[i])
+    }
 }
 
 fn gguf_err(reason: &str) -> ProtoError {
-    ProtoError::Malformed { kind: "GGUF header", reason: reason.to_string() }
+    ProtoError::Malformed {
+        kind: "GGUF header",
+        reason: reason.to_string(),
+    }
 }
 
 struct Reader<'a> {
@@ -419,13 +443,29 @@ mod tests {
                 ("general.file_type".into(), Value::U32(3)),
                 ("llama.context_length".into(), Value::U32(8192)),
                 ("llama.rope.freq_base".into(), Value::F32(10000.0)),
-                ("tokenizer.ggml.tokens".into(), Value::Array((0..60).map(|i| Value::Str(i.to_string())).collect())),
-                ("small".into(), Value::Array(vec![Value::I32(1), Value::I32(2)])),
+                (
+                    "tokenizer.ggml.tokens".into(),
+                    Value::Array((0..60).map(|i| Value::Str(i.to_string())).collect()),
+                ),
+                (
+                    "small".into(),
+                    Value::Array(vec![Value::I32(1), Value::I32(2)]),
+                ),
                 ("flag".into(), Value::Bool(true)),
             ],
             &[
-                TensorInfo { name: "a".into(), dims: vec![10, 20], ggml_type: 3, offset: 0 },
-                TensorInfo { name: "b".into(), dims: vec![5], ggml_type: 0, offset: 256 },
+                TensorInfo {
+                    name: "a".into(),
+                    dims: vec![10, 20],
+                    ggml_type: 3,
+                    offset: 0,
+                },
+                TensorInfo {
+                    name: "b".into(),
+                    dims: vec![5],
+                    ggml_type: 0,
+                    offset: 256,
+                },
             ],
         )
     }
@@ -443,20 +483,36 @@ mod tests {
         assert_eq!(m["llama.rope.freq_base"], "10000.000000");
         assert_eq!(m["small"], "1, 2");
         assert_eq!(m["flag"], "true");
-        assert!(!m.contains_key("tokenizer.ggml.tokens"), "arrays over 50 items are left out");
+        assert!(
+            !m.contains_key("tokenizer.ggml.tokens"),
+            "arrays over 50 items are left out"
+        );
     }
 
     #[test]
     fn truncation_and_garbage_are_errors() {
         let bytes = sample();
         for cut in 0..bytes.len() {
-            assert!(GgufHeader::parse(&bytes[..cut]).is_err(), "prefix {cut} parsed");
+            assert!(
+                GgufHeader::parse(&bytes[..cut]).is_err(),
+                "prefix {cut} parsed"
+            );
         }
-        assert!(GgufHeader::parse(b"GGML\x03\0\0\0").unwrap_err().to_string().contains("magic"));
+        assert!(
+            GgufHeader::parse(b"GGML\x03\0\0\0")
+                .unwrap_err()
+                .to_string()
+                .contains("magic")
+        );
         let mut huge = b"GGUF\x03\0\0\0".to_vec();
         huge.extend_from_slice(&u64::MAX.to_le_bytes());
         huge.extend_from_slice(&0u64.to_le_bytes());
-        assert!(GgufHeader::parse(&huge).unwrap_err().to_string().contains("implausibly"));
+        assert!(
+            GgufHeader::parse(&huge)
+                .unwrap_err()
+                .to_string()
+                .contains("implausibly")
+        );
     }
 
     #[test]

@@ -23,9 +23,9 @@ impl Keypair {
 
     /// Rebuilds a keypair from its 32 secret bytes.
     pub fn from_secret_bytes(secret: &[u8]) -> Result<Self, ProtoError> {
-        let bytes: [u8; 32] = secret
-            .try_into()
-            .map_err(|_| ProtoError::InvalidKey(format!("secret key is {} bytes, expected 32", secret.len())))?;
+        let bytes: [u8; 32] = secret.try_into().map_err(|_| {
+            ProtoError::InvalidKey(format!("secret key is {} bytes, expected 32", secret.len()))
+        })?;
         Ok(Keypair(SigningKey::from_bytes(&bytes)))
     }
 
@@ -59,7 +59,11 @@ impl Keypair {
 
 impl fmt::Debug for Keypair {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Keypair {{ public: {}, secret: <redacted> }}", self.peer_id())
+        write!(
+            f,
+            "Keypair {{ public: {}, secret: <redacted> }}",
+            self.peer_id()
+        )
     }
 }
 

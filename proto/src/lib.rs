@@ -7,8 +7,8 @@
 
 pub mod codec;
 pub mod digest;
-pub mod gguf;
 mod error;
+pub mod gguf;
 pub mod identity;
 pub mod messages;
 pub mod reference;

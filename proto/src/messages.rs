@@ -148,7 +148,10 @@ pub struct AdvertPolicy {
 
 impl Default for AdvertPolicy {
     fn default() -> Self {
-        AdvertPolicy { max_age_ms: 120_000, max_skew_ms: 30_000 }
+        AdvertPolicy {
+            max_age_ms: 120_000,
+            max_skew_ms: 30_000,
+        }
     }
 }
 
@@ -166,9 +169,15 @@ pub fn validate_advert(
     policy: AdvertPolicy,
 ) -> Result<ProviderAdvert, ProtoError> {
     let advert = signed.verify_from(source)?;
-    let reject = |reason: String| ProtoError::Rejected { kind: ProviderAdvert::KIND, reason };
+    let reject = |reason: String| ProtoError::Rejected {
+        kind: ProviderAdvert::KIND,
+        reason,
+    };
     if &advert.peer_id != source {
-        return Err(reject(format!("describes {} but was signed by {source}", advert.peer_id)));
+        return Err(reject(format!(
+            "describes {} but was signed by {source}",
+            advert.peer_id
+        )));
     }
     if advert.timestamp_ms + policy.max_age_ms < now_ms {
         return Err(reject(format!(
@@ -182,10 +191,15 @@ pub fn validate_advert(
     if let Some(last) = last_seq
         && advert.seq <= last
     {
-        return Err(reject(format!("sequence {} is not newer than {last}", advert.seq)));
+        return Err(reject(format!(
+            "sequence {} is not newer than {last}",
+            advert.seq
+        )));
     }
     if advert.region.is_empty() || advert.region.len() > MAX_REGION_LEN {
-        return Err(reject(format!("region must be 1..={MAX_REGION_LEN} characters")));
+        return Err(reject(format!(
+            "region must be 1..={MAX_REGION_LEN} characters"
+        )));
     }
     if advert.slots.busy > advert.slots.total.saturating_mul(4) + 1024 {
         return Err(reject("implausible slot counts".into()));
@@ -323,7 +337,10 @@ pub fn verify_result(
     request: &InferRequest,
 ) -> Result<InferResult, ProtoError> {
     let result = signed.verify_from(expected_peer)?;
-    let reject = |reason: String| ProtoError::Rejected { kind: InferResult::KIND, reason };
+    let reject = |reason: String| ProtoError::Rejected {
+        kind: InferResult::KIND,
+        reason,
+    };
     if result.request_id != request.request_id {
         return Err(reject(format!(
             "answers request {} instead of {}",
@@ -442,7 +459,11 @@ impl AuditResult {
             tokens,
             greedy_matches,
             near_ties,
-            mean_logprob: if tokens == 0 { 0.0 } else { sum / tokens as f32 },
+            mean_logprob: if tokens == 0 {
+                0.0
+            } else {
+                sum / tokens as f32
+            },
         }
     }
 }

@@ -48,10 +48,14 @@ impl ModelRef {
             return Err(err("reference is empty".into()));
         }
         if input.len() > MAX_NAME_LEN + MAX_TAG_LEN + 80 {
-            return Err(err(format!("reference is longer than {MAX_NAME_LEN} characters")));
+            return Err(err(format!(
+                "reference is longer than {MAX_NAME_LEN} characters"
+            )));
         }
         if let Some(c) = input.chars().find(|c| c.is_whitespace() || c.is_control()) {
-            return Err(err(format!("contains whitespace or control character {c:?}")));
+            return Err(err(format!(
+                "contains whitespace or control character {c:?}"
+            )));
         }
 
         // name [":" tag] ["@" digest]
@@ -100,7 +104,9 @@ impl ModelRef {
         }
         validate_path(&path).map_err(err)?;
         if registry.len() + 1 + path.len() > MAX_NAME_LEN {
-            return Err(err(format!("repository name is longer than {MAX_NAME_LEN} characters")));
+            return Err(err(format!(
+                "repository name is longer than {MAX_NAME_LEN} characters"
+            )));
         }
 
         let tag = match (tag, digest) {
@@ -108,7 +114,12 @@ impl ModelRef {
             (None, Some(_)) => None,
             (None, None) => Some(DEFAULT_TAG.to_string()),
         };
-        Ok(ModelRef { registry, repository: path, tag, digest })
+        Ok(ModelRef {
+            registry,
+            repository: path,
+            tag,
+            digest,
+        })
     }
 
     /// `registry/repository` without tag or digest.
@@ -159,7 +170,11 @@ impl ModelRef {
             reference: format!("{}:{tag}", self.name()),
             reason,
         })?;
-        Ok(ModelRef { tag: Some(tag.to_string()), digest: None, ..self.clone() })
+        Ok(ModelRef {
+            tag: Some(tag.to_string()),
+            digest: None,
+            ..self.clone()
+        })
     }
 }
 
@@ -173,10 +188,14 @@ fn validate_tag(tag: &str) -> Result<(), String> {
     let word = |c: char| c.is_ascii_alphanumeric() || c == '_';
     let first = tag.chars().next().unwrap_or('-');
     if !word(first) {
-        return Err(format!("tag must start with a letter, digit or '_', not {first:?}"));
+        return Err(format!(
+            "tag must start with a letter, digit or '_', not {first:?}"
+        ));
     }
     if let Some(c) = tag.chars().find(|&c| !(word(c) || c == '.' || c == '-')) {
-        return Err(format!("tag contains {c:?}; allowed are letters, digits, '_', '.', '-'"));
+        return Err(format!(
+            "tag contains {c:?}; allowed are letters, digits, '_', '.', '-'"
+        ));
     }
     Ok(())
 }
@@ -197,10 +216,14 @@ fn validate_registry(registry: &str) -> Result<(), String> {
     if host.starts_with('[') {
         let inner = host.strip_prefix('[').and_then(|h| h.strip_suffix(']'));
         return match inner {
-            Some(ip) if !ip.is_empty() && ip.bytes().all(|b| b.is_ascii_hexdigit() || b == b':') => {
+            Some(ip)
+                if !ip.is_empty() && ip.bytes().all(|b| b.is_ascii_hexdigit() || b == b':') =>
+            {
                 Ok(())
             }
-            _ => Err(format!("registry host {host:?} is not a valid IPv6 literal")),
+            _ => Err(format!(
+                "registry host {host:?} is not a valid IPv6 literal"
+            )),
         };
     }
     if host.is_empty() {
@@ -208,7 +231,9 @@ fn validate_registry(registry: &str) -> Result<(), String> {
     }
     for component in host.split('.') {
         let ok = !component.is_empty()
-            && component.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            && component
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
             && !component.starts_with('-')
             && !component.ends_with('-');
         if !ok {
@@ -288,7 +313,9 @@ mod tests {
     const D: &str = "sha256:2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824";
 
     fn norm(s: &str) -> String {
-        ModelRef::parse(s).unwrap_or_else(|e| panic!("{s}: {e}")).to_string()
+        ModelRef::parse(s)
+            .unwrap_or_else(|e| panic!("{s}: {e}"))
+            .to_string()
     }
 
     #[test]
@@ -297,17 +324,29 @@ mod tests {
         assert_eq!(norm("ai/smollm2"), "index.docker.io/ai/smollm2:latest");
         assert_eq!(norm("SmolLM2:Q4_K_M"), "index.docker.io/ai/smollm2:Q4_K_M");
         assert_eq!(norm("myorg/Model:v1"), "index.docker.io/myorg/model:v1");
-        assert_eq!(norm("docker.io/ai/gemma3"), "index.docker.io/ai/gemma3:latest");
+        assert_eq!(
+            norm("docker.io/ai/gemma3"),
+            "index.docker.io/ai/gemma3:latest"
+        );
         assert_eq!(norm("localhost:5000/x/y:t"), "localhost:5000/x/y:t");
         assert_eq!(norm("localhost/y"), "localhost/y:latest");
-        assert_eq!(norm("Registry.Example.com:8443/A/B"), "registry.example.com:8443/a/b:latest");
+        assert_eq!(
+            norm("Registry.Example.com:8443/A/B"),
+            "registry.example.com:8443/a/b:latest"
+        );
         assert_eq!(norm("127.0.0.1:5000/m"), "127.0.0.1:5000/m:latest");
-        assert_eq!(norm(&format!("smollm2@{D}")), format!("index.docker.io/ai/smollm2@{D}"));
+        assert_eq!(
+            norm(&format!("smollm2@{D}")),
+            format!("index.docker.io/ai/smollm2@{D}")
+        );
         assert_eq!(
             norm(&format!("smollm2:360M@{D}")),
             format!("index.docker.io/ai/smollm2:360M@{D}")
         );
-        assert_eq!(norm("a/b__c.d-e---f_g"), "index.docker.io/a/b__c.d-e---f_g:latest");
+        assert_eq!(
+            norm("a/b__c.d-e---f_g"),
+            "index.docker.io/a/b__c.d-e---f_g:latest"
+        );
     }
 
     #[test]
@@ -321,7 +360,10 @@ mod tests {
         assert!(r.is_loopback_registry());
         let r = ModelRef::parse(&format!("x@{D}")).unwrap();
         assert_eq!(r.reference_part(), D);
-        assert_eq!(r.with_tag("v2").unwrap().to_string(), "index.docker.io/ai/x:v2");
+        assert_eq!(
+            r.with_tag("v2").unwrap().to_string(),
+            "index.docker.io/ai/x:v2"
+        );
     }
 
     #[test]
@@ -348,13 +390,26 @@ mod tests {
         for (input, want) in cases {
             match ModelRef::parse(input) {
                 Ok(r) => panic!("{input:?} accepted as {r}"),
-                Err(e) => assert!(e.to_string().contains(want), "{input:?}: {e} lacks {want:?}"),
+                Err(e) => assert!(
+                    e.to_string().contains(want),
+                    "{input:?}: {e} lacks {want:?}"
+                ),
             }
         }
         let long = format!("a/{}", "b".repeat(300));
-        assert!(ModelRef::parse(&long).unwrap_err().to_string().contains("longer"));
+        assert!(
+            ModelRef::parse(&long)
+                .unwrap_err()
+                .to_string()
+                .contains("longer")
+        );
         let long_tag = format!("a:{}", "t".repeat(129));
-        assert!(ModelRef::parse(&long_tag).unwrap_err().to_string().contains("longer"));
+        assert!(
+            ModelRef::parse(&long_tag)
+                .unwrap_err()
+                .to_string()
+                .contains("longer")
+        );
     }
 
     /// A path component; with a '.' it may only follow the first (registry) component.

@@ -46,12 +46,20 @@ impl<T: Domain> Signed<T> {
     pub fn sign(key: &Keypair, value: &T) -> Result<Self, ProtoError> {
         let payload = value.encode()?;
         let signature = key.sign_raw(&signing_input(T::DOMAIN, &payload)).to_vec();
-        Ok(Signed { payload, signer: key.public(), signature, _kind: PhantomData })
+        Ok(Signed {
+            payload,
+            signer: key.public(),
+            signature,
+            _kind: PhantomData,
+        })
     }
 
     /// Checks the signature strictly and decodes the payload.
     pub fn verify(&self) -> Result<T, ProtoError> {
-        if !self.signer.verify_strict(&signing_input(T::DOMAIN, &self.payload), &self.signature) {
+        if !self
+            .signer
+            .verify_strict(&signing_input(T::DOMAIN, &self.payload), &self.signature)
+        {
             return Err(ProtoError::BadSignature { kind: T::KIND });
         }
         T::decode(&self.payload)
@@ -92,7 +100,12 @@ impl<T: Domain> Signed<T> {
     /// Builds an envelope from parts without checking it; for tests and fuzzing of the
     /// verifier. Nothing built this way verifies unless the parts are genuine.
     pub fn from_parts(payload: Vec<u8>, signer: PublicKey, signature: Vec<u8>) -> Self {
-        Signed { payload, signer, signature, _kind: PhantomData }
+        Signed {
+            payload,
+            signer,
+            signature,
+            _kind: PhantomData,
+        }
     }
 
     /// Reinterprets the envelope as another kind, keeping bytes and signature. Verification

@@ -5,7 +5,10 @@ use beacon_proto::*;
 use proptest::prelude::*;
 
 fn spec() -> ModelSpec {
-    ModelSpec { reference: "index.docker.io/ai/smollm2:latest".into(), digest: Digest::of(b"m") }
+    ModelSpec {
+        reference: "index.docker.io/ai/smollm2:latest".into(),
+        digest: Digest::of(b"m"),
+    }
 }
 
 fn request(prompt: &str) -> InferRequest {
@@ -14,10 +17,20 @@ fn request(prompt: &str) -> InferRequest {
         job_id: Some(Id(9)),
         model: spec(),
         messages: vec![
-            ChatMessage { role: Role::System, content: "be brief".into() },
-            ChatMessage { role: Role::User, content: prompt.into() },
+            ChatMessage {
+                role: Role::System,
+                content: "be brief".into(),
+            },
+            ChatMessage {
+                role: Role::User,
+                content: prompt.into(),
+            },
         ],
-        sampling: Sampling { max_tokens: 16, stop: vec!["\n\n".into()], ..Sampling::default() },
+        sampling: Sampling {
+            max_tokens: 16,
+            stop: vec!["\n\n".into()],
+            ..Sampling::default()
+        },
         json_schema: Some(r#"{"type":"object"}"#.into()),
         deadline_ms: Some(1_700_000_000_000),
         return_tokens: true,
@@ -31,8 +44,16 @@ fn result_for(req: &InferRequest) -> InferResult {
         model_digest: req.model.digest,
         output: "Paris".into(),
         finish_reason: FinishReason::Stop,
-        usage: Usage { prompt_tokens: 20, completion_tokens: 2, cached_prompt_tokens: 0 },
-        timings: Timings { queue_ms: 1, prefill_ms: 2, decode_ms: 3 },
+        usage: Usage {
+            prompt_tokens: 20,
+            completion_tokens: 2,
+            cached_prompt_tokens: 0,
+        },
+        timings: Timings {
+            queue_ms: 1,
+            prefill_ms: 2,
+            decode_ms: 3,
+        },
         token_ids: Some(vec![11, 12]),
     }
 }
@@ -53,7 +74,13 @@ fn advert(kp: &Keypair, seq: u64, ts: u64) -> ProviderAdvert {
             driver: Some("550".into()),
             utilisation_pct: Some(3),
         }],
-        host: HostInfo { cpu_model: "x".into(), cores: 2, ram_total: 1, ram_free: 1, cpu_flags: vec!["avx2".into()] },
+        host: HostInfo {
+            cpu_model: "x".into(),
+            cores: 2,
+            ram_total: 1,
+            ram_free: 1,
+            cpu_flags: vec!["avx2".into()],
+        },
         engines: vec!["llama.cpp".into()],
         models: vec![CachedModel {
             references: vec!["ai/smollm2:latest".into()],
@@ -64,8 +91,15 @@ fn advert(kp: &Keypair, seq: u64, ts: u64) -> ProviderAdvert {
             architecture: "llama".into(),
             context_size: Some(8192),
         }],
-        slots: Slots { total: 4, busy: 1, queued: 0 },
-        throughput: vec![Throughput { model: Digest::of(b"m"), tokens_per_second: 90.0 }],
+        slots: Slots {
+            total: 4,
+            busy: 1,
+            queued: 0,
+        },
+        throughput: vec![Throughput {
+            model: Digest::of(b"m"),
+            tokens_per_second: 90.0,
+        }],
         price: None,
         seq,
         timestamp_ms: ts,
@@ -81,14 +115,26 @@ fn messages_round_trip() {
     let kp = Keypair::generate();
     let ad = advert(&kp, 1, 1000);
     assert_eq!(ProviderAdvert::decode(&ad.encode().unwrap()).unwrap(), ad);
-    let audit = AuditRequest { audit_id: Id(1), model: spec(), messages: req.messages.clone(), claimed_tokens: vec![1, 2, 3] };
-    assert_eq!(AuditRequest::decode(&audit.encode().unwrap()).unwrap(), audit);
+    let audit = AuditRequest {
+        audit_id: Id(1),
+        model: spec(),
+        messages: req.messages.clone(),
+        claimed_tokens: vec![1, 2, 3],
+    };
+    assert_eq!(
+        AuditRequest::decode(&audit.encode().unwrap()).unwrap(),
+        audit
+    );
     let ar = AuditResult {
         audit_id: Id(1),
         request_digest: audit.digest().unwrap(),
         model_digest: Digest::of(b"m"),
         prompt_tokens: 10,
-        scores: vec![TokenScore { logprob: -0.1, argmax: 1, argmax_logprob: -0.1 }],
+        scores: vec![TokenScore {
+            logprob: -0.1,
+            argmax: 1,
+            argmax_logprob: -0.1,
+        }],
     };
     assert_eq!(AuditResult::decode(&ar.encode().unwrap()).unwrap(), ar);
 }
@@ -101,7 +147,10 @@ fn signed_envelope_round_trips_and_verifies() {
     let bytes = signed.encode().unwrap();
     let back = Signed::<InferResult>::decode(&bytes).unwrap();
     assert_eq!(back, signed);
-    assert_eq!(verify_result(&back, &kp.peer_id(), &req).unwrap(), result_for(&req));
+    assert_eq!(
+        verify_result(&back, &kp.peer_id(), &req).unwrap(),
+        result_for(&req)
+    );
 }
 
 #[test]
@@ -114,7 +163,10 @@ fn tampered_payload_is_rejected() {
     let at = payload.windows(5).position(|w| w == b"Paris").unwrap();
     payload[at] ^= 1;
     let forged = Signed::<InferResult>::from_parts(payload, signed.signer(), signature_of(&signed));
-    assert!(matches!(forged.verify(), Err(ProtoError::BadSignature { .. })));
+    assert!(matches!(
+        forged.verify(),
+        Err(ProtoError::BadSignature { .. })
+    ));
 }
 
 /// The signature bytes, read back through the public codec (the field is private).
@@ -130,7 +182,10 @@ fn wrong_domain_tag_is_rejected() {
     let req = request("q");
     let signed = Signed::sign(&kp, &result_for(&req)).unwrap();
     let replayed: Signed<AuditResult> = signed.clone().cast();
-    assert!(matches!(replayed.verify(), Err(ProtoError::BadSignature { .. })));
+    assert!(matches!(
+        replayed.verify(),
+        Err(ProtoError::BadSignature { .. })
+    ));
     // And the genuine envelope still verifies.
     assert!(signed.verify().is_ok());
 }
@@ -142,8 +197,15 @@ fn wrong_key_is_rejected() {
     let req = request("q");
     let signed = Signed::sign(&kp, &result_for(&req)).unwrap();
     // Claimed signer swapped for another key: signature no longer verifies.
-    let swapped = Signed::<InferResult>::from_parts(signed.payload().to_vec(), other.public(), signature_of(&signed));
-    assert!(matches!(swapped.verify(), Err(ProtoError::BadSignature { .. })));
+    let swapped = Signed::<InferResult>::from_parts(
+        signed.payload().to_vec(),
+        other.public(),
+        signature_of(&signed),
+    );
+    assert!(matches!(
+        swapped.verify(),
+        Err(ProtoError::BadSignature { .. })
+    ));
     // Genuine signature, but not from the peer we asked.
     assert!(matches!(
         verify_result(&signed, &other.peer_id(), &req),
@@ -157,17 +219,27 @@ fn result_must_answer_the_request_asked() {
     let req = request("q");
     let mut wrong_model = result_for(&req);
     wrong_model.model_digest = Digest::of(b"other model");
-    let err = verify_result(&Signed::sign(&kp, &wrong_model).unwrap(), &kp.peer_id(), &req).unwrap_err();
+    let err = verify_result(
+        &Signed::sign(&kp, &wrong_model).unwrap(),
+        &kp.peer_id(),
+        &req,
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("ran model"), "{err}");
 
     let other_req = request("another question");
-    let err = verify_result(&Signed::sign(&kp, &result_for(&req)).unwrap(), &kp.peer_id(), &other_req)
-        .unwrap_err();
+    let err = verify_result(
+        &Signed::sign(&kp, &result_for(&req)).unwrap(),
+        &kp.peer_id(),
+        &other_req,
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("request digest"), "{err}");
 
     let mut no_tokens = result_for(&req);
     no_tokens.token_ids = None;
-    let err = verify_result(&Signed::sign(&kp, &no_tokens).unwrap(), &kp.peer_id(), &req).unwrap_err();
+    let err =
+        verify_result(&Signed::sign(&kp, &no_tokens).unwrap(), &kp.peer_id(), &req).unwrap_err();
     assert!(err.to_string().contains("token ids"), "{err}");
 }
 
@@ -177,7 +249,10 @@ fn truncated_bytes_are_rejected() {
     let signed = Signed::sign(&kp, &advert(&kp, 1, 1)).unwrap();
     let bytes = signed.encode().unwrap();
     for cut in 0..bytes.len() {
-        assert!(Signed::<ProviderAdvert>::decode(&bytes[..cut]).is_err(), "prefix {cut} decoded");
+        assert!(
+            Signed::<ProviderAdvert>::decode(&bytes[..cut]).is_err(),
+            "prefix {cut} decoded"
+        );
     }
     let mut extra = bytes.clone();
     extra.push(0);
@@ -188,7 +263,10 @@ fn truncated_bytes_are_rejected() {
 #[test]
 fn oversized_input_is_rejected_before_parsing() {
     let big = vec![0u8; ProviderAdvert::MAX_BYTES + 1];
-    assert!(matches!(ProviderAdvert::decode(&big), Err(ProtoError::TooLarge { .. })));
+    assert!(matches!(
+        ProviderAdvert::decode(&big),
+        Err(ProtoError::TooLarge { .. })
+    ));
     // A length prefix claiming far more than the input holds fails cleanly, no huge alloc.
     let mut claim = vec![0u8; 16];
     claim[0] = 0xfc; // varint u32 marker
@@ -210,7 +288,12 @@ fn advert_validation() {
     assert!(validate_advert(&good, &kp.peer_id(), now, Some(5), policy).is_err());
     // Stale and future.
     let stale = Signed::sign(&kp, &advert(&kp, 6, now - policy.max_age_ms - 1)).unwrap();
-    assert!(validate_advert(&stale, &kp.peer_id(), now, None, policy).unwrap_err().to_string().contains("stale"));
+    assert!(
+        validate_advert(&stale, &kp.peer_id(), now, None, policy)
+            .unwrap_err()
+            .to_string()
+            .contains("stale")
+    );
     let future = Signed::sign(&kp, &advert(&kp, 6, now + policy.max_skew_ms + 1)).unwrap();
     assert!(validate_advert(&future, &kp.peer_id(), now, None, policy).is_err());
     // Forwarded by someone else than the signer.
@@ -223,7 +306,12 @@ fn advert_validation() {
     let mut impersonation = advert(&kp, 1, now);
     impersonation.peer_id = relay.peer_id();
     let signed = Signed::sign(&kp, &impersonation).unwrap();
-    assert!(validate_advert(&signed, &kp.peer_id(), now, None, policy).unwrap_err().to_string().contains("describes"));
+    assert!(
+        validate_advert(&signed, &kp.peer_id(), now, None, policy)
+            .unwrap_err()
+            .to_string()
+            .contains("describes")
+    );
 }
 
 #[test]
@@ -234,9 +322,21 @@ fn audit_summary_tolerates_near_ties() {
         model_digest: Digest::of(b"m"),
         prompt_tokens: 3,
         scores: vec![
-            TokenScore { logprob: -0.1, argmax: 5, argmax_logprob: -0.1 },
-            TokenScore { logprob: -0.70, argmax: 9, argmax_logprob: -0.69 },
-            TokenScore { logprob: -9.0, argmax: 4, argmax_logprob: -0.01 },
+            TokenScore {
+                logprob: -0.1,
+                argmax: 5,
+                argmax_logprob: -0.1,
+            },
+            TokenScore {
+                logprob: -0.70,
+                argmax: 9,
+                argmax_logprob: -0.69,
+            },
+            TokenScore {
+                logprob: -9.0,
+                argmax: 4,
+                argmax_logprob: -0.01,
+            },
         ],
     };
     let s = ar.summarize(&[5, 6, 7], 0.05);
@@ -254,22 +354,37 @@ fn arb_request() -> impl Strategy<Value = InferRequest> {
         proptest::option::of("\\PC{0,30}"),
         any::<(Option<u64>, bool, [u8; 32])>(),
     )
-        .prop_map(|(rid, jid, reference, msgs, (t, p, max, seed), stop, schema, (deadline, rt, d))| InferRequest {
-            request_id: Id(rid),
-            job_id: jid.map(Id),
-            model: ModelSpec { reference, digest: Digest(d) },
-            messages: msgs
-                .into_iter()
-                .map(|(content, r)| ChatMessage {
-                    role: [Role::System, Role::User, Role::Assistant][r as usize],
-                    content,
-                })
-                .collect(),
-            sampling: Sampling { temperature: t, top_p: p, top_k: max % 100, min_p: 0.05, max_tokens: max, seed, stop },
-            json_schema: schema,
-            deadline_ms: deadline,
-            return_tokens: rt,
-        })
+        .prop_map(
+            |(rid, jid, reference, msgs, (t, p, max, seed), stop, schema, (deadline, rt, d))| {
+                InferRequest {
+                    request_id: Id(rid),
+                    job_id: jid.map(Id),
+                    model: ModelSpec {
+                        reference,
+                        digest: Digest(d),
+                    },
+                    messages: msgs
+                        .into_iter()
+                        .map(|(content, r)| ChatMessage {
+                            role: [Role::System, Role::User, Role::Assistant][r as usize],
+                            content,
+                        })
+                        .collect(),
+                    sampling: Sampling {
+                        temperature: t,
+                        top_p: p,
+                        top_k: max % 100,
+                        min_p: 0.05,
+                        max_tokens: max,
+                        seed,
+                        stop,
+                    },
+                    json_schema: schema,
+                    deadline_ms: deadline,
+                    return_tokens: rt,
+                }
+            },
+        )
 }
 
 proptest! {

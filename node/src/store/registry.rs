@@ -1,0 +1,558 @@
+//! Pull and push of model artifacts over the OCI distribution API (`oci-client`).
+//!
+//! Pull: manifest (digest-checked when the reference pins one, media types checked), then
+//! the config and each layer. Every blob streams into `tmp/<hex>.partial` while it is
+//! hashed; an interrupted download is continued with an HTTP Range request on the next try
+//! or the next run, and a blob enters `blobs/` only when its digest matches. The model is
+//! committed to the index only when all its blobs are present, so a killed pull never leaves
+//! a half model visible.
+
+use std::time::Duration;
+
+use beacon_proto::digest::Hasher;
+use beacon_proto::{Digest, ModelRef};
+use futures::StreamExt;
+use oci_client::client::{BlobResponse, ClientConfig, ClientProtocol};
+use oci_client::errors::{OciDistributionError, OciErrorCode};
+use oci_client::manifest::OciDescriptor;
+use oci_client::secrets::RegistryAuth;
+use oci_client::{Client, Reference, RegistryOperation};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tracing::{debug, info, warn};
+
+use super::artifact::{self, FileKind, MANIFEST_MEDIA_TYPE, MAX_METADATA_BYTES, Manifest};
+use super::auth::{self, Credentials};
+use super::progress::{Progress, ProgressSink};
+use super::{ModelRecord, Store, StoreError, StoredFile, now_unix};
+
+/// How to reach registries.
+#[derive(Clone, Debug, Default)]
+pub struct RegistryOptions {
+    /// Registries (`host:port`) that may be reached over plain HTTP. Loopback always may.
+    pub insecure: Vec<String>,
+    pub username: Option<String>,
+    pub password: Option<String>,
+}
+
+/// Talks to OCI registries on behalf of a [`Store`].
+#[derive(Clone, Debug, Default)]
+pub struct Registry {
+    opts: RegistryOptions,
+}
+
+/// Retries of one blob download before the pull fails (each continues where it stopped).
+const BLOB_ATTEMPTS: u32 = 4;
+
+impl Registry {
+    pub fn new(opts: RegistryOptions) -> Self {
+        crate::tls::install_crypto_provider();
+        Registry { opts }
+    }
+
+    fn client_for(&self, r: &ModelRef) -> Client {
+        let plain = r.is_loopback_registry() || self.opts.insecure.iter().any(|h| h == &r.registry);
+        let protocol = if plain {
+            ClientProtocol::HttpsExcept(vec![r.registry.clone()])
+        } else {
+            ClientProtocol::Https
+        };
+        Client::new(ClientConfig {
+            protocol,
+            use_monolithic_push: true,
+            connect_timeout: Some(Duration::from_secs(10)),
+            read_timeout: Some(Duration::from_secs(60)),
+            ..Default::default()
+        })
+    }
+
+    fn credentials(&self, r: &ModelRef) -> Result<(RegistryAuth, bool), StoreError> {
+        match auth::resolve(
+            &r.registry,
+            self.opts.username.as_deref(),
+            self.opts.password.as_deref(),
+        )? {
+            Credentials::Anonymous => Ok((RegistryAuth::Anonymous, false)),
+            Credentials::Basic { username, password } => {
+                Ok((RegistryAuth::Basic(username, password), true))
+            }
+            Credentials::IdentityToken(_) => Err(StoreError::Credentials(format!(
+                "{}: docker config holds an OAuth identity token; Beacon does not exchange \
+                 identity tokens yet, log in with a username and password instead",
+                r.registry
+            ))),
+        }
+    }
+
+    async fn authenticate(
+        &self,
+        client: &Client,
+        r: &ModelRef,
+        op: RegistryOperation,
+    ) -> Result<(Reference, RegistryAuth), StoreError> {
+        let image = oci_reference(r);
+        let (auth, had) = self.credentials(r)?;
+        client
+            .auth(&image, &auth, op)
+            .await
+            .map_err(|e| map_err(r, had, e))?;
+        Ok((image, auth))
+    }
+
+    /// Pulls `reference` into `store` and returns the committed record.
+    pub async fn pull(
+        &self,
+        store: &Store,
+        reference: &str,
+        progress: ProgressSink,
+    ) -> Result<ModelRecord, StoreError> {
+        let r = ModelRef::parse(reference)?;
+        let client = self.client_for(&r);
+        let had_creds = self.credentials(&r)?.1;
+        let (image, auth) = self
+            .authenticate(&client, &r, RegistryOperation::Pull)
+            .await?;
+        progress(Progress::Status {
+            message: format!("pulling {}", r.familiar()),
+        });
+        let (bytes, _) = client
+            .pull_manifest_raw(&image, &auth, &[MANIFEST_MEDIA_TYPE])
+            .await
+            .map_err(|e| map_err(&r, had_creds, e))?;
+        if bytes.len() > MAX_METADATA_BYTES {
+            return Err(StoreError::Manifest(format!(
+                "manifest of {} bytes is too large",
+                bytes.len()
+            )));
+        }
+        let manifest_digest = Digest::of(&bytes);
+        if let Some(want) = r.digest
+            && want != manifest_digest
+        {
+            return Err(StoreError::DigestMismatch {
+                expected: want,
+                actual: manifest_digest,
+            });
+        }
+        let manifest = Manifest::parse(&bytes)?;
+        info!(manifest = %manifest_digest, layers = manifest.layers.len(), "manifest");
+
+        if manifest.config.size > MAX_METADATA_BYTES as u64 {
+            return Err(StoreError::Manifest("model config is too large".into()));
+        }
+        self.fetch_blob(
+            &client,
+            &image,
+            &r,
+            had_creds,
+            store,
+            &manifest.config,
+            &progress,
+        )
+        .await?;
+        let config_digest: Digest = manifest.config.digest.parse()?;
+        let config = store.read_blob(&config_digest)?;
+        let facts = artifact::facts_from_config(&manifest.config.media_type, &config)?;
+
+        let mut files = Vec::new();
+        for layer in &manifest.layers {
+            self.fetch_blob(&client, &image, &r, had_creds, store, layer, &progress)
+                .await?;
+            let digest: Digest = layer.digest.parse()?;
+            files.push(StoredFile {
+                kind: FileKind::from_media_type(&layer.media_type)?,
+                digest,
+                size: layer.size,
+                filepath: layer
+                    .annotations
+                    .get(artifact::ANNOTATION_FILEPATH)
+                    .cloned()
+                    .unwrap_or_else(|| digest.hex()),
+            });
+        }
+        store.put_bytes(&bytes)?;
+        let record = ModelRecord {
+            manifest_digest,
+            config_digest,
+            config_media_type: manifest.config.media_type.clone(),
+            facts,
+            size: files.iter().map(|f| f.size).sum(),
+            files,
+            created_unix: now_unix(),
+        };
+        store.commit_model(&record, std::slice::from_ref(&r))?;
+        progress(Progress::Status {
+            message: format!("pulled {} ({})", r.familiar(), manifest_digest),
+        });
+        Ok(record)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn fetch_blob(
+        &self,
+        client: &Client,
+        image: &Reference,
+        r: &ModelRef,
+        had_creds: bool,
+        store: &Store,
+        desc: &artifact::Descriptor,
+        progress: &ProgressSink,
+    ) -> Result<(), StoreError> {
+        let digest: Digest = desc.digest.parse()?;
+        if store.has_blob(&digest) {
+            progress(Progress::Done {
+                digest: desc.digest.clone(),
+                total: desc.size,
+                cached: true,
+            });
+            return Ok(());
+        }
+        let locker = store.clone();
+        let lock = tokio::task::spawn_blocking(move || locker.lock_blob(&digest))
+            .await
+            .map_err(|e| StoreError::Index(format!("lock task failed: {e}")))??;
+        if store.has_blob(&digest) {
+            progress(Progress::Done {
+                digest: desc.digest.clone(),
+                total: desc.size,
+                cached: true,
+            });
+            return Ok(());
+        }
+        let mut attempt = 1;
+        let result = loop {
+            match self
+                .download_once(client, image, r, had_creds, store, desc, digest, progress)
+                .await
+            {
+                Ok(()) => break Ok(()),
+                Err(e) if retryable(&e) && attempt < BLOB_ATTEMPTS => {
+                    warn!(blob = %digest, attempt, error = %e, "blob download interrupted, resuming");
+                    tokio::time::sleep(Duration::from_millis(250 * u64::from(attempt))).await;
+                    attempt += 1;
+                }
+                Err(e) => break Err(e),
+            }
+        };
+        drop(lock);
+        result
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn download_once(
+        &self,
+        client: &Client,
+        image: &Reference,
+        r: &ModelRef,
+        had_creds: bool,
+        store: &Store,
+        desc: &artifact::Descriptor,
+        digest: Digest,
+        progress: &ProgressSink,
+    ) -> Result<(), StoreError> {
+        let partial = store.tmp_path(&digest, "partial");
+        let (mut hasher, mut have) = rehash(&partial).await?;
+        if have > desc.size {
+            truncate(&partial).await?;
+            (hasher, have) = (Hasher::new(), 0);
+        }
+        let mut file = tokio::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&partial)
+            .await
+            .map_err(StoreError::io(&partial))?;
+        if have > 0 {
+            info!(blob = %digest, offset = have, total = desc.size, "resuming download");
+        }
+        progress(Progress::Start {
+            digest: desc.digest.clone(),
+            total: desc.size,
+            resumed_from: have,
+        });
+        if have < desc.size {
+            let oci_desc = OciDescriptor {
+                media_type: desc.media_type.clone(),
+                digest: desc.digest.clone(),
+                size: desc.size as i64,
+                ..Default::default()
+            };
+            let mut stream = if have > 0 {
+                match client
+                    .pull_blob_stream_partial(image, &oci_desc, have, None)
+                    .await
+                    .map_err(|e| map_err(r, had_creds, e))?
+                {
+                    BlobResponse::Partial(s) => s.stream,
+                    BlobResponse::Full(s) => {
+                        debug!(blob = %digest, "registry ignored Range, restarting blob");
+                        drop(file);
+                        truncate(&partial).await?;
+                        file = tokio::fs::OpenOptions::new()
+                            .append(true)
+                            .open(&partial)
+                            .await
+                            .map_err(StoreError::io(&partial))?;
+                        (hasher, have) = (Hasher::new(), 0);
+                        s.stream
+                    }
+                }
+            } else {
+                client
+                    .pull_blob_stream(image, &oci_desc)
+                    .await
+                    .map_err(|e| map_err(r, had_creds, e))?
+                    .stream
+            };
+            let mut out = tokio::io::BufWriter::with_capacity(1 << 20, file);
+            let mut next_report = have + (1 << 20);
+            let mut stream_error = None;
+            while let Some(chunk) = stream.next().await {
+                let chunk = match chunk {
+                    Ok(c) => c,
+                    Err(e) => {
+                        stream_error = Some(e);
+                        break;
+                    }
+                };
+                if have + chunk.len() as u64 > desc.size {
+                    drop(out);
+                    let _ = tokio::fs::remove_file(&partial).await;
+                    return Err(StoreError::SizeMismatch {
+                        digest,
+                        expected: desc.size,
+                        actual: have + chunk.len() as u64,
+                    });
+                }
+                hasher.update(&chunk);
+                out.write_all(&chunk)
+                    .await
+                    .map_err(StoreError::io(&partial))?;
+                have += chunk.len() as u64;
+                if have >= next_report {
+                    next_report = have + (1 << 20);
+                    progress(Progress::Advance {
+                        digest: desc.digest.clone(),
+                        completed: have,
+                        total: desc.size,
+                    });
+                }
+            }
+            out.flush().await.map_err(StoreError::io(&partial))?;
+            out.get_ref()
+                .sync_data()
+                .await
+                .map_err(StoreError::io(&partial))?;
+            // oci-client's own verification reports a mismatch as a stream error at the end;
+            // with every byte here, our digest check below gives the precise error.
+            if let Some(e) = stream_error
+                && have < desc.size
+            {
+                return Err(StoreError::Registry {
+                    registry: r.registry.clone(),
+                    message: format!(
+                        "transfer of {digest} broke after {have} of {} bytes: {e}",
+                        desc.size
+                    ),
+                });
+            }
+        }
+        if have != desc.size {
+            return Err(StoreError::Registry {
+                registry: r.registry.clone(),
+                message: format!(
+                    "transfer of {digest} ended after {have} of {} bytes",
+                    desc.size
+                ),
+            });
+        }
+        let actual = hasher.finish();
+        if actual != digest {
+            let _ = tokio::fs::remove_file(&partial).await;
+            return Err(StoreError::DigestMismatch {
+                expected: digest,
+                actual,
+            });
+        }
+        store.install_blob(&partial, &digest)?;
+        progress(Progress::Done {
+            digest: desc.digest.clone(),
+            total: desc.size,
+            cached: false,
+        });
+        Ok(())
+    }
+
+    /// Pushes the local model `reference` (which must carry a tag) to its registry.
+    pub async fn push(
+        &self,
+        store: &Store,
+        reference: &str,
+        progress: ProgressSink,
+    ) -> Result<Digest, StoreError> {
+        let r = ModelRef::parse(reference)?;
+        if r.digest.is_some() {
+            return Err(StoreError::Index("push needs a tag, not a digest".into()));
+        }
+        let record = store.resolve_ref(&r)?;
+        let manifest_bytes = store.read_blob(&record.manifest_digest)?;
+        let manifest = Manifest::parse(&manifest_bytes)?;
+        let client = self.client_for(&r);
+        let had_creds = self.credentials(&r)?.1;
+        let (image, _) = self
+            .authenticate(&client, &r, RegistryOperation::Push)
+            .await?;
+        progress(Progress::Status {
+            message: format!("pushing {}", r.familiar()),
+        });
+        for desc in std::iter::once(&manifest.config).chain(&manifest.layers) {
+            let digest: Digest = desc.digest.parse()?;
+            if client
+                .blob_exists(&image, &desc.digest)
+                .await
+                .map_err(|e| map_err(&r, had_creds, e))?
+            {
+                progress(Progress::Done {
+                    digest: desc.digest.clone(),
+                    total: desc.size,
+                    cached: true,
+                });
+                continue;
+            }
+            let path = store.blob_path(&digest);
+            let file = tokio::fs::File::open(&path)
+                .await
+                .map_err(StoreError::io(&path))?;
+            progress(Progress::Start {
+                digest: desc.digest.clone(),
+                total: desc.size,
+                resumed_from: 0,
+            });
+            let sink = progress.clone();
+            let label = desc.digest.clone();
+            let total = desc.size;
+            let mut sent = 0u64;
+            let stream = tokio_util::io::ReaderStream::with_capacity(file.take(desc.size), 1 << 20)
+                .map(move |chunk| {
+                    let chunk = chunk.map_err(OciDistributionError::IoError)?;
+                    sent += chunk.len() as u64;
+                    sink(Progress::Advance {
+                        digest: label.clone(),
+                        completed: sent,
+                        total,
+                    });
+                    Ok(chunk)
+                });
+            client
+                .push_blob_stream(&image, stream, &desc.digest, Some(desc.size))
+                .await
+                .map_err(|e| map_err(&r, had_creds, e))?;
+            progress(Progress::Done {
+                digest: desc.digest.clone(),
+                total: desc.size,
+                cached: false,
+            });
+        }
+        client
+            .push_manifest_raw(
+                &image,
+                manifest_bytes,
+                http::HeaderValue::from_static(MANIFEST_MEDIA_TYPE),
+            )
+            .await
+            .map_err(|e| map_err(&r, had_creds, e))?;
+        progress(Progress::Status {
+            message: format!("pushed {} ({})", r.familiar(), record.manifest_digest),
+        });
+        Ok(record.manifest_digest)
+    }
+}
+
+fn retryable(e: &StoreError) -> bool {
+    matches!(e, StoreError::Registry { .. } | StoreError::Io { .. })
+}
+
+/// Hash of what a partial file already holds, and its length.
+async fn rehash(path: &std::path::Path) -> Result<(Hasher, u64), StoreError> {
+    let mut hasher = Hasher::new();
+    let mut file = match tokio::fs::File::open(path).await {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((hasher, 0)),
+        Err(e) => return Err(StoreError::io(path)(e)),
+    };
+    let mut buf = vec![0u8; 1 << 20];
+    let mut len = 0u64;
+    loop {
+        let n = file.read(&mut buf).await.map_err(StoreError::io(path))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        len += n as u64;
+    }
+    Ok((hasher, len))
+}
+
+async fn truncate(path: &std::path::Path) -> Result<(), StoreError> {
+    tokio::fs::File::create(path)
+        .await
+        .map(drop)
+        .map_err(StoreError::io(path))
+}
+
+fn oci_reference(r: &ModelRef) -> Reference {
+    let (reg, repo) = (r.registry.clone(), r.repository.clone());
+    match (&r.tag, &r.digest) {
+        (Some(t), Some(d)) => Reference::with_tag_and_digest(reg, repo, t.clone(), d.to_string()),
+        (Some(t), None) => Reference::with_tag(reg, repo, t.clone()),
+        (None, Some(d)) => Reference::with_digest(reg, repo, d.to_string()),
+        (None, None) => Reference::with_tag(reg, repo, "latest".into()),
+    }
+}
+
+fn map_err(r: &ModelRef, had_credentials: bool, e: OciDistributionError) -> StoreError {
+    let unauthorized = StoreError::Unauthorized {
+        registry: r.registry.clone(),
+        had_credentials,
+    };
+    match &e {
+        OciDistributionError::AuthenticationFailure(_)
+        | OciDistributionError::UnauthorizedError { .. } => unauthorized,
+        OciDistributionError::ServerError {
+            code: 401 | 403, ..
+        } => unauthorized,
+        OciDistributionError::RegistryError { envelope, .. }
+            if envelope
+                .errors
+                .iter()
+                .any(|x| matches!(x.code, OciErrorCode::Unauthorized | OciErrorCode::Denied)) =>
+        {
+            unauthorized
+        }
+        OciDistributionError::ImageManifestNotFoundError(_) => StoreError::Registry {
+            registry: r.registry.clone(),
+            message: format!("{} not found", r.familiar()),
+        },
+        OciDistributionError::RegistryError { envelope, .. }
+            if envelope.errors.iter().any(|x| {
+                matches!(
+                    x.code,
+                    OciErrorCode::ManifestUnknown | OciErrorCode::NameUnknown
+                )
+            }) =>
+        {
+            StoreError::Registry {
+                registry: r.registry.clone(),
+                message: format!("{} not found", r.familiar()),
+            }
+        }
+        OciDistributionError::UnsupportedMediaTypeError(mt) => StoreError::UnsupportedMediaType {
+            what: "manifest",
+            media_type: mt.clone(),
+            supported: MANIFEST_MEDIA_TYPE,
+        },
+        _ => StoreError::Registry {
+            registry: r.registry.clone(),
+            message: e.to_string(),
+        },
+    }
+}
