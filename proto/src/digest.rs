@@ -8,9 +8,31 @@ use sha2::{Digest as _, Sha256};
 
 use crate::ProtoError;
 
-/// A SHA-256 digest. Displays and parses as `sha256:<64 lowercase hex>`, the OCI form.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+/// A SHA-256 digest. Displays and parses as `sha256:<64 lowercase hex>`, the OCI form; in
+/// human-readable formats (JSON) it serialises as that string, on the wire as 32 bytes.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Digest(pub [u8; 32]);
+
+impl Serialize for Digest {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if s.is_human_readable() {
+            s.collect_str(self)
+        } else {
+            self.0.serialize(s)
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Digest {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        if d.is_human_readable() {
+            let s = String::deserialize(d)?;
+            s.parse().map_err(serde::de::Error::custom)
+        } else {
+            <[u8; 32]>::deserialize(d).map(Digest)
+        }
+    }
+}
 
 impl Digest {
     /// The digest of `bytes`.

@@ -1,7 +1,15 @@
-//! Shared helpers for Beacon's end-to-end tests: locating the built binaries and the test
-//! model, and starting real processes that are stopped when their guard drops.
+//! Shared helpers for Beacon's end-to-end tests: the built binaries, the real test model, a
+//! real OCI registry process (Debian `docker-registry`) on a loopback port, and a TCP relay
+//! that can slow a connection down or cut it, to play a slow or failing network. Every
+//! process started here is killed when its guard drops.
 
-use std::path::PathBuf;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 /// Path of a workspace binary built alongside the tests (`target/<profile>/<name>`).
 pub fn bin(name: &str) -> PathBuf {
@@ -10,5 +18,430 @@ pub fn bin(name: &str) -> PathBuf {
     if dir.ends_with("deps") {
         dir.pop();
     }
-    dir.join(name)
+    let path = dir.join(name);
+    assert!(
+        path.is_file(),
+        "{} not built: run `cargo build --workspace` (ops/test.sh does)",
+        path.display()
+    );
+    path
+}
+
+/// The SmolLM2-135M-Instruct Q4_1 GGUF that `ops/setup.sh` caches. Tests that need it fail
+/// (never skip) when it is missing.
+pub fn test_model() -> PathBuf {
+    let path = std::env::var_os("BEACON_TEST_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let home = std::env::var_os("HOME")
+                .map(PathBuf::from)
+                .unwrap_or_default();
+            home.join(".cache/beacon/models/SmolLM2-135M-Instruct.Q4_1.gguf")
+        });
+    assert!(
+        path.is_file(),
+        "test model {} missing: run ops/setup.sh (or set BEACON_TEST_MODEL)",
+        path.display()
+    );
+    path
+}
+
+/// A free TCP port on 127.0.0.1 (bound and released; good enough for tests).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Kills a child process when dropped.
+pub struct ChildGuard(pub Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A real `docker-registry` (distribution 2.x) on a loopback port.
+pub struct Registry {
+    pub addr: SocketAddr,
+    pub dir: tempfile::TempDir,
+    _child: ChildGuard,
+}
+
+impl Registry {
+    pub fn start() -> Registry {
+        Self::spawn(None)
+    }
+
+    /// With htpasswd basic auth for one user.
+    pub fn start_with_auth(user: &str, password: &str) -> Registry {
+        Self::spawn(Some((user, password)))
+    }
+
+    fn spawn(auth: Option<(&str, &str)>) -> Registry {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let mut config = format!(
+            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            dir.path().join("data").display()
+        );
+        if let Some((user, password)) = auth {
+            let out = Command::new("htpasswd")
+                .args(["-Bbn", user, password])
+                .output()
+                .expect("htpasswd (apache2-utils) is needed for auth tests: run ops/setup.sh");
+            assert!(out.status.success(), "htpasswd failed");
+            let htpasswd = dir.path().join("htpasswd");
+            std::fs::write(&htpasswd, &out.stdout).unwrap();
+            config.push_str(&format!(
+                "auth:\n  htpasswd:\n    realm: beacon-test\n    path: {}\n",
+                htpasswd.display()
+            ));
+        }
+        let config_path = dir.path().join("config.yml");
+        std::fs::write(&config_path, config).unwrap();
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(&config_path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("docker-registry (Debian package) is needed: run ops/setup.sh");
+        let guard = ChildGuard(child);
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        wait_for_http(addr, "/v2/", Duration::from_secs(20));
+        Registry {
+            addr,
+            dir,
+            _child: guard,
+        }
+    }
+
+    /// `127.0.0.1:PORT`, the registry part of references.
+    pub fn host(&self) -> String {
+        self.addr.to_string()
+    }
+
+    /// Where the registry keeps a blob's bytes (to corrupt them in tests).
+    pub fn blob_data_path(&self, digest_hex: &str) -> PathBuf {
+        self.dir
+            .path()
+            .join("data/docker/registry/v2/blobs/sha256")
+            .join(&digest_hex[..2])
+            .join(digest_hex)
+            .join("data")
+    }
+}
+
+/// Blocks until `GET path` on `addr` answers with any HTTP status.
+pub fn wait_for_http(addr: SocketAddr, path: &str, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
+            let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+            let req = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+            let mut buf = [0u8; 12];
+            if s.write_all(req.as_bytes()).is_ok()
+                && s.read_exact(&mut buf).is_ok()
+                && buf.starts_with(b"HTTP/")
+            {
+                return;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{addr}{path} did not answer within {timeout:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Plays a network between clients and `target`: optionally slow (bytes per second from
+/// the server), and optionally cutting the first `cut_first` server->client transfers after
+/// `cut_after` bytes. Stops accepting when dropped.
+pub struct Relay {
+    pub addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RelayOptions {
+    pub bytes_per_sec: Option<u64>,
+    pub cut_after: Option<u64>,
+    pub cut_first: usize,
+}
+
+impl Relay {
+    pub fn start(target: SocketAddr, opts: RelayOptions) -> Relay {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let cuts = Arc::new(AtomicUsize::new(0));
+        let stop2 = stop.clone();
+        std::thread::spawn(move || {
+            while !stop2.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((client, _)) => {
+                        let _ = client.set_nonblocking(false);
+                        let Ok(server) = TcpStream::connect(target) else {
+                            continue;
+                        };
+                        let cut = match opts.cut_after {
+                            Some(n) if cuts.fetch_add(1, Ordering::SeqCst) < opts.cut_first => {
+                                Some(n)
+                            }
+                            _ => None,
+                        };
+                        relay_pair(client, server, opts.bytes_per_sec, cut, stop2.clone());
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        Relay { addr, stop }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn relay_pair(
+    client: TcpStream,
+    server: TcpStream,
+    rate: Option<u64>,
+    cut: Option<u64>,
+    stop: Arc<AtomicBool>,
+) {
+    let (mut c_read, mut s_write) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+    std::thread::spawn(move || {
+        let _ = std::io::copy(&mut c_read, &mut s_write);
+        let _ = s_write.shutdown(std::net::Shutdown::Write);
+    });
+    let (mut s_read, mut c_write) = (server, client);
+    std::thread::spawn(move || {
+        let start = Instant::now();
+        let mut sent = 0u64;
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            if stop.load(Ordering::Relaxed) {
+                break;
+            }
+            let n = match s_read.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            let n = match cut {
+                Some(limit) if sent + n as u64 >= limit => (limit - sent) as usize,
+                _ => n,
+            };
+            if c_write.write_all(&buf[..n]).is_err() {
+                break;
+            }
+            sent += n as u64;
+            if cut.is_some_and(|limit| sent >= limit) {
+                break;
+            }
+            if let Some(rate) = rate {
+                let due = Duration::from_secs_f64(sent as f64 / rate as f64);
+                if let Some(wait) = due.checked_sub(start.elapsed()) {
+                    std::thread::sleep(wait);
+                }
+            }
+        }
+        let _ = c_write.shutdown(std::net::Shutdown::Both);
+        let _ = s_read.shutdown(std::net::Shutdown::Both);
+    });
+}
+
+/// A `beacon-node` command with its own data directory and an empty Docker config (so the
+/// developer's `~/.docker/config.json` never leaks into a test).
+pub struct NodeCli {
+    pub data: tempfile::TempDir,
+    pub docker_config: tempfile::TempDir,
+}
+
+impl Default for NodeCli {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl NodeCli {
+    pub fn new() -> NodeCli {
+        NodeCli {
+            data: tempfile::tempdir().unwrap(),
+            docker_config: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    pub fn command(&self) -> Command {
+        let mut c = Command::new(bin("beacon-node"));
+        c.env("BEACON_DATA_DIR", self.data.path())
+            .env("DOCKER_CONFIG", self.docker_config.path())
+            .env("BEACON_LOG", "info")
+            .env_remove("BEACON_REGISTRY_USERNAME")
+            .env_remove("BEACON_REGISTRY_PASSWORD");
+        c
+    }
+
+    /// Runs `beacon-node ARGS...` to completion.
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.command()
+            .args(args)
+            .output()
+            .expect("running beacon-node")
+    }
+
+    /// Runs and asserts success, returning stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "beacon-node {args:?} failed:\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Runs and asserts failure, returning stderr.
+    pub fn fails(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            !out.status.success(),
+            "beacon-node {args:?} unexpectedly succeeded"
+        );
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
+    pub fn store(&self) -> PathBuf {
+        self.data.path().join("models")
+    }
+
+    /// Names of the files in `blobs/sha256`.
+    pub fn blobs(&self) -> Vec<String> {
+        list_dir(&self.store().join("blobs/sha256"))
+    }
+
+    /// Names of the files in `tmp` other than lock files.
+    pub fn partials(&self) -> Vec<String> {
+        list_dir(&self.store().join("tmp"))
+            .into_iter()
+            .filter(|n| !n.ends_with(".lock"))
+            .collect()
+    }
+
+    /// `model ls --json`, parsed.
+    pub fn models(&self) -> serde_json::Value {
+        serde_json::from_str(&self.ok(&["model", "ls", "--json"])).unwrap()
+    }
+}
+
+fn list_dir(p: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(p)
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// sha256 of a file, hex.
+pub fn sha256_file(p: &Path) -> String {
+    let bytes = std::fs::read(p).unwrap();
+    beacon_proto::Digest::of(&bytes).hex()
+}
+
+/// Pushes a hand-made artifact with `curl` (monolithic blob uploads, then the manifest), to
+/// test what other tools may push. Returns the manifest digest.
+pub fn push_raw(
+    registry: &str,
+    repo: &str,
+    tag: &str,
+    config_media_type: &str,
+    config: &[u8],
+    layers: &[(&str, Vec<u8>, &str)],
+) -> String {
+    let upload = |bytes: &[u8]| {
+        let digest = beacon_proto::Digest::of(bytes);
+        let tmp = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(tmp.path(), bytes).unwrap();
+        // Start an upload session, then finish it in one PUT (distribution 2.x style).
+        let out = Command::new("curl")
+            .args(["-sf", "-o", "/dev/null", "-D", "-", "-X", "POST"])
+            .arg(format!("http://{registry}/v2/{repo}/blobs/uploads/"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "upload start failed: {out:?}");
+        let headers = String::from_utf8_lossy(&out.stdout).into_owned();
+        let location = headers
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("Location: ")
+                    .or_else(|| l.strip_prefix("location: "))
+            })
+            .expect("Location header")
+            .trim()
+            .to_string();
+        let sep = if location.contains('?') { '&' } else { '?' };
+        let out = Command::new("curl")
+            .args([
+                "-sf",
+                "-X",
+                "PUT",
+                "-H",
+                "Content-Type: application/octet-stream",
+                "--data-binary",
+            ])
+            .arg(format!("@{}", tmp.path().display()))
+            .arg(format!("{location}{sep}digest={digest}"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "blob upload failed: {out:?}");
+        (digest.to_string(), bytes.len())
+    };
+    let (config_digest, config_size) = upload(config);
+    let layer_json: Vec<serde_json::Value> = layers
+        .iter()
+        .map(|(mt, bytes, path)| {
+            let (d, s) = upload(bytes);
+            serde_json::json!({"mediaType": mt, "digest": d, "size": s,
+                "annotations": {"org.cncf.model.filepath": path}})
+        })
+        .collect();
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": config_media_type, "digest": config_digest, "size": config_size},
+        "layers": layer_json,
+    });
+    let body = serde_json::to_vec(&manifest).unwrap();
+    let tmp = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(tmp.path(), &body).unwrap();
+    let out = Command::new("curl")
+        .args([
+            "-sf",
+            "-X",
+            "PUT",
+            "-H",
+            "Content-Type: application/vnd.oci.image.manifest.v1+json",
+            "--data-binary",
+        ])
+        .arg(format!("@{}", tmp.path().display()))
+        .arg(format!("http://{registry}/v2/{repo}/manifests/{tag}"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "manifest upload failed: {out:?}");
+    beacon_proto::Digest::of(&body).to_string()
 }

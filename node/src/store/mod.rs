@@ -165,12 +165,7 @@ impl Store {
         for dir in [root.join("blobs/sha256"), root.join("tmp")] {
             fs::create_dir_all(&dir).map_err(StoreError::io(&dir))?;
         }
-        let db = sled::Config::new()
-            .path(root.join("index"))
-            .open()
-            .map_err(|e| {
-                StoreError::Index(format!("cannot open {}: {e}", root.join("index").display()))
-            })?;
+        let db = open_index(&root.join("index"))?;
         let tags = db.open_tree("tags")?;
         let models = db.open_tree("models")?;
         Ok(Store {
@@ -511,6 +506,41 @@ impl Store {
             .filter(|f| f.kind == FileKind::Gguf)
             .map(|f| self.blob_path(&f.digest))
             .collect()
+    }
+}
+
+/// How long a command waits for another process that holds the store's index.
+const INDEX_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// Opens the sled index, waiting while another process holds it (sled allows one process).
+fn open_index(path: &Path) -> Result<sled::Db, StoreError> {
+    let start = std::time::Instant::now();
+    let mut warned = false;
+    loop {
+        match sled::Config::new().path(path).open() {
+            Ok(db) => return Ok(db),
+            // sled reports the lock held by another process as an I/O error with this text.
+            Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") => {
+                if start.elapsed() > INDEX_LOCK_WAIT {
+                    return Err(StoreError::Index(format!(
+                        "{} is in use by another beacon-node process (a running `serve`? \
+                         use its API, or give this command another --data-dir)",
+                        path.display()
+                    )));
+                }
+                if !warned {
+                    tracing::warn!(path = %path.display(), "store in use by another process, waiting");
+                    warned = true;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            Err(e) => {
+                return Err(StoreError::Index(format!(
+                    "cannot open {}: {e}",
+                    path.display()
+                )));
+            }
+        }
     }
 }
 

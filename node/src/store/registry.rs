@@ -398,6 +398,9 @@ impl Registry {
         let manifest = Manifest::parse(&manifest_bytes)?;
         let client = self.client_for(&r);
         let had_creds = self.credentials(&r)?.1;
+        // Blob existence checks authenticate as pulls, uploads as pushes.
+        self.authenticate(&client, &r, RegistryOperation::Pull)
+            .await?;
         let (image, _) = self
             .authenticate(&client, &r, RegistryOperation::Push)
             .await?;
@@ -520,6 +523,11 @@ fn map_err(r: &ModelRef, had_credentials: bool, e: OciDistributionError) -> Stor
         OciDistributionError::ServerError {
             code: 401 | 403, ..
         } => unauthorized,
+        OciDistributionError::RequestError(e)
+            if matches!(e.status().map(|s| s.as_u16()), Some(401 | 403)) =>
+        {
+            unauthorized
+        }
         OciDistributionError::RegistryError { envelope, .. }
             if envelope
                 .errors
