@@ -48,8 +48,33 @@ pub enum Command {
     },
 }
 
+/// How transfer progress is shown.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default)]
+pub enum ProgressMode {
+    /// Progress bars on a terminal (nothing when stderr is not one).
+    #[default]
+    Bars,
+    /// One JSON object per line on stdout, the format the node's API streams.
+    Json,
+    /// Nothing.
+    None,
+}
+
+impl ProgressMode {
+    fn sink(self) -> ProgressSink {
+        match self {
+            ProgressMode::Bars => progress::terminal_bars(),
+            ProgressMode::Json => progress::json_lines(),
+            ProgressMode::None => progress::silent(),
+        }
+    }
+}
+
 #[derive(Args, Debug, Clone, Default)]
 pub struct RegistryArgs {
+    /// Progress display.
+    #[arg(long, value_enum, default_value_t = ProgressMode::Bars)]
+    pub progress: ProgressMode,
     /// Registry that may be reached over plain HTTP (repeatable; loopback always may).
     #[arg(
         long = "insecure-registry",
@@ -169,19 +194,21 @@ fn open_store(data_dir: &std::path::Path) -> anyhow::Result<Store> {
         .with_context(|| format!("opening the model store in {}", data_dir.display()))
 }
 
-fn bars() -> ProgressSink {
-    progress::terminal_bars()
-}
-
 async fn model(data_dir: &std::path::Path, cmd: ModelCommand) -> anyhow::Result<()> {
     let store = open_store(data_dir)?;
     match cmd {
         ModelCommand::Pull { model, registry } => {
-            let record = registry.registry().pull(&store, &model, bars()).await?;
+            let record = registry
+                .registry()
+                .pull(&store, &model, registry.progress.sink())
+                .await?;
             println!("Model pulled: {} ({})", model, record.manifest_digest);
         }
         ModelCommand::Push { model, registry } => {
-            let digest = registry.registry().push(&store, &model, bars()).await?;
+            let digest = registry
+                .registry()
+                .push(&store, &model, registry.progress.sink())
+                .await?;
             println!("Model pushed: {model} ({digest})");
         }
         ModelCommand::Package {
@@ -206,7 +233,10 @@ async fn model(data_dir: &std::path::Path, cmd: ModelCommand) -> anyhow::Result<
             let record = tokio::task::spawn_blocking(move || package(&s, &opts, &t)).await??;
             println!("Model packaged: {target} ({})", record.manifest_digest);
             if push {
-                registry.registry().push(&store, &target, bars()).await?;
+                registry
+                    .registry()
+                    .push(&store, &target, registry.progress.sink())
+                    .await?;
                 println!("Model pushed: {target}");
             }
         }

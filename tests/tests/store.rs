@@ -702,3 +702,33 @@ async fn futures_join<T>(handles: impl Iterator<Item = tokio::task::JoinHandle<T
     }
     out
 }
+
+#[test]
+fn pull_progress_as_json_lines() {
+    let registry = Registry::start();
+    let reference = format!("{}/ai/smollm2:progress", registry.host());
+    publish(&NodeCli::new(), &reference);
+    let node = NodeCli::new();
+    let out = node.ok(&["model", "pull", "--progress", "json", &reference]);
+    let events: Vec<serde_json::Value> = out
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).expect("each progress line is JSON"))
+        .collect();
+    let gguf = format!("sha256:{}", gguf_digest());
+    assert!(
+        events
+            .iter()
+            .any(|e| e["type"] == "start" && e["digest"] == gguf)
+    );
+    assert!(
+        events
+            .iter()
+            .any(|e| e["type"] == "advance" && e["digest"] == gguf)
+    );
+    let done = events
+        .iter()
+        .find(|e| e["type"] == "done" && e["digest"] == gguf)
+        .unwrap();
+    assert_eq!(done["total"], 98_362_432);
+}

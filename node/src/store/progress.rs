@@ -41,6 +41,15 @@ pub fn silent() -> ProgressSink {
     Arc::new(|_| {})
 }
 
+/// A sink that prints each event as one JSON line on stdout.
+pub fn json_lines() -> ProgressSink {
+    Arc::new(|event| {
+        if let Ok(line) = serde_json::to_string(&event) {
+            println!("{line}");
+        }
+    })
+}
+
 /// A sink that draws one bar per blob on stderr, hidden when stderr is not a terminal.
 pub fn terminal_bars() -> ProgressSink {
     let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
@@ -90,4 +99,24 @@ fn short(digest: &str) -> String {
         .chars()
         .take(12)
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_are_single_json_lines() {
+        let e = Progress::Start {
+            digest: "sha256:ab".into(),
+            total: 10,
+            resumed_from: 4,
+        };
+        let line = serde_json::to_string(&e).unwrap();
+        assert_eq!(
+            line,
+            r#"{"type":"start","digest":"sha256:ab","total":10,"resumed_from":4}"#
+        );
+        assert!(!line.contains('\n'));
+    }
 }
