@@ -82,7 +82,23 @@ impl Registry {
         Self::spawn(Some((user, password)))
     }
 
+    /// With token auth: `docker-registry` trusts JWTs from `tokens` (a [`TokenServer`]).
+    pub fn start_with_token_auth(tokens: &TokenServer) -> Registry {
+        let extra = format!(
+            "auth:\n  token:\n    realm: http://{}/token\n    service: {}\n    issuer: {}\n    rootcertbundle: {}\n",
+            tokens.addr,
+            TokenServer::SERVICE,
+            TokenServer::ISSUER,
+            tokens.cert_pem.display()
+        );
+        Self::spawn_with(None, Some(extra))
+    }
+
     fn spawn(auth: Option<(&str, &str)>) -> Registry {
+        Self::spawn_with(auth, None)
+    }
+
+    fn spawn_with(auth: Option<(&str, &str)>, extra: Option<String>) -> Registry {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let mut config = format!(
@@ -101,6 +117,9 @@ impl Registry {
                 "auth:\n  htpasswd:\n    realm: beacon-test\n    path: {}\n",
                 htpasswd.display()
             ));
+        }
+        if let Some(extra) = extra {
+            config.push_str(&extra);
         }
         let config_path = dir.path().join("config.yml");
         std::fs::write(&config_path, config).unwrap();
@@ -444,4 +463,195 @@ pub fn push_raw(
         .unwrap();
     assert!(out.status.success(), "manifest upload failed: {out:?}");
     beacon_proto::Digest::of(&body).to_string()
+}
+
+/// A minimal OAuth2 token service, as Docker Hub runs one: it takes a refresh token (a
+/// Docker "identity token") at `POST /token` and answers with a JWT signed by its own
+/// certificate (RS256 via `openssl`, the cert in the `x5c` header), which a real
+/// `docker-registry` configured with `auth.token` verifies.
+pub struct TokenServer {
+    pub addr: SocketAddr,
+    pub cert_pem: PathBuf,
+    _dir: tempfile::TempDir,
+    stop: Arc<AtomicBool>,
+}
+
+impl TokenServer {
+    pub const SERVICE: &'static str = "beacon-test-registry";
+    pub const ISSUER: &'static str = "beacon-test-issuer";
+
+    /// Accepts exactly `refresh_token`.
+    pub fn start(refresh_token: &str) -> TokenServer {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("key.pem");
+        let cert_pem = dir.path().join("cert.pem");
+        let st = Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "1",
+                "-subj",
+                "/CN=beacon-test-token",
+            ])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert_pem)
+            .stderr(Stdio::null())
+            .status()
+            .expect("openssl is needed for token-auth tests");
+        assert!(st.success());
+        let der = Command::new("openssl")
+            .args(["x509", "-outform", "der", "-in"])
+            .arg(&cert_pem)
+            .output()
+            .unwrap();
+        assert!(der.status.success());
+        let x5c = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &der.stdout);
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (stop2, refresh, key2) = (stop.clone(), refresh_token.to_string(), key.clone());
+        std::thread::spawn(move || {
+            while !stop2.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((mut s, _)) => {
+                        let _ = s.set_nonblocking(false);
+                        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+                        let body = read_http_body(&mut s);
+                        let form: std::collections::HashMap<String, String> = body
+                            .split('&')
+                            .filter_map(|kv| kv.split_once('='))
+                            .map(|(k, v)| (k.to_string(), percent_decode(v)))
+                            .collect();
+                        let ok = form.get("grant_type").map(String::as_str)
+                            == Some("refresh_token")
+                            && form.get("refresh_token") == Some(&refresh);
+                        let resp = if ok {
+                            let scope = form.get("scope").cloned().unwrap_or_default();
+                            let jwt = sign_jwt(&key2, &x5c, &scope);
+                            let json = format!(r#"{{"access_token":"{jwt}","expires_in":600}}"#);
+                            format!(
+                                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{json}",
+                                json.len()
+                            )
+                        } else {
+                            "HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_string()
+                        };
+                        let _ = s.write_all(resp.as_bytes());
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        TokenServer {
+            addr,
+            cert_pem,
+            _dir: dir,
+            stop,
+        }
+    }
+}
+
+impl Drop for TokenServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn read_http_body(s: &mut TcpStream) -> String {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = match s.read(&mut chunk) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        buf.extend_from_slice(&chunk[..n]);
+        let text = String::from_utf8_lossy(&buf);
+        if let Some(end) = text.find("\r\n\r\n") {
+            let len = text[..end]
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+                })
+                .unwrap_or(0);
+            if buf.len() >= end + 4 + len {
+                return String::from_utf8_lossy(&buf[end + 4..end + 4 + len]).into_owned();
+            }
+        }
+    }
+    String::new()
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(if b[i] == b'+' { b' ' } else { b[i] });
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn sign_jwt(key: &Path, x5c: &str, scope: &str) -> String {
+    use base64::Engine;
+    let b64 = |bytes: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+    // scope = repository:NAME:ACTIONS
+    let mut parts = scope.splitn(3, ':');
+    let (_, name, actions) = (
+        parts.next(),
+        parts.next().unwrap_or(""),
+        parts.next().unwrap_or(""),
+    );
+    let actions: Vec<String> = actions
+        .split(',')
+        .filter(|a| !a.is_empty())
+        .map(|a| format!("\"{a}\""))
+        .collect();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let header = format!(r#"{{"alg":"RS256","typ":"JWT","x5c":["{x5c}"]}}"#);
+    let claims = format!(
+        r#"{{"iss":"{}","sub":"beacon","aud":"{}","exp":{},"nbf":{},"iat":{now},"jti":"{now}-{}","access":[{{"type":"repository","name":"{name}","actions":[{}]}}]}}"#,
+        TokenServer::ISSUER,
+        TokenServer::SERVICE,
+        now + 600,
+        now - 10,
+        std::process::id(),
+        actions.join(",")
+    );
+    let signing_input = format!("{}.{}", b64(header.as_bytes()), b64(claims.as_bytes()));
+    let mut child = Command::new("openssl")
+        .args(["dgst", "-sha256", "-sign"])
+        .arg(key)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(signing_input.as_bytes())
+        .unwrap();
+    let sig = child.wait_with_output().unwrap().stdout;
+    format!("{signing_input}.{}", b64(&sig))
 }

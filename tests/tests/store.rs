@@ -732,3 +732,59 @@ fn pull_progress_as_json_lines() {
         .unwrap();
     assert_eq!(done["total"], 98_362_432);
 }
+
+#[test]
+fn identity_token_from_docker_config_is_exchanged() {
+    let tokens = TokenServer::start("refresh-abc");
+    let registry = Registry::start_with_token_auth(&tokens);
+    let reference = format!("{}/team/smollm2:1", registry.host());
+    let config = |node: &NodeCli, token: &str| {
+        std::fs::write(
+            node.docker_config.path().join("config.json"),
+            format!(
+                r#"{{"auths":{{"{}":{{"auth":"","identitytoken":"{token}"}}}}}}"#,
+                registry.host()
+            ),
+        )
+        .unwrap();
+    };
+    let publisher = NodeCli::new();
+    let model = test_model();
+    publisher.ok(&[
+        "model",
+        "package",
+        "--gguf",
+        model.to_str().unwrap(),
+        &reference,
+    ]);
+    // Anonymous: the registry wants a token.
+    let err = publisher.fails(&["model", "push", &reference]);
+    assert!(err.contains("refused the credentials"), "{err}");
+    // A wrong identity token is refused by the token service.
+    config(&publisher, "not-the-token");
+    let err = publisher.fails(&["model", "push", &reference]);
+    assert!(
+        err.contains("refused the credentials") && err.contains("wrong"),
+        "{err}"
+    );
+    // The right one is exchanged for an access token the registry accepts.
+    config(&publisher, "refresh-abc");
+    publisher.ok(&["model", "push", &reference]);
+    let node = NodeCli::new();
+    config(&node, "refresh-abc");
+    let out = node
+        .command()
+        .args(["model", "pull", &reference])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        !stderr.contains("refresh-abc"),
+        "identity token must not be logged"
+    );
+    assert_eq!(
+        sha256_file(&node.store().join("blobs/sha256").join(gguf_digest())),
+        gguf_digest()
+    );
+}

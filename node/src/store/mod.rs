@@ -23,6 +23,7 @@ pub mod auth;
 pub mod package;
 pub mod progress;
 pub mod registry;
+pub mod token;
 
 use std::fs;
 use std::io::{Read, Write};

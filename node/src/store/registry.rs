@@ -50,8 +50,7 @@ impl Registry {
     }
 
     fn client_for(&self, r: &ModelRef) -> Client {
-        let plain = r.is_loopback_registry() || self.opts.insecure.iter().any(|h| h == &r.registry);
-        let protocol = if plain {
+        let protocol = if self.plain_http(r) {
             ClientProtocol::HttpsExcept(vec![r.registry.clone()])
         } else {
             ClientProtocol::Https
@@ -65,37 +64,49 @@ impl Registry {
         })
     }
 
-    fn credentials(&self, r: &ModelRef) -> Result<(RegistryAuth, bool), StoreError> {
-        match auth::resolve(
+    fn plain_http(&self, r: &ModelRef) -> bool {
+        r.is_loopback_registry() || self.opts.insecure.iter().any(|h| h == &r.registry)
+    }
+
+    /// The credentials for `r`, and whether any were configured.
+    async fn credentials(
+        &self,
+        r: &ModelRef,
+        op: RegistryOperation,
+    ) -> Result<(RegistryAuth, bool), StoreError> {
+        let creds = auth::resolve(
             &r.registry,
             self.opts.username.as_deref(),
             self.opts.password.as_deref(),
-        )? {
-            Credentials::Anonymous => Ok((RegistryAuth::Anonymous, false)),
+        )?;
+        Ok(match creds {
+            Credentials::Anonymous => (RegistryAuth::Anonymous, false),
             Credentials::Basic { username, password } => {
-                Ok((RegistryAuth::Basic(username, password), true))
+                (RegistryAuth::Basic(username, password), true)
             }
-            Credentials::IdentityToken(_) => Err(StoreError::Credentials(format!(
-                "{}: docker config holds an OAuth identity token; Beacon does not exchange \
-                 identity tokens yet, log in with a username and password instead",
-                r.registry
-            ))),
-        }
+            Credentials::IdentityToken(token) => {
+                let push = matches!(op, RegistryOperation::Push);
+                let access = super::token::exchange(r, self.plain_http(r), &token, push).await?;
+                (RegistryAuth::Bearer(access), true)
+            }
+        })
     }
 
+    /// Authenticates `client` for `op` on `r`; returns the image reference, the auth used,
+    /// and whether credentials were configured (for error messages).
     async fn authenticate(
         &self,
         client: &Client,
         r: &ModelRef,
         op: RegistryOperation,
-    ) -> Result<(Reference, RegistryAuth), StoreError> {
+    ) -> Result<(Reference, RegistryAuth, bool), StoreError> {
         let image = oci_reference(r);
-        let (auth, had) = self.credentials(r)?;
+        let (auth, had) = self.credentials(r, op).await?;
         client
             .auth(&image, &auth, op)
             .await
             .map_err(|e| map_err(r, had, e))?;
-        Ok((image, auth))
+        Ok((image, auth, had))
     }
 
     /// Pulls `reference` into `store` and returns the committed record.
@@ -107,8 +118,7 @@ impl Registry {
     ) -> Result<ModelRecord, StoreError> {
         let r = ModelRef::parse(reference)?;
         let client = self.client_for(&r);
-        let had_creds = self.credentials(&r)?.1;
-        let (image, auth) = self
+        let (image, auth, had_creds) = self
             .authenticate(&client, &r, RegistryOperation::Pull)
             .await?;
         progress(Progress::Status {
@@ -397,11 +407,10 @@ impl Registry {
         let manifest_bytes = store.read_blob(&record.manifest_digest)?;
         let manifest = Manifest::parse(&manifest_bytes)?;
         let client = self.client_for(&r);
-        let had_creds = self.credentials(&r)?.1;
         // Blob existence checks authenticate as pulls, uploads as pushes.
         self.authenticate(&client, &r, RegistryOperation::Pull)
             .await?;
-        let (image, _) = self
+        let (image, _, had_creds) = self
             .authenticate(&client, &r, RegistryOperation::Push)
             .await?;
         progress(Progress::Status {
