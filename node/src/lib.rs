@@ -5,6 +5,7 @@
 //! The llama.cpp engine, the HTTP API and the p2p layers are later work (see DESIGN.md).
 
 pub mod cli;
+pub mod engine;
 pub mod identity;
 pub mod store;
 pub mod tls;

@@ -1,0 +1,518 @@
+//! The runner thread: owns the model and context, admits requests into free sequences,
+//! builds one batch per step from every active sequence (one token each while generating,
+//! prompt chunks while prefilling), decodes, samples per sequence and streams the results.
+
+use std::collections::VecDeque;
+use std::num::NonZeroU32;
+use std::path::PathBuf;
+use std::sync::mpsc;
+use std::time::Instant;
+
+use beacon_proto::{FinishReason, Role, Timings, Usage};
+use llama_cpp_2::context::LlamaContext;
+use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::llama_batch::LlamaBatch;
+use llama_cpp_2::model::params::LlamaModelParams;
+use llama_cpp_2::model::{LlamaChatMessage, LlamaChatTemplate, LlamaModel};
+use llama_cpp_2::sampling::LlamaSampler;
+use llama_cpp_2::token::LlamaToken;
+use tokio::sync::mpsc as tmpsc;
+use tracing::{debug, warn};
+
+use super::stop::{Fed, TextStream};
+use super::{
+    Command, Completion, EngineConfig, EngineError, Event, GenerateRequest, ModelInfo, Prompt,
+    backend, grammar,
+};
+
+type Events = tmpsc::UnboundedSender<Result<Event, EngineError>>;
+
+struct Job {
+    events: Events,
+    sampler: LlamaSampler,
+    prompt: Vec<LlamaToken>,
+    /// Next prompt index to feed.
+    fed: usize,
+    generated: Vec<u32>,
+    max_tokens: usize,
+    text: TextStream,
+    /// Token sampled last, to be fed in the next step.
+    next: Option<LlamaToken>,
+    /// Index in the current batch whose logits this job samples from.
+    logits_at: Option<i32>,
+    submitted: Instant,
+    admitted: Instant,
+    first_token: Option<Instant>,
+    cached: usize,
+    return_tokens: bool,
+}
+
+struct Slot {
+    seq: i32,
+    /// Tokens whose KV cells this sequence holds, by position.
+    cache: Vec<LlamaToken>,
+    job: Option<Job>,
+    last_used: Instant,
+}
+
+pub(super) fn run(
+    path: PathBuf,
+    config: EngineConfig,
+    rx: mpsc::Receiver<Command>,
+    ready: mpsc::Sender<Result<ModelInfo, EngineError>>,
+) {
+    let load_err = |reason: String| EngineError::Load {
+        path: path.clone(),
+        reason,
+    };
+    let started = Instant::now();
+    let backend = match backend() {
+        Ok(b) => b,
+        Err(e) => {
+            let _ = ready.send(Err(load_err(e)));
+            return;
+        }
+    };
+    let model_params = LlamaModelParams::default().with_n_gpu_layers(config.gpu_layers);
+    let model = match LlamaModel::load_from_file(backend, &path, &model_params) {
+        Ok(m) => m,
+        Err(e) => {
+            let _ = ready.send(Err(load_err(e.to_string())));
+            return;
+        }
+    };
+    let parallel = config.parallel.max(1);
+    let ctx_per_slot = config.ctx_per_slot.clamp(64, model.n_ctx_train().max(64));
+    let n_ctx = ctx_per_slot * parallel;
+    let threads = config.threads.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get() as u32)
+            .unwrap_or(1)
+    }) as i32;
+    let ctx_params = LlamaContextParams::default()
+        .with_n_ctx(NonZeroU32::new(n_ctx))
+        .with_n_batch(config.batch.max(parallel))
+        .with_n_ubatch(config.batch.max(parallel))
+        .with_n_seq_max(parallel)
+        .with_n_threads(threads)
+        .with_n_threads_batch(threads)
+        .with_kv_unified(true);
+    let mut ctx = match model.new_context(backend, ctx_params) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = ready.send(Err(load_err(e.to_string())));
+            return;
+        }
+    };
+    let template = match &config.chat_template {
+        Some(t) => LlamaChatTemplate::new(t).map_err(|e| e.to_string()),
+        None => model.chat_template(None).map_err(|e| e.to_string()),
+    };
+    let info = ModelInfo {
+        path: path.clone(),
+        n_ctx_train: model.n_ctx_train(),
+        n_vocab: model.n_vocab(),
+        n_params: model.n_params(),
+        size_bytes: model.size(),
+        config: EngineConfig {
+            ctx_per_slot,
+            parallel,
+            ..config.clone()
+        },
+        load_ms: started.elapsed().as_millis() as u64,
+    };
+    if ready.send(Ok(info)).is_err() {
+        return;
+    }
+
+    let mut runner = Runner {
+        model: &model,
+        template,
+        slots: (0..parallel as i32)
+            .map(|seq| Slot {
+                seq,
+                cache: Vec::new(),
+                job: None,
+                last_used: Instant::now(),
+            })
+            .collect(),
+        queue: VecDeque::new(),
+        batch: LlamaBatch::new(config.batch.max(parallel) as usize, parallel as i32),
+        batch_cap: config.batch.max(parallel) as usize,
+        ctx_per_slot: ctx_per_slot as usize,
+        n_ctx: n_ctx as usize,
+    };
+    runner.serve(&mut ctx, &rx);
+    debug!(path = %path.display(), "runner stopped");
+}
+
+struct Runner<'m> {
+    model: &'m LlamaModel,
+    template: Result<LlamaChatTemplate, String>,
+    slots: Vec<Slot>,
+    queue: VecDeque<(Box<GenerateRequest>, Events, Instant)>,
+    batch: LlamaBatch<'static>,
+    batch_cap: usize,
+    ctx_per_slot: usize,
+    n_ctx: usize,
+}
+
+impl Runner<'_> {
+    fn serve(&mut self, ctx: &mut LlamaContext, rx: &mpsc::Receiver<Command>) {
+        loop {
+            let idle = self.slots.iter().all(|s| s.job.is_none()) && self.queue.is_empty();
+            if idle {
+                match rx.recv() {
+                    Ok(cmd) => self.accept(cmd),
+                    Err(_) => return,
+                }
+            }
+            loop {
+                match rx.try_recv() {
+                    Ok(cmd) => self.accept(cmd),
+                    Err(mpsc::TryRecvError::Empty) => break,
+                    Err(mpsc::TryRecvError::Disconnected) => {
+                        if self.slots.iter().all(|s| s.job.is_none()) && self.queue.is_empty() {
+                            return;
+                        }
+                        break;
+                    }
+                }
+            }
+            self.admit(ctx);
+            self.step(ctx);
+        }
+    }
+
+    fn accept(&mut self, cmd: Command) {
+        match cmd {
+            Command::Generate {
+                request,
+                events,
+                submitted,
+            } => self.queue.push_back((request, events, submitted)),
+        }
+    }
+
+    /// Moves queued requests into free sequences, reusing the longest cached prefix.
+    fn admit(&mut self, ctx: &mut LlamaContext) {
+        while !self.queue.is_empty() {
+            let Some(free) = self.free_slot() else { return };
+            let (request, events, submitted) = self.queue.pop_front().expect("queue not empty");
+            if events.is_closed() {
+                continue;
+            }
+            match self.prepare(&request) {
+                Ok((prompt, sampler, max_tokens)) => self.start(
+                    ctx, free, prompt, sampler, max_tokens, &request, events, submitted,
+                ),
+                Err(e) => {
+                    let _ = events.send(Err(e));
+                }
+            }
+        }
+    }
+
+    fn free_slot(&self) -> Option<usize> {
+        // Prefer an empty cache, then the least recently used one.
+        self.slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.job.is_none())
+            .min_by_key(|(_, s)| (!s.cache.is_empty(), s.last_used))
+            .map(|(i, _)| i)
+    }
+
+    fn prepare(
+        &self,
+        request: &GenerateRequest,
+    ) -> Result<(Vec<LlamaToken>, LlamaSampler, usize), EngineError> {
+        let text = match &request.prompt {
+            Prompt::Text(t) => t.clone(),
+            Prompt::Chat(messages) => {
+                let template = self
+                    .template
+                    .as_ref()
+                    .map_err(|e| EngineError::Template(e.clone()))?;
+                let chat = messages
+                    .iter()
+                    .map(|m| {
+                        let role = match m.role {
+                            Role::System => "system",
+                            Role::User => "user",
+                            Role::Assistant => "assistant",
+                        };
+                        LlamaChatMessage::new(role.into(), m.content.clone())
+                            .map_err(|e| EngineError::InvalidRequest(format!("message: {e}")))
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                self.model
+                    .apply_chat_template(template, &chat, true)
+                    .map_err(|e| EngineError::Template(e.to_string()))?
+            }
+        };
+        let prompt = self.model.vocab().tokenize(text.as_bytes(), true, true);
+        if prompt.is_empty() {
+            return Err(EngineError::InvalidRequest("the prompt is empty".into()));
+        }
+        if prompt.len() >= self.ctx_per_slot {
+            return Err(EngineError::PromptTooLong {
+                tokens: prompt.len(),
+                limit: self.ctx_per_slot - 1,
+            });
+        }
+        let max_tokens =
+            (request.sampling.max_tokens as usize).min(self.ctx_per_slot - prompt.len());
+        let s = &request.sampling;
+        let mut chain = Vec::new();
+        if let Some(g) = grammar::for_format(&request.format)? {
+            chain.push(
+                LlamaSampler::grammar(self.model, &g, "root")
+                    .map_err(|e| EngineError::Grammar(e.to_string()))?,
+            );
+        }
+        if s.temperature <= 0.0 {
+            chain.push(LlamaSampler::greedy());
+        } else {
+            if s.top_k > 0 {
+                chain.push(LlamaSampler::top_k(s.top_k.min(i32::MAX as u32) as i32));
+            }
+            chain.push(LlamaSampler::top_p(s.top_p.clamp(0.0, 1.0), 1));
+            chain.push(LlamaSampler::min_p(s.min_p.clamp(0.0, 1.0), 1));
+            chain.push(LlamaSampler::temp(s.temperature));
+            let seed = s.seed.map(|x| x as u32).unwrap_or_else(rand_seed);
+            chain.push(LlamaSampler::dist(seed));
+        }
+        Ok((prompt, LlamaSampler::chain_simple(chain), max_tokens))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn start(
+        &mut self,
+        ctx: &mut LlamaContext,
+        slot: usize,
+        prompt: Vec<LlamaToken>,
+        sampler: LlamaSampler,
+        max_tokens: usize,
+        request: &GenerateRequest,
+        events: Events,
+        submitted: Instant,
+    ) {
+        // Longest prefix of this prompt already in some sequence's cells.
+        let (src, mut lcp) = self
+            .slots
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (i, common_prefix(&s.cache, &prompt)))
+            .max_by_key(|&(i, n)| (n, i == slot))
+            .unwrap_or((slot, 0));
+        lcp = lcp.min(prompt.len() - 1); // at least one token must be decoded for logits
+        let seq = self.slots[slot].seq;
+        if src == slot {
+            let _ = ctx.clear_kv_cache_seq(Some(seq as u32), Some(lcp as u32), None);
+            self.slots[slot].cache.truncate(lcp);
+        } else {
+            let _ = ctx.clear_kv_cache_seq(Some(seq as u32), None, None);
+            if lcp > 0 {
+                let _ = ctx.kv_cache_seq_cp(self.slots[src].seq, seq, Some(0), Some(lcp as u32));
+            }
+            self.slots[slot].cache = prompt[..lcp].to_vec();
+        }
+        self.make_room(ctx, prompt.len() - lcp + max_tokens, slot);
+        let now = Instant::now();
+        let s = &mut self.slots[slot];
+        s.last_used = now;
+        s.job = Some(Job {
+            events,
+            sampler,
+            fed: lcp,
+            prompt,
+            generated: Vec::new(),
+            max_tokens,
+            text: TextStream::new(&request.sampling.stop),
+            next: None,
+            logits_at: None,
+            submitted,
+            admitted: now,
+            first_token: None,
+            cached: lcp,
+            return_tokens: request.return_tokens,
+        });
+    }
+
+    /// Frees idle prefix caches (least recently used first) until `need` more cells fit.
+    fn make_room(&mut self, ctx: &mut LlamaContext, need: usize, keep: usize) {
+        let used = |slots: &[Slot]| slots.iter().map(|s| s.cache.len()).sum::<usize>();
+        while used(&self.slots) + need > self.n_ctx {
+            let victim = self
+                .slots
+                .iter()
+                .enumerate()
+                .filter(|(i, s)| *i != keep && s.job.is_none() && !s.cache.is_empty())
+                .min_by_key(|(_, s)| s.last_used)
+                .map(|(i, _)| i);
+            let Some(v) = victim else { break };
+            let _ = ctx.clear_kv_cache_seq(Some(self.slots[v].seq as u32), None, None);
+            self.slots[v].cache.clear();
+        }
+    }
+
+    /// One decode step over every active sequence.
+    fn step(&mut self, ctx: &mut LlamaContext) {
+        self.batch.clear();
+        let mut budget = self.batch_cap;
+        // Generating sequences first: one token each keeps their latency low.
+        for s in &mut self.slots {
+            let Some(job) = &mut s.job else { continue };
+            job.logits_at = None;
+            if let Some(tok) = job.next {
+                if budget == 0 {
+                    break;
+                }
+                let pos = s.cache.len() as i32;
+                if self.batch.add(tok, pos, &[s.seq], true).is_ok() {
+                    job.logits_at = Some(self.batch.n_tokens() - 1);
+                    s.cache.push(tok);
+                    budget -= 1;
+                }
+            }
+        }
+        // Then prompt chunks.
+        for s in &mut self.slots {
+            let Some(job) = &mut s.job else { continue };
+            if job.next.is_some() || job.fed >= job.prompt.len() {
+                continue;
+            }
+            while budget > 0 && job.fed < job.prompt.len() {
+                let last = job.fed + 1 == job.prompt.len();
+                let tok = job.prompt[job.fed];
+                if self.batch.add(tok, job.fed as i32, &[s.seq], last).is_err() {
+                    break;
+                }
+                s.cache.push(tok);
+                job.fed += 1;
+                budget -= 1;
+                if last {
+                    job.logits_at = Some(self.batch.n_tokens() - 1);
+                }
+            }
+        }
+        if self.batch.n_tokens() == 0 {
+            return;
+        }
+        if let Err(e) = ctx.decode(&mut self.batch) {
+            warn!(error = %e, "decode failed");
+            // Fail every job in this step; their cells are dropped.
+            for s in &mut self.slots {
+                if let Some(job) = s.job.take() {
+                    let _ = job.events.send(Err(EngineError::Decode(e.to_string())));
+                    let _ = ctx.clear_kv_cache_seq(Some(s.seq as u32), None, None);
+                    s.cache.clear();
+                }
+            }
+            return;
+        }
+        for i in 0..self.slots.len() {
+            let Some(at) = self.slots[i].job.as_ref().and_then(|j| j.logits_at) else {
+                continue;
+            };
+            let token = {
+                let job = self.slots[i].job.as_mut().expect("job present");
+                job.first_token.get_or_insert_with(Instant::now);
+                job.sampler.sample(ctx, at)
+            };
+            let done = self.sample_done(i, token);
+            if let Some(reason) = done {
+                self.finish(ctx, i, reason);
+            }
+        }
+    }
+
+    /// Handles a sampled token; returns the finish reason when the job is complete.
+    fn sample_done(&mut self, i: usize, token: LlamaToken) -> Option<FinishReason> {
+        let vocab = self.model.vocab();
+        let s = &mut self.slots[i];
+        let job = s.job.as_mut().expect("job present");
+        if job.events.is_closed() {
+            return Some(FinishReason::Cancelled);
+        }
+        if vocab.is_eog(token) {
+            return Some(FinishReason::Stop);
+        }
+        job.generated.push(token.0 as u32);
+        let piece = vocab.token_to_piece(token, false, None);
+        match job.text.feed(&piece) {
+            Fed::Stop(text) => {
+                let _ = job.events.send(Ok(Event::Token {
+                    text,
+                    id: Some(token.0 as u32),
+                }));
+                return Some(FinishReason::Stop);
+            }
+            Fed::Text(text) => {
+                if job
+                    .events
+                    .send(Ok(Event::Token {
+                        text,
+                        id: Some(token.0 as u32),
+                    }))
+                    .is_err()
+                {
+                    return Some(FinishReason::Cancelled);
+                }
+            }
+        }
+        if job.generated.len() >= job.max_tokens {
+            return Some(FinishReason::Length);
+        }
+        job.next = Some(token);
+        None
+    }
+
+    fn finish(&mut self, ctx: &mut LlamaContext, i: usize, reason: FinishReason) {
+        let s = &mut self.slots[i];
+        let Some(mut job) = s.job.take() else { return };
+        // Free the generated cells now; keep the prompt as a prefix cache.
+        let keep = job.prompt.len().min(s.cache.len());
+        let _ = ctx.clear_kv_cache_seq(Some(s.seq as u32), Some(keep as u32), None);
+        s.cache.truncate(keep);
+        s.last_used = Instant::now();
+        let tail = job.text.finish();
+        if !tail.is_empty() {
+            let _ = job.events.send(Ok(Event::Token {
+                text: tail,
+                id: None,
+            }));
+        }
+        let now = Instant::now();
+        let first = job.first_token.unwrap_or(now);
+        let completion = Completion {
+            text: job.text.text().to_string(),
+            finish_reason: reason,
+            usage: Usage {
+                prompt_tokens: job.prompt.len() as u32,
+                completion_tokens: job.generated.len() as u32,
+                cached_prompt_tokens: job.cached as u32,
+            },
+            timings: Timings {
+                queue_ms: ms(job.admitted - job.submitted),
+                prefill_ms: ms(first - job.admitted),
+                decode_ms: ms(now - first),
+            },
+            token_ids: job.return_tokens.then(|| job.generated.clone()),
+        };
+        let _ = job.events.send(Ok(Event::Done(completion)));
+    }
+}
+
+fn ms(d: std::time::Duration) -> u32 {
+    d.as_millis().min(u32::MAX as u128) as u32
+}
+
+fn common_prefix(a: &[LlamaToken], b: &[LlamaToken]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+fn rand_seed() -> u32 {
+    (beacon_proto::Id::random().0 & 0xffff_ffff) as u32
+}
