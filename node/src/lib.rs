@@ -4,9 +4,11 @@
 //! push and package ([`store`]), the node identity ([`identity`]) and the CLI ([`cli`]).
 //! The llama.cpp engine, the HTTP API and the p2p layers are later work (see DESIGN.md).
 
+pub mod api;
 pub mod cli;
 pub mod engine;
 pub mod identity;
+pub mod scheduler;
 pub mod store;
 pub mod tls;
 

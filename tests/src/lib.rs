@@ -658,3 +658,110 @@ fn sign_jwt(key: &Path, x5c: &str, scope: &str) -> String {
     let sig = child.wait_with_output().unwrap().stdout;
     format!("{signing_input}.{}", b64(&sig))
 }
+
+/// A running `beacon-node serve` with the test model packaged as `ai/smollm2:test`.
+pub struct NodeServer {
+    pub cli: NodeCli,
+    pub addr: SocketAddr,
+    _child: ChildGuard,
+}
+
+/// The name the test model is packaged under in a [`NodeServer`].
+pub const TEST_MODEL_REF: &str = "ai/smollm2:test";
+
+impl NodeServer {
+    /// Starts `beacon-node serve` with extra flags.
+    pub fn start(extra: &[&str]) -> NodeServer {
+        let cli = NodeCli::new();
+        let model = test_model();
+        cli.ok(&[
+            "model",
+            "package",
+            "--gguf",
+            model.to_str().unwrap(),
+            TEST_MODEL_REF,
+        ]);
+        let port = free_port();
+        let listen = format!("127.0.0.1:{port}");
+        let mut args = vec!["serve", "--listen", &listen];
+        for (flag, default) in [("--ctx-size", "2048"), ("--parallel", "4")] {
+            if !extra.contains(&flag) {
+                args.extend([flag, default]);
+            }
+        }
+        let child = cli
+            .command()
+            .args(&args)
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let guard = ChildGuard(child);
+        let addr: SocketAddr = listen.parse().unwrap();
+        wait_for_http(addr, "/healthz", Duration::from_secs(30));
+        NodeServer {
+            cli,
+            addr,
+            _child: guard,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+}
+
+/// An HTTP exchange made with `curl`.
+#[derive(Debug)]
+pub struct HttpReply {
+    pub status: u16,
+    pub headers: String,
+    pub body: String,
+}
+
+impl HttpReply {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("{e}: {}", self.body))
+    }
+}
+
+/// `curl` with a method, optional JSON body and extra headers.
+pub fn http(method: &str, url: &str, body: Option<&str>, headers: &[&str]) -> HttpReply {
+    let mut c = Command::new("curl");
+    c.args([
+        "-s",
+        "-S",
+        "-N",
+        "-X",
+        method,
+        "-D",
+        "-",
+        "--max-time",
+        "120",
+        "-H",
+        "Expect:",
+    ]);
+    for h in headers {
+        c.args(["-H", h]);
+    }
+    let tmp = tempfile::NamedTempFile::new().unwrap();
+    if let Some(b) = body {
+        std::fs::write(tmp.path(), b).unwrap();
+        c.args(["-H", "Content-Type: application/json", "--data-binary"])
+            .arg(format!("@{}", tmp.path().display()));
+    }
+    let out = c.arg(url).output().expect("curl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    HttpReply {
+        status,
+        headers: head.to_string(),
+        body: body.to_string(),
+    }
+}

@@ -1,0 +1,436 @@
+//! OpenAI-compatible inference endpoints: chat completions and completions, JSON or SSE,
+//! with the request validated field by field (a bad field is a 400 that names it).
+
+use std::convert::Infallible;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::extract::rejection::BytesRejection;
+use axum::response::sse::{Event as SseEvent, KeepAlive as SseKeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use beacon_proto::{ChatMessage, FinishReason, Role, Sampling};
+use futures::{Stream, StreamExt};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::{ApiError, AppState, body_json, parse_value};
+use crate::engine::{Event, GenerateRequest, OutputFormat, Prompt};
+use crate::scheduler::KeepAlive;
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum StopField {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Content {
+    Text(String),
+    Parts(Vec<Part>),
+}
+
+#[derive(Deserialize)]
+struct Part {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    text: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct InMessage {
+    role: String,
+    #[serde(default)]
+    content: Option<Content>,
+}
+
+#[derive(Deserialize)]
+struct ResponseFormat {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    json_schema: Option<JsonSchemaFormat>,
+}
+
+#[derive(Deserialize)]
+struct JsonSchemaFormat {
+    schema: Value,
+}
+
+#[derive(Deserialize, Default)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: bool,
+}
+
+/// The sampling fields shared by both endpoints.
+#[derive(Deserialize)]
+struct Params {
+    model: String,
+    #[serde(default)]
+    temperature: Option<f32>,
+    #[serde(default)]
+    top_p: Option<f32>,
+    #[serde(default)]
+    top_k: Option<u32>,
+    #[serde(default)]
+    min_p: Option<f32>,
+    #[serde(default)]
+    max_tokens: Option<u32>,
+    #[serde(default)]
+    max_completion_tokens: Option<u32>,
+    #[serde(default)]
+    seed: Option<u64>,
+    #[serde(default)]
+    stop: Option<StopField>,
+    #[serde(default)]
+    stream: bool,
+    #[serde(default)]
+    stream_options: Option<StreamOptions>,
+    #[serde(default)]
+    response_format: Option<ResponseFormat>,
+    #[serde(default)]
+    keep_alive: Option<Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum PromptField {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// Largest number of tokens one request may ask for.
+const MAX_TOKENS_LIMIT: u32 = 32_768;
+/// Most messages in one chat request.
+const MAX_MESSAGES: usize = 4096;
+
+impl Params {
+    fn sampling(&self) -> Result<Sampling, ApiError> {
+        let temperature = self.temperature.unwrap_or(0.8);
+        if !(0.0..=2.0).contains(&temperature) {
+            return Err(ApiError::bad_request(
+                "temperature",
+                "temperature must be between 0 and 2",
+            ));
+        }
+        let top_p = self.top_p.unwrap_or(1.0);
+        if !(0.0..=1.0).contains(&top_p) || top_p == 0.0 {
+            return Err(ApiError::bad_request("top_p", "top_p must be in (0, 1]"));
+        }
+        let min_p = self.min_p.unwrap_or(0.05);
+        if !(0.0..=1.0).contains(&min_p) {
+            return Err(ApiError::bad_request(
+                "min_p",
+                "min_p must be between 0 and 1",
+            ));
+        }
+        let max_tokens = self.max_completion_tokens.or(self.max_tokens);
+        if let Some(m) = max_tokens
+            && (m == 0 || m > MAX_TOKENS_LIMIT)
+        {
+            return Err(ApiError::bad_request(
+                "max_tokens",
+                format!("max_tokens must be 1..={MAX_TOKENS_LIMIT}"),
+            ));
+        }
+        let stop = match &self.stop {
+            None => Vec::new(),
+            Some(StopField::One(s)) => vec![s.clone()],
+            Some(StopField::Many(v)) if v.len() <= 16 => v.clone(),
+            Some(StopField::Many(_)) => {
+                return Err(ApiError::bad_request("stop", "at most 16 stop strings"));
+            }
+        };
+        Ok(Sampling {
+            temperature,
+            top_p,
+            top_k: self.top_k.unwrap_or(40),
+            min_p,
+            max_tokens: max_tokens.unwrap_or(MAX_TOKENS_LIMIT),
+            seed: self.seed,
+            stop,
+        })
+    }
+
+    fn format(&self) -> Result<OutputFormat, ApiError> {
+        match &self.response_format {
+            None => Ok(OutputFormat::Text),
+            Some(f) => match f.kind.as_str() {
+                "text" => Ok(OutputFormat::Text),
+                "json_object" => Ok(OutputFormat::JsonObject),
+                "json_schema" => {
+                    let schema = f.json_schema.as_ref().ok_or_else(|| {
+                        ApiError::bad_request(
+                            "response_format.json_schema",
+                            "json_schema.schema is required",
+                        )
+                    })?;
+                    Ok(OutputFormat::JsonSchema(schema.schema.to_string()))
+                }
+                other => Err(ApiError::bad_request(
+                    "response_format.type",
+                    format!("unknown response_format type {other:?}"),
+                )),
+            },
+        }
+    }
+
+    fn keep_alive(&self) -> Result<Option<KeepAlive>, ApiError> {
+        match &self.keep_alive {
+            None => Ok(None),
+            Some(Value::Number(n)) => KeepAlive::parse(&n.to_string()).map(Some),
+            Some(Value::String(s)) => KeepAlive::parse(s).map(Some),
+            Some(_) => Err("keep_alive must be a number or a duration string".to_string()),
+        }
+        .map_err(|e| ApiError::bad_request("keep_alive", e))
+    }
+}
+
+fn convert_messages(messages: Vec<InMessage>) -> Result<Vec<ChatMessage>, ApiError> {
+    if messages.is_empty() {
+        return Err(ApiError::bad_request(
+            "messages",
+            "messages must not be empty",
+        ));
+    }
+    if messages.len() > MAX_MESSAGES {
+        return Err(ApiError::bad_request(
+            "messages",
+            format!("at most {MAX_MESSAGES} messages"),
+        ));
+    }
+    messages
+        .into_iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let role = match m.role.as_str() {
+                "system" | "developer" => Role::System,
+                "user" => Role::User,
+                "assistant" => Role::Assistant,
+                other => {
+                    return Err(ApiError::bad_request(
+                        format!("messages[{i}].role"),
+                        format!("unsupported role {other:?}"),
+                    ));
+                }
+            };
+            let content = match m.content {
+                None => String::new(),
+                Some(Content::Text(t)) => t,
+                Some(Content::Parts(parts)) => {
+                    let mut out = String::new();
+                    for (j, p) in parts.into_iter().enumerate() {
+                        if p.kind != "text" {
+                            return Err(ApiError::bad_request(
+                                format!("messages[{i}].content[{j}].type"),
+                                format!("content part type {:?} is not supported", p.kind),
+                            ));
+                        }
+                        out.push_str(&p.text.unwrap_or_default());
+                    }
+                    out
+                }
+            };
+            Ok(ChatMessage { role, content })
+        })
+        .collect()
+}
+
+fn finish_str(r: FinishReason) -> &'static str {
+    match r {
+        FinishReason::Length => "length",
+        _ => "stop",
+    }
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+pub async fn chat_completions(
+    State(state): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    state.metrics.request("chat");
+    let result = async {
+        let mut value = body_json(body)?;
+        let messages = value
+            .get_mut("messages")
+            .map(serde_json::Value::take)
+            .ok_or_else(|| ApiError::bad_request("messages", "messages is required"))?;
+        let messages: Vec<InMessage> = parse_value(messages, "messages")?;
+        let params: Params = parse_value(value, "")?;
+        let sampling = params.sampling()?;
+        let format = params.format()?;
+        let keep_alive = params.keep_alive()?;
+        let messages = convert_messages(messages)?;
+        let request = GenerateRequest {
+            prompt: Prompt::Chat(messages),
+            sampling,
+            format,
+            return_tokens: false,
+        };
+        run(state.clone(), params, request, keep_alive, true).await
+    }
+    .await;
+    result.unwrap_or_else(|e| {
+        state.metrics.error();
+        e.into_response()
+    })
+}
+
+pub async fn completions(
+    State(state): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    state.metrics.request("completions");
+    let result = async {
+        let mut value = body_json(body)?;
+        let prompt = value
+            .get_mut("prompt")
+            .map(serde_json::Value::take)
+            .ok_or_else(|| ApiError::bad_request("prompt", "prompt is required"))?;
+        let prompt: PromptField = parse_value(prompt, "prompt")?;
+        let params: Params = parse_value(value, "")?;
+        let prompt = match prompt {
+            PromptField::One(p) => p,
+            PromptField::Many(mut v) if v.len() == 1 => v.remove(0),
+            PromptField::Many(_) => {
+                return Err(ApiError::bad_request(
+                    "prompt",
+                    "exactly one prompt is supported",
+                ));
+            }
+        };
+        let sampling = params.sampling()?;
+        let format = params.format()?;
+        let keep_alive = params.keep_alive()?;
+        let request = GenerateRequest {
+            prompt: Prompt::Text(prompt),
+            sampling,
+            format,
+            return_tokens: false,
+        };
+        run(state.clone(), params, request, keep_alive, false).await
+    }
+    .await;
+    result.unwrap_or_else(|e| {
+        state.metrics.error();
+        e.into_response()
+    })
+}
+
+async fn run(
+    state: AppState,
+    params: Params,
+    request: GenerateRequest,
+    keep_alive: Option<KeepAlive>,
+    chat: bool,
+) -> Result<Response, ApiError> {
+    let lease = state.scheduler.acquire(&params.model, keep_alive).await?;
+    let model = params.model.clone();
+    let id = format!(
+        "{}-{}",
+        if chat { "chatcmpl" } else { "cmpl" },
+        beacon_proto::Id::random().short()
+    );
+    let created = now_secs();
+    let mut rx = lease.engine.generate(request)?;
+    if !params.stream {
+        let mut completion = None;
+        while let Some(ev) = rx.recv().await {
+            if let Event::Done(c) = ev? {
+                completion = Some(c);
+            }
+        }
+        drop(lease);
+        let c = completion.ok_or_else(|| ApiError::from(crate::engine::EngineError::Stopped))?;
+        state.metrics.tokens(&c);
+        let usage = json!({"prompt_tokens": c.usage.prompt_tokens, "completion_tokens": c.usage.completion_tokens,
+            "total_tokens": c.usage.prompt_tokens + c.usage.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": c.usage.cached_prompt_tokens}});
+        let choice = if chat {
+            json!({"index": 0, "message": {"role": "assistant", "content": c.text}, "finish_reason": finish_str(c.finish_reason)})
+        } else {
+            json!({"index": 0, "text": c.text, "finish_reason": finish_str(c.finish_reason)})
+        };
+        let object = if chat {
+            "chat.completion"
+        } else {
+            "text_completion"
+        };
+        return Ok(Json(json!({"id": id, "object": object, "created": created, "model": model, "choices": [choice], "usage": usage})).into_response());
+    }
+    let include_usage = params.stream_options.is_some_and(|o| o.include_usage);
+    let object = if chat {
+        "chat.completion.chunk"
+    } else {
+        "text_completion"
+    };
+    let chunk = move |delta: Value, finish: Option<&str>| {
+        let choice = if chat {
+            json!({"index": 0, "delta": delta, "finish_reason": finish})
+        } else {
+            json!({"index": 0, "text": delta.get("content").cloned().unwrap_or(Value::String(String::new())), "finish_reason": finish})
+        };
+        json!({"id": id, "object": object, "created": created, "model": model, "choices": [choice]})
+    };
+    let metrics = state.metrics.clone();
+    let first = chat.then(|| chunk(json!({"role": "assistant", "content": ""}), None));
+    let stream = futures::stream::unfold(
+        (rx, Some(lease), false, first),
+        move |(mut rx, lease, done, first)| {
+            let chunk = chunk.clone();
+            let metrics = metrics.clone();
+            async move {
+                if let Some(f) = first {
+                    return Some((vec![sse(&f)], (rx, lease, done, None)));
+                }
+                if done {
+                    return None;
+                }
+                match rx.recv().await {
+                    Some(Ok(Event::Token { text, .. })) if text.is_empty() => Some((vec![], (rx, lease, false, None))),
+                    Some(Ok(Event::Token { text, .. })) => Some((vec![sse(&chunk(json!({"content": text}), None))], (rx, lease, false, None))),
+                    Some(Ok(Event::Done(c))) => {
+                        metrics.tokens(&c);
+                        let mut out = vec![sse(&chunk(json!({}), Some(finish_str(c.finish_reason))))];
+                        if include_usage {
+                            let mut u = chunk(json!({}), None);
+                            u["choices"] = json!([]);
+                            u["usage"] = json!({"prompt_tokens": c.usage.prompt_tokens, "completion_tokens": c.usage.completion_tokens, "total_tokens": c.usage.prompt_tokens + c.usage.completion_tokens});
+                            out.push(sse(&u));
+                        }
+                        out.push(SseEvent::default().data("[DONE]"));
+                        drop(lease);
+                        Some((out, (rx, None, true, None)))
+                    }
+                    Some(Err(e)) => {
+                        let body = json!({"error": {"message": e.to_string(), "type": "server_error"}});
+                        Some((vec![sse(&body), SseEvent::default().data("[DONE]")], (rx, None, true, None)))
+                    }
+                    None => None,
+                }
+            }
+        },
+    )
+    .flat_map(|events| futures::stream::iter(events.into_iter().map(Ok::<_, Infallible>)));
+    Ok(Sse::new(Box::pin(stream)
+        as std::pin::Pin<
+            Box<dyn Stream<Item = Result<SseEvent, Infallible>> + Send>,
+        >)
+    .keep_alive(SseKeepAlive::default())
+    .into_response())
+}
+
+fn sse(v: &Value) -> SseEvent {
+    SseEvent::default().data(v.to_string())
+}

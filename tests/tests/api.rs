@@ -1,0 +1,511 @@
+//! The node's HTTP API with the real model, spoken to by curl and the official `openai`
+//! Python client: chat (JSON and SSE), JSON-schema output, concurrency, Docker Model Runner
+//! endpoints, idle unload and reload, queue-full behaviour, and every kind of bad input.
+
+use std::process::Command;
+use std::time::Duration;
+
+use beacon_tests::*;
+
+fn chat_body(content: &str, extra: &str) -> String {
+    format!(
+        r#"{{"model":"{TEST_MODEL_REF}","messages":[{{"role":"user","content":{}}}],"temperature":0{extra}}}"#,
+        serde_json::to_string(content).unwrap()
+    )
+}
+
+#[test]
+fn chat_completions_json_and_sse() {
+    let node = NodeServer::start(&[]);
+    for prefix in ["/engines/llama.cpp/v1", "/engines/v1", "/v1"] {
+        let r = http(
+            "POST",
+            &node.url(&format!("{prefix}/chat/completions")),
+            Some(&chat_body(
+                "What is the capital of France?",
+                r#","max_tokens":16"#,
+            )),
+            &[],
+        );
+        assert_eq!(r.status, 200, "{r:?}");
+        let v = r.json();
+        assert_eq!(v["object"], "chat.completion");
+        assert_eq!(v["choices"][0]["message"]["role"], "assistant");
+        assert!(
+            v["choices"][0]["message"]["content"]
+                .as_str()
+                .unwrap()
+                .contains("Paris"),
+            "{v}"
+        );
+        assert!(v["usage"]["completion_tokens"].as_u64().unwrap() > 0);
+    }
+
+    let r = http(
+        "POST",
+        &node.url("/v1/chat/completions"),
+        Some(&chat_body(
+            "Say hello.",
+            r#","max_tokens":12,"stream":true,"stream_options":{"include_usage":true}"#,
+        )),
+        &[],
+    );
+    assert_eq!(r.status, 200);
+    assert!(
+        r.headers.to_lowercase().contains("text/event-stream"),
+        "{}",
+        r.headers
+    );
+    let events: Vec<&str> = r
+        .body
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .collect();
+    assert_eq!(*events.last().unwrap(), "[DONE]");
+    let chunks: Vec<serde_json::Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let text: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert!(!text.trim().is_empty());
+    let finish = chunks
+        .iter()
+        .find(|c| c["choices"][0]["finish_reason"].is_string())
+        .expect("a finish chunk");
+    assert!(["stop", "length"].contains(&finish["choices"][0]["finish_reason"].as_str().unwrap()));
+    let usage = chunks.last().unwrap();
+    assert_eq!(usage["choices"], serde_json::json!([]));
+    assert!(usage["usage"]["completion_tokens"].as_u64().unwrap() > 0);
+
+    // Completions endpoint.
+    let r = http(
+        "POST",
+        &node.url("/v1/completions"),
+        Some(&format!(
+            r#"{{"model":"{TEST_MODEL_REF}","prompt":"The capital of France is","max_tokens":4,"temperature":0}}"#
+        )),
+        &[],
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.json()["object"], "text_completion");
+}
+
+#[test]
+fn json_schema_response_format() {
+    let node = NodeServer::start(&[]);
+    let schema = r#"{"type":"object","properties":{"explanation":{"type":"string","maxLength":60},"citation":{"type":"string","maxLength":40},"answer":{"type":["string","null"],"maxLength":30}},"required":["explanation","citation","answer"]}"#;
+    let body = chat_body(
+        "Which planet is closest to the sun?",
+        &format!(
+            r#","max_tokens":200,"response_format":{{"type":"json_schema","json_schema":{{"name":"a","schema":{schema}}}}}"#
+        ),
+    );
+    let r = http("POST", &node.url("/v1/chat/completions"), Some(&body), &[]);
+    assert_eq!(r.status, 200, "{r:?}");
+    let content = r.json()["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let v: serde_json::Value =
+        serde_json::from_str(&content).unwrap_or_else(|e| panic!("{e}: {content}"));
+    for k in ["explanation", "citation"] {
+        assert!(v[k].is_string(), "{v}");
+    }
+    assert!(v["answer"].is_string() || v["answer"].is_null(), "{v}");
+}
+
+#[test]
+fn concurrent_requests_complete_with_their_own_answers() {
+    let node = NodeServer::start(&["--parallel", "8"]);
+    let words = [
+        "apple", "river", "planet", "guitar", "window", "pencil", "castle", "rocket",
+    ];
+    let url = node.url("/v1/chat/completions");
+    let handles: Vec<_> = words
+        .iter()
+        .map(|w| {
+            let (url, body) = (
+                url.clone(),
+                chat_body(
+                    &format!("Say the word \"{w}\" and nothing else."),
+                    r#","max_tokens":12"#,
+                ),
+            );
+            std::thread::spawn(move || http("POST", &url, Some(&body), &[]))
+        })
+        .collect();
+    for (w, h) in words.iter().zip(handles) {
+        let r = h.join().unwrap();
+        assert_eq!(r.status, 200, "{r:?}");
+        let text = r.json()["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .to_lowercase();
+        assert!(text.contains(w), "{w}: {text}");
+    }
+}
+
+#[test]
+fn bad_inputs_get_openai_shaped_errors() {
+    let node = NodeServer::start(&["--max-body-mib", "1"]);
+    let url = node.url("/v1/chat/completions");
+    let check = |r: HttpReply, status: u16, param: Option<&str>| {
+        assert_eq!(r.status, status, "{r:?}");
+        let v = r.json();
+        assert!(v["error"]["message"].is_string(), "{v}");
+        assert!(v["error"]["type"].is_string(), "{v}");
+        if let Some(p) = param {
+            assert_eq!(v["error"]["param"], p, "{v}");
+        }
+    };
+    check(
+        http("POST", &url, Some(r#"{"model": "#), &[]),
+        400,
+        Some("body"),
+    );
+    check(
+        http(
+            "POST",
+            &url,
+            Some(&chat_body("hi", r#","temperature":"hot""#).replace(r#""temperature":0,"#, "")),
+            &[],
+        ),
+        400,
+        Some("temperature"),
+    );
+    check(
+        http(
+            "POST",
+            &url,
+            Some(&chat_body("hi", r#","temperature":7"#).replace(r#""temperature":0,"#, "")),
+            &[],
+        ),
+        400,
+        Some("temperature"),
+    );
+    check(
+        http(
+            "POST",
+            &url,
+            Some(&chat_body("hi", r#","max_tokens":0"#)),
+            &[],
+        ),
+        400,
+        Some("max_tokens"),
+    );
+    check(
+        http(
+            "POST",
+            &url,
+            Some(&format!(r#"{{"model":"{TEST_MODEL_REF}","messages":[]}}"#)),
+            &[],
+        ),
+        400,
+        Some("messages"),
+    );
+    check(
+        http(
+            "POST",
+            &url,
+            Some(&format!(
+                r#"{{"model":"{TEST_MODEL_REF}","messages":[{{"role":"wizard","content":"x"}}]}}"#
+            )),
+            &[],
+        ),
+        400,
+        Some("messages[0].role"),
+    );
+    check(
+        http(
+            "POST",
+            &url,
+            Some(&format!(
+                r#"{{"model":"{TEST_MODEL_REF}","messages":[{{"role":"user","content":5}}]}}"#
+            )),
+            &[],
+        ),
+        400,
+        None,
+    );
+    check(
+        http(
+            "POST",
+            &url,
+            Some(r#"{"messages":[{"role":"user","content":"x"}]}"#),
+            &[],
+        ),
+        400,
+        Some("model"),
+    );
+    check(
+        http(
+            "POST",
+            &url,
+            Some(&chat_body("hi", r#","response_format":{"type":"xml"}"#)),
+            &[],
+        ),
+        400,
+        Some("response_format.type"),
+    );
+    check(
+        http(
+            "POST",
+            &url,
+            Some(&chat_body("hi", "").replace(TEST_MODEL_REF, "ai/absent")),
+            &[],
+        ),
+        404,
+        None,
+    );
+    check(
+        http(
+            "POST",
+            &url,
+            Some(&chat_body("hi", "").replace(TEST_MODEL_REF, "Bad Name")),
+            &[],
+        ),
+        400,
+        Some("model"),
+    );
+    let huge = chat_body(&"x".repeat(2 << 20), "");
+    check(http("POST", &url, Some(&huge), &[]), 413, None);
+    check(http("GET", &node.url("/v1/nope"), None, &[]), 404, None);
+    // A prompt longer than the context is a 400, not a crash; the node still serves.
+    check(
+        http(
+            "POST",
+            &url,
+            Some(&chat_body(&"word ".repeat(3000), "")),
+            &[],
+        ),
+        400,
+        Some("messages"),
+    );
+    assert_eq!(
+        http(
+            "POST",
+            &url,
+            Some(&chat_body("Say yes.", r#","max_tokens":3"#)),
+            &[]
+        )
+        .status,
+        200
+    );
+}
+
+#[test]
+fn bearer_token_auth() {
+    let node = NodeServer::start(&["--api-token", "t0ken"]);
+    let url = node.url("/v1/chat/completions");
+    let body = chat_body("Say yes.", r#","max_tokens":3"#);
+    let r = http("POST", &url, Some(&body), &[]);
+    assert_eq!(r.status, 401);
+    assert_eq!(r.json()["error"]["type"], "authentication_error");
+    assert_eq!(
+        http("POST", &url, Some(&body), &["Authorization: Bearer wrong"]).status,
+        401
+    );
+    assert_eq!(
+        http("POST", &url, Some(&body), &["Authorization: Bearer t0ken"]).status,
+        200
+    );
+    assert_eq!(http("GET", &node.url("/healthz"), None, &[]).status, 200);
+}
+
+#[test]
+fn model_management_and_idle_unload() {
+    let registry = Registry::start();
+    let reference = format!("{}/ai/smollm2:remote", registry.host());
+    let publisher = NodeCli::new();
+    let model = test_model();
+    publisher.ok(&[
+        "model",
+        "package",
+        "--gguf",
+        model.to_str().unwrap(),
+        "--push",
+        &reference,
+    ]);
+
+    let node = NodeServer::start(&["--keep-alive", "1s"]);
+    // Pull through the API, with JSON-lines progress.
+    let r = http(
+        "POST",
+        &node.url("/models/create"),
+        Some(&format!(r#"{{"from":"{reference}"}}"#)),
+        &[],
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    let lines: Vec<serde_json::Value> = r
+        .body
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(lines.iter().any(|l| l["type"] == "start"));
+    assert_eq!(lines.last().unwrap()["type"], "success", "{lines:?}");
+    let models = http("GET", &node.url("/models"), None, &[]).json();
+    assert_eq!(models.as_array().unwrap().len(), 2, "{models}");
+    let gguf = sha256_file(&test_model());
+    assert_eq!(
+        node.cli.blobs().iter().filter(|b| **b == gguf).count(),
+        1,
+        "same weights stored once"
+    );
+    let ids: Vec<String> = http("GET", &node.url("/v1/models"), None, &[]).json()["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        ids.contains(&TEST_MODEL_REF.to_string()) && ids.contains(&reference),
+        "{ids:?}"
+    );
+    let r = http("GET", &node.url("/models/ai/smollm2:test"), None, &[]);
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.json()["config"]["quantization"], "Q4_1");
+
+    // Loaded on first use, listed by ps, unloaded after 1 s idle, reloaded on demand.
+    assert_eq!(
+        http(
+            "POST",
+            &node.url("/v1/chat/completions"),
+            Some(&chat_body("Say yes.", r#","max_tokens":3"#)),
+            &[]
+        )
+        .status,
+        200
+    );
+    let ps = http("GET", &node.url("/engines/ps"), None, &[]).json();
+    assert_eq!(ps.as_array().unwrap().len(), 1, "{ps}");
+    std::thread::sleep(Duration::from_millis(2500));
+    let ps = http("GET", &node.url("/engines/ps"), None, &[]).json();
+    assert_eq!(
+        ps.as_array().unwrap().len(),
+        0,
+        "idle model should be unloaded: {ps}"
+    );
+    assert_eq!(
+        http(
+            "POST",
+            &node.url("/v1/chat/completions"),
+            Some(&chat_body("Say yes.", r#","max_tokens":3"#)),
+            &[]
+        )
+        .status,
+        200
+    );
+    let r = http(
+        "POST",
+        &node.url("/engines/unload"),
+        Some(r#"{"all":true}"#),
+        &[],
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        http("GET", &node.url("/engines/ps"), None, &[])
+            .json()
+            .as_array()
+            .unwrap()
+            .len(),
+        0
+    );
+    let df = http("GET", &node.url("/engines/df"), None, &[]).json();
+    assert!(df["models_disk_usage"].as_u64().unwrap() > 90_000_000);
+    let metrics = http("GET", &node.url("/metrics"), None, &[]).body;
+    assert!(
+        metrics.contains("beacon_requests_total{endpoint=\"chat\"} 2"),
+        "{metrics}"
+    );
+
+    // Delete through the API.
+    let r = http("DELETE", &node.url("/models/ai/smollm2:test"), None, &[]);
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(
+        http("GET", &node.url("/models/ai/smollm2:test"), None, &[]).status,
+        404
+    );
+}
+
+#[test]
+fn full_queue_answers_503_with_retry_after() {
+    let node = NodeServer::start(&["--parallel", "1", "--max-queue", "1"]);
+    let url = node.url("/v1/chat/completions");
+    // Load the model first so every request below meets a loaded engine.
+    assert_eq!(
+        http(
+            "POST",
+            &url,
+            Some(&chat_body("Say yes.", r#","max_tokens":2"#)),
+            &[]
+        )
+        .status,
+        200
+    );
+    let handles: Vec<_> = (0..6)
+        .map(|_| {
+            let (url, body) = (
+                url.clone(),
+                chat_body("Write a long story about a dragon.", r#","max_tokens":60"#),
+            );
+            std::thread::spawn(move || http("POST", &url, Some(&body), &[]))
+        })
+        .collect();
+    let replies: Vec<HttpReply> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let ok = replies.iter().filter(|r| r.status == 200).count();
+    let busy: Vec<&HttpReply> = replies.iter().filter(|r| r.status == 503).collect();
+    assert_eq!(ok + busy.len(), 6, "only 200 or 503: {replies:?}");
+    assert!(
+        ok >= 2,
+        "one running and one queued request must be served: {ok}"
+    );
+    assert!(!busy.is_empty(), "a full queue must refuse");
+    for r in busy {
+        assert!(
+            r.headers.to_lowercase().contains("retry-after:"),
+            "{}",
+            r.headers
+        );
+        assert_eq!(r.json()["error"]["type"], "overloaded");
+    }
+}
+
+#[test]
+fn official_openai_python_client() {
+    let node = NodeServer::start(&[]);
+    let script = format!(
+        r#"
+import json, openai
+client = openai.OpenAI(base_url="http://{}/engines/v1", api_key="unused")
+r = client.chat.completions.create(model="{TEST_MODEL_REF}", messages=[{{"role": "user", "content": "What is the capital of France?"}}], temperature=0, max_tokens=16)
+assert "Paris" in r.choices[0].message.content, r
+assert r.usage.completion_tokens > 0
+parts = []
+for chunk in client.chat.completions.create(model="{TEST_MODEL_REF}", messages=[{{"role": "user", "content": "Say hello."}}], max_tokens=8, stream=True):
+    if chunk.choices and chunk.choices[0].delta.content:
+        parts.append(chunk.choices[0].delta.content)
+assert "".join(parts).strip(), parts
+models = [m.id for m in client.models.list()]
+assert "{TEST_MODEL_REF}" in models, models
+try:
+    client.chat.completions.create(model="ai/absent", messages=[{{"role": "user", "content": "x"}}])
+    raise SystemExit("expected NotFoundError")
+except openai.NotFoundError:
+    pass
+print("openai client ok")
+"#,
+        node.addr
+    );
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("openai client ok"));
+}
