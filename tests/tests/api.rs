@@ -81,6 +81,28 @@ fn chat_completions_json_and_sse() {
     assert_eq!(usage["choices"], serde_json::json!([]));
     assert!(usage["usage"]["completion_tokens"].as_u64().unwrap() > 0);
 
+    // Embeddings endpoint.
+    let r = http(
+        "POST",
+        &node.url("/engines/llama.cpp/v1/embeddings"),
+        Some(&format!(
+            r#"{{"model":"{TEST_MODEL_REF}","input":"hello"}}"#
+        )),
+        &[],
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(
+        r.json()["data"][0]["embedding"].as_array().unwrap().len(),
+        576
+    );
+    let r = http(
+        "POST",
+        &node.url("/v1/embeddings"),
+        Some(&format!(r#"{{"model":"{TEST_MODEL_REF}","input":[]}}"#)),
+        &[],
+    );
+    assert_eq!(r.status, 400, "{r:?}");
+
     // Completions endpoint.
     let r = http(
         "POST",
@@ -489,6 +511,8 @@ for chunk in client.chat.completions.create(model="{TEST_MODEL_REF}", messages=[
     if chunk.choices and chunk.choices[0].delta.content:
         parts.append(chunk.choices[0].delta.content)
 assert "".join(parts).strip(), parts
+e = client.embeddings.create(model="{TEST_MODEL_REF}", input=["hello world", "goodbye"])
+assert len(e.data) == 2 and len(e.data[0].embedding) == 576, e
 models = [m.id for m in client.models.list()]
 assert "{TEST_MODEL_REF}" in models, models
 try:

@@ -317,3 +317,42 @@ fn missing_model_file_is_a_load_error() {
     .unwrap();
     assert!(matches!(err, EngineError::Load { .. }), "{err}");
 }
+
+#[test]
+fn embeddings_are_normalised_deterministic_and_ordered() {
+    let rt = rt();
+    let texts = vec![
+        "The cat sat on the mat.".to_string(),
+        "Quarterly revenue grew by four percent.".to_string(),
+    ];
+    let both = rt.block_on(engine().embed(texts.clone())).unwrap();
+    assert_eq!(both.vectors.len(), 2);
+    for v in &both.vectors {
+        assert_eq!(v.len(), 576, "SmolLM2-135M embedding width");
+        let norm: f32 = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        assert!((norm - 1.0).abs() < 1e-3, "norm {norm}");
+    }
+    for (i, t) in texts.iter().enumerate() {
+        let single = rt.block_on(engine().embed(vec![t.clone()])).unwrap();
+        let diff: f32 = single.vectors[0]
+            .iter()
+            .zip(&both.vectors[i])
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        assert!(
+            diff < 1e-4,
+            "input {i} differs by {diff} alone vs in a batch"
+        );
+    }
+    let cos: f32 = both.vectors[0]
+        .iter()
+        .zip(&both.vectors[1])
+        .map(|(a, b)| a * b)
+        .sum();
+    assert!(cos < 0.9999, "different texts must not embed identically");
+    assert!(both.prompt_tokens > 10);
+    let err = rt
+        .block_on(engine().embed(vec![String::new()]))
+        .unwrap_err();
+    assert!(matches!(err, EngineError::InvalidRequest(_)), "{err}");
+}

@@ -80,7 +80,7 @@ pub fn router(state: AppState, max_body: usize) -> Router {
     let inference = Router::new()
         .route("/chat/completions", post(openai::chat_completions))
         .route("/completions", post(openai::completions))
-        .route("/embeddings", post(embeddings))
+        .route("/embeddings", post(openai::embeddings))
         .route("/models", get(models::openai_list))
         .route("/models/{*name}", get(models::openai_get));
     Router::new()
@@ -198,12 +198,4 @@ pub(crate) fn parse_value<T: DeserializeOwned>(
         };
         ApiError::bad_request(param, e.into_inner().to_string())
     })
-}
-
-async fn embeddings() -> ApiError {
-    ApiError::new(
-        StatusCode::NOT_IMPLEMENTED,
-        "not_implemented",
-        "embeddings are not supported by this node yet",
-    )
 }

@@ -434,3 +434,64 @@ async fn run(
 fn sse(v: &Value) -> SseEvent {
     SseEvent::default().data(v.to_string())
 }
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum EmbeddingInput {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Deserialize)]
+struct EmbeddingRequest {
+    model: String,
+    input: EmbeddingInput,
+}
+
+/// Most inputs in one embeddings request.
+const MAX_EMBEDDING_INPUTS: usize = 256;
+
+pub async fn embeddings(
+    State(state): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    state.metrics.request("embeddings");
+    let result = async {
+        let value = body_json(body)?;
+        let req: EmbeddingRequest = parse_value(value, "")?;
+        let inputs = match req.input {
+            EmbeddingInput::One(s) => vec![s],
+            EmbeddingInput::Many(v) => v,
+        };
+        if inputs.is_empty() || inputs.len() > MAX_EMBEDDING_INPUTS {
+            return Err(ApiError::bad_request(
+                "input",
+                format!("give 1..={MAX_EMBEDDING_INPUTS} inputs"),
+            ));
+        }
+        let lease = state.scheduler.acquire(&req.model, None).await?;
+        let e = lease.engine.embed(inputs).await.map_err(|e| match e {
+            crate::engine::EngineError::InvalidRequest(m) => ApiError::bad_request("input", m),
+            crate::engine::EngineError::PromptTooLong { .. } => {
+                ApiError::bad_request("input", e.to_string())
+            }
+            other => other.into(),
+        })?;
+        let data: Vec<Value> = e
+            .vectors
+            .iter()
+            .enumerate()
+            .map(|(i, v)| json!({"object": "embedding", "index": i, "embedding": v}))
+            .collect();
+        Ok(
+            Json(json!({"object": "list", "data": data, "model": req.model,
+            "usage": {"prompt_tokens": e.prompt_tokens, "total_tokens": e.prompt_tokens}}))
+            .into_response(),
+        )
+    }
+    .await;
+    result.unwrap_or_else(|e: ApiError| {
+        state.metrics.error();
+        e.into_response()
+    })
+}

@@ -131,7 +131,19 @@ pub struct ModelInfo {
     pub load_ms: u64,
 }
 
+/// Embeddings of several inputs.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Embeddings {
+    /// One L2-normalised, mean-pooled vector per input, in input order.
+    pub vectors: Vec<Vec<f32>>,
+    pub prompt_tokens: u32,
+}
+
 pub(crate) enum Command {
+    Embed {
+        inputs: Vec<String>,
+        reply: tokio::sync::oneshot::Sender<Result<Embeddings, EngineError>>,
+    },
     Generate {
         request: Box<GenerateRequest>,
         events: tmpsc::UnboundedSender<Result<Event, EngineError>>,
@@ -209,6 +221,16 @@ impl Engine {
             })
             .map_err(|_| EngineError::Stopped)?;
         Ok(rx)
+    }
+
+    /// Mean-pooled, normalised embeddings of `inputs`, computed between decode steps on a
+    /// second context of the same model.
+    pub async fn embed(&self, inputs: Vec<String>) -> Result<Embeddings, EngineError> {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        self.tx
+            .send(Command::Embed { inputs, reply })
+            .map_err(|_| EngineError::Stopped)?;
+        rx.await.map_err(|_| EngineError::Stopped)?
     }
 
     /// Runs a generation to the end.

@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use beacon_proto::{FinishReason, Role, Timings, Usage};
 use llama_cpp_2::context::LlamaContext;
-use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::context::params::{LlamaContextParams, LlamaPoolingType};
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::model::{LlamaChatMessage, LlamaChatTemplate, LlamaModel};
@@ -21,8 +21,8 @@ use tracing::{debug, warn};
 
 use super::stop::{Fed, TextStream};
 use super::{
-    Command, Completion, EngineConfig, EngineError, Event, GenerateRequest, ModelInfo, Prompt,
-    backend, grammar,
+    Command, Completion, Embeddings, EngineConfig, EngineError, Event, GenerateRequest, ModelInfo,
+    Prompt, backend, grammar,
 };
 
 type Events = tmpsc::UnboundedSender<Result<Event, EngineError>>;
@@ -127,6 +127,8 @@ pub(super) fn run(
 
     let mut runner = Runner {
         model: &model,
+        embed_ctx: None,
+        threads,
         template,
         slots: (0..parallel as i32)
             .map(|seq| Slot {
@@ -148,6 +150,9 @@ pub(super) fn run(
 
 struct Runner<'m> {
     model: &'m LlamaModel,
+    /// A second context with embeddings on, created on the first embeddings request.
+    embed_ctx: Option<LlamaContext<'m>>,
+    threads: i32,
     template: Result<LlamaChatTemplate, String>,
     slots: Vec<Slot>,
     queue: VecDeque<(Box<GenerateRequest>, Events, Instant)>,
@@ -191,7 +196,70 @@ impl Runner<'_> {
                 events,
                 submitted,
             } => self.queue.push_back((request, events, submitted)),
+            Command::Embed { inputs, reply } => {
+                let _ = reply.send(self.embed(&inputs));
+            }
         }
+    }
+
+    fn embed(&mut self, inputs: &[String]) -> Result<Embeddings, EngineError> {
+        if self.embed_ctx.is_none() {
+            let backend = backend().map_err(EngineError::Decode)?;
+            let n = self.ctx_per_slot as u32;
+            let params = LlamaContextParams::default()
+                .with_n_ctx(NonZeroU32::new(n))
+                .with_n_batch(n)
+                .with_n_ubatch(n)
+                .with_n_seq_max(1)
+                .with_n_threads(self.threads)
+                .with_n_threads_batch(self.threads)
+                .with_embeddings(true)
+                .with_pooling_type(LlamaPoolingType::Mean);
+            let ctx = self
+                .model
+                .new_context(backend, params)
+                .map_err(|e| EngineError::Decode(e.to_string()))?;
+            self.embed_ctx = Some(ctx);
+        }
+        let ctx = self.embed_ctx.as_mut().expect("embedding context");
+        let mut vectors = Vec::with_capacity(inputs.len());
+        let mut prompt_tokens = 0u32;
+        for (i, text) in inputs.iter().enumerate() {
+            let tokens = self.model.vocab().tokenize(text.as_bytes(), true, false);
+            if tokens.is_empty() {
+                return Err(EngineError::InvalidRequest(format!("input {i} is empty")));
+            }
+            if tokens.len() > self.ctx_per_slot {
+                return Err(EngineError::PromptTooLong {
+                    tokens: tokens.len(),
+                    limit: self.ctx_per_slot,
+                });
+            }
+            prompt_tokens += tokens.len() as u32;
+            ctx.clear_kv_cache();
+            let mut batch = LlamaBatch::new(tokens.len(), 1);
+            for (pos, t) in tokens.iter().enumerate() {
+                batch
+                    .add(*t, pos as i32, &[0], true)
+                    .map_err(|e| EngineError::Decode(e.to_string()))?;
+            }
+            ctx.decode(&mut batch)
+                .map_err(|e| EngineError::Decode(e.to_string()))?;
+            let v = ctx
+                .embeddings_seq_ith(0)
+                .map_err(|e| EngineError::Decode(e.to_string()))?;
+            let norm = v
+                .iter()
+                .map(|x| x * x)
+                .sum::<f32>()
+                .sqrt()
+                .max(f32::MIN_POSITIVE);
+            vectors.push(v.iter().map(|x| x / norm).collect());
+        }
+        Ok(Embeddings {
+            vectors,
+            prompt_tokens,
+        })
     }
 
     /// Moves queued requests into free sequences, reusing the longest cached prefix.
