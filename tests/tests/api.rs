@@ -353,7 +353,7 @@ fn model_management_and_idle_unload() {
         &reference,
     ]);
 
-    let node = NodeServer::start(&["--keep-alive", "1s"]);
+    let node = NodeServer::start(&["--keep-alive", "3s"]);
     // Pull through the API, with JSON-lines progress.
     let r = http(
         "POST",
@@ -391,7 +391,7 @@ fn model_management_and_idle_unload() {
     assert_eq!(r.status, 200, "{r:?}");
     assert_eq!(r.json()["config"]["quantization"], "Q4_1");
 
-    // Loaded on first use, listed by ps, unloaded after 1 s idle, reloaded on demand.
+    // Loaded on first use, listed by ps, unloaded after 3 s idle, reloaded on demand.
     assert_eq!(
         http(
             "POST",
@@ -404,7 +404,7 @@ fn model_management_and_idle_unload() {
     );
     let ps = http("GET", &node.url("/engines/ps"), None, &[]).json();
     assert_eq!(ps.as_array().unwrap().len(), 1, "{ps}");
-    std::thread::sleep(Duration::from_millis(2500));
+    std::thread::sleep(Duration::from_millis(5000));
     let ps = http("GET", &node.url("/engines/ps"), None, &[]).json();
     assert_eq!(
         ps.as_array().unwrap().len(),
@@ -472,7 +472,7 @@ fn full_queue_answers_503_with_retry_after() {
         .map(|_| {
             let (url, body) = (
                 url.clone(),
-                chat_body("Write a long story about a dragon.", r#","max_tokens":60"#),
+                chat_body("Write a long story about a dragon.", r#","max_tokens":150"#),
             );
             std::thread::spawn(move || http("POST", &url, Some(&body), &[]))
         })
