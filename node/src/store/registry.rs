@@ -149,24 +149,22 @@ impl Registry {
         if manifest.config.size > MAX_METADATA_BYTES as u64 {
             return Err(StoreError::Manifest("model config is too large".into()));
         }
-        self.fetch_blob(
-            &client,
-            &image,
-            &r,
+        let pull = BlobPull {
+            client: &client,
+            image: &image,
+            r: &r,
             had_creds,
             store,
-            &manifest.config,
-            &progress,
-        )
-        .await?;
+            progress: &progress,
+        };
+        pull.fetch_blob(&manifest.config).await?;
         let config_digest: Digest = manifest.config.digest.parse()?;
         let config = store.read_blob(&config_digest)?;
         let facts = artifact::facts_from_config(&manifest.config.media_type, &config)?;
 
         let mut files = Vec::new();
         for layer in &manifest.layers {
-            self.fetch_blob(&client, &image, &r, had_creds, store, layer, &progress)
-                .await?;
+            pull.fetch_blob(layer).await?;
             let digest: Digest = layer.digest.parse()?;
             files.push(StoredFile {
                 kind: FileKind::from_media_type(&layer.media_type)?,
@@ -195,18 +193,25 @@ impl Registry {
         });
         Ok(record)
     }
+}
 
-    #[allow(clippy::too_many_arguments)]
-    async fn fetch_blob(
-        &self,
-        client: &Client,
-        image: &Reference,
-        r: &ModelRef,
-        had_creds: bool,
-        store: &Store,
-        desc: &artifact::Descriptor,
-        progress: &ProgressSink,
-    ) -> Result<(), StoreError> {
+/// One pull's connection and destination: what every blob download of it shares.
+#[derive(Clone, Copy)]
+struct BlobPull<'a> {
+    client: &'a Client,
+    image: &'a Reference,
+    r: &'a ModelRef,
+    had_creds: bool,
+    store: &'a Store,
+    progress: &'a ProgressSink,
+}
+
+impl BlobPull<'_> {
+    /// Makes `desc` present and verified in the store (locked per blob, retried with resume).
+    async fn fetch_blob(&self, desc: &artifact::Descriptor) -> Result<(), StoreError> {
+        let BlobPull {
+            store, progress, ..
+        } = *self;
         let digest: Digest = desc.digest.parse()?;
         if store.has_blob(&digest) {
             progress(Progress::Done {
@@ -230,10 +235,7 @@ impl Registry {
         }
         let mut attempt = 1;
         let result = loop {
-            match self
-                .download_once(client, image, r, had_creds, store, desc, digest, progress)
-                .await
-            {
+            match self.download_once(desc, digest).await {
                 Ok(()) => break Ok(()),
                 Err(e) if retryable(&e) && attempt < BLOB_ATTEMPTS => {
                     warn!(blob = %digest, attempt, error = %e, "blob download interrupted, resuming");
@@ -247,18 +249,19 @@ impl Registry {
         result
     }
 
-    #[allow(clippy::too_many_arguments)]
     async fn download_once(
         &self,
-        client: &Client,
-        image: &Reference,
-        r: &ModelRef,
-        had_creds: bool,
-        store: &Store,
         desc: &artifact::Descriptor,
         digest: Digest,
-        progress: &ProgressSink,
     ) -> Result<(), StoreError> {
+        let BlobPull {
+            client,
+            image,
+            r,
+            had_creds,
+            store,
+            progress,
+        } = *self;
         let partial = store.tmp_path(&digest, "partial");
         let (mut hasher, mut have) = rehash(&partial).await?;
         if have > desc.size {
@@ -391,7 +394,9 @@ impl Registry {
         });
         Ok(())
     }
+}
 
+impl Registry {
     /// Pushes the local model `reference` (which must carry a tag) to its registry.
     pub async fn push(
         &self,
