@@ -39,7 +39,8 @@ pub enum Command {
     Model(ModelCommand),
     /// Print this node's identity, hardware and cached models.
     Info,
-    /// Serve the local OpenAI / Docker Model Runner API (the p2p network is not built yet).
+    /// Serve the local OpenAI / Docker Model Runner API and join the Beacon network as a
+    /// provider (p2p control plane, QUIC data plane).
     Serve(ServeArgs),
     /// Chat with a model from the terminal: one answer for PROMPT, or a conversation.
     Run {
@@ -125,6 +126,51 @@ pub struct ServeArgs {
     pub engine: EngineArgs,
     #[command(flatten)]
     pub registry: RegistryArgs,
+    #[command(flatten)]
+    pub network: NetworkArgs,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct NetworkArgs {
+    /// Serve the local API only; do not join the network.
+    #[arg(long, env = "BEACON_NO_NETWORK")]
+    pub no_network: bool,
+    /// Region this provider advertises (routers pin data to regions by this name).
+    #[arg(long, env = "BEACON_REGION", default_value = "local")]
+    pub region: String,
+    /// libp2p listen addresses.
+    #[arg(
+        long,
+        env = "BEACON_P2P_LISTEN",
+        value_delimiter = ',',
+        default_value = "/ip4/0.0.0.0/udp/4001/quic-v1,/ip4/0.0.0.0/tcp/4001"
+    )]
+    pub p2p_listen: Vec<libp2p::Multiaddr>,
+    /// Bootstrap peers (`/ip4/…/udp/…/quic-v1/p2p/<peer id>`), comma-separated.
+    #[arg(long, env = "BEACON_BOOTSTRAP", value_delimiter = ',')]
+    pub bootstrap: Vec<libp2p::Multiaddr>,
+    /// QUIC data-plane listen address.
+    #[arg(long, env = "BEACON_DATA_PLANE", default_value = "0.0.0.0:4433")]
+    pub data_plane: std::net::SocketAddr,
+    /// Data-plane address to advertise (`host:port`) when others must use a different one.
+    #[arg(long, env = "BEACON_DATA_PLANE_ADVERTISE")]
+    pub data_plane_advertise: Option<String>,
+    /// Seconds between adverts.
+    #[arg(long, env = "BEACON_ADVERT_INTERVAL", default_value_t = 10)]
+    pub advert_interval: u64,
+}
+
+impl NetworkArgs {
+    fn config(&self) -> Option<crate::daemon::ProviderConfig> {
+        (!self.no_network).then(|| crate::daemon::ProviderConfig {
+            region: self.region.clone(),
+            p2p_listen: self.p2p_listen.clone(),
+            bootstrap: self.bootstrap.clone(),
+            data_plane: self.data_plane,
+            data_plane_advertise: self.data_plane_advertise.clone(),
+            advert_interval: std::time::Duration::from_secs(self.advert_interval.max(1)),
+        })
+    }
 }
 
 #[derive(Args, Debug, Clone, Default)]
@@ -384,13 +430,38 @@ fn print_table(models: &[ListedModel]) {
 
 fn info(data_dir: &std::path::Path) -> anyhow::Result<()> {
     let key = crate::identity::load_or_create(&data_dir.join("identity.key"))?;
+    let hw = crate::hardware::detect();
     println!("Peer ID:    {}", key.peer_id());
     println!("Data dir:   {}", data_dir.display());
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
-    println!("CPU cores:  {cores}");
-    println!("GPUs:       detection not built yet (runs on CPU)");
+    println!("Version:    {}", crate::VERSION);
+    println!("Engine:     {}", hw.backend);
+    println!(
+        "CPU:        {} ({} cores)",
+        hw.host.cpu_model, hw.host.cores
+    );
+    println!("CPU flags:  {}", hw.host.cpu_flags.join(" "));
+    println!(
+        "RAM:        {} total, {} available",
+        beacon_proto::gguf::format_bytes(hw.host.ram_total),
+        beacon_proto::gguf::format_bytes(hw.host.ram_free)
+    );
+    if hw.accelerators.is_empty() {
+        println!(
+            "GPUs:       none; runs on CPU ({})",
+            hw.gpu_note.as_deref().unwrap_or("no GPU found")
+        );
+    }
+    for (i, g) in hw.accelerators.iter().enumerate() {
+        println!(
+            "GPU {i}:      {} {}, {} total, {} free, compute {}, driver {}",
+            g.vendor,
+            g.name,
+            beacon_proto::gguf::format_bytes(g.memory_total),
+            beacon_proto::gguf::format_bytes(g.memory_free),
+            g.compute_capability.as_deref().unwrap_or("?"),
+            g.driver.as_deref().unwrap_or("?")
+        );
+    }
     let store = open_store(data_dir)?;
     let models = store.list()?;
     println!("Models:     {}", models.len());
@@ -406,38 +477,29 @@ fn info(data_dir: &std::path::Path) -> anyhow::Result<()> {
 }
 
 async fn serve(data_dir: &std::path::Path, args: ServeArgs) -> anyhow::Result<()> {
-    use crate::scheduler::{KeepAlive, Scheduler, SchedulerConfig};
-    let store = open_store(data_dir)?;
+    use crate::scheduler::{KeepAlive, SchedulerConfig};
     let keep_alive = KeepAlive::parse(&args.keep_alive).map_err(anyhow::Error::msg)?;
-    let mut config = SchedulerConfig {
+    let mut scheduler = SchedulerConfig {
         engine: args.engine.config(),
         keep_alive,
         max_queue: args.max_queue,
         ..Default::default()
     };
     if let Some(mib) = args.memory_budget_mib {
-        config.memory_budget = mib << 20;
+        scheduler.memory_budget = mib << 20;
     }
-    let scheduler = Scheduler::start(store.clone(), config);
-    let state = crate::api::AppState::new(
-        store,
+    let config = crate::daemon::NodeConfig {
+        data_dir: data_dir.to_path_buf(),
         scheduler,
-        args.registry.registry(),
-        args.api_token.clone(),
-    );
-    let api = crate::api::ApiConfig {
-        listen: args.listen,
-        token: args.api_token,
-        max_body: args.max_body_mib << 20,
+        api: crate::api::ApiConfig {
+            listen: args.listen,
+            token: args.api_token,
+            max_body: args.max_body_mib << 20,
+        },
+        registry: args.registry.registry(),
+        provider: args.network.config(),
     };
-    let (bound_tx, bound_rx) = tokio::sync::oneshot::channel();
-    let server = tokio::spawn(crate::api::serve(state, api, bound_tx, shutdown_signal()));
-    if let Ok(addr) = bound_rx.await {
-        tracing::info!(%addr, "API listening");
-        eprintln!("beacon-node API on http://{addr}");
-    }
-    server.await??;
-    Ok(())
+    crate::daemon::run(config, shutdown_signal()).await
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

@@ -1,13 +1,22 @@
 //! `beacon-node`: the provider daemon and its `docker model`-style CLI.
 //!
-//! Built so far: the content-addressed model store with `docker model`-compatible OCI pull,
-//! push and package ([`store`]), the node identity ([`identity`]) and the CLI ([`cli`]).
-//! The llama.cpp engine, the HTTP API and the p2p layers are later work (see DESIGN.md).
+//! - [`store`]: the content-addressed model store with `docker model`-compatible OCI pull,
+//!   push and package;
+//! - [`engine`] and [`scheduler`]: llama.cpp with continuous batching, models loaded on
+//!   demand within a memory budget;
+//! - [`api`]: the OpenAI / Docker Model Runner HTTP API;
+//! - [`provider`], [`ledger`], [`hardware`]: the provider's network side (data-plane
+//!   handler, advertiser, signed receipts, GPU/CPU detection), on top of `beacon-net`;
+//! - [`daemon`]: `serve` as a library; [`cli`]: the command line.
 
 pub mod api;
 pub mod cli;
+pub mod daemon;
 pub mod engine;
+pub mod hardware;
 pub mod identity;
+pub mod ledger;
+pub mod provider;
 pub mod scheduler;
 pub mod store;
 pub mod tls;

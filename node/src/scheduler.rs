@@ -138,6 +138,10 @@ pub struct RunningModel {
     pub digest: String,
     pub memory_estimate: u64,
     pub in_flight: usize,
+    /// Parallel sequences of the loaded engine.
+    pub parallel: usize,
+    /// Requests waiting for a free sequence.
+    pub queued: usize,
     pub idle_seconds: u64,
     pub loaded_seconds: u64,
     pub load_ms: u64,
@@ -262,6 +266,11 @@ impl Actor {
                         digest: l.record.manifest_digest.to_string(),
                         memory_estimate: l.estimate,
                         in_flight: l.in_flight.load(Ordering::SeqCst),
+                        parallel: l.engine.info().config.parallel as usize,
+                        queued: l
+                            .in_flight
+                            .load(Ordering::SeqCst)
+                            .saturating_sub(l.engine.info().config.parallel as usize),
                         idle_seconds: l
                             .last_used
                             .lock()

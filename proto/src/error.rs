@@ -40,4 +40,8 @@ pub enum ProtoError {
     /// (request digest, model digest, request id) or breaks a protocol rule (stale advert).
     #[error("{kind} rejected: {reason}")]
     Rejected { kind: &'static str, reason: String },
+    /// A genuine message that is old news (stale, or not newer than one already seen): a
+    /// relay may pass it on in good faith, so it is dropped without blame.
+    #[error("{kind} outdated: {reason}")]
+    Outdated { kind: &'static str, reason: String },
 }

@@ -179,8 +179,12 @@ pub fn validate_advert(
             advert.peer_id
         )));
     }
+    let outdated = |reason: String| ProtoError::Outdated {
+        kind: ProviderAdvert::KIND,
+        reason,
+    };
     if advert.timestamp_ms + policy.max_age_ms < now_ms {
-        return Err(reject(format!(
+        return Err(outdated(format!(
             "stale: made {} ms ago",
             now_ms.saturating_sub(advert.timestamp_ms)
         )));
@@ -191,7 +195,7 @@ pub fn validate_advert(
     if let Some(last) = last_seq
         && advert.seq <= last
     {
-        return Err(reject(format!(
+        return Err(outdated(format!(
             "sequence {} is not newer than {last}",
             advert.seq
         )));
@@ -386,6 +390,9 @@ pub struct AuditRequest {
     pub messages: Vec<ChatMessage>,
     /// The token ids the audited provider claims it generated.
     pub claimed_tokens: Vec<u32>,
+    /// The JSON schema the audited output was constrained by, so the auditor scores under
+    /// the same grammar (a constrained argmax differs from the model's raw argmax).
+    pub json_schema: Option<String>,
 }
 
 impl Wire for AuditRequest {
@@ -466,4 +473,84 @@ impl AuditResult {
             },
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// Data plane
+
+/// What a client sends on a fresh data-plane stream (one per subtask).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum DataRequest {
+    Infer(InferRequest),
+    Audit(AuditRequest),
+}
+
+impl Wire for DataRequest {
+    const KIND: &'static str = "data-plane request";
+    const MAX_BYTES: usize = 12 << 20;
+}
+
+/// Why a provider refused or failed a data-plane request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DataErrorCode {
+    /// The request is malformed or asks for something impossible; do not retry as is.
+    BadRequest,
+    /// The provider does not have the model digest.
+    ModelNotFound,
+    /// Queue full or deadline cannot be met; retry elsewhere or after `retry_after_ms`.
+    Busy,
+    /// The deadline passed before the work could finish.
+    DeadlineExceeded,
+    /// Something failed on the provider.
+    Internal,
+}
+
+/// A refusal or failure, with a human-readable reason.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataError {
+    pub code: DataErrorCode,
+    pub message: String,
+    pub retry_after_ms: Option<u64>,
+}
+
+/// What a provider sends back on a data-plane stream: any number of `Delta`s, then exactly
+/// one of `Result`, `Audit` or `Error`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum DataFrame {
+    /// Newly generated text.
+    Delta(String),
+    Result(Signed<InferResult>),
+    Audit(Signed<AuditResult>),
+    Error(DataError),
+}
+
+impl Wire for DataFrame {
+    const KIND: &'static str = "data-plane frame";
+    const MAX_BYTES: usize = 5 << 20;
+}
+
+// ---------------------------------------------------------------------------------------
+// Accounting
+
+/// A provider's record of one served request, kept signed in its ledger: who asked, what
+/// was answered (digest of the signed result's payload), with which model, at what cost.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Receipt {
+    pub request_id: Id,
+    pub job_id: Option<Id>,
+    pub requester: PeerId,
+    pub request_digest: Digest,
+    pub result_digest: Digest,
+    pub model_digest: Digest,
+    pub usage: Usage,
+    pub timings: Timings,
+    pub finished_ms: u64,
+}
+
+impl Wire for Receipt {
+    const KIND: &'static str = "receipt";
+    const MAX_BYTES: usize = 4 * 1024;
+}
+impl Domain for Receipt {
+    const DOMAIN: &'static str = "beacon/receipt/v1";
 }

@@ -120,6 +120,7 @@ fn messages_round_trip() {
         model: spec(),
         messages: req.messages.clone(),
         claimed_tokens: vec![1, 2, 3],
+        json_schema: None,
     };
     assert_eq!(
         AuditRequest::decode(&audit.encode().unwrap()).unwrap(),

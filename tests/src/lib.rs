@@ -306,6 +306,8 @@ impl NodeCli {
         c.env("BEACON_DATA_DIR", self.data.path())
             .env("DOCKER_CONFIG", self.docker_config.path())
             .env("BEACON_LOG", "info")
+            // Packaging the test model anywhere gives the same digest, as a registry would.
+            .env("SOURCE_DATE_EPOCH", "1700000000")
             .env_remove("BEACON_REGISTRY_USERNAME")
             .env_remove("BEACON_REGISTRY_PASSWORD");
         c
@@ -663,14 +665,16 @@ fn sign_jwt(key: &Path, x5c: &str, scope: &str) -> String {
 pub struct NodeServer {
     pub cli: NodeCli,
     pub addr: SocketAddr,
-    _child: ChildGuard,
+    child: ChildGuard,
 }
 
 /// The name the test model is packaged under in a [`NodeServer`].
 pub const TEST_MODEL_REF: &str = "ai/smollm2:test";
 
 impl NodeServer {
-    /// Starts `beacon-node serve` with extra flags.
+    /// Starts `beacon-node serve` with extra flags. Unless told otherwise it joins a network
+    /// on loopback with ephemeral ports and advertises every 2 s; its log goes to
+    /// `serve.log` in its data dir.
     pub fn start(extra: &[&str]) -> NodeServer {
         let cli = NodeCli::new();
         let model = test_model();
@@ -684,17 +688,27 @@ impl NodeServer {
         let port = free_port();
         let listen = format!("127.0.0.1:{port}");
         let mut args = vec!["serve", "--listen", &listen];
-        for (flag, default) in [("--ctx-size", "2048"), ("--parallel", "4")] {
+        for (flag, default) in [
+            ("--ctx-size", "2048"),
+            ("--parallel", "4"),
+            (
+                "--p2p-listen",
+                "/ip4/127.0.0.1/udp/0/quic-v1,/ip4/127.0.0.1/tcp/0",
+            ),
+            ("--data-plane", "127.0.0.1:0"),
+            ("--advert-interval", "2"),
+        ] {
             if !extra.contains(&flag) {
                 args.extend([flag, default]);
             }
         }
+        let log = std::fs::File::create(cli.data.path().join("serve.log")).unwrap();
         let child = cli
             .command()
             .args(&args)
             .args(extra)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(log)
             .spawn()
             .unwrap();
         let guard = ChildGuard(child);
@@ -703,13 +717,81 @@ impl NodeServer {
         NodeServer {
             cli,
             addr,
-            _child: guard,
+            child: guard,
         }
     }
 
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
     }
+
+    /// `GET /beacon/node`: peer id, listen addresses, data-plane address.
+    pub fn node_info(&self) -> serde_json::Value {
+        http("GET", &self.url("/beacon/node"), None, &[]).json()
+    }
+
+    pub fn peer_id(&self) -> String {
+        self.node_info()["peer_id"].as_str().unwrap().to_string()
+    }
+
+    /// A libp2p address others can bootstrap from (the QUIC one).
+    pub fn bootstrap_addr(&self) -> String {
+        let info = self.node_info();
+        info["listen_addrs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap().to_string())
+            .find(|a| a.contains("quic-v1"))
+            .expect("a QUIC listen address")
+    }
+
+    pub fn data_plane(&self) -> SocketAddr {
+        self.node_info()["data_plane"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap()
+    }
+
+    /// Peer ids of the providers this node knows from adverts.
+    pub fn known_providers(&self) -> Vec<String> {
+        http("GET", &self.url("/beacon/providers"), None, &[]).json()["providers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["peer_id"].as_str().unwrap().to_string())
+            .collect()
+    }
+
+    /// The manifest digest of the packaged test model.
+    pub fn model_digest(&self) -> String {
+        let v = http("GET", &self.url("/models"), None, &[]).json();
+        v.as_array().unwrap()[0]["id"].as_str().unwrap().to_string()
+    }
+
+    /// The node's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.cli.data.path().join("serve.log")).unwrap_or_default()
+    }
+
+    /// Kills the process with SIGKILL (no goodbye to its peers).
+    pub fn kill(&mut self) {
+        let _ = self.child.0.kill();
+        let _ = self.child.0.wait();
+    }
+}
+
+/// Polls `check` every 250 ms until it returns true or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let start = std::time::Instant::now();
+    while start.elapsed() < timeout {
+        if check() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    check()
 }
 
 /// An HTTP exchange made with `curl`.

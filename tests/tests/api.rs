@@ -477,7 +477,22 @@ fn full_queue_answers_503_with_retry_after() {
             std::thread::spawn(move || http("POST", &url, Some(&body), &[]))
         })
         .collect();
+    // While one request runs, another waits: the queue-depth gauge shows it.
+    let metrics = node.url("/metrics");
+    let start = std::time::Instant::now();
+    let mut saw_queue = false;
+    while !saw_queue && start.elapsed() < Duration::from_secs(20) {
+        saw_queue = http("GET", &metrics, None, &[])
+            .body
+            .lines()
+            .any(|l| l == "beacon_queue_depth 1");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let replies: Vec<HttpReply> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    assert!(
+        saw_queue,
+        "beacon_queue_depth never showed the waiting request"
+    );
     let ok = replies.iter().filter(|r| r.status == 200).count();
     let busy: Vec<&HttpReply> = replies.iter().filter(|r| r.status == 503).collect();
     assert_eq!(ok + busy.len(), 6, "only 200 or 503: {replies:?}");

@@ -88,8 +88,19 @@ pub async fn render(State(state): State<AppState>) -> String {
         "# TYPE beacon_models_loaded gauge\nbeacon_models_loaded {}",
         ps.len()
     );
+    let _ = writeln!(
+        out,
+        "# HELP beacon_queue_depth Requests waiting for a free sequence, all models.\n# TYPE beacon_queue_depth gauge\nbeacon_queue_depth {}",
+        ps.iter().map(|p| p.queued).sum::<usize>()
+    );
     let _ = writeln!(out, "# TYPE beacon_in_flight gauge");
     for p in &ps {
+        let _ = writeln!(
+            out,
+            "beacon_queued{{model=\"{}\"}} {}",
+            p.model.replace('"', ""),
+            p.queued
+        );
         let _ = writeln!(
             out,
             "beacon_in_flight{{model=\"{}\"}} {}",

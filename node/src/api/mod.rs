@@ -6,6 +6,7 @@
 mod error;
 mod metrics;
 mod models;
+mod network;
 mod openai;
 
 use std::net::SocketAddr;
@@ -55,7 +56,18 @@ pub struct AppState {
     pub scheduler: Scheduler,
     pub registry: Registry,
     pub metrics: Arc<Metrics>,
+    /// The provider's network side, when the node is on a network.
+    pub net: Option<Arc<NetState>>,
     token: Option<Arc<str>>,
+}
+
+/// What the API shows of the network.
+pub struct NetState {
+    pub network: beacon_net::Network,
+    pub directory: beacon_net::SharedDirectory,
+    pub ledger: crate::ledger::Ledger,
+    pub region: String,
+    pub data_plane: String,
 }
 
 impl AppState {
@@ -70,6 +82,7 @@ impl AppState {
             scheduler,
             registry,
             metrics: Arc::new(Metrics::default()),
+            net: None,
             token: token.map(Into::into),
         }
     }
@@ -96,6 +109,11 @@ pub fn router(state: AppState, max_body: usize) -> Router {
         .route("/engines/ps", get(models::ps))
         .route("/engines/df", get(models::df))
         .route("/engines/unload", post(models::unload))
+        .route("/beacon/node", get(network::node))
+        .route("/beacon/peers", get(network::peers))
+        .route("/beacon/providers", get(network::providers))
+        .route("/beacon/providers/{digest}", get(network::find_providers))
+        .route("/beacon/ledger", get(network::ledger))
         .route("/metrics", get(metrics::render))
         .route("/healthz", get(|| async { "ok" }))
         .fallback(|| async { ApiError::not_found("no such endpoint") })

@@ -139,7 +139,27 @@ pub struct Embeddings {
     pub prompt_tokens: u32,
 }
 
+/// A teacher-forced scoring of a claimed output (an audit).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ScoreRequest {
+    pub prompt: Prompt,
+    pub claimed: Vec<u32>,
+    /// The constraint the claimed output was generated under.
+    pub format: OutputFormat,
+}
+
+/// Per-token scores of a claimed output.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Scored {
+    pub prompt_tokens: u32,
+    pub scores: Vec<beacon_proto::TokenScore>,
+}
+
 pub(crate) enum Command {
+    Score {
+        request: Box<ScoreRequest>,
+        reply: tokio::sync::oneshot::Sender<Result<Scored, EngineError>>,
+    },
     Embed {
         inputs: Vec<String>,
         reply: tokio::sync::oneshot::Sender<Result<Embeddings, EngineError>>,
@@ -229,6 +249,19 @@ impl Engine {
         let (reply, rx) = tokio::sync::oneshot::channel();
         self.tx
             .send(Command::Embed { inputs, reply })
+            .map_err(|_| EngineError::Stopped)?;
+        rx.await.map_err(|_| EngineError::Stopped)?
+    }
+
+    /// Scores `claimed` tokens after `prompt` by teacher-forced prefill on a separate
+    /// context (between decode steps of the running generations).
+    pub async fn score(&self, request: ScoreRequest) -> Result<Scored, EngineError> {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        self.tx
+            .send(Command::Score {
+                request: Box::new(request),
+                reply,
+            })
             .map_err(|_| EngineError::Stopped)?;
         rx.await.map_err(|_| EngineError::Stopped)?
     }

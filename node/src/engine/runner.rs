@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::sync::mpsc;
 use std::time::Instant;
 
-use beacon_proto::{FinishReason, Role, Timings, Usage};
+use beacon_proto::{FinishReason, Role, Timings, TokenScore, Usage};
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::context::params::{LlamaContextParams, LlamaPoolingType};
 use llama_cpp_2::llama_batch::LlamaBatch;
@@ -16,13 +16,14 @@ use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::model::{LlamaChatMessage, LlamaChatTemplate, LlamaModel};
 use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
+use llama_cpp_2::token::data_array::LlamaTokenDataArray;
 use tokio::sync::mpsc as tmpsc;
 use tracing::{debug, warn};
 
 use super::stop::{Fed, TextStream};
 use super::{
     Command, Completion, Embeddings, EngineConfig, EngineError, Event, GenerateRequest, ModelInfo,
-    Prompt, backend, grammar,
+    Prompt, ScoreRequest, Scored, backend, grammar,
 };
 
 type Events = tmpsc::UnboundedSender<Result<Event, EngineError>>;
@@ -128,6 +129,7 @@ pub(super) fn run(
     let mut runner = Runner {
         model: &model,
         embed_ctx: None,
+        score_ctx: None,
         threads,
         template,
         slots: (0..parallel as i32)
@@ -152,6 +154,8 @@ struct Runner<'m> {
     model: &'m LlamaModel,
     /// A second context with embeddings on, created on the first embeddings request.
     embed_ctx: Option<LlamaContext<'m>>,
+    /// A context for audits (teacher-forced scoring), created on the first audit.
+    score_ctx: Option<LlamaContext<'m>>,
     threads: i32,
     template: Result<LlamaChatTemplate, String>,
     slots: Vec<Slot>,
@@ -199,7 +203,106 @@ impl Runner<'_> {
             Command::Embed { inputs, reply } => {
                 let _ = reply.send(self.embed(&inputs));
             }
+            Command::Score { request, reply } => {
+                let _ = reply.send(self.score(&request));
+            }
         }
+    }
+
+    /// Teacher-forced scoring: feeds prompt + claimed tokens through a separate context and
+    /// reads, at every claimed position, the claimed token's log-probability and the argmax
+    /// (under the same grammar when the output was constrained). Logits are read in chunks of
+    /// at most `SCORE_CHUNK` positions, so memory stays bounded for any vocabulary.
+    fn score(&mut self, request: &ScoreRequest) -> Result<Scored, EngineError> {
+        const SCORE_CHUNK: usize = 64;
+        let prompt = self.render(&request.prompt)?;
+        let n_vocab = self.model.n_vocab().max(0) as u32;
+        if let Some(bad) = request.claimed.iter().find(|t| **t >= n_vocab) {
+            return Err(EngineError::InvalidRequest(format!(
+                "claimed token {bad} is outside the vocabulary ({n_vocab})"
+            )));
+        }
+        let total = prompt.len() + request.claimed.len();
+        if prompt.is_empty() || total > self.ctx_per_slot {
+            return Err(EngineError::PromptTooLong {
+                tokens: total,
+                limit: self.ctx_per_slot,
+            });
+        }
+        let mut scored = Scored {
+            prompt_tokens: prompt.len() as u32,
+            scores: Vec::with_capacity(request.claimed.len()),
+        };
+        if request.claimed.is_empty() {
+            return Ok(scored);
+        }
+        let mut grammar = match grammar::for_format(&request.format)? {
+            Some(g) => Some(
+                LlamaSampler::grammar(self.model, &g, "root")
+                    .map_err(|e| EngineError::Grammar(e.to_string()))?,
+            ),
+            None => None,
+        };
+        if self.score_ctx.is_none() {
+            let backend = backend().map_err(EngineError::Decode)?;
+            let n = self.ctx_per_slot as u32;
+            let params = LlamaContextParams::default()
+                .with_n_ctx(NonZeroU32::new(n))
+                .with_n_batch(self.batch_cap as u32)
+                .with_n_ubatch(self.batch_cap as u32)
+                .with_n_seq_max(1)
+                .with_n_threads(self.threads)
+                .with_n_threads_batch(self.threads);
+            let ctx = self
+                .model
+                .new_context(backend, params)
+                .map_err(|e| EngineError::Decode(e.to_string()))?;
+            self.score_ctx = Some(ctx);
+        }
+        let ctx = self.score_ctx.as_mut().expect("scoring context");
+        ctx.clear_kv_cache();
+        let all: Vec<LlamaToken> = prompt
+            .iter()
+            .copied()
+            .chain(request.claimed.iter().map(|t| LlamaToken(*t as i32)))
+            .collect();
+        // Position p's logits predict all[p + 1]; claimed token k sits at prompt.len() + k.
+        let first_out = prompt.len() - 1;
+        let mut batch = LlamaBatch::new(self.batch_cap, 1);
+        let mut pos = 0;
+        while pos < total {
+            let end = total
+                .min(pos + self.batch_cap)
+                .min(pos.max(first_out) + SCORE_CHUNK);
+            batch.clear();
+            for (p, token) in all.iter().enumerate().take(end).skip(pos) {
+                let out = p >= first_out && p + 1 < total;
+                batch
+                    .add(*token, p as i32, &[0], out)
+                    .map_err(|e| EngineError::Decode(e.to_string()))?;
+            }
+            ctx.decode(&mut batch)
+                .map_err(|e| EngineError::Decode(e.to_string()))?;
+            for p in pos.max(first_out)..end.min(total - 1) {
+                let claimed = all[p + 1];
+                let candidates = ctx.candidates_ith((p - pos) as i32);
+                let mut array = LlamaTokenDataArray::from_iter(candidates, false);
+                if let Some(g) = grammar.as_mut() {
+                    g.apply(&mut array);
+                }
+                let score = score_position(&array, claimed);
+                // Accepting a token the grammar forbids aborts llama.cpp: a claimed output
+                // that breaks the grammar is scored raw from there on instead.
+                match grammar.as_mut() {
+                    Some(g) if score.logprob > f32::MIN => g.accept(claimed),
+                    Some(_) => grammar = None,
+                    None => {}
+                }
+                scored.scores.push(score);
+            }
+            pos = end;
+        }
+        Ok(scored)
     }
 
     fn embed(&mut self, inputs: &[String]) -> Result<Embeddings, EngineError> {
@@ -291,11 +394,9 @@ impl Runner<'_> {
             .map(|(i, _)| i)
     }
 
-    fn prepare(
-        &self,
-        request: &GenerateRequest,
-    ) -> Result<(Vec<LlamaToken>, LlamaSampler, usize), EngineError> {
-        let text = match &request.prompt {
+    /// The prompt's tokens, rendered through the chat template for chat prompts.
+    fn render(&self, prompt: &Prompt) -> Result<Vec<LlamaToken>, EngineError> {
+        let text = match prompt {
             Prompt::Text(t) => t.clone(),
             Prompt::Chat(messages) => {
                 let template = self
@@ -319,7 +420,14 @@ impl Runner<'_> {
                     .map_err(|e| EngineError::Template(e.to_string()))?
             }
         };
-        let prompt = self.model.vocab().tokenize(text.as_bytes(), true, true);
+        Ok(self.model.vocab().tokenize(text.as_bytes(), true, true))
+    }
+
+    fn prepare(
+        &self,
+        request: &GenerateRequest,
+    ) -> Result<(Vec<LlamaToken>, LlamaSampler, usize), EngineError> {
+        let prompt = self.render(&request.prompt)?;
         if prompt.is_empty() {
             return Err(EngineError::InvalidRequest("the prompt is empty".into()));
         }
@@ -570,6 +678,42 @@ impl Runner<'_> {
             token_ids: job.return_tokens.then(|| job.generated.clone()),
         };
         let _ = job.events.send(Ok(Event::Done(completion)));
+    }
+}
+
+/// Log-probability of `claimed` among the allowed candidates (finite logits) and the argmax;
+/// a forbidden claimed token scores `f32::MIN`.
+fn score_position(array: &LlamaTokenDataArray, claimed: LlamaToken) -> TokenScore {
+    let mut max = f32::NEG_INFINITY;
+    let mut argmax = claimed;
+    let mut claimed_logit = f32::NEG_INFINITY;
+    for d in &array.data {
+        let l = d.logit();
+        if l > max {
+            max = l;
+            argmax = d.id();
+        }
+        if d.id() == claimed {
+            claimed_logit = l;
+        }
+    }
+    let lse = max
+        + array
+            .data
+            .iter()
+            .map(|d| d.logit())
+            .filter(|l| l.is_finite())
+            .map(|l| (l - max).exp())
+            .sum::<f32>()
+            .ln();
+    TokenScore {
+        logprob: if claimed_logit.is_finite() {
+            claimed_logit - lse
+        } else {
+            f32::MIN
+        },
+        argmax: argmax.0 as u32,
+        argmax_logprob: max - lse,
     }
 }
 

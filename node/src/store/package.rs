@@ -119,7 +119,13 @@ pub fn package(
         add(FileKind::Mmproj, m)?;
     }
 
-    let created = artifact::rfc3339(now_unix());
+    // SOURCE_DATE_EPOCH (the reproducible-builds convention) pins the creation time, so the
+    // same files packaged twice give the same manifest digest.
+    let created_at = std::env::var("SOURCE_DATE_EPOCH")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or_else(now_unix);
+    let created = artifact::rfc3339(created_at);
     let config = artifact::build_config(&header, total_params, &files, opts.context_size, created);
     let config_bytes =
         serde_json::to_vec(&config).map_err(|e| StoreError::Package(e.to_string()))?;

@@ -1,0 +1,46 @@
+//! `beacon-net`: the networking that provider nodes and routers share.
+//!
+//! - [`p2p`]: the libp2p control plane (discovery, kademlia provider records, gossiped
+//!   signed adverts), one swarm task behind the [`p2p::Network`] handle;
+//! - [`directory`]: the live table of providers built from adverts, expiring silent ones;
+//! - [`quic`]: the QUIC data plane with identity-key TLS: a provider's server loop and a
+//!   pooling client.
+//!
+//! It lives in its own crate because both `beacon-node` (serving) and `beacon-router`
+//! (calling) need it, and they must not depend on each other; `beacon-proto` stays free of
+//! I/O.
+
+pub mod directory;
+pub mod p2p;
+pub mod quic;
+
+pub use directory::{Directory, SharedDirectory};
+pub use p2p::{NetEvent, Network, NetworkConfig};
+pub use quic::{CallError, DataClient};
+
+/// Errors of the networking layer.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Proto(#[from] beacon_proto::ProtoError),
+    #[error("TLS: {0}")]
+    Tls(String),
+    #[error("network configuration: {0}")]
+    Config(String),
+    #[error("cannot listen on {0}")]
+    Listen(String),
+    #[error("cannot dial {0}")]
+    Dial(String),
+    #[error("cannot publish: {0}")]
+    Publish(String),
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+    #[error(transparent)]
+    Connection(#[from] quinn::ConnectionError),
+    #[error(transparent)]
+    Write(#[from] quinn::WriteError),
+    #[error("the network task has stopped")]
+    Stopped,
+}

@@ -1,0 +1,113 @@
+//! Keeps this node's advert current: every interval it gathers hardware, cached models,
+//! slot use and measured throughput, hands the advert to the network (which signs and
+//! gossips it) and makes the node a kademlia provider of each cached model's digest.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use beacon_net::Network;
+use beacon_proto::{CachedModel, Digest, ProviderAdvert, Slots};
+use tracing::warn;
+
+use super::Throughput;
+use crate::scheduler::Scheduler;
+use crate::store::Store;
+
+/// What the advertiser needs.
+pub struct Advertiser {
+    pub network: Network,
+    pub store: Store,
+    pub scheduler: Scheduler,
+    pub throughput: Arc<Throughput>,
+    pub region: String,
+    /// QUIC data-plane address others should dial (`host:port`).
+    pub data_plane: String,
+    /// Sequences per model (the engine's `parallel`).
+    pub parallel: u32,
+    pub interval: Duration,
+}
+
+impl Advertiser {
+    /// The advert as of now (the network fills in peer id, addresses, sequence and time).
+    pub async fn build(&self) -> ProviderAdvert {
+        let hardware = tokio::task::spawn_blocking(crate::hardware::detect)
+            .await
+            .unwrap_or_else(|_| crate::hardware::detect());
+        let models: Vec<CachedModel> = match self.store.list() {
+            Ok(list) => list
+                .into_iter()
+                .take(64)
+                .map(|m| CachedModel {
+                    references: m.tags.into_iter().take(8).collect(),
+                    digest: m.record.manifest_digest,
+                    size: m.record.size,
+                    quantization: m.record.facts.quantization.clone(),
+                    parameters: m.record.facts.parameters.clone(),
+                    architecture: m.record.facts.architecture.clone(),
+                    context_size: m
+                        .record
+                        .facts
+                        .context_size
+                        .map(|c| c.min(u32::MAX as u64) as u32),
+                })
+                .collect(),
+            Err(e) => {
+                warn!(error = %e, "cannot list models for the advert");
+                Vec::new()
+            }
+        };
+        let running = self.scheduler.ps().await;
+        let slots = Slots {
+            total: self.parallel,
+            busy: running
+                .iter()
+                .map(|r| r.in_flight.min(r.parallel) as u32)
+                .sum::<u32>()
+                .min(self.parallel),
+            queued: running.iter().map(|r| r.queued as u32).sum(),
+        };
+        ProviderAdvert {
+            peer_id: self.network.peer_id(),
+            region: self.region.clone(),
+            listen_addrs: Vec::new(),
+            data_plane: Some(self.data_plane.clone()),
+            version: crate::VERSION.to_string(),
+            accelerators: hardware.accelerators,
+            host: hardware.host,
+            engines: vec![hardware.backend.to_string()],
+            throughput: self
+                .throughput
+                .all()
+                .into_iter()
+                .filter(|(d, _)| models.iter().any(|m| m.digest == *d))
+                .map(|(model, tokens_per_second)| beacon_proto::Throughput {
+                    model,
+                    tokens_per_second,
+                })
+                .collect(),
+            models,
+            slots,
+            price: None,
+            seq: 0,
+            timestamp_ms: 0,
+        }
+    }
+
+    /// Publishes now and then every interval until the network stops.
+    pub async fn run(self) {
+        let mut tick = tokio::time::interval(self.interval);
+        loop {
+            tick.tick().await;
+            let advert = self.build().await;
+            let digests: Vec<Digest> = advert.models.iter().map(|m| m.digest).collect();
+            if self.network.provide(digests).await.is_err() {
+                return;
+            }
+            match self.network.set_advert(advert).await {
+                Ok(()) => {}
+                Err(beacon_net::NetError::Stopped) => return,
+                Err(e) => warn!(error = %e, "advert not published"),
+            }
+        }
+    }
+}

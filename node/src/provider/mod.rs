@@ -1,0 +1,301 @@
+//! The provider side of the data plane: subtasks and audits that arrive over QUIC run
+//! through the same scheduler as the HTTP API; answers go back signed, and every answered
+//! subtask leaves a signed receipt in the ledger.
+
+pub mod advert;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use beacon_net::quic::{DataHandler, FrameSink};
+use beacon_proto::{
+    AuditRequest, AuditResult, DataErrorCode, DataFrame, DataRequest, Digest, InferRequest,
+    InferResult, Keypair, PeerId, Receipt, Signed,
+};
+use tracing::{debug, info, instrument, warn};
+
+use crate::engine::{Event, GenerateRequest, OutputFormat, Prompt, ScoreRequest};
+use crate::ledger::Ledger;
+use crate::scheduler::{SchedError, Scheduler};
+
+/// Decode throughput measured per model (exponentially weighted), for adverts and for
+/// judging whether a deadline can be met.
+#[derive(Default)]
+pub struct Throughput {
+    by_model: Mutex<HashMap<Digest, f32>>,
+}
+
+impl Throughput {
+    pub fn observe(&self, model: Digest, tokens: u32, decode_ms: u32) {
+        if tokens < 4 || decode_ms == 0 {
+            return;
+        }
+        let tps = tokens as f32 * 1000.0 / decode_ms as f32;
+        let mut m = self.by_model.lock().unwrap_or_else(|p| p.into_inner());
+        let e = m.entry(model).or_insert(tps);
+        *e = 0.8 * *e + 0.2 * tps;
+    }
+
+    pub fn get(&self, model: &Digest) -> Option<f32> {
+        self.by_model
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(model)
+            .copied()
+    }
+
+    pub fn all(&self) -> Vec<(Digest, f32)> {
+        self.by_model
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(d, t)| (*d, *t))
+            .collect()
+    }
+}
+
+/// Serves data-plane requests.
+#[derive(Clone)]
+pub struct Provider {
+    pub scheduler: Scheduler,
+    pub key: Arc<Keypair>,
+    pub ledger: Ledger,
+    pub throughput: Arc<Throughput>,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// A data-plane refusal.
+struct Refusal {
+    code: DataErrorCode,
+    message: String,
+    retry_after_ms: Option<u64>,
+}
+
+impl Refusal {
+    fn new(code: DataErrorCode, message: impl Into<String>) -> Self {
+        Refusal {
+            code,
+            message: message.into(),
+            retry_after_ms: None,
+        }
+    }
+}
+
+impl From<SchedError> for Refusal {
+    fn from(e: SchedError) -> Self {
+        use crate::engine::EngineError as E;
+        let code = match &e {
+            SchedError::Store(crate::store::StoreError::NotFound(_)) => {
+                DataErrorCode::ModelNotFound
+            }
+            SchedError::Busy(_) => DataErrorCode::Busy,
+            SchedError::Engine(
+                E::InvalidRequest(_) | E::Grammar(_) | E::PromptTooLong { .. } | E::Template(_),
+            ) => DataErrorCode::BadRequest,
+            _ => DataErrorCode::Internal,
+        };
+        Refusal {
+            retry_after_ms: (code == DataErrorCode::Busy).then_some(1000),
+            code,
+            message: e.to_string(),
+        }
+    }
+}
+
+impl From<crate::engine::EngineError> for Refusal {
+    fn from(e: crate::engine::EngineError) -> Self {
+        SchedError::Engine(e).into()
+    }
+}
+
+impl DataHandler for Provider {
+    async fn handle(&self, peer: PeerId, request: DataRequest, sink: &mut FrameSink) {
+        let outcome = match request {
+            DataRequest::Infer(r) => self.infer(peer, r, sink).await,
+            DataRequest::Audit(a) => self.audit(peer, a, sink).await,
+        };
+        if let Err(r) = outcome {
+            let _ = sink.error(r.code, r.message, r.retry_after_ms).await;
+        }
+    }
+}
+
+impl Provider {
+    #[instrument(skip_all, fields(request = %request.request_id.short(), %peer))]
+    async fn infer(
+        &self,
+        peer: PeerId,
+        request: InferRequest,
+        sink: &mut FrameSink,
+    ) -> Result<(), Refusal> {
+        let started = now_ms();
+        let model = request.model.digest;
+        // A deadline that has passed, or that the measured speed cannot meet, is refused
+        // before any work starts, so the caller can place the subtask elsewhere at once.
+        let deadline = match request.deadline_ms {
+            Some(d) if d <= started => {
+                return Err(Refusal::new(
+                    DataErrorCode::DeadlineExceeded,
+                    "the deadline has already passed",
+                ));
+            }
+            Some(d) => {
+                if let Some(tps) = self.throughput.get(&model) {
+                    let need_ms = (request.sampling.max_tokens as f32 / tps * 1000.0) as u64;
+                    // Only refuse when even a tenth of max_tokens would not fit.
+                    if started + need_ms / 10 > d {
+                        return Err(Refusal {
+                            code: DataErrorCode::Busy,
+                            message: format!(
+                                "deadline in {} ms cannot be met at {tps:.0} tokens/s",
+                                d - started
+                            ),
+                            retry_after_ms: None,
+                        });
+                    }
+                }
+                Some(tokio::time::Instant::now() + Duration::from_millis(d - started))
+            }
+            None => None,
+        };
+        let request_digest = request
+            .digest()
+            .map_err(|e| Refusal::new(DataErrorCode::BadRequest, e.to_string()))?;
+        let lease = self.scheduler.acquire(&model.hex(), None).await?;
+        if lease.record.manifest_digest != model {
+            return Err(Refusal::new(
+                DataErrorCode::ModelNotFound,
+                format!("no model with digest {model}"),
+            ));
+        }
+        let format = match &request.json_schema {
+            Some(s) => OutputFormat::JsonSchema(s.clone()),
+            None => OutputFormat::Text,
+        };
+        let mut events = lease.engine.generate(GenerateRequest {
+            prompt: Prompt::Chat(request.messages.clone()),
+            sampling: request.sampling.clone(),
+            format,
+            return_tokens: request.return_tokens,
+        })?;
+        let run = async {
+            while let Some(event) = events.recv().await {
+                match event? {
+                    Event::Token { text, .. } => {
+                        if !text.is_empty() && sink.send(&DataFrame::Delta(text)).await.is_err() {
+                            debug!("client went away; cancelling");
+                            return Ok(None);
+                        }
+                    }
+                    Event::Done(c) => return Ok(Some(c)),
+                }
+            }
+            Err(crate::engine::EngineError::Stopped)
+        };
+        let completion = match deadline {
+            Some(at) => match tokio::time::timeout_at(at, run).await {
+                Ok(r) => r?,
+                Err(_) => {
+                    return Err(Refusal::new(
+                        DataErrorCode::DeadlineExceeded,
+                        "the deadline passed while generating",
+                    ));
+                }
+            },
+            None => run.await?,
+        };
+        drop(lease);
+        let Some(c) = completion else { return Ok(()) };
+        self.throughput
+            .observe(model, c.usage.completion_tokens, c.timings.decode_ms);
+        let result = InferResult {
+            request_id: request.request_id,
+            request_digest,
+            model_digest: model,
+            output: c.text,
+            finish_reason: c.finish_reason,
+            usage: c.usage,
+            timings: c.timings,
+            token_ids: if request.return_tokens {
+                Some(c.token_ids.unwrap_or_default())
+            } else {
+                None
+            },
+        };
+        let signed = Signed::sign(&self.key, &result)
+            .map_err(|e| Refusal::new(DataErrorCode::Internal, e.to_string()))?;
+        let receipt = Receipt {
+            request_id: request.request_id,
+            job_id: request.job_id,
+            requester: peer,
+            request_digest,
+            result_digest: signed.payload_digest(),
+            model_digest: model,
+            usage: result.usage,
+            timings: result.timings,
+            finished_ms: now_ms(),
+        };
+        if let Err(e) = self.ledger.record(&self.key, &receipt) {
+            warn!(error = %e, "could not write the receipt");
+        }
+        info!(
+            prompt = result.usage.prompt_tokens,
+            completion = result.usage.completion_tokens,
+            ms = now_ms() - started,
+            "subtask served"
+        );
+        let _ = sink.send(&DataFrame::Result(signed)).await;
+        Ok(())
+    }
+
+    #[instrument(skip_all, fields(audit = %audit.audit_id.short(), %peer))]
+    async fn audit(
+        &self,
+        peer: PeerId,
+        audit: AuditRequest,
+        sink: &mut FrameSink,
+    ) -> Result<(), Refusal> {
+        let model = audit.model.digest;
+        let request_digest = audit
+            .digest()
+            .map_err(|e| Refusal::new(DataErrorCode::BadRequest, e.to_string()))?;
+        let lease = self.scheduler.acquire(&model.hex(), None).await?;
+        if lease.record.manifest_digest != model {
+            return Err(Refusal::new(
+                DataErrorCode::ModelNotFound,
+                format!("no model with digest {model}"),
+            ));
+        }
+        let scored = lease
+            .engine
+            .score(ScoreRequest {
+                prompt: Prompt::Chat(audit.messages.clone()),
+                claimed: audit.claimed_tokens.clone(),
+                format: match &audit.json_schema {
+                    Some(s) => OutputFormat::JsonSchema(s.clone()),
+                    None => OutputFormat::Text,
+                },
+            })
+            .await?;
+        drop(lease);
+        let result = AuditResult {
+            audit_id: audit.audit_id,
+            request_digest,
+            model_digest: model,
+            prompt_tokens: scored.prompt_tokens,
+            scores: scored.scores,
+        };
+        let signed = Signed::sign(&self.key, &result)
+            .map_err(|e| Refusal::new(DataErrorCode::Internal, e.to_string()))?;
+        debug!(tokens = result.scores.len(), "audit scored");
+        let _ = sink.send(&DataFrame::Audit(signed)).await;
+        Ok(())
+    }
+}

@@ -1,0 +1,427 @@
+//! The provider network with real processes on loopback: libp2p discovery, adverts and
+//! kademlia between `beacon-node serve` processes; the QUIC data plane with the real
+//! SmolLM2 model; forged adverts and hostile data-plane clients.
+
+use std::net::SocketAddr;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use beacon_net::quic::{CallError, DataClient, read_frame};
+use beacon_net::{NetEvent, Network, NetworkConfig};
+use beacon_proto::{
+    AuditRequest, ChatMessage, DataErrorCode, DataFrame, DataRequest, Digest, HostInfo, Id,
+    InferRequest, Keypair, ModelSpec, PeerId, ProviderAdvert, Role, Sampling, Signed, Slots, Wire,
+};
+use beacon_tests::{NodeServer, TEST_MODEL_REF, http, wait_until};
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+fn provider_of(node: &NodeServer) -> (PeerId, SocketAddr, Digest) {
+    let peer: PeerId = node.peer_id().parse().unwrap();
+    let digest: Digest = node.model_digest().parse().unwrap();
+    (peer, node.data_plane(), digest)
+}
+
+fn request(digest: Digest, word: &str) -> InferRequest {
+    InferRequest {
+        request_id: Id::random(),
+        job_id: None,
+        model: ModelSpec {
+            reference: TEST_MODEL_REF.into(),
+            digest,
+        },
+        messages: vec![ChatMessage {
+            role: Role::User,
+            content: format!("Say the word \"{word}\" and nothing else."),
+        }],
+        sampling: Sampling {
+            max_tokens: 12,
+            ..Sampling::default()
+        },
+        json_schema: None,
+        deadline_ms: None,
+        return_tokens: true,
+    }
+}
+
+fn new_client() -> (Keypair, DataClient) {
+    let key = Keypair::generate();
+    let c = DataClient::new(&key, "127.0.0.1:0".parse().unwrap()).unwrap();
+    (key, c)
+}
+
+#[test]
+fn three_nodes_discover_each_other_find_models_and_notice_a_death() {
+    let a = NodeServer::start(&["--region", "eu-west"]);
+    let boot = a.bootstrap_addr();
+    let mut b = NodeServer::start(&["--region", "us-east", "--bootstrap", &boot]);
+    let c = NodeServer::start(&["--region", "ap-south", "--bootstrap", &boot]);
+    let (pa, pb, pc) = (a.peer_id(), b.peer_id(), c.peer_id());
+
+    // Adverts reach everyone, including B and C, which only know A.
+    let all_see_all = wait_until(Duration::from_secs(60), || {
+        let (ka, kb, kc) = (
+            a.known_providers(),
+            b.known_providers(),
+            c.known_providers(),
+        );
+        ka.contains(&pb)
+            && ka.contains(&pc)
+            && kb.contains(&pa)
+            && kb.contains(&pc)
+            && kc.contains(&pa)
+            && kc.contains(&pb)
+    });
+    assert!(
+        all_see_all,
+        "a: {:?}\nb: {:?}\nc: {:?}\nlog c:\n{}",
+        a.known_providers(),
+        b.known_providers(),
+        c.known_providers(),
+        c.log()
+    );
+    let providers = http("GET", &c.url("/beacon/providers"), None, &[]).json();
+    let b_entry = providers["providers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["peer_id"] == pb.as_str())
+        .unwrap()
+        .clone();
+    assert_eq!(b_entry["region"], "us-east");
+    assert_eq!(b_entry["models"][0]["digest"], b.model_digest().as_str());
+    assert!(b_entry["slots"]["total"].as_u64().unwrap() >= 1);
+
+    // Kademlia: C asks who has the model and hears about A and B.
+    let digest = a.model_digest();
+    let found = wait_until(Duration::from_secs(60), || {
+        let r = http(
+            "GET",
+            &c.url(&format!("/beacon/providers/{digest}")),
+            None,
+            &[],
+        )
+        .json();
+        let list: Vec<String> = r["providers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p.as_str().unwrap().to_string())
+            .collect();
+        list.contains(&pa) && list.contains(&pb)
+    });
+    assert!(found, "kademlia did not find both providers");
+    let bad = http("GET", &c.url("/beacon/providers/sha256:xyz"), None, &[]);
+    assert_eq!(bad.status, 400);
+
+    // B dies without a goodbye; A and C drop it within a bounded time.
+    b.kill();
+    let gone = wait_until(Duration::from_secs(60), || {
+        !a.known_providers().contains(&pb) && !c.known_providers().contains(&pb)
+    });
+    assert!(gone, "a killed provider stayed in the directory");
+    assert!(a.known_providers().contains(&pc));
+}
+
+fn advert_of(peer: PeerId, timestamp_ms: u64, seq: u64) -> ProviderAdvert {
+    ProviderAdvert {
+        peer_id: peer,
+        region: "test-region".into(),
+        listen_addrs: vec![],
+        data_plane: Some("127.0.0.1:1".into()),
+        version: "test".into(),
+        accelerators: vec![],
+        host: HostInfo::default(),
+        engines: vec![],
+        models: vec![],
+        slots: Slots {
+            total: 1,
+            busy: 0,
+            queued: 0,
+        },
+        throughput: vec![],
+        price: None,
+        seq,
+        timestamp_ms,
+    }
+}
+
+async fn joined(
+    node: &NodeServer,
+    key: Keypair,
+) -> (Network, tokio::sync::broadcast::Receiver<NetEvent>) {
+    let mut config = NetworkConfig::new(key);
+    config.listen = vec!["/ip4/127.0.0.1/udp/0/quic-v1".parse().unwrap()];
+    config.bootstrap = vec![node.bootstrap_addr().parse().unwrap()];
+    let net = Network::start(config).await.unwrap();
+    let events = net.subscribe();
+    (net, events)
+}
+
+/// Publishes until the node has a subscriber mesh with us (the first publishes may find no
+/// subscribed peer yet).
+async fn publish(net: &Network, bytes: Vec<u8>) {
+    for _ in 0..120 {
+        if net.publish_raw(bytes.clone()).await.is_ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    panic!("could not publish");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_stale_and_garbage_adverts_are_dropped_and_cost_their_sender() {
+    let node = tokio::task::spawn_blocking(|| NodeServer::start(&[]))
+        .await
+        .unwrap();
+    let honest_key = Keypair::generate();
+    let honest_peer = honest_key.peer_id();
+    let (honest, _) = joined(&node, honest_key.clone()).await;
+
+    // An honest advert arrives.
+    let good = Signed::sign(&honest_key, &advert_of(honest_peer, now_ms(), 10)).unwrap();
+    publish(&honest, good.encode().unwrap()).await;
+    let seen = wait_until(Duration::from_secs(30), || {
+        node.known_providers().contains(&honest_peer.to_string())
+    });
+    assert!(seen, "honest advert not accepted:\n{}", node.log());
+
+    // A liar publishes: an advert describing someone else, one signed by another key, a
+    // stale one, and garbage. None may enter the directory.
+    let liar_key = Keypair::generate();
+    let liar_peer = liar_key.peer_id();
+    let victim = Keypair::generate();
+    let (liar, _) = joined(&node, liar_key.clone()).await;
+    let describes_other =
+        Signed::sign(&liar_key, &advert_of(victim.peer_id(), now_ms(), 11)).unwrap();
+    let signed_by_other = Signed::sign(&victim, &advert_of(liar_peer, now_ms(), 12)).unwrap();
+    let stale = Signed::sign(&liar_key, &advert_of(liar_peer, now_ms() - 3_600_000, 13)).unwrap();
+    publish(&liar, describes_other.encode().unwrap()).await;
+    publish(&liar, signed_by_other.encode().unwrap()).await;
+    publish(&liar, stale.encode().unwrap()).await;
+    for i in 0..4u8 {
+        publish(&liar, vec![0xde, 0xad, i]).await;
+    }
+    // Then a valid advert of its own: the liar's score is below the graylist by now, so
+    // the node ignores it too.
+    let liar_valid = Signed::sign(&liar_key, &advert_of(liar_peer, now_ms(), 14)).unwrap();
+    let _ = liar.publish_raw(liar_valid.encode().unwrap()).await;
+
+    // The honest peer keeps being heard meanwhile.
+    let newer = Signed::sign(&honest_key, &advert_of(honest_peer, now_ms(), 20)).unwrap();
+    publish(&honest, newer.encode().unwrap()).await;
+    let honest_updated = wait_until(Duration::from_secs(30), || {
+        let v = http("GET", &node.url("/beacon/providers"), None, &[]).json();
+        v["providers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["peer_id"] == honest_peer.to_string().as_str() && p["seq"] == 20)
+    });
+    assert!(honest_updated, "honest traffic stopped being served");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let known = node.known_providers();
+    assert!(
+        !known.contains(&victim.peer_id().to_string()),
+        "forged advert accepted"
+    );
+    assert!(
+        !known.contains(&liar_peer.to_string()),
+        "liar accepted after its forgeries"
+    );
+    assert_eq!(
+        http("GET", &node.url("/healthz"), None, &[]).status,
+        200,
+        "node hurt by bad adverts"
+    );
+    liar.shutdown().await;
+    honest.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_plane_serves_signed_results_audits_and_refuses_wrong_peers() {
+    let node = tokio::task::spawn_blocking(|| NodeServer::start(&[]))
+        .await
+        .unwrap();
+    let (peer, addr, digest) = provider_of(&node);
+    let (key, client) = new_client();
+
+    let req = request(digest, "apple");
+    let mut deltas = String::new();
+    let (result, signed) = client
+        .infer(peer, addr, &req, |d| deltas.push_str(d))
+        .await
+        .expect("subtask runs");
+    assert_eq!(signed.signer_peer_id(), peer);
+    assert!(
+        result.output.to_lowercase().contains("apple"),
+        "{}",
+        result.output
+    );
+    assert_eq!(
+        deltas, result.output,
+        "streamed deltas add up to the output"
+    );
+    let tokens = result.token_ids.clone().unwrap();
+    assert_eq!(tokens.len() as u32, result.usage.completion_tokens);
+
+    // The same result presented for a different request fails verification.
+    let mut other = req.clone();
+    other.sampling.max_tokens = 13;
+    assert!(beacon_proto::verify_result(&signed, &peer, &other).is_err());
+
+    // Audit of the honest output: the auditor's argmax agrees (up to near-ties).
+    let audit = AuditRequest {
+        audit_id: Id::random(),
+        model: req.model.clone(),
+        messages: req.messages.clone(),
+        claimed_tokens: tokens.clone(),
+        json_schema: None,
+    };
+    let scored = client.audit(peer, addr, &audit).await.expect("audit runs");
+    let honest = scored.summarize(&tokens, 0.5);
+    assert_eq!(honest.tokens, tokens.len());
+    assert_eq!(
+        honest.greedy_matches + honest.near_ties,
+        tokens.len(),
+        "{honest:?}"
+    );
+
+    // A tampered claim (another answer's tokens) does not agree.
+    let other_req = request(digest, "zebra");
+    let (other_result, _) = client.infer(peer, addr, &other_req, |_| {}).await.unwrap();
+    let mut forged = other_result.token_ids.unwrap();
+    forged.reverse();
+    let audit = AuditRequest {
+        audit_id: Id::random(),
+        claimed_tokens: forged.clone(),
+        ..audit
+    };
+    let scored = client.audit(peer, addr, &audit).await.unwrap();
+    let tampered = scored.summarize(&forged, 0.5);
+    assert!(
+        tampered.greedy_matches * 2 < tampered.tokens,
+        "tampered output passed: {tampered:?}"
+    );
+    assert!(tampered.mean_logprob < honest.mean_logprob);
+
+    // A token outside the vocabulary is a clear refusal, not a crash.
+    let audit = AuditRequest {
+        audit_id: Id::random(),
+        claimed_tokens: vec![u32::MAX],
+        ..audit
+    };
+    match client.audit(peer, addr, &audit).await {
+        Err(CallError::Remote { error, .. }) => assert_eq!(error.code, DataErrorCode::BadRequest),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+
+    // A deadline that has passed is refused before any work.
+    let mut late = request(digest, "late");
+    late.deadline_ms = Some(now_ms() - 1);
+    match client.infer(peer, addr, &late, |_| {}).await {
+        Err(CallError::Remote { error, .. }) => {
+            assert_eq!(error.code, DataErrorCode::DeadlineExceeded)
+        }
+        other => panic!("expected a deadline refusal, got {other:?}"),
+    }
+
+    // An unknown model digest is reported as such.
+    let mut unknown = request(Digest::of(b"no such model"), "x");
+    unknown.model.reference = "ai/none:latest".into();
+    match client.infer(peer, addr, &unknown, |_| {}).await {
+        Err(CallError::Remote { error, .. }) => {
+            assert_eq!(error.code, DataErrorCode::ModelNotFound)
+        }
+        other => panic!("expected model-not-found, got {other:?}"),
+    }
+
+    // Dialling the node while expecting another identity fails the handshake.
+    let impostor = Keypair::generate().peer_id();
+    match client.infer(impostor, addr, &req, |_| {}).await {
+        Err(CallError::Connect { .. }) => {}
+        other => panic!("connected to the wrong peer: {other:?}"),
+    }
+
+    // The ledger holds a signed receipt naming us as the requester.
+    let ledger = http("GET", &node.url("/beacon/ledger"), None, &[]).json();
+    assert!(ledger["totals"]["requests"].as_u64().unwrap() >= 2);
+    assert!(
+        ledger["receipts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["requester"] == key.peer_id().to_string().as_str())
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_and_vanishing_clients_do_not_hurt_the_provider() {
+    let node = tokio::task::spawn_blocking(|| NodeServer::start(&[]))
+        .await
+        .unwrap();
+    let (peer, addr, digest) = provider_of(&node);
+    let (_, client) = new_client();
+    let conn = client.connect(peer, addr).await.unwrap();
+
+    // Bytes that are not a request get a BadRequest frame.
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(&8u32.to_be_bytes()).await.unwrap();
+    send.write_all(&[0xff; 8]).await.unwrap();
+    send.finish().unwrap();
+    match read_frame::<DataFrame, _>(&mut recv).await.unwrap() {
+        Some(DataFrame::Error(e)) => assert_eq!(e.code, DataErrorCode::BadRequest),
+        other => panic!("expected BadRequest, got {other:?}"),
+    }
+
+    // A length prefix far over the limit is refused without reading it.
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(&u32::MAX.to_be_bytes()).await.unwrap();
+    send.finish().unwrap();
+    match read_frame::<DataFrame, _>(&mut recv).await.unwrap() {
+        Some(DataFrame::Error(e)) => assert_eq!(e.code, DataErrorCode::BadRequest),
+        other => panic!("expected BadRequest, got {other:?}"),
+    }
+
+    // Half a request, then the connection vanishes.
+    let (mut send, _recv) = conn.open_bi().await.unwrap();
+    let bytes = DataRequest::Infer(request(digest, "cut")).encode().unwrap();
+    send.write_all(&(bytes.len() as u32).to_be_bytes())
+        .await
+        .unwrap();
+    send.write_all(&bytes[..bytes.len() / 2]).await.unwrap();
+    conn.close(0u32.into(), b"bye");
+
+    // A client that leaves mid-generation (after the first delta).
+    let (_, quitter) = new_client();
+    let mut long = request(digest, "river");
+    long.messages[0].content = "Write a long story about a river.".into();
+    long.sampling.max_tokens = 400;
+    let mut call = quitter
+        .call(peer, addr, &DataRequest::Infer(long))
+        .await
+        .unwrap();
+    assert!(matches!(call.next().await.unwrap(), DataFrame::Delta(_)));
+    drop(call);
+    quitter.close();
+
+    // Raw UDP garbage at the QUIC port.
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    for _ in 0..50 {
+        udp.send_to(&[0x42; 1200], addr).unwrap();
+    }
+
+    // Honest traffic is still served, and by the same process.
+    let (_, fresh) = new_client();
+    let (result, _) = fresh
+        .infer(peer, addr, &request(digest, "banana"), |_| {})
+        .await
+        .expect("still serving");
+    assert!(result.output.to_lowercase().contains("banana"));
+    assert_eq!(http("GET", &node.url("/healthz"), None, &[]).status, 200);
+}
