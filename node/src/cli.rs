@@ -46,6 +46,15 @@ pub enum Command {
     Run {
         model: String,
         prompt: Option<String>,
+        /// Sampling temperature (0: greedy, reproducible).
+        #[arg(long, default_value_t = 0.7)]
+        temperature: f32,
+        /// Sampling seed.
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Longest answer, in tokens.
+        #[arg(long, default_value_t = 1024)]
+        max_tokens: u32,
         #[command(flatten)]
         engine: EngineArgs,
     },
@@ -288,8 +297,22 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Run {
             model,
             prompt,
+            temperature,
+            seed,
+            max_tokens,
             engine,
-        } => run_chat(&data_dir, &model, prompt, engine).await,
+        } => {
+            let sampling = beacon_proto::Sampling {
+                temperature,
+                top_p: 0.95,
+                top_k: 40,
+                min_p: 0.05,
+                max_tokens,
+                seed,
+                ..beacon_proto::Sampling::default()
+            };
+            run_chat(&data_dir, &model, prompt, sampling, engine).await
+        }
     }
 }
 
@@ -528,11 +551,12 @@ async fn run_chat(
     data_dir: &std::path::Path,
     model: &str,
     prompt: Option<String>,
+    sampling: beacon_proto::Sampling,
     engine: EngineArgs,
 ) -> anyhow::Result<()> {
     use std::io::{BufRead, Write};
 
-    use beacon_proto::{ChatMessage, Role, Sampling};
+    use beacon_proto::{ChatMessage, Role};
 
     use crate::engine::{Engine, Event, GenerateRequest, OutputFormat, Prompt};
     let store = open_store(data_dir)?;
@@ -573,14 +597,7 @@ async fn run_chat(
         });
         let req = GenerateRequest {
             prompt: Prompt::Chat(history.clone()),
-            sampling: Sampling {
-                temperature: 0.7,
-                top_p: 0.95,
-                top_k: 40,
-                min_p: 0.05,
-                max_tokens: 1024,
-                ..Sampling::default()
-            },
+            sampling: sampling.clone(),
             format: OutputFormat::Text,
             return_tokens: false,
         };

@@ -1,7 +1,11 @@
-//! `beacon-router`: the hybrid router. It will join the provider network as a peer, keep a
-//! live directory of providers, place MinionS subtasks on them, verify signed results and
-//! answer applications over HTTP (see `DESIGN.md`). Only the command-line surface exists so
-//! far; every command that is not built yet says so and exits with an error.
+//! `beacon-router`: the hybrid router. It joins the provider network as a peer, keeps a
+//! live directory of providers, places subtasks on them, verifies signed results and answers
+//! applications over HTTP (see `DESIGN.md`).
+//!
+//! Built so far: [`placement`], the pure placement function. The directory, dispatch,
+//! verification, HTTP API and MinionS are later work.
+
+pub mod placement;
 
 /// Version of this router build.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

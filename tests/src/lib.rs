@@ -775,6 +775,10 @@ impl NodeServer {
         std::fs::read_to_string(self.cli.data.path().join("serve.log")).unwrap_or_default()
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.0.id()
+    }
+
     /// Kills the process with SIGKILL (no goodbye to its peers).
     pub fn kill(&mut self) {
         let _ = self.child.0.kill();

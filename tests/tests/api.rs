@@ -344,11 +344,14 @@ fn model_management_and_idle_unload() {
     let reference = format!("{}/ai/smollm2:remote", registry.host());
     let publisher = NodeCli::new();
     let model = test_model();
+    // Same weights, another config (context size): a different model sharing a layer.
     publisher.ok(&[
         "model",
         "package",
         "--gguf",
         model.to_str().unwrap(),
+        "--context-size",
+        "4096",
         "--push",
         &reference,
     ]);

@@ -17,3 +17,63 @@ fn binaries_print_help() {
         );
     }
 }
+
+/// `beacon-node run MODEL PROMPT` answers once; without PROMPT it holds a conversation on
+/// stdin until EOF; an unknown model is a clear error.
+#[test]
+fn run_answers_from_the_terminal() {
+    use std::io::Write;
+    let cli = beacon_tests::NodeCli::new();
+    let model = beacon_tests::test_model();
+    cli.ok(&[
+        "model",
+        "package",
+        "--gguf",
+        model.to_str().unwrap(),
+        "ai/smollm2:test",
+    ]);
+    let flags = [
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "16",
+        "--ctx-size",
+        "1024",
+    ];
+
+    let mut args = vec![
+        "run",
+        "ai/smollm2:test",
+        "Say the word \"apple\" and nothing else.",
+    ];
+    args.extend(flags);
+    let out = cli.ok(&args);
+    assert!(out.to_lowercase().contains("apple"), "{out}");
+
+    let mut args = vec!["run", "ai/smollm2:test"];
+    args.extend(flags);
+    let mut child = cli
+        .command()
+        .args(&args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"Say the word \"river\" and nothing else.\n\nSay the word \"cloud\" and nothing else.\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout).to_lowercase();
+    assert!(text.contains("river") && text.contains("cloud"), "{text}");
+
+    let err = cli.fails(&["run", "ai/nothing-here", "hi"]);
+    assert!(
+        err.contains("not found") || err.contains("nothing-here"),
+        "{err}"
+    );
+}

@@ -216,15 +216,26 @@ fn json_schema_output_parses_and_validates() {
 #[test]
 fn limits_and_stop_strings() {
     let rt = rt();
+    // One sequence at a time: llama.cpp's CPU kernels are not batch-invariant, and the
+    // full and the stopped generation must follow the same greedy path.
+    let engine = Engine::load(
+        &test_model(),
+        EngineConfig {
+            parallel: 1,
+            ctx_per_slot: 1024,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let c = rt
-        .block_on(engine().complete(chat("Be verbose.", "Count from one to fifty in words.", 5)))
+        .block_on(engine.complete(chat("Be verbose.", "Count from one to fifty in words.", 5)))
         .unwrap();
     assert_eq!(c.finish_reason, FinishReason::Length);
     assert_eq!(c.usage.completion_tokens, 5);
 
     let prompt = "Describe a sunny day at the beach.";
     let full = rt
-        .block_on(engine().complete(chat("Be verbose.", prompt, 40)))
+        .block_on(engine.complete(chat("Be verbose.", prompt, 40)))
         .unwrap();
     let word = full
         .text
@@ -234,7 +245,7 @@ fn limits_and_stop_strings() {
         .to_string();
     let mut req = chat("Be verbose.", prompt, 40);
     req.sampling.stop = vec![word.clone()];
-    let c = rt.block_on(engine().complete(req)).unwrap();
+    let c = rt.block_on(engine.complete(req)).unwrap();
     assert_eq!(c.finish_reason, FinishReason::Stop);
     assert!(
         !c.text.contains(&word),
