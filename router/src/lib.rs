@@ -1,11 +1,104 @@
 //! `beacon-router`: the hybrid router. It joins the provider network as a peer, keeps a
-//! live directory of providers, places subtasks on them, verifies signed results and answers
-//! applications over HTTP (see `DESIGN.md`).
+//! live directory of providers ([`directory`]), places subtasks on them ([`placement`], a
+//! pure function), runs them over the QUIC data plane with retries, hedging and audits
+//! ([`dispatch`]), and answers applications over HTTP ([`api`]).
 //!
-//! Built so far: [`placement`], the pure placement function. The directory, dispatch,
-//! verification, HTTP API and MinionS are later work.
+//! Not built yet: MinionS orchestration (`/v1/minions`) and TLS on the HTTP endpoint.
 
+pub mod api;
+pub mod directory;
+pub mod dispatch;
 pub mod placement;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use anyhow::Context;
+use beacon_net::directory::Directory;
+use beacon_net::{DataClient, Network, NetworkConfig};
 
 /// Version of this router build.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Everything `serve` needs.
+pub struct RouterConfig {
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    pub p2p_listen: Vec<libp2p::Multiaddr>,
+    pub bootstrap: Vec<libp2p::Multiaddr>,
+    pub api_keys: Vec<String>,
+    pub rate_per_minute: u32,
+    pub remote: Option<api::Remote>,
+    pub dispatch: dispatch::DispatchConfig,
+    pub policy: placement::Policy,
+    pub max_body: usize,
+    /// Directory entries expire after this long without an advert.
+    pub advert_expiry: Duration,
+}
+
+/// Runs the router until `shutdown` resolves.
+pub async fn run(
+    config: RouterConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating {}", config.data_dir.display()))?;
+    let key = load_or_create_key(&config.data_dir.join("identity.key"))?;
+    let db = sled::open(config.data_dir.join("router.db")).context("opening router.db")?;
+    let reputation = db.open_tree("reputation")?;
+
+    let mut net_config = NetworkConfig::new(key.clone());
+    net_config.listen = config.p2p_listen.clone();
+    net_config.bootstrap = config.bootstrap.clone();
+    let network = Network::start(net_config).await?;
+    let live = Arc::new(RwLock::new(Directory::new(
+        config.advert_expiry,
+        Duration::from_secs(10),
+    )));
+    beacon_net::directory::follow(&network, live.clone());
+    let directory = directory::RouterDirectory::new(live, Some(reputation));
+    let client = DataClient::new(&key, "0.0.0.0:0".parse().expect("valid address"))?;
+    let dispatcher = dispatch::Dispatcher::new(client.clone(), directory, config.dispatch);
+    let state = api::ApiState::new(
+        dispatcher,
+        config.remote,
+        config.api_keys,
+        config.rate_per_minute,
+        config.policy,
+    );
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("listening on {}", config.listen))?;
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, peer = %key.peer_id(), "router listening");
+    eprintln!("beacon-router API on http://{addr}, peer {}", key.peer_id());
+    axum::serve(listener, api::router(state, config.max_body))
+        .with_graceful_shutdown(shutdown)
+        .await?;
+    client.close();
+    network.shutdown().await;
+    db.flush()?;
+    Ok(())
+}
+
+/// The router's identity key (mode 0600), created on first start.
+fn load_or_create_key(path: &std::path::Path) -> anyhow::Result<beacon_proto::Keypair> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Ok(bytes) = std::fs::read(path) {
+        return beacon_proto::Keypair::from_secret_bytes(&bytes)
+            .with_context(|| format!("{} is not a Beacon key", path.display()));
+    }
+    let key = beacon_proto::Keypair::generate();
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    f.write_all(&key.secret_bytes()[..])?;
+    Ok(key)
+}

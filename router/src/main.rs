@@ -1,5 +1,8 @@
+use std::path::PathBuf;
+use std::time::Duration;
+
 use anyhow::bail;
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 
 /// Beacon hybrid router: routes chat and MinionS jobs onto the provider network.
 #[derive(Parser, Debug)]
@@ -12,16 +15,120 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Join the network and serve the router's HTTP API.
-    Serve,
-    /// Send a MinionS job to a router and print the answer.
+    Serve(Box<ServeArgs>),
+    /// Send a MinionS job to a router and print the answer (not built yet).
     Minions,
 }
 
-fn main() -> anyhow::Result<()> {
+#[derive(Args, Debug)]
+struct ServeArgs {
+    /// Data directory: identity key and reputation database.
+    #[arg(long, env = "BEACON_ROUTER_DATA_DIR", default_value = ".beacon-router")]
+    data_dir: PathBuf,
+    /// HTTP API address.
+    #[arg(long, env = "BEACON_ROUTER_LISTEN", default_value = "127.0.0.1:8080")]
+    listen: std::net::SocketAddr,
+    /// libp2p listen addresses.
+    #[arg(
+        long,
+        env = "BEACON_P2P_LISTEN",
+        value_delimiter = ',',
+        default_value = "/ip4/0.0.0.0/udp/0/quic-v1,/ip4/0.0.0.0/tcp/0"
+    )]
+    p2p_listen: Vec<libp2p::Multiaddr>,
+    /// Bootstrap peers, comma-separated.
+    #[arg(long, env = "BEACON_BOOTSTRAP", value_delimiter = ',')]
+    bootstrap: Vec<libp2p::Multiaddr>,
+    /// Accepted API keys (bearer), comma-separated; none: no authentication.
+    #[arg(
+        long,
+        env = "BEACON_ROUTER_API_KEYS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    api_key: Vec<String>,
+    /// Requests per minute per API key (0: unlimited).
+    #[arg(long, env = "BEACON_ROUTER_RATE_LIMIT", default_value_t = 0)]
+    rate_limit: u32,
+    /// Remote OpenAI-compatible API for requests the network cannot serve (e.g. https://api.openai.com/v1).
+    #[arg(long, env = "BEACON_REMOTE_BASE_URL")]
+    remote_base_url: Option<String>,
+    /// Key for the remote API; prefer the environment variable.
+    #[arg(long, env = "BEACON_REMOTE_API_KEY", hide_env_values = true)]
+    remote_api_key: Option<String>,
+    /// Only place work in these regions (data residency), comma-separated.
+    #[arg(long, env = "BEACON_ALLOWED_REGIONS", value_delimiter = ',')]
+    allowed_regions: Vec<String>,
+    /// Base fraction of results audited on a second provider.
+    #[arg(long, env = "BEACON_AUDIT_RATE", default_value_t = 0.05)]
+    audit_rate: f64,
+    /// Per-attempt timeout, seconds.
+    #[arg(long, env = "BEACON_ATTEMPT_TIMEOUT", default_value_t = 120)]
+    attempt_timeout: u64,
+    /// Largest request body, MiB.
+    #[arg(long, env = "BEACON_MAX_BODY_MIB", default_value_t = 16)]
+    max_body_mib: usize,
+    /// Seconds without an advert after which a provider is dropped.
+    #[arg(long, env = "BEACON_ADVERT_EXPIRY", default_value_t = 40)]
+    advert_expiry: u64,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("BEACON_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve | Command::Minions => {
-            bail!("`{:?}` is not implemented yet in this build", cli.command)
+        Command::Serve(a) => {
+            let a = *a;
+            let config = beacon_router::RouterConfig {
+                data_dir: a.data_dir,
+                listen: a.listen,
+                p2p_listen: a.p2p_listen,
+                bootstrap: a.bootstrap,
+                api_keys: a.api_key,
+                rate_per_minute: a.rate_limit,
+                remote: a
+                    .remote_base_url
+                    .map(|base_url| beacon_router::api::Remote {
+                        base_url,
+                        api_key: a.remote_api_key,
+                    }),
+                dispatch: beacon_router::dispatch::DispatchConfig {
+                    attempt_timeout: Duration::from_secs(a.attempt_timeout.max(1)),
+                    audit_rate: a.audit_rate.clamp(0.0, 1.0),
+                    ..Default::default()
+                },
+                policy: beacon_router::placement::Policy {
+                    allowed_regions: (!a.allowed_regions.is_empty())
+                        .then(|| a.allowed_regions.into_iter().collect()),
+                    ..Default::default()
+                },
+                max_body: a.max_body_mib << 20,
+                advert_expiry: Duration::from_secs(a.advert_expiry.max(3)),
+            };
+            beacon_router::run(config, shutdown()).await
         }
+        Command::Minions => bail!("`minions` is not implemented yet in this build"),
+    }
+}
+
+async fn shutdown() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
     }
 }

@@ -851,3 +851,71 @@ pub fn http(method: &str, url: &str, body: Option<&str>, headers: &[&str]) -> Ht
         body: body.to_string(),
     }
 }
+
+/// A `beacon-router serve` process on loopback.
+pub struct RouterServer {
+    pub addr: SocketAddr,
+    pub data: tempfile::TempDir,
+    child: ChildGuard,
+}
+
+impl RouterServer {
+    /// Starts a router that bootstraps from `bootstrap` (if any) with extra flags.
+    pub fn start(bootstrap: Option<&str>, extra: &[&str]) -> RouterServer {
+        let data = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let listen = format!("127.0.0.1:{port}");
+        let mut c = Command::new(bin("beacon-router"));
+        c.args([
+            "serve",
+            "--data-dir",
+            data.path().to_str().unwrap(),
+            "--listen",
+            &listen,
+            "--p2p-listen",
+            "/ip4/127.0.0.1/udp/0/quic-v1,/ip4/127.0.0.1/tcp/0",
+            "--advert-expiry",
+            "8",
+        ]);
+        if let Some(b) = bootstrap {
+            c.args(["--bootstrap", b]);
+        }
+        let log = std::fs::File::create(data.path().join("router.log")).unwrap();
+        let child = c
+            .args(extra)
+            .env("BEACON_LOG", "info")
+            .env_remove("BEACON_ROUTER_API_KEYS")
+            .env_remove("BEACON_REMOTE_API_KEY")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let addr: SocketAddr = listen.parse().unwrap();
+        let child = ChildGuard(child);
+        wait_for_http(addr, "/healthz", Duration::from_secs(30));
+        RouterServer { addr, data, child }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.data.path().join("router.log")).unwrap_or_default()
+    }
+
+    /// Peer ids of the providers the router knows.
+    pub fn providers(&self) -> Vec<String> {
+        http("GET", &self.url("/v1/providers"), None, &[]).json()["providers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["peer_id"].as_str().unwrap().to_string())
+            .collect()
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.0.kill();
+        let _ = self.child.0.wait();
+    }
+}

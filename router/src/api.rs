@@ -1,0 +1,548 @@
+//! The router's HTTP API (axum): OpenAI-compatible `POST /v1/chat/completions` routed to the
+//! best provider for the model (streaming too), falling back to the configured remote API
+//! when the network cannot serve it; `GET /v1/models` (the network's models), `GET
+//! /v1/providers`, `/metrics`, `/healthz`. Bearer API keys with a per-key rate limit, a body
+//! limit, and OpenAI-shaped errors.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use beacon_proto::{ChatMessage, Id, InferRequest, ModelSpec, Role, Sampling};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+
+use crate::dispatch::{DispatchError, Dispatcher};
+use crate::placement::Policy;
+
+/// The remote (supervisor / fallback) OpenAI-compatible API.
+#[derive(Clone, Debug)]
+pub struct Remote {
+    /// e.g. `https://api.openai.com/v1`
+    pub base_url: String,
+    pub api_key: Option<String>,
+}
+
+/// Shared state of the API.
+#[derive(Clone)]
+pub struct ApiState {
+    pub dispatcher: Dispatcher,
+    pub remote: Option<Remote>,
+    pub http: reqwest::Client,
+    pub keys: Arc<Vec<String>>,
+    pub rate_per_minute: u32,
+    pub policy: Policy,
+    buckets: Arc<Mutex<HashMap<String, (f64, Instant)>>>,
+    metrics: Arc<Metrics>,
+}
+
+#[derive(Default)]
+struct Metrics {
+    requests: AtomicU64,
+    routed: AtomicU64,
+    fallback: AtomicU64,
+    errors: AtomicU64,
+    rate_limited: AtomicU64,
+    retries: AtomicU64,
+    hedged: AtomicU64,
+    prompt_tokens: AtomicU64,
+    completion_tokens: AtomicU64,
+}
+
+impl ApiState {
+    pub fn new(
+        dispatcher: Dispatcher,
+        remote: Option<Remote>,
+        keys: Vec<String>,
+        rate_per_minute: u32,
+        policy: Policy,
+    ) -> Self {
+        ApiState {
+            dispatcher,
+            remote,
+            http: reqwest::Client::new(),
+            keys: Arc::new(keys),
+            rate_per_minute,
+            policy,
+            buckets: Arc::default(),
+            metrics: Arc::default(),
+        }
+    }
+}
+
+/// An OpenAI-shaped error.
+pub struct ApiError {
+    status: StatusCode,
+    kind: &'static str,
+    message: String,
+    param: Option<String>,
+    retry_after: Option<u64>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            kind,
+            message: message.into(),
+            param: None,
+            retry_after: None,
+        }
+    }
+    fn bad(param: &str, message: impl Into<String>) -> Self {
+        ApiError {
+            param: Some(param.into()),
+            ..Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message)
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({"error": {"message": self.message, "type": self.kind, "param": self.param, "code": null}});
+        let mut r = (self.status, axum::Json(body)).into_response();
+        if let Some(s) = self.retry_after
+            && let Ok(v) = HeaderValue::from_str(&s.to_string())
+        {
+            r.headers_mut().insert(header::RETRY_AFTER, v);
+        }
+        r
+    }
+}
+
+/// The API's routes.
+pub fn router(state: ApiState, max_body: usize) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/models", get(models))
+        .route("/v1/providers", get(providers))
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok" }))
+        .fallback(|| async {
+            ApiError::new(StatusCode::NOT_FOUND, "not_found_error", "no such endpoint")
+        })
+        .layer(middleware::from_fn_with_state(state.clone(), auth))
+        .layer(DefaultBodyLimit::max(max_body))
+        .with_state(state)
+}
+
+async fn auth(State(state): State<ApiState>, req: Request, next: Next) -> Response {
+    if req.uri().path() == "/healthz" || state.keys.is_empty() {
+        return next.run(req).await;
+    }
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::to_string);
+    let Some(key) = given.filter(|g| {
+        state.keys.iter().any(|k| {
+            k.len() == g.len() && k.bytes().zip(g.bytes()).fold(0, |a, (x, y)| a | (x ^ y)) == 0
+        })
+    }) else {
+        return ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "authentication_error",
+            "missing or unknown API key",
+        )
+        .into_response();
+    };
+    if state.rate_per_minute > 0 {
+        // Token bucket per key: `rate_per_minute` capacity, refilled continuously.
+        let cap = state.rate_per_minute as f64;
+        let mut buckets = state.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        let (tokens, at) = buckets.entry(key).or_insert((cap, Instant::now()));
+        *tokens = (*tokens + at.elapsed().as_secs_f64() * cap / 60.0).min(cap);
+        *at = Instant::now();
+        if *tokens < 1.0 {
+            state.metrics.rate_limited.fetch_add(1, Ordering::Relaxed);
+            let wait = ((1.0 - *tokens) * 60.0 / cap).ceil() as u64;
+            return ApiError {
+                retry_after: Some(wait.max(1)),
+                ..ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "rate_limit_error",
+                    "rate limit reached for this key",
+                )
+            }
+            .into_response();
+        }
+        *tokens -= 1.0;
+    }
+    next.run(req).await
+}
+
+#[derive(Deserialize)]
+struct ChatBody {
+    model: String,
+    messages: Vec<InMessage>,
+    #[serde(default, alias = "max_completion_tokens")]
+    max_tokens: Option<u32>,
+    #[serde(default)]
+    temperature: Option<f32>,
+    #[serde(default)]
+    top_p: Option<f32>,
+    #[serde(default)]
+    seed: Option<u64>,
+    #[serde(default)]
+    stop: Option<Stop>,
+    #[serde(default)]
+    stream: bool,
+    #[serde(default)]
+    stream_options: Option<Value>,
+    #[serde(default)]
+    response_format: Option<Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Deserialize)]
+struct InMessage {
+    role: String,
+    content: String,
+}
+
+fn parse(bytes: &Bytes) -> Result<(ChatBody, Value), ApiError> {
+    let value: Value = serde_json::from_slice(bytes)
+        .map_err(|e| ApiError::bad("body", format!("malformed JSON: {e}")))?;
+    let body: ChatBody = serde_path_to_error::deserialize(value.clone()).map_err(|e| {
+        let p = e.path().to_string();
+        ApiError::bad(
+            if p == "." { "body" } else { &p },
+            e.into_inner().to_string(),
+        )
+    })?;
+    Ok((body, value))
+}
+
+fn to_request(body: &ChatBody, digest: beacon_proto::Digest) -> Result<InferRequest, ApiError> {
+    if body.messages.is_empty() {
+        return Err(ApiError::bad(
+            "messages",
+            "at least one message is required",
+        ));
+    }
+    let messages = body
+        .messages
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let role = match m.role.as_str() {
+                "system" | "developer" => Role::System,
+                "user" => Role::User,
+                "assistant" => Role::Assistant,
+                other => {
+                    return Err(ApiError::bad(
+                        &format!("messages[{i}].role"),
+                        format!("unknown role {other:?}"),
+                    ));
+                }
+            };
+            Ok(ChatMessage {
+                role,
+                content: m.content.clone(),
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let temperature = body.temperature.unwrap_or(1.0);
+    if !(0.0..=2.0).contains(&temperature) {
+        return Err(ApiError::bad("temperature", "must be between 0 and 2"));
+    }
+    let json_schema = match &body.response_format {
+        None => None,
+        Some(f) => match f.get("type").and_then(Value::as_str) {
+            Some("text") => None,
+            Some("json_object") => Some(r#"{"type":"object"}"#.to_string()),
+            Some("json_schema") => Some(
+                f.pointer("/json_schema/schema")
+                    .ok_or_else(|| ApiError::bad("response_format.json_schema.schema", "missing"))?
+                    .to_string(),
+            ),
+            _ => {
+                return Err(ApiError::bad(
+                    "response_format.type",
+                    "must be text, json_object or json_schema",
+                ));
+            }
+        },
+    };
+    Ok(InferRequest {
+        request_id: Id::random(),
+        job_id: None,
+        model: ModelSpec {
+            reference: body.model.clone(),
+            digest,
+        },
+        messages,
+        sampling: Sampling {
+            temperature,
+            top_p: body.top_p.unwrap_or(1.0),
+            max_tokens: body.max_tokens.unwrap_or(512).clamp(1, 8192),
+            seed: body.seed,
+            stop: match &body.stop {
+                None => vec![],
+                Some(Stop::One(s)) => vec![s.clone()],
+                Some(Stop::Many(v)) => v.iter().take(4).cloned().collect(),
+            },
+            ..Sampling::default()
+        },
+        json_schema,
+        deadline_ms: None,
+        return_tokens: true,
+    })
+}
+
+fn finish(r: beacon_proto::FinishReason) -> &'static str {
+    match r {
+        beacon_proto::FinishReason::Length => "length",
+        _ => "stop",
+    }
+}
+
+async fn chat(
+    State(state): State<ApiState>,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Response {
+    state.metrics.requests.fetch_add(1, Ordering::Relaxed);
+    let r = chat_inner(&state, body).await;
+    r.unwrap_or_else(|e| {
+        state.metrics.errors.fetch_add(1, Ordering::Relaxed);
+        e.into_response()
+    })
+}
+
+async fn chat_inner(
+    state: &ApiState,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<Response, ApiError> {
+    let bytes = body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request_error",
+                "request body is too large",
+            )
+        } else {
+            ApiError::bad("body", e.body_text())
+        }
+    })?;
+    let (body, raw) = parse(&bytes)?;
+    let digest = state.dispatcher.directory.resolve_model(&body.model);
+    let Some(digest) = digest else {
+        return fallback(state, raw, &format!("no provider serves {}", body.model)).await;
+    };
+    let request = to_request(&body, digest)?;
+    let id = format!("chatcmpl-{}", request.request_id.short());
+    let created = crate::directory::now_ms() / 1000;
+    let model = body.model.clone();
+    if !body.stream {
+        let outcome = match state.dispatcher.run(&request, &state.policy, None).await {
+            Ok(o) => o,
+            Err(DispatchError::NoProvider(reason)) => return fallback(state, raw, &reason).await,
+            Err(e) => return Err(dispatch_error(e)),
+        };
+        record(state, &outcome);
+        let r = &outcome.result;
+        return Ok(axum::Json(json!({
+            "id": id, "object": "chat.completion", "created": created, "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": r.output}, "finish_reason": finish(r.finish_reason)}],
+            "usage": {"prompt_tokens": r.usage.prompt_tokens, "completion_tokens": r.usage.completion_tokens,
+                      "total_tokens": r.usage.prompt_tokens + r.usage.completion_tokens},
+            "beacon": {"provider": outcome.provider.to_string(), "region": outcome.region, "attempts": outcome.attempts,
+                       "hedged": outcome.hedged, "verified": true, "latency_ms": outcome.latency_ms},
+        })).into_response());
+    }
+    // Streaming: deltas as OpenAI chunks, then the finish and (when asked) usage chunks.
+    let include_usage = body
+        .stream_options
+        .as_ref()
+        .and_then(|o| o.get("include_usage"))
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let (tx, mut rx) = mpsc::unbounded_channel::<String>();
+    let (out_tx, out_rx) = mpsc::channel::<Result<Bytes, Infallible>>(64);
+    let st = state.clone();
+    tokio::spawn(async move {
+        let chunk = |delta: Value, finish: Value| {
+            let c = json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]});
+            Bytes::from(format!("data: {c}\n\n"))
+        };
+        let _ = out_tx
+            .send(Ok(chunk(
+                json!({"role": "assistant", "content": ""}),
+                Value::Null,
+            )))
+            .await;
+        let run = st.dispatcher.run(&request, &st.policy, Some(tx));
+        tokio::pin!(run);
+        let outcome = loop {
+            tokio::select! {
+                Some(d) = rx.recv() => {
+                    if out_tx.send(Ok(chunk(json!({"content": d}), Value::Null))).await.is_err() {
+                        return;
+                    }
+                }
+                o = &mut run => break o,
+            }
+        };
+        while let Ok(d) = rx.try_recv() {
+            let _ = out_tx
+                .send(Ok(chunk(json!({"content": d}), Value::Null)))
+                .await;
+        }
+        match outcome {
+            Ok(o) => {
+                record(&st, &o);
+                let _ = out_tx
+                    .send(Ok(chunk(json!({}), json!(finish(o.result.finish_reason)))))
+                    .await;
+                if include_usage {
+                    let u = o.result.usage;
+                    let c = json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [],
+                        "usage": {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens, "total_tokens": u.prompt_tokens + u.completion_tokens}});
+                    let _ = out_tx.send(Ok(Bytes::from(format!("data: {c}\n\n")))).await;
+                }
+            }
+            Err(e) => {
+                st.metrics.errors.fetch_add(1, Ordering::Relaxed);
+                let c = json!({"error": {"message": e.to_string(), "type": "server_error"}});
+                let _ = out_tx.send(Ok(Bytes::from(format!("data: {c}\n\n")))).await;
+            }
+        }
+        let _ = out_tx.send(Ok(Bytes::from("data: [DONE]\n\n"))).await;
+    });
+    let stream =
+        futures::stream::unfold(
+            out_rx,
+            |mut rx| async move { rx.recv().await.map(|x| (x, rx)) },
+        );
+    Ok(Response::builder()
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .header(header::CACHE_CONTROL, "no-cache")
+        .body(Body::from_stream(stream))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response()))
+}
+
+fn record(state: &ApiState, o: &crate::dispatch::Outcome) {
+    let m = &state.metrics;
+    m.routed.fetch_add(1, Ordering::Relaxed);
+    m.retries
+        .fetch_add(o.attempts as u64 - 1, Ordering::Relaxed);
+    if o.hedged {
+        m.hedged.fetch_add(1, Ordering::Relaxed);
+    }
+    m.prompt_tokens
+        .fetch_add(o.result.usage.prompt_tokens as u64, Ordering::Relaxed);
+    m.completion_tokens
+        .fetch_add(o.result.usage.completion_tokens as u64, Ordering::Relaxed);
+}
+
+fn dispatch_error(e: DispatchError) -> ApiError {
+    match e {
+        DispatchError::Refused(m) => ApiError::bad("body", m),
+        DispatchError::NoProvider(m) => ApiError::new(StatusCode::NOT_FOUND, "model_not_found", m),
+        e @ DispatchError::Exhausted { .. } => ApiError {
+            retry_after: Some(2),
+            ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "overloaded", e.to_string())
+        },
+    }
+}
+
+/// Sends the request unchanged to the remote API, or explains why it cannot be served.
+async fn fallback(state: &ApiState, raw: Value, reason: &str) -> Result<Response, ApiError> {
+    let Some(remote) = &state.remote else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "model_not_found",
+            format!("{reason}, and no remote API is configured"),
+        ));
+    };
+    state.metrics.fallback.fetch_add(1, Ordering::Relaxed);
+    let url = format!("{}/chat/completions", remote.base_url.trim_end_matches('/'));
+    let mut req = state.http.post(url).json(&raw);
+    if let Some(k) = &remote.api_key {
+        req = req.bearer_auth(k);
+    }
+    let resp = req.send().await.map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "upstream_error",
+            format!("remote API: {e}"),
+        )
+    })?;
+    let status = StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+    let ctype = resp.headers().get(reqwest::header::CONTENT_TYPE).cloned();
+    let stream = resp.bytes_stream();
+    let mut r = Response::builder().status(status);
+    if let Some(c) = ctype {
+        r = r.header(header::CONTENT_TYPE, c.as_bytes());
+    }
+    r = r.header("x-beacon-route", "remote");
+    Ok(r.body(Body::from_stream(stream))
+        .unwrap_or_else(|_| StatusCode::BAD_GATEWAY.into_response()))
+}
+
+async fn models(State(state): State<ApiState>) -> axum::Json<Value> {
+    let data: Vec<Value> = state
+        .dispatcher
+        .directory
+        .models()
+        .into_iter()
+        .map(|(name, (digest, n))| json!({"id": name, "object": "model", "owned_by": "beacon", "digest": digest.to_string(), "providers": n}))
+        .collect();
+    axum::Json(json!({"object": "list", "data": data}))
+}
+
+async fn providers(State(state): State<ApiState>) -> axum::Json<Value> {
+    axum::Json(json!({"providers": state.dispatcher.directory.providers()}))
+}
+
+async fn metrics(State(state): State<ApiState>) -> String {
+    let m = &state.metrics;
+    let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    let providers = state.dispatcher.directory.providers();
+    let audits = state.dispatcher.audit_log();
+    format!(
+        "# TYPE beacon_router_requests_total counter\nbeacon_router_requests_total {}\n\
+         # TYPE beacon_router_routed_total counter\nbeacon_router_routed_total {}\n\
+         # TYPE beacon_router_fallback_total counter\nbeacon_router_fallback_total {}\n\
+         # TYPE beacon_router_errors_total counter\nbeacon_router_errors_total {}\n\
+         # TYPE beacon_router_rate_limited_total counter\nbeacon_router_rate_limited_total {}\n\
+         # TYPE beacon_router_retries_total counter\nbeacon_router_retries_total {}\n\
+         # TYPE beacon_router_hedged_total counter\nbeacon_router_hedged_total {}\n\
+         # TYPE beacon_router_tokens_total counter\nbeacon_router_tokens_total{{kind=\"prompt\"}} {}\nbeacon_router_tokens_total{{kind=\"completion\"}} {}\n\
+         # TYPE beacon_router_providers gauge\nbeacon_router_providers {}\n\
+         # TYPE beacon_router_quarantined gauge\nbeacon_router_quarantined {}\n\
+         # TYPE beacon_router_audits_total counter\nbeacon_router_audits_total{{result=\"pass\"}} {}\nbeacon_router_audits_total{{result=\"fail\"}} {}\n",
+        g(&m.requests),
+        g(&m.routed),
+        g(&m.fallback),
+        g(&m.errors),
+        g(&m.rate_limited),
+        g(&m.retries),
+        g(&m.hedged),
+        g(&m.prompt_tokens),
+        g(&m.completion_tokens),
+        providers.len(),
+        providers.iter().filter(|p| p.quarantined).count(),
+        audits.iter().filter(|a| a.1.passed).count(),
+        audits.iter().filter(|a| !a.1.passed).count(),
+    )
+}

@@ -1,0 +1,210 @@
+//! The router with real provider nodes on loopback: discovery, routed chat (plain and
+//! streamed) with verified results, residency pinning, surviving a provider's death, the
+//! remote fallback, API keys and rate limits, and bad input.
+
+use std::time::Duration;
+
+use beacon_tests::{NodeServer, RouterServer, http, wait_until};
+
+fn chat(word: &str, extra: &str) -> String {
+    format!(
+        r#"{{"model":"ai/smollm2:test","temperature":0,"max_tokens":12,"messages":[{{"role":"user","content":"Say the word \"{word}\" and nothing else."}}]{extra}}}"#
+    )
+}
+
+#[test]
+fn routes_chat_to_providers_verifies_pins_and_survives_a_death() {
+    let mut a = NodeServer::start(&["--region", "eu-west"]);
+    let boot = a.bootstrap_addr();
+    let b = NodeServer::start(&["--region", "us-east", "--bootstrap", &boot]);
+    let (pa, pb) = (a.peer_id(), b.peer_id());
+    let router = RouterServer::start(Some(&boot), &[]);
+    let pinned = RouterServer::start(Some(&boot), &["--allowed-regions", "eu-west"]);
+    let both = wait_until(Duration::from_secs(60), || {
+        let (r, p) = (router.providers(), pinned.providers());
+        r.contains(&pa) && r.contains(&pb) && p.contains(&pa) && p.contains(&pb)
+    });
+    assert!(
+        both,
+        "router sees {:?}\n{}",
+        router.providers(),
+        router.log()
+    );
+
+    let models = http("GET", &router.url("/v1/models"), None, &[]).json();
+    let entry = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["id"] == "ai/smollm2:test")
+        .unwrap_or_else(|| panic!("{models}"));
+    assert_eq!(entry["providers"], 2);
+
+    // Routed, verified answers; with several requests both providers take part.
+    let mut seen = std::collections::HashSet::new();
+    let handles: Vec<_> = ["apple", "river", "stone", "cloud", "tiger", "piano"]
+        .into_iter()
+        .map(|w| {
+            let url = router.url("/v1/chat/completions");
+            std::thread::spawn(move || (w, http("POST", &url, Some(&chat(w, "")), &[])))
+        })
+        .collect();
+    for h in handles {
+        let (w, r) = h.join().unwrap();
+        assert_eq!(r.status, 200, "{r:?}");
+        let v = r.json();
+        let text = v["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .to_lowercase();
+        assert!(text.contains(w), "{w}: {text}");
+        assert_eq!(v["beacon"]["verified"], true);
+        assert!(v["usage"]["completion_tokens"].as_u64().unwrap() > 0);
+        seen.insert(v["beacon"]["provider"].as_str().unwrap().to_string());
+    }
+    assert!(seen.iter().all(|p| *p == pa || *p == pb));
+    assert_eq!(seen.len(), 2, "load was not spread: {seen:?}");
+
+    // Streaming: OpenAI chunks that add up to the answer, a usage chunk, [DONE].
+    let r = http(
+        "POST",
+        &router.url("/v1/chat/completions"),
+        Some(&chat(
+            "lemon",
+            r#","stream":true,"stream_options":{"include_usage":true}"#,
+        )),
+        &[],
+    );
+    assert_eq!(r.status, 200);
+    let mut text = String::new();
+    let mut usage = false;
+    for line in r.body.lines().filter_map(|l| l.strip_prefix("data: ")) {
+        if line == "[DONE]" {
+            continue;
+        }
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        if let Some(d) = v["choices"][0]["delta"]["content"].as_str() {
+            text.push_str(d);
+        }
+        usage |= v["usage"]["completion_tokens"]
+            .as_u64()
+            .is_some_and(|n| n > 0);
+    }
+    assert!(text.to_lowercase().contains("lemon"), "{text}");
+    assert!(usage);
+    assert!(r.body.trim_end().ends_with("data: [DONE]"));
+
+    // Residency: the pinned router only uses eu-west.
+    for w in ["grape", "melon", "peach"] {
+        let r = http(
+            "POST",
+            &pinned.url("/v1/chat/completions"),
+            Some(&chat(w, "")),
+            &[],
+        );
+        assert_eq!(r.status, 200, "{r:?}");
+        assert_eq!(r.json()["beacon"]["provider"], pa.as_str());
+    }
+
+    // Bad input is a clear 4xx.
+    let r = http(
+        "POST",
+        &router.url("/v1/chat/completions"),
+        Some("{not json"),
+        &[],
+    );
+    assert_eq!(r.status, 400);
+    assert_eq!(r.json()["error"]["type"], "invalid_request_error");
+    let r = http(
+        "POST",
+        &router.url("/v1/chat/completions"),
+        Some(r#"{"model":"ai/smollm2:test","messages":[{"role":"robot","content":"x"}]}"#),
+        &[],
+    );
+    assert_eq!(r.status, 400);
+    assert_eq!(r.json()["error"]["param"], "messages[0].role");
+    let r = http(
+        "POST",
+        &router.url("/v1/chat/completions"),
+        Some(r#"{"model":"ai/none:1","messages":[{"role":"user","content":"x"}]}"#),
+        &[],
+    );
+    assert_eq!(r.status, 404);
+    assert_eq!(r.json()["error"]["type"], "model_not_found");
+
+    // A provider dies: requests keep being answered (retried on the other one), and the
+    // router drops it from its directory.
+    a.kill();
+    for w in ["ocean", "forest", "candle", "bridge"] {
+        let r = http(
+            "POST",
+            &router.url("/v1/chat/completions"),
+            Some(&chat(w, "")),
+            &[],
+        );
+        assert_eq!(r.status, 200, "{r:?}\n{}", router.log());
+        let v = r.json();
+        assert_eq!(v["beacon"]["provider"], pb.as_str());
+        assert!(
+            v["choices"][0]["message"]["content"]
+                .as_str()
+                .unwrap()
+                .to_lowercase()
+                .contains(w)
+        );
+    }
+    let dropped = wait_until(Duration::from_secs(60), || {
+        !router.providers().contains(&pa)
+    });
+    assert!(dropped, "dead provider kept");
+    let metrics = http("GET", &router.url("/metrics"), None, &[]).body;
+    assert!(metrics.contains("beacon_router_routed_total"), "{metrics}");
+}
+
+#[test]
+fn falls_back_to_the_remote_api_with_keys_and_rate_limits() {
+    // The "remote" is a Beacon node serving the same OpenAI API; the router has no
+    // providers at all, so everything goes there.
+    let remote = NodeServer::start(&["--no-network"]);
+    let router = RouterServer::start(
+        None,
+        &[
+            "--remote-base-url",
+            &remote.url("/v1"),
+            "--api-key",
+            "k-one,k-two",
+            "--rate-limit",
+            "2",
+        ],
+    );
+    let url = router.url("/v1/chat/completions");
+    let r = http("POST", &url, Some(&chat("apple", "")), &[]);
+    assert_eq!(r.status, 401);
+    assert_eq!(r.json()["error"]["type"], "authentication_error");
+    assert_eq!(http("GET", &router.url("/healthz"), None, &[]).status, 200);
+
+    let key = ["Authorization: Bearer k-one"];
+    let r = http("POST", &url, Some(&chat("apple", "")), &key);
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(r.headers.to_lowercase().contains("x-beacon-route: remote"));
+    let text = r.json()["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_lowercase();
+    assert!(text.contains("apple"), "{text}");
+
+    let r = http("POST", &url, Some(&chat("pear", "")), &key);
+    assert_eq!(r.status, 200);
+    // Third request in the same minute on this key: limited, with Retry-After.
+    let r = http("POST", &url, Some(&chat("plum", "")), &key);
+    assert_eq!(r.status, 429, "{r:?}");
+    assert!(r.headers.to_lowercase().contains("retry-after:"));
+    // Another key has its own budget.
+    let r = http(
+        "POST",
+        &url,
+        Some(&chat("plum", "")),
+        &["Authorization: Bearer k-two"],
+    );
+    assert_eq!(r.status, 200);
+}
