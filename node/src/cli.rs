@@ -167,6 +167,9 @@ pub struct NetworkArgs {
     /// Seconds between adverts.
     #[arg(long, env = "BEACON_ADVERT_INTERVAL", default_value_t = 10)]
     pub advert_interval: u64,
+    /// Misbehave on purpose, to test that routers catch it (tests and benchmarks only).
+    #[arg(long, value_enum, hide = true, env = "BEACON_FAULT")]
+    pub fault: Option<crate::provider::Fault>,
 }
 
 impl NetworkArgs {
@@ -178,6 +181,7 @@ impl NetworkArgs {
             data_plane: self.data_plane,
             data_plane_advertise: self.data_plane_advertise.clone(),
             advert_interval: std::time::Duration::from_secs(self.advert_interval.max(1)),
+            fault: self.fault,
         })
     }
 }

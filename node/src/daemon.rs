@@ -34,6 +34,8 @@ pub struct ProviderConfig {
     /// What to advertise as the data-plane address (default: derived from `data_plane`).
     pub data_plane_advertise: Option<String>,
     pub advert_interval: Duration,
+    /// Deliberate misbehaviour (tests and benchmarks only).
+    pub fault: Option<crate::provider::Fault>,
 }
 
 /// Everything `serve` needs.
@@ -90,7 +92,11 @@ pub async fn run(
             key: key.clone(),
             ledger: ledger.clone(),
             throughput: throughput.clone(),
+            fault: p.fault,
         };
+        if let Some(f) = p.fault {
+            tracing::warn!(fault = ?f, "FAULT INJECTION: this provider misbehaves on purpose");
+        }
         data_plane = Some(tokio::spawn(beacon_net::quic::serve(
             endpoint,
             provider,

@@ -87,6 +87,11 @@ impl<T: Domain> Signed<T> {
         self.signer.to_peer_id()
     }
 
+    /// The signature bytes.
+    pub fn signature(&self) -> &[u8] {
+        &self.signature
+    }
+
     /// The signed bytes of the payload.
     pub fn payload(&self) -> &[u8] {
         &self.payload

@@ -166,7 +166,12 @@ impl Dispatcher {
             exclude: exclude.to_vec(),
         };
         let providers: Vec<_> = views.iter().map(|(v, _)| v.clone()).collect();
-        let placed = place(std::slice::from_ref(&subtask), &providers, policy);
+        // Each request breaks ties its own way, so equal providers share sequential traffic.
+        let policy = Policy {
+            seed: policy.seed ^ request.request_id.0 as u64,
+            ..policy.clone()
+        };
+        let placed = place(std::slice::from_ref(&subtask), &providers, &policy);
         match placed.into_iter().next() {
             Some(Ok(a)) => {
                 let (v, addr) = views

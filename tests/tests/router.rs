@@ -208,3 +208,92 @@ fn falls_back_to_the_remote_api_with_keys_and_rate_limits() {
     );
     assert_eq!(r.status, 200);
 }
+
+/// Dishonest providers: one whose signatures do not verify (every result rejected and
+/// re-placed) and one that signs tampered token ids (only audits catch it). Both end up
+/// quarantined; the honest provider does not, and every request is answered.
+#[test]
+fn verification_and_audits_quarantine_dishonest_providers_only() {
+    let honest = NodeServer::start(&["--region", "eu-west"]);
+    let boot = honest.bootstrap_addr();
+    let badsig = NodeServer::start(&["--bootstrap", &boot, "--fault", "bad-signature"]);
+    let tamper = NodeServer::start(&["--bootstrap", &boot, "--fault", "tamper"]);
+    let (ph, ps, pt) = (honest.peer_id(), badsig.peer_id(), tamper.peer_id());
+    let router = RouterServer::start(Some(&boot), &["--audit-rate", "1"]);
+    assert!(wait_until(Duration::from_secs(60), || {
+        let p = router.providers();
+        p.contains(&ph) && p.contains(&ps) && p.contains(&pt)
+    }));
+
+    let status = |peer: &str| -> serde_json::Value {
+        let v = http("GET", &router.url("/v1/providers"), None, &[]).json();
+        v["providers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["peer_id"] == peer)
+            .cloned()
+            .unwrap_or(serde_json::Value::Null)
+    };
+    let words = [
+        "apple", "river", "stone", "cloud", "tiger", "piano", "lemon", "ocean",
+    ];
+    let mut rounds = 0;
+    while rounds < 12 && !(status(&ps)["quarantined"] == true && status(&pt)["quarantined"] == true)
+    {
+        rounds += 1;
+        let handles: Vec<_> = words
+            .iter()
+            .map(|w| {
+                let (url, body) = (router.url("/v1/chat/completions"), chat(w, ""));
+                std::thread::spawn(move || http("POST", &url, Some(&body), &[]))
+            })
+            .collect();
+        for (h, w) in handles.into_iter().zip(words) {
+            let r = h.join().unwrap();
+            assert_eq!(r.status, 200, "{r:?}");
+            let v = r.json();
+            assert_ne!(
+                v["beacon"]["provider"],
+                ps.as_str(),
+                "a result with a bad signature was accepted"
+            );
+            assert!(
+                v["choices"][0]["message"]["content"]
+                    .as_str()
+                    .unwrap()
+                    .to_lowercase()
+                    .contains(w)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let (s, t, h) = (status(&ps), status(&pt), status(&ph));
+    assert_eq!(
+        s["quarantined"], true,
+        "bad signatures not quarantined: {s}"
+    );
+    assert!(s["stats"]["invalid"].as_u64().unwrap() >= 1);
+    assert_eq!(
+        t["quarantined"],
+        true,
+        "tampered outputs not caught by audits: {t}\n{}",
+        router.log()
+    );
+    assert!(t["stats"]["audits_failed"].as_u64().unwrap() >= 2, "{t}");
+    assert_eq!(h["quarantined"], false, "honest provider quarantined: {h}");
+    assert_eq!(h["stats"]["audits_failed"], 0, "{h}");
+
+    // Quarantined providers get no more work.
+    for w in ["grape", "melon"] {
+        let r = http(
+            "POST",
+            &router.url("/v1/chat/completions"),
+            Some(&chat(w, "")),
+            &[],
+        );
+        assert_eq!(r.json()["beacon"]["provider"], ph.as_str());
+    }
+    let metrics = http("GET", &router.url("/metrics"), None, &[]).body;
+    assert!(metrics.contains("beacon_router_quarantined 2"), "{metrics}");
+}

@@ -55,6 +55,18 @@ impl Throughput {
     }
 }
 
+/// Deliberate misbehaviour, for testing that routers catch it (tests and `beacon-bench`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Fault {
+    /// Results carry a signature that does not verify.
+    BadSignature,
+    /// Results claim a different model digest than the one asked for.
+    WrongModel,
+    /// Results are validly signed but their token ids are not what the model generated
+    /// (as if a cheaper model had run); only an audit can tell.
+    Tamper,
+}
+
 /// Serves data-plane requests.
 #[derive(Clone)]
 pub struct Provider {
@@ -62,6 +74,7 @@ pub struct Provider {
     pub key: Arc<Keypair>,
     pub ledger: Ledger,
     pub throughput: Arc<Throughput>,
+    pub fault: Option<Fault>,
 }
 
 fn now_ms() -> u64 {
@@ -215,7 +228,7 @@ impl Provider {
         let Some(c) = completion else { return Ok(()) };
         self.throughput
             .observe(model, c.usage.completion_tokens, c.timings.decode_ms);
-        let result = InferResult {
+        let mut result = InferResult {
             request_id: request.request_id,
             request_digest,
             model_digest: model,
@@ -229,8 +242,27 @@ impl Provider {
                 None
             },
         };
-        let signed = Signed::sign(&self.key, &result)
+        match self.fault {
+            Some(Fault::WrongModel) => result.model_digest = Digest::of(b"a cheaper model"),
+            Some(Fault::Tamper) => {
+                if let Some(ids) = result.token_ids.as_mut() {
+                    ids.reverse();
+                    ids.iter_mut().for_each(|t| *t = t.wrapping_add(7) % 30_000);
+                }
+            }
+            _ => {}
+        }
+        let mut signed = Signed::sign(&self.key, &result)
             .map_err(|e| Refusal::new(DataErrorCode::Internal, e.to_string()))?;
+        if self.fault == Some(Fault::BadSignature) {
+            let (payload, signer, mut sig) = (
+                signed.payload().to_vec(),
+                signed.signer(),
+                signed.signature().to_vec(),
+            );
+            sig[0] ^= 1;
+            signed = Signed::from_parts(payload, signer, sig);
+        }
         let receipt = Receipt {
             request_id: request.request_id,
             job_id: request.job_id,
