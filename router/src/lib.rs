@@ -3,12 +3,13 @@
 //! pure function), runs them over the QUIC data plane with retries, hedging and audits
 //! ([`dispatch`]), and answers applications over HTTP ([`api`]).
 //!
-//! Not built yet: MinionS orchestration (`/v1/minions`) and TLS on the HTTP endpoint.
+//! Not built yet: MinionS orchestration (`/v1/minions`).
 
 pub mod api;
 pub mod directory;
 pub mod dispatch;
 pub mod placement;
+pub mod tls;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -37,6 +38,8 @@ pub struct RouterConfig {
     pub max_body: usize,
     /// Directory entries expire after this long without an advert.
     pub advert_expiry: Duration,
+    /// PEM certificate chain and key: serve HTTPS instead of HTTP.
+    pub tls: Option<(PathBuf, PathBuf)>,
 }
 
 /// Runs the router until `shutdown` resolves.
@@ -73,11 +76,26 @@ pub async fn run(
         .await
         .with_context(|| format!("listening on {}", config.listen))?;
     let addr = listener.local_addr()?;
+    let app = api::router(state, config.max_body);
     tracing::info!(%addr, peer = %key.peer_id(), "router listening");
-    eprintln!("beacon-router API on http://{addr}, peer {}", key.peer_id());
-    axum::serve(listener, api::router(state, config.max_body))
-        .with_graceful_shutdown(shutdown)
-        .await?;
+    match &config.tls {
+        Some((cert, key_path)) => {
+            let acceptor = tls::acceptor(cert, key_path)?;
+            eprintln!(
+                "beacon-router API on https://{addr}, peer {}",
+                key.peer_id()
+            );
+            axum::serve(tls::TlsListener::new(listener, acceptor)?, app)
+                .with_graceful_shutdown(shutdown)
+                .await?;
+        }
+        None => {
+            eprintln!("beacon-router API on http://{addr}, peer {}", key.peer_id());
+            axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown)
+                .await?;
+        }
+    }
     client.close();
     network.shutdown().await;
     db.flush()?;

@@ -71,6 +71,12 @@ struct ServeArgs {
     /// Seconds without an advert after which a provider is dropped.
     #[arg(long, env = "BEACON_ADVERT_EXPIRY", default_value_t = 40)]
     advert_expiry: u64,
+    /// PEM certificate chain: serve HTTPS (with --tls-key).
+    #[arg(long, env = "BEACON_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key for --tls-cert.
+    #[arg(long, env = "BEACON_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
 }
 
 #[tokio::main]
@@ -112,6 +118,7 @@ async fn main() -> anyhow::Result<()> {
                 },
                 max_body: a.max_body_mib << 20,
                 advert_expiry: Duration::from_secs(a.advert_expiry.max(3)),
+                tls: a.tls_cert.zip(a.tls_key),
             };
             beacon_router::run(config, shutdown()).await
         }

@@ -297,3 +297,68 @@ fn verification_and_audits_quarantine_dishonest_providers_only() {
     let metrics = http("GET", &router.url("/metrics"), None, &[]).body;
     assert!(metrics.contains("beacon_router_quarantined 2"), "{metrics}");
 }
+
+/// With a certificate, the API is HTTPS only.
+#[test]
+fn serves_https_when_given_a_certificate() {
+    use std::process::{Command, Stdio};
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    let ok = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let port = beacon_tests::free_port();
+    let child = Command::new(beacon_tests::bin("beacon-router"))
+        .args([
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--p2p-listen",
+            "/ip4/127.0.0.1/udp/0/quic-v1",
+        ])
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .arg("--tls-cert")
+        .arg(&cert)
+        .arg("--tls-key")
+        .arg(&key)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _guard = beacon_tests::ChildGuard(child);
+    let curl = |scheme: &str| {
+        Command::new("curl")
+            .args(["-s", "--max-time", "5", "--cacert"])
+            .arg(&cert)
+            .arg(format!("{scheme}://127.0.0.1:{port}/healthz"))
+            .output()
+            .unwrap()
+    };
+    assert!(wait_until(Duration::from_secs(30), || curl("https").stdout == b"ok"));
+    let plain = curl("http");
+    assert_ne!(plain.stdout, b"ok", "plain HTTP must not be served");
+    // A broken handshake does not stop the listener.
+    assert!(curl("https").stdout == b"ok");
+}
