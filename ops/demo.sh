@@ -1,26 +1,30 @@
 #!/usr/bin/env bash
 # The README's main command: runs what Beacon does today, end to end, on this machine.
 #
-# Today that is one provider end to end: a real OCI registry on loopback, the SmolLM2 test
-# model packaged as a `docker model`-compatible artifact, pushed, pulled by a second
-# "provider" store with digest verification, then served by `beacon-node serve` (llama.cpp)
-# on the Docker Model Runner / OpenAI API and asked a question. The provider network, the
-# router and MinionS are not built yet; this script says so instead of faking.
+# Today: a real OCI registry on loopback, the SmolLM2 test model packaged as a
+# `docker model`-compatible artifact, pushed, pulled by two provider stores with digest
+# verification; both providers serve it with llama.cpp and join a libp2p network in two
+# regions; a router joins too, discovers them from their signed adverts, and routes
+# OpenAI-compatible chat requests to them over the QUIC data plane, verifying every signed
+# result. MinionS is not built yet; this script says so instead of faking.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 log() { printf '\n== %s\n' "$*"; }
 
 ops/setup.sh
-cargo build --release --locked -p beacon-node
+cargo build --release --locked -p beacon-node -p beacon-router
 node=target/release/beacon-node
+router=target/release/beacon-router
 model="${BEACON_TEST_MODEL:-${BEACON_CACHE:-$HOME/.cache/beacon}/models/SmolLM2-135M-Instruct.Q4_1.gguf}"
 
 work="$(mktemp -d)"
 registry_pid=""
 node_pid=""
+node2_pid=""
+router_pid=""
 cleanup() {
-  [ -n "$node_pid" ] && kill "$node_pid" 2>/dev/null || true
+  for p in "$router_pid" "$node2_pid" "$node_pid"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done
   [ -n "$registry_pid" ] && kill "$registry_pid" 2>/dev/null || true
   rm -rf "$work"
 }
@@ -54,8 +58,9 @@ log "provider identity"
 BEACON_DATA_DIR="$work/provider" "$node" info
 
 api_port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
-log "serving it with llama.cpp on the OpenAI / Docker Model Runner API (127.0.0.1:$api_port)"
+log "provider 1 (eu-west): serving it with llama.cpp on 127.0.0.1:$api_port and joining the network"
 BEACON_DATA_DIR="$work/provider" "$node" serve --listen "127.0.0.1:$api_port" --parallel 4 --ctx-size 2048 \
+  --region eu-west --p2p-listen /ip4/127.0.0.1/udp/0/quic-v1 --data-plane 127.0.0.1:0 --advert-interval 2 \
   >"$work/node.log" 2>&1 &
 node_pid=$!
 for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$api_port/healthz" >/dev/null && break; sleep 0.1; done
@@ -67,4 +72,46 @@ curl -sf "http://127.0.0.1:$api_port/engines/v1/chat/completions" -H 'Content-Ty
   | python3 -c 'import json,sys; r=json.load(sys.stdin); print("answer:", r["choices"][0]["message"]["content"]); print("usage: ", r["usage"])'
 curl -sf "http://127.0.0.1:$api_port/engines/ps" | python3 -m json.tool
 
-log "not built yet: provider network (libp2p, QUIC data plane), router, MinionS (see README)"
+boot="$(curl -sf "http://127.0.0.1:$api_port/beacon/node" | python3 -c 'import json,sys; print(json.load(sys.stdin)["listen_addrs"][0])')"
+log "provider 2 (us-east): pulls the same model and bootstraps from provider 1 ($boot)"
+BEACON_DATA_DIR="$work/provider2" "$node" model pull --progress none "$ref"
+api2="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
+BEACON_DATA_DIR="$work/provider2" "$node" serve --listen "127.0.0.1:$api2" --parallel 4 --ctx-size 2048 \
+  --region us-east --p2p-listen /ip4/127.0.0.1/udp/0/quic-v1 --data-plane 127.0.0.1:0 --advert-interval 2 \
+  --bootstrap "$boot" >"$work/node2.log" 2>&1 &
+node2_pid=$!
+
+rport="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
+log "router on 127.0.0.1:$rport joins the network"
+"$router" serve --data-dir "$work/router" --listen "127.0.0.1:$rport" \
+  --p2p-listen /ip4/127.0.0.1/udp/0/quic-v1 --bootstrap "$boot" >"$work/router.log" 2>&1 &
+router_pid=$!
+for _ in $(seq 1 120); do
+  n="$(curl -sf "http://127.0.0.1:$rport/v1/providers" | python3 -c 'import json,sys; print(len(json.load(sys.stdin)["providers"]))' 2>/dev/null || echo 0)"
+  [ "$n" -ge 2 ] && break
+  sleep 0.5
+done
+cat >"$work/providers.py" <<'PY'
+import json, sys
+for p in json.load(sys.stdin)["providers"]:
+    print("  provider %s... region %-8s slots %s models %s" % (p["peer_id"][:16], p["region"], p["slots"], p["models"]))
+PY
+cat >"$work/answer.py" <<'PY'
+import json, sys
+r = json.load(sys.stdin)
+b = r["beacon"]
+text = r["choices"][0]["message"]["content"].strip().replace("\n", " ")[:70]
+print("  %-8s %s... verified=%s %4.0f ms: %s" % (b["region"], b["provider"][:16], b["verified"], b["latency_ms"], text))
+PY
+curl -sf "http://127.0.0.1:$rport/v1/providers" | python3 "$work/providers.py"
+
+log "routed chat: POST /v1/chat/completions on the router (results are signed and verified)"
+for q in "Name a large city in Europe." "Name a large river in Africa." "Name a planet of the solar system."; do
+  curl -sf "http://127.0.0.1:$rport/v1/chat/completions" -H 'Content-Type: application/json' \
+    -d "{\"model\":\"$ref\",\"messages\":[{\"role\":\"user\",\"content\":\"$q\"}],\"temperature\":0,\"max_tokens\":24}" \
+    | python3 "$work/answer.py" &
+done
+wait_jobs() { for j in $(jobs -p); do case " $registry_pid $node_pid $node2_pid $router_pid " in *" $j "*) ;; *) wait "$j";; esac; done; }
+wait_jobs
+
+log "not built yet: MinionS (/v1/minions) and its token savings (see README)"

@@ -862,7 +862,15 @@ pub struct RouterServer {
 impl RouterServer {
     /// Starts a router that bootstraps from `bootstrap` (if any) with extra flags.
     pub fn start(bootstrap: Option<&str>, extra: &[&str]) -> RouterServer {
-        let data = tempfile::tempdir().unwrap();
+        Self::start_in(tempfile::tempdir().unwrap(), bootstrap, extra)
+    }
+
+    /// Starts a router on an existing data dir (a restart).
+    pub fn start_in(
+        data: tempfile::TempDir,
+        bootstrap: Option<&str>,
+        extra: &[&str],
+    ) -> RouterServer {
         let port = free_port();
         let listen = format!("127.0.0.1:{port}");
         let mut c = Command::new(bin("beacon-router"));
@@ -917,5 +925,11 @@ impl RouterServer {
     pub fn kill(&mut self) {
         let _ = self.child.0.kill();
         let _ = self.child.0.wait();
+    }
+
+    /// Stops the router and hands back its data dir, for a restart.
+    pub fn stop(mut self) -> tempfile::TempDir {
+        self.kill();
+        self.data
     }
 }

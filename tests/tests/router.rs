@@ -225,16 +225,7 @@ fn verification_and_audits_quarantine_dishonest_providers_only() {
         p.contains(&ph) && p.contains(&ps) && p.contains(&pt)
     }));
 
-    let status = |peer: &str| -> serde_json::Value {
-        let v = http("GET", &router.url("/v1/providers"), None, &[]).json();
-        v["providers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|p| p["peer_id"] == peer)
-            .cloned()
-            .unwrap_or(serde_json::Value::Null)
-    };
+    let status = |peer: &str| provider_status(&router, peer);
     let words = [
         "apple", "river", "stone", "cloud", "tiger", "piano", "lemon", "ocean",
     ];
@@ -296,6 +287,18 @@ fn verification_and_audits_quarantine_dishonest_providers_only() {
     }
     let metrics = http("GET", &router.url("/metrics"), None, &[]).body;
     assert!(metrics.contains("beacon_router_quarantined 2"), "{metrics}");
+
+    // Reputation survives a restart of the router.
+    let data = router.stop();
+    let router = RouterServer::start_in(data, Some(&boot), &["--audit-rate", "1"]);
+    assert!(wait_until(Duration::from_secs(60), || router
+        .providers()
+        .len()
+        == 3));
+    let status = |peer: &str| provider_status(&router, peer);
+    assert_eq!(status(&pt)["quarantined"], true);
+    assert_eq!(status(&ps)["quarantined"], true);
+    assert_eq!(status(&ph)["quarantined"], false);
 }
 
 /// With a certificate, the API is HTTPS only.
@@ -361,4 +364,15 @@ fn serves_https_when_given_a_certificate() {
     assert_ne!(plain.stdout, b"ok", "plain HTTP must not be served");
     // A broken handshake does not stop the listener.
     assert!(curl("https").stdout == b"ok");
+}
+
+fn provider_status(router: &RouterServer, peer: &str) -> serde_json::Value {
+    let v = http("GET", &router.url("/v1/providers"), None, &[]).json();
+    v["providers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["peer_id"] == peer)
+        .cloned()
+        .unwrap_or(serde_json::Value::Null)
 }
