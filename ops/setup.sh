@@ -7,7 +7,7 @@
 set -euo pipefail
 
 CACHE="${BEACON_CACHE:-$HOME/.cache/beacon}"
-APT_PACKAGES=(cmake clang libclang-dev docker-registry python3-pip skopeo apache2-utils curl)
+APT_PACKAGES=(cmake clang libclang-dev docker-registry python3-pip skopeo apache2-utils curl openssl)
 PIP_PACKAGES=(openai)
 
 log() { printf '[setup] %s\n' "$*" >&2; }
