@@ -167,8 +167,7 @@ fn main() {
         &CTX_PER_SLOT.to_string(),
         "--threads",
         &threads,
-        "--keep-alive",
-        "-1",
+        "--keep-alive=-1",
     ]);
     let node_pid = node.pid();
     let port = free_port();
