@@ -8,6 +8,7 @@
 pub mod api;
 pub mod directory;
 pub mod dispatch;
+pub mod minions;
 pub mod placement;
 pub mod tls;
 

@@ -1,0 +1,139 @@
+//! Cutting documents into chunks by a plan's strategy. Pure and deterministic: the same
+//! documents and plan always give the same chunks, so rounds can be replayed and audited.
+
+use super::plan::{Chunking, Strategy};
+
+/// One piece of one document.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Chunk {
+    pub doc: usize,
+    /// Position of this chunk within its document.
+    pub index: usize,
+    pub text: String,
+}
+
+/// Chunks every document; empty documents give no chunks.
+pub fn chunk(docs: &[String], c: &Chunking) -> Vec<Chunk> {
+    let size = c.size.max(1) as usize;
+    let overlap = (c.overlap as usize).min(size - 1);
+    let mut out = Vec::new();
+    for (doc, text) in docs.iter().enumerate() {
+        let pieces: Vec<String> = match c.strategy {
+            Strategy::Chars => windows(&text.chars().collect::<Vec<_>>(), size, overlap)
+                .map(|w| w.iter().collect())
+                .collect(),
+            Strategy::Paragraphs => {
+                let paras: Vec<&str> = text
+                    .split("\n\n")
+                    .map(str::trim)
+                    .filter(|p| !p.is_empty())
+                    .collect();
+                windows(&paras, size, overlap)
+                    .map(|w| w.join("\n\n"))
+                    .collect()
+            }
+            Strategy::Pages => {
+                let pages: Vec<&str> = text
+                    .split('\x0c')
+                    .map(str::trim)
+                    .filter(|p| !p.is_empty())
+                    .collect();
+                windows(&pages, size, overlap)
+                    .map(|w| w.join("\n\n"))
+                    .collect()
+            }
+            Strategy::Tokens => {
+                // About 0.75 words per token.
+                let words: Vec<&str> = text.split_whitespace().collect();
+                let w = (size * 3 / 4).max(1);
+                let o = (overlap * 3 / 4).min(w - 1);
+                windows(&words, w, o).map(|w| w.join(" ")).collect()
+            }
+        };
+        out.extend(
+            pieces
+                .into_iter()
+                .filter(|p| !p.trim().is_empty())
+                .enumerate()
+                .map(|(index, text)| Chunk { doc, index, text }),
+        );
+    }
+    out
+}
+
+/// Windows of `size` items advancing by `size - overlap`, the last one possibly shorter;
+/// together they cover every item.
+fn windows<T>(items: &[T], size: usize, overlap: usize) -> impl Iterator<Item = &[T]> {
+    let step = (size - overlap).max(1);
+    let n = items.len();
+    (0..)
+        .map(move |k| k * step)
+        .take_while(move |&start| start < n && (start == 0 || start + overlap < n))
+        .map(move |start| &items[start..(start + size).min(n)])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::minions::plan::Strategy;
+    use proptest::prelude::{prop, prop_assert, prop_assert_eq, proptest};
+
+    fn plan(strategy: Strategy, size: u32, overlap: u32) -> Chunking {
+        Chunking {
+            strategy,
+            size,
+            overlap,
+        }
+    }
+
+    #[test]
+    fn paragraphs_and_pages() {
+        let doc = "A one.\n\nB two.\n\n\n\nC three.\n\nD four.".to_string();
+        let c = chunk(
+            std::slice::from_ref(&doc),
+            &plan(Strategy::Paragraphs, 2, 1),
+        );
+        let texts: Vec<_> = c.iter().map(|c| c.text.as_str()).collect();
+        assert_eq!(
+            texts,
+            [
+                "A one.\n\nB two.",
+                "B two.\n\nC three.",
+                "C three.\n\nD four."
+            ]
+        );
+        let pdf = "page one\x0cpage two\x0c\x0cpage three".to_string();
+        let c = chunk(&[pdf, String::new()], &plan(Strategy::Pages, 2, 0));
+        assert_eq!(c.len(), 2);
+        assert_eq!(c[1].text, "page three");
+        assert!(c.iter().all(|c| c.doc == 0));
+    }
+
+    proptest! {
+        #[test]
+        fn char_chunks_are_bounded_and_cover_the_document(text in "\\PC{0,3000}", size in 1u32..500, overlap in 0u32..500) {
+            let overlap = overlap % size;
+            let c = chunk(std::slice::from_ref(&text), &plan(Strategy::Chars, size, overlap));
+            let chars: Vec<char> = text.chars().collect();
+            prop_assert!(c.iter().all(|c| c.text.chars().count() <= size as usize));
+            // Rebuild the document from the chunks by dropping each overlap.
+            let mut rebuilt: Vec<char> = Vec::new();
+            for (i, ch) in c.iter().enumerate() {
+                let skip = if i == 0 { 0 } else { overlap as usize };
+                rebuilt.extend(ch.text.chars().skip(skip));
+            }
+            if c.iter().all(|c| !c.text.trim().is_empty()) {
+                prop_assert_eq!(rebuilt, chars);
+            }
+        }
+
+        #[test]
+        fn every_word_lands_in_some_token_chunk(words in prop::collection::vec("[a-z]{1,8}", 0..400), size in 50u32..400) {
+            let text = words.join(" ");
+            let c = chunk(std::slice::from_ref(&text), &plan(Strategy::Tokens, size, size / 10));
+            let seen: std::collections::HashSet<&str> = c.iter().flat_map(|c| c.text.split(' ')).collect();
+            prop_assert!(words.iter().all(|w| seen.contains(w.as_str())));
+            prop_assert_eq!(chunk(std::slice::from_ref(&text), &plan(Strategy::Tokens, size, size / 10)), c);
+        }
+    }
+}

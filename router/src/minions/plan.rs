@@ -1,0 +1,295 @@
+//! The supervisor's decomposition plan. MinionS' reference implementation has the remote
+//! model write Python that is executed; Beacon never executes model output: the supervisor
+//! returns JSON, which is parsed strictly (unknown fields are errors) and validated against
+//! limits here. An invalid plan goes back to the supervisor with the error text.
+
+use std::collections::HashSet;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+/// How documents are cut into chunks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Strategy {
+    Chars,
+    Paragraphs,
+    /// Pages separated by form feeds (`\f`), as text extracted from PDFs has them.
+    Pages,
+    /// Approximate tokens (0.75 words per token), cut at word boundaries.
+    Tokens,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Chunking {
+    pub strategy: Strategy,
+    pub size: u32,
+    #[serde(default)]
+    pub overlap: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskSpec {
+    pub id: String,
+    pub instruction: String,
+    #[serde(default)]
+    pub advice: String,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// A validated plan.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Plan {
+    pub chunking: Chunking,
+    pub tasks: Vec<TaskSpec>,
+    #[serde(default = "one")]
+    pub samples_per_task: u32,
+}
+
+/// Bounds a plan must respect.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    pub max_tasks: usize,
+    pub max_samples: u32,
+    pub max_instruction_chars: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_tasks: 16,
+            max_samples: 4,
+            max_instruction_chars: 2000,
+        }
+    }
+}
+
+/// Why a plan was refused; the text is sent back to the supervisor.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("invalid plan: {0}")]
+pub struct PlanError(pub String);
+
+/// Allowed chunk sizes per strategy.
+pub fn size_bounds(s: Strategy) -> (u32, u32) {
+    match s {
+        Strategy::Chars => (200, 50_000),
+        Strategy::Paragraphs => (1, 200),
+        Strategy::Pages => (1, 50),
+        Strategy::Tokens => (50, 12_000),
+    }
+}
+
+/// The JSON schema of a plan, for the supervisor's `response_format`.
+pub fn schema(limits: &Limits) -> Value {
+    json!({
+        "type": "object",
+        "additionalProperties": false,
+        "required": ["chunking", "tasks", "samples_per_task"],
+        "properties": {
+            "chunking": {
+                "type": "object", "additionalProperties": false,
+                "required": ["strategy", "size", "overlap"],
+                "properties": {
+                    "strategy": {"enum": ["chars", "paragraphs", "pages", "tokens"]},
+                    "size": {"type": "integer", "minimum": 1},
+                    "overlap": {"type": "integer", "minimum": 0}
+                }
+            },
+            "tasks": {
+                "type": "array", "minItems": 1, "maxItems": limits.max_tasks,
+                "items": {
+                    "type": "object", "additionalProperties": false,
+                    "required": ["id", "instruction", "advice"],
+                    "properties": {
+                        "id": {"type": "string"},
+                        "instruction": {"type": "string"},
+                        "advice": {"type": "string"}
+                    }
+                }
+            },
+            "samples_per_task": {"type": "integer", "minimum": 1, "maximum": limits.max_samples}
+        }
+    })
+}
+
+/// The first balanced JSON object in `text` (supervisors often wrap JSON in prose or code
+/// fences). Strings and escapes are respected; nothing is evaluated.
+pub fn extract_json_object(text: &str) -> Option<&str> {
+    let start = text.find('{')?;
+    let (mut depth, mut in_str, mut escaped) = (0usize, false, false);
+    for (i, c) in text[start..].char_indices() {
+        if in_str {
+            match (escaped, c) {
+                (true, _) => escaped = false,
+                (false, '\\') => escaped = true,
+                (false, '"') => in_str = false,
+                _ => {}
+            }
+            continue;
+        }
+        match c {
+            '"' => in_str = true,
+            '{' => depth += 1,
+            '}' => {
+                depth -= 1;
+                if depth == 0 {
+                    return Some(&text[start..start + i + 1]);
+                }
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
+/// Parses and validates a supervisor's reply as a plan.
+pub fn parse(text: &str, limits: &Limits) -> Result<Plan, PlanError> {
+    let json = extract_json_object(text)
+        .ok_or_else(|| PlanError("the reply contains no JSON object".into()))?;
+    let plan: Plan = serde_json::from_str(json).map_err(|e| PlanError(e.to_string()))?;
+    validate(&plan, limits)?;
+    Ok(plan)
+}
+
+/// Checks a plan against the limits.
+pub fn validate(plan: &Plan, limits: &Limits) -> Result<(), PlanError> {
+    let err = |m: String| Err(PlanError(m));
+    let (lo, hi) = size_bounds(plan.chunking.strategy);
+    if !(lo..=hi).contains(&plan.chunking.size) {
+        return err(format!(
+            "chunking.size must be {lo}..={hi} for {:?}",
+            plan.chunking.strategy
+        ));
+    }
+    if plan.chunking.overlap >= plan.chunking.size {
+        return err("chunking.overlap must be smaller than chunking.size".into());
+    }
+    if plan.tasks.is_empty() || plan.tasks.len() > limits.max_tasks {
+        return err(format!("tasks must have 1..={} items", limits.max_tasks));
+    }
+    if !(1..=limits.max_samples).contains(&plan.samples_per_task) {
+        return err(format!(
+            "samples_per_task must be 1..={}",
+            limits.max_samples
+        ));
+    }
+    let mut ids = HashSet::new();
+    for (i, t) in plan.tasks.iter().enumerate() {
+        let valid_id = !t.id.is_empty()
+            && t.id.len() <= 64
+            && t.id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+        if !valid_id {
+            return err(format!("tasks[{i}].id must be 1-64 of [A-Za-z0-9_-]"));
+        }
+        if !ids.insert(t.id.as_str()) {
+            return err(format!("tasks[{i}].id {:?} is repeated", t.id));
+        }
+        if t.instruction.trim().is_empty() {
+            return err(format!("tasks[{i}].instruction is empty"));
+        }
+        if t.instruction.chars().count() > limits.max_instruction_chars
+            || t.advice.chars().count() > limits.max_instruction_chars
+        {
+            return err(format!(
+                "tasks[{i}] is longer than {} characters",
+                limits.max_instruction_chars
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::{prop_assert_eq, proptest};
+
+    const GOOD: &str = r#"{"chunking":{"strategy":"paragraphs","size":3,"overlap":1},
+        "tasks":[{"id":"t1","instruction":"Find the total revenue in 2023.","advice":"Look for tables."}],
+        "samples_per_task":1}"#;
+
+    #[test]
+    fn accepts_a_plan_wrapped_in_prose_and_fences() {
+        let text = format!("Here is the plan:\n```json\n{GOOD}\n```\nGood luck {{}}");
+        let plan = parse(&text, &Limits::default()).unwrap();
+        assert_eq!(plan.chunking.strategy, Strategy::Paragraphs);
+        assert_eq!(plan.tasks[0].id, "t1");
+    }
+
+    #[test]
+    fn refuses_code_extra_fields_and_bad_values() {
+        let l = Limits::default();
+        let cases = [
+            (
+                r#"{"code":"import os; os.system('rm -rf /')"}"#,
+                "unknown field",
+            ),
+            (
+                &GOOD.replace(
+                    r#""samples_per_task":1"#,
+                    r#""samples_per_task":1,"exec":"x""#,
+                ),
+                "unknown field",
+            ),
+            (&GOOD.replace(r#""size":3"#, r#""size":0"#), "chunking.size"),
+            (&GOOD.replace(r#""overlap":1"#, r#""overlap":3"#), "overlap"),
+            (&GOOD.replace(r#""id":"t1""#, r#""id":"t 1; drop""#), "id"),
+            (
+                &GOOD.replace("Find the total revenue in 2023.", "  "),
+                "instruction is empty",
+            ),
+            (
+                &GOOD.replace(r#""samples_per_task":1"#, r#""samples_per_task":9"#),
+                "samples_per_task",
+            ),
+            (&GOOD.replace("paragraphs", "sentences"), "unknown variant"),
+            ("no json here", "no JSON object"),
+        ];
+        for (text, expect) in cases {
+            let e = parse(text, &l).unwrap_err();
+            assert!(e.0.contains(expect), "{text}: {e}");
+        }
+        let two = GOOD.replace(
+            r#"[{"id":"t1","instruction":"Find the total revenue in 2023.","advice":"Look for tables."}]"#,
+            r#"[{"id":"a","instruction":"x"},{"id":"a","instruction":"y"}]"#,
+        );
+        assert!(parse(&two, &l).unwrap_err().0.contains("repeated"));
+    }
+
+    #[test]
+    fn schema_names_every_field() {
+        let s = schema(&Limits::default()).to_string();
+        for f in [
+            "chunking",
+            "strategy",
+            "overlap",
+            "tasks",
+            "instruction",
+            "advice",
+            "samples_per_task",
+        ] {
+            assert!(s.contains(f));
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_text_never_panics(text in ".{0,400}") {
+            let _ = parse(&text, &Limits::default());
+        }
+
+        #[test]
+        fn extraction_finds_the_object_after_noise(prefix in "[^{}\"]{0,50}", suffix in ".{0,50}") {
+            let text = format!("{prefix}{GOOD}{suffix}");
+            prop_assert_eq!(extract_json_object(&text), Some(GOOD));
+        }
+    }
+}
