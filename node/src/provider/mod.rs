@@ -141,6 +141,19 @@ impl DataHandler for Provider {
 }
 
 impl Provider {
+    /// A lease on exactly the model with this manifest digest (a digest prefix that happens
+    /// to match another model does not count).
+    async fn lease(&self, model: Digest) -> Result<crate::scheduler::Lease, Refusal> {
+        let lease = self.scheduler.acquire(&model.hex(), None).await?;
+        if lease.record.manifest_digest != model {
+            return Err(Refusal::new(
+                DataErrorCode::ModelNotFound,
+                format!("no model with digest {model}"),
+            ));
+        }
+        Ok(lease)
+    }
+
     #[instrument(skip_all, fields(request = %request.request_id.short(), %peer))]
     async fn infer(
         &self,
@@ -181,17 +194,8 @@ impl Provider {
         let request_digest = request
             .digest()
             .map_err(|e| Refusal::new(DataErrorCode::BadRequest, e.to_string()))?;
-        let lease = self.scheduler.acquire(&model.hex(), None).await?;
-        if lease.record.manifest_digest != model {
-            return Err(Refusal::new(
-                DataErrorCode::ModelNotFound,
-                format!("no model with digest {model}"),
-            ));
-        }
-        let format = match &request.json_schema {
-            Some(s) => OutputFormat::JsonSchema(s.clone()),
-            None => OutputFormat::Text,
-        };
+        let lease = self.lease(model).await?;
+        let format = output_format(&request.json_schema);
         let mut events = lease.engine.generate(GenerateRequest {
             prompt: Prompt::Chat(request.messages.clone()),
             sampling: request.sampling.clone(),
@@ -298,22 +302,13 @@ impl Provider {
         let request_digest = audit
             .digest()
             .map_err(|e| Refusal::new(DataErrorCode::BadRequest, e.to_string()))?;
-        let lease = self.scheduler.acquire(&model.hex(), None).await?;
-        if lease.record.manifest_digest != model {
-            return Err(Refusal::new(
-                DataErrorCode::ModelNotFound,
-                format!("no model with digest {model}"),
-            ));
-        }
+        let lease = self.lease(model).await?;
         let scored = lease
             .engine
             .score(ScoreRequest {
                 prompt: Prompt::Chat(audit.messages.clone()),
                 claimed: audit.claimed_tokens.clone(),
-                format: match &audit.json_schema {
-                    Some(s) => OutputFormat::JsonSchema(s.clone()),
-                    None => OutputFormat::Text,
-                },
+                format: output_format(&audit.json_schema),
             })
             .await?;
         drop(lease);
@@ -329,5 +324,12 @@ impl Provider {
         debug!(tokens = result.scores.len(), "audit scored");
         let _ = sink.send(&DataFrame::Audit(signed)).await;
         Ok(())
+    }
+}
+
+fn output_format(json_schema: &Option<String>) -> OutputFormat {
+    match json_schema {
+        Some(s) => OutputFormat::JsonSchema(s.clone()),
+        None => OutputFormat::Text,
     }
 }
