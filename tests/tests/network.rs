@@ -331,6 +331,24 @@ async fn data_plane_serves_signed_results_audits_and_refuses_wrong_peers() {
         other => panic!("expected a deadline refusal, got {other:?}"),
     }
 
+    // Once the provider has measured its speed, a deadline it cannot meet is refused up
+    // front as Busy (so the caller places the work elsewhere), not started and missed.
+    let mut warm = request(digest, "x");
+    warm.messages[0].content = "Count from one to twenty in words.".into();
+    warm.sampling.max_tokens = 24;
+    let (w, _) = client.infer(peer, addr, &warm, |_| {}).await.unwrap();
+    assert!(w.usage.completion_tokens >= 4);
+    let mut rushed = request(digest, "rush");
+    rushed.sampling.max_tokens = 4000;
+    rushed.deadline_ms = Some(now_ms() + 200);
+    match client.infer(peer, addr, &rushed, |_| {}).await {
+        Err(CallError::Remote { error, .. }) => {
+            assert_eq!(error.code, DataErrorCode::Busy);
+            assert!(error.message.contains("deadline"), "{}", error.message);
+        }
+        other => panic!("expected an unmeetable-deadline refusal, got {other:?}"),
+    }
+
     // An unknown model digest is reported as such.
     let mut unknown = request(Digest::of(b"no such model"), "x");
     unknown.model.reference = "ai/none:latest".into();
