@@ -7,6 +7,7 @@
 
 pub mod api;
 pub mod directory;
+pub mod discovery;
 pub mod dispatch;
 pub mod minions;
 pub mod placement;
@@ -64,6 +65,11 @@ pub async fn run(
     )));
     beacon_net::directory::follow(&network, live.clone());
     let directory = directory::RouterDirectory::new(live, Some(reputation));
+    tokio::spawn(discovery::run(
+        network.clone(),
+        directory.clone(),
+        Duration::from_secs(5),
+    ));
     let client = DataClient::new(&key, "0.0.0.0:0".parse().expect("valid address"))?;
     let dispatcher = dispatch::Dispatcher::new(client.clone(), directory, config.dispatch);
     let state = api::ApiState::new(

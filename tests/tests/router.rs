@@ -30,6 +30,21 @@ fn routes_chat_to_providers_verifies_pins_and_survives_a_death() {
         router.providers(),
         router.log()
     );
+    // Every provider gets a measured ping RTT for placement (the router connects to the
+    // providers it knows of, including B, which only ever talked to A).
+    let measured = wait_until(Duration::from_secs(45), || {
+        let v = http("GET", &router.url("/v1/providers"), None, &[]).json();
+        v["providers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|p| p["rtt_ms"].as_f64().is_some())
+    });
+    assert!(
+        measured,
+        "{}",
+        http("GET", &router.url("/v1/providers"), None, &[]).body
+    );
 
     let models = http("GET", &router.url("/v1/models"), None, &[]).json();
     let entry = models["data"]

@@ -100,6 +100,7 @@ enum Command {
     Provide(Vec<Digest>),
     FindProviders(Digest, oneshot::Sender<Vec<PeerId>>),
     Dial(Multiaddr, oneshot::Sender<Result<(), NetError>>),
+    DialPeer(PeerId, oneshot::Sender<Result<(), NetError>>),
     ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),
     Peers(oneshot::Sender<Vec<PeerInfo>>),
     Shutdown(oneshot::Sender<()>),
@@ -206,6 +207,11 @@ impl Network {
 
     pub async fn dial(&self, addr: Multiaddr) -> Result<(), NetError> {
         self.ask(|r| Command::Dial(addr, r)).await?
+    }
+
+    /// Dials a peer by id, at the addresses the swarm knows for it (kademlia's).
+    pub async fn dial_peer(&self, peer: PeerId) -> Result<(), NetError> {
+        self.ask(|r| Command::DialPeer(peer, r)).await?
     }
 
     /// Where this peer listens (with `/p2p/<id>` appended, ready to use as a bootstrap).
@@ -328,6 +334,16 @@ impl Actor {
                     .swarm
                     .dial(addr.clone())
                     .map_err(|e| NetError::Dial(format!("{addr}: {e}")));
+                let _ = reply.send(r);
+            }
+            Command::DialPeer(peer, reply) => {
+                let r = if self.connected.contains(&peer) {
+                    Ok(())
+                } else {
+                    self.swarm
+                        .dial(peer)
+                        .map_err(|e| NetError::Dial(format!("{peer}: {e}")))
+                };
                 let _ = reply.send(r);
             }
             Command::ListenAddrs(reply) => {
