@@ -190,6 +190,8 @@ fn falls_back_to_the_remote_api_with_keys_and_rate_limits() {
             "k-one,k-two",
             "--rate-limit",
             "2",
+            "--max-body-mib",
+            "1",
         ],
     );
     let url = router.url("/v1/chat/completions");
@@ -214,13 +216,16 @@ fn falls_back_to_the_remote_api_with_keys_and_rate_limits() {
     let r = http("POST", &url, Some(&chat("plum", "")), &key);
     assert_eq!(r.status, 429, "{r:?}");
     assert!(r.headers.to_lowercase().contains("retry-after:"));
-    // Another key has its own budget.
-    let r = http(
-        "POST",
-        &url,
-        Some(&chat("plum", "")),
-        &["Authorization: Bearer k-two"],
+    // Another key has its own budget; an oversized body is refused with 413.
+    let other = ["Authorization: Bearer k-two"];
+    let huge = format!(
+        r#"{{"model":"ai/smollm2:test","messages":[{{"role":"user","content":"{}"}}]}}"#,
+        "x".repeat(2 << 20)
     );
+    let r = http("POST", &url, Some(&huge), &other);
+    assert_eq!(r.status, 413, "{}", r.body);
+    assert_eq!(r.json()["error"]["type"], "invalid_request_error");
+    let r = http("POST", &url, Some(&chat("plum", "")), &other);
     assert_eq!(r.status, 200);
 }
 
