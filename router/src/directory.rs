@@ -119,11 +119,15 @@ impl RouterDirectory {
         }
     }
 
-    fn with<R>(&self, peer: &PeerId, f: impl FnOnce(&mut Stats) -> R) -> R {
+    /// Updates a provider's stats; `persist` writes them to sled, which only reputation
+    /// changes need (successes and failures are rebuilt from traffic, and writing on every
+    /// request would put the disk on the request path).
+    fn with<R>(&self, peer: &PeerId, persist: bool, f: impl FnOnce(&mut Stats) -> R) -> R {
         let mut all = self.stats.lock().unwrap_or_else(|p| p.into_inner());
         let s = all.entry(*peer).or_default();
         let r = f(s);
-        if let Some(tree) = &self.db
+        if persist
+            && let Some(tree) = &self.db
             && let Ok(bytes) = serde_json::to_vec(s)
         {
             let _ = tree.insert(peer.to_bytes(), bytes);
@@ -141,7 +145,7 @@ impl RouterDirectory {
     }
 
     pub fn success(&self, peer: &PeerId, latency_ms: f64, completion_tokens: u32, decode_ms: u32) {
-        self.with(peer, |s| {
+        self.with(peer, false, |s| {
             s.successes += 1;
             s.failing_in_a_row = 0;
             s.ewma_latency_ms = ewma(s.ewma_latency_ms, latency_ms);
@@ -157,7 +161,7 @@ impl RouterDirectory {
     /// A transport failure or refusal; opens the circuit after several in a row.
     pub fn failure(&self, peer: &PeerId) {
         let (n, open) = (self.breaker_failures, self.breaker_open);
-        self.with(peer, |s| {
+        self.with(peer, false, |s| {
             s.failures += 1;
             s.failing_in_a_row += 1;
             if s.failing_in_a_row >= n {
@@ -168,7 +172,7 @@ impl RouterDirectory {
 
     /// A result that failed verification: a reputation hit, and it counts as a failure.
     pub fn invalid(&self, peer: &PeerId) {
-        self.with(peer, |s| {
+        self.with(peer, true, |s| {
             s.invalid += 1;
             s.reputation = (s.reputation - 0.2).max(0.0);
             if s.reputation < QUARANTINE_BELOW {
@@ -180,7 +184,7 @@ impl RouterDirectory {
 
     /// An audit outcome. One failure never quarantines; repeated failures do.
     pub fn audited(&self, peer: &PeerId, passed: bool) {
-        self.with(peer, |s| {
+        self.with(peer, true, |s| {
             if passed {
                 s.audits_passed += 1;
                 s.failed_in_a_row = 0;
