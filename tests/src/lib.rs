@@ -313,6 +313,18 @@ impl NodeCli {
         c
     }
 
+    /// Packages the test model into this store as [`TEST_MODEL_REF`].
+    pub fn package_test_model(&self) {
+        let model = test_model();
+        self.ok(&[
+            "model",
+            "package",
+            "--gguf",
+            model.to_str().unwrap(),
+            TEST_MODEL_REF,
+        ]);
+    }
+
     /// Runs `beacon-node ARGS...` to completion.
     pub fn run(&self, args: &[&str]) -> Output {
         self.command()
@@ -677,14 +689,7 @@ impl NodeServer {
     /// `serve.log` in its data dir.
     pub fn start(extra: &[&str]) -> NodeServer {
         let cli = NodeCli::new();
-        let model = test_model();
-        cli.ok(&[
-            "model",
-            "package",
-            "--gguf",
-            model.to_str().unwrap(),
-            TEST_MODEL_REF,
-        ]);
+        cli.package_test_model();
         let port = free_port();
         let listen = format!("127.0.0.1:{port}");
         let mut args = vec!["serve", "--listen", &listen];

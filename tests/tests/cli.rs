@@ -24,14 +24,7 @@ fn binaries_print_help() {
 fn run_answers_from_the_terminal() {
     use std::io::Write;
     let cli = beacon_tests::NodeCli::new();
-    let model = beacon_tests::test_model();
-    cli.ok(&[
-        "model",
-        "package",
-        "--gguf",
-        model.to_str().unwrap(),
-        "ai/smollm2:test",
-    ]);
+    cli.package_test_model();
     let flags = [
         "--temperature",
         "0",

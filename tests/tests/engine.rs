@@ -25,6 +25,20 @@ fn engine() -> &'static Engine {
     })
 }
 
+/// A fresh engine that decodes one sequence at a time: llama.cpp's CPU kernels are not
+/// batch-invariant, so comparisons of greedy text need one.
+fn single_sequence_engine() -> Engine {
+    Engine::load(
+        &test_model(),
+        EngineConfig {
+            parallel: 1,
+            ctx_per_slot: 1024,
+            ..Default::default()
+        },
+    )
+    .unwrap()
+}
+
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -58,15 +72,7 @@ fn chat(system: &str, user: &str, max_tokens: u32) -> GenerateRequest {
 fn greedy_output_is_reproducible() {
     let rt = rt();
     // Its own engine: batch composition (other tests' requests) must not differ between runs.
-    let engine = Engine::load(
-        &test_model(),
-        EngineConfig {
-            parallel: 1,
-            ctx_per_slot: 512,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let engine = single_sequence_engine();
     let req = chat(
         "You are a helpful assistant.",
         "What is the capital of France?",
@@ -165,15 +171,7 @@ fn shared_prefix_is_not_prefilled_twice() {
     );
     assert!(b.usage.cached_prompt_tokens < b.usage.prompt_tokens);
     // Reuse changes nothing about the answer: a fresh engine gives the same text.
-    let fresh = Engine::load(
-        &test_model(),
-        EngineConfig {
-            parallel: 1,
-            ctx_per_slot: 1024,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let fresh = single_sequence_engine();
     let c = rt
         .block_on(fresh.complete(chat(&instructions, "Is fire cold? Answer yes or no.", 8)))
         .unwrap();
@@ -218,15 +216,7 @@ fn limits_and_stop_strings() {
     let rt = rt();
     // One sequence at a time: llama.cpp's CPU kernels are not batch-invariant, and the
     // full and the stopped generation must follow the same greedy path.
-    let engine = Engine::load(
-        &test_model(),
-        EngineConfig {
-            parallel: 1,
-            ctx_per_slot: 1024,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let engine = single_sequence_engine();
     let c = rt
         .block_on(engine.complete(chat("Be verbose.", "Count from one to fifty in words.", 5)))
         .unwrap();
