@@ -26,11 +26,21 @@ use crate::dispatch::{DispatchError, Dispatcher};
 use crate::placement::Policy;
 
 /// The remote (supervisor / fallback) OpenAI-compatible API.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Remote {
     /// e.g. `https://api.openai.com/v1`
     pub base_url: String,
     pub api_key: Option<String>,
+}
+
+impl std::fmt::Debug for Remote {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The key never reaches a log.
+        f.debug_struct("Remote")
+            .field("base_url", &self.base_url)
+            .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
 }
 
 /// Shared state of the API.
@@ -42,6 +52,8 @@ pub struct ApiState {
     pub keys: Arc<Vec<String>>,
     pub rate_per_minute: u32,
     pub policy: Policy,
+    /// Defaults and limits for `/v1/minions`.
+    pub minions: Arc<crate::minions::http::MinionsConfig>,
     buckets: Arc<Mutex<HashMap<String, (f64, Instant)>>>,
     metrics: Arc<Metrics>,
 }
@@ -74,6 +86,7 @@ impl ApiState {
             keys: Arc::new(keys),
             rate_per_minute,
             policy,
+            minions: Arc::default(),
             buckets: Arc::default(),
             metrics: Arc::default(),
         }
@@ -82,15 +95,15 @@ impl ApiState {
 
 /// An OpenAI-shaped error.
 pub struct ApiError {
-    status: StatusCode,
-    kind: &'static str,
-    message: String,
-    param: Option<String>,
-    retry_after: Option<u64>,
+    pub(crate) status: StatusCode,
+    pub(crate) kind: &'static str,
+    pub(crate) message: String,
+    pub(crate) param: Option<String>,
+    pub(crate) retry_after: Option<u64>,
 }
 
 impl ApiError {
-    fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
+    pub(crate) fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
         ApiError {
             status,
             kind,
@@ -99,7 +112,7 @@ impl ApiError {
             retry_after: None,
         }
     }
-    fn bad(param: &str, message: impl Into<String>) -> Self {
+    pub(crate) fn bad(param: &str, message: impl Into<String>) -> Self {
         ApiError {
             param: Some(param.into()),
             ..Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message)
@@ -124,6 +137,7 @@ impl IntoResponse for ApiError {
 pub fn router(state: ApiState, max_body: usize) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(chat))
+        .route("/v1/minions", post(crate::minions::http::job))
         .route("/v1/models", get(models))
         .route("/v1/providers", get(providers))
         .route("/metrics", get(metrics))
@@ -216,6 +230,23 @@ enum Stop {
 struct InMessage {
     role: String,
     content: String,
+}
+
+/// The body, or a 413 / 400 saying why it could not be read.
+pub(crate) fn read_body(
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<Bytes, ApiError> {
+    body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request_error",
+                "request body is too large",
+            )
+        } else {
+            ApiError::bad("body", e.body_text())
+        }
+    })
 }
 
 fn parse(bytes: &Bytes) -> Result<(ChatBody, Value), ApiError> {
@@ -331,17 +362,7 @@ async fn chat_inner(
     state: &ApiState,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let bytes = body.map_err(|e| {
-        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "invalid_request_error",
-                "request body is too large",
-            )
-        } else {
-            ApiError::bad("body", e.body_text())
-        }
-    })?;
+    let bytes = read_body(body)?;
     let (body, raw) = parse(&bytes)?;
     let digest = state.dispatcher.directory.resolve_model(&body.model);
     let Some(digest) = digest else {
@@ -518,7 +539,7 @@ async fn metrics(State(state): State<ApiState>) -> String {
     let m = &state.metrics;
     let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
     let providers = state.dispatcher.directory.providers();
-    let audits = state.dispatcher.audit_log();
+    let (audits_passed, audits_failed) = state.dispatcher.audit_counts();
     format!(
         "# TYPE beacon_router_requests_total counter\nbeacon_router_requests_total {}\n\
          # TYPE beacon_router_routed_total counter\nbeacon_router_routed_total {}\n\
@@ -542,7 +563,7 @@ async fn metrics(State(state): State<ApiState>) -> String {
         g(&m.completion_tokens),
         providers.len(),
         providers.iter().filter(|p| p.quarantined).count(),
-        audits.iter().filter(|a| a.1.passed).count(),
-        audits.iter().filter(|a| !a.1.passed).count(),
+        audits_passed,
+        audits_failed,
     )
 }

@@ -32,6 +32,10 @@ pub struct DispatchConfig {
     pub near_tie: f32,
     /// Fraction of claimed greedy tokens that must agree for an audit to pass.
     pub audit_pass: f64,
+    /// Circuit breaker: this many failures in a row take a provider out of placement...
+    pub breaker_failures: u32,
+    /// ...for this long.
+    pub breaker_open: Duration,
 }
 
 impl Default for DispatchConfig {
@@ -43,6 +47,8 @@ impl Default for DispatchConfig {
             audit_rate: 0.05,
             near_tie: 0.5,
             audit_pass: 0.9,
+            breaker_failures: 3,
+            breaker_open: Duration::from_secs(30),
         }
     }
 }
@@ -61,6 +67,9 @@ pub enum DispatchError {
 /// What happened to one audit.
 #[derive(Clone, Debug, Serialize)]
 pub struct AuditOutcome {
+    /// The audited request.
+    #[serde(skip)]
+    pub request_id: Id,
     pub auditor: String,
     pub passed: bool,
     pub agreement: f64,
@@ -88,8 +97,13 @@ pub struct Dispatcher {
     /// Requests this router has in flight per provider (adverts lag behind).
     in_flight: Arc<Mutex<HashMap<PeerId, u32>>>,
     latencies: Arc<Mutex<VecDeque<f64>>>,
-    audits: Arc<Mutex<Vec<(PeerId, AuditOutcome)>>>,
+    /// Recent audit outcomes (bounded) and counts of all of them (passed, failed).
+    audits: Arc<Mutex<VecDeque<(PeerId, AuditOutcome)>>>,
+    audit_counts: Arc<Mutex<(u64, u64)>>,
 }
+
+/// Audit outcomes kept for lookups (jobs attach theirs when they finish).
+const RECENT_AUDITS: usize = 10_000;
 
 impl Dispatcher {
     pub fn new(client: DataClient, directory: RouterDirectory, config: DispatchConfig) -> Self {
@@ -101,6 +115,7 @@ impl Dispatcher {
             in_flight: Arc::default(),
             latencies: Arc::default(),
             audits: Arc::default(),
+            audit_counts: Arc::default(),
         }
     }
 
@@ -114,7 +129,10 @@ impl Dispatcher {
     }
 
     fn hedge_after(&self) -> Option<Duration> {
-        let q = self.config.hedge_quantile?;
+        let q = self
+            .config
+            .hedge_quantile
+            .filter(|q| *q > 0.0 && *q < 1.0)?;
         let l = self.latencies.lock().unwrap_or_else(|p| p.into_inner());
         if l.len() < 20 {
             return None;
@@ -138,7 +156,14 @@ impl Dispatcher {
         self.audits
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .clone()
+            .iter()
+            .cloned()
+            .collect()
+    }
+
+    /// Audits passed and failed since the router started.
+    pub fn audit_counts(&self) -> (u64, u64) {
+        *self.audit_counts.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Picks a provider for `request`, avoiding `exclude`.
@@ -243,7 +268,7 @@ impl Dispatcher {
                         _ = tokio::time::sleep(after) => {
                             match self.choose(request, policy, &[exclude.clone(), vec![peer]].concat()) {
                                 Ok((p2, a2, r2, s2)) => {
-                                    debug!(first = %peer, second = %p2, "hedging a straggler");
+                                    info!(first = %peer, second = %p2, "hedging a straggler");
                                     let second = self.attempt(p2, a2, s2, request, None);
                                     tokio::select! {
                                         r = &mut primary => r.map(|r| (r, peer, region.clone(), true)),
@@ -335,6 +360,7 @@ impl Dispatcher {
             json_schema: request.json_schema.clone(),
         };
         let this = self.clone();
+        let request_id = request.request_id;
         tokio::spawn(async move {
             match this.client.audit(auditor, addr, &audit).await {
                 Ok(scored) => {
@@ -344,9 +370,22 @@ impl Dispatcher {
                     let passed = agreement >= this.config.audit_pass;
                     info!(provider = %peer, %auditor, agreement, passed, "audit");
                     this.directory.audited(&peer, passed);
-                    this.audits.lock().unwrap_or_else(|p| p.into_inner()).push((
+                    {
+                        let mut c = this.audit_counts.lock().unwrap_or_else(|p| p.into_inner());
+                        if passed {
+                            c.0 += 1;
+                        } else {
+                            c.1 += 1;
+                        }
+                    }
+                    let mut log = this.audits.lock().unwrap_or_else(|p| p.into_inner());
+                    if log.len() >= RECENT_AUDITS {
+                        log.pop_front();
+                    }
+                    log.push_back((
                         peer,
                         AuditOutcome {
+                            request_id,
                             auditor: auditor.to_string(),
                             passed,
                             agreement,

@@ -2,8 +2,8 @@
 //! live directory of providers ([`directory`]), places subtasks on them ([`placement`], a
 //! pure function), runs them over the QUIC data plane with retries, hedging and audits
 //! ([`dispatch`]), and answers applications over HTTP ([`api`]).
-//!
-//! Not built yet: MinionS orchestration (`/v1/minions`).
+//! MinionS and Minion jobs ([`minions`]) run their local work on the network through the
+//! same placement, dispatch and verification, at `POST /v1/minions`.
 
 pub mod api;
 pub mod directory;
@@ -42,6 +42,7 @@ pub struct RouterConfig {
     pub advert_expiry: Duration,
     /// PEM certificate chain and key: serve HTTPS instead of HTTP.
     pub tls: Option<(PathBuf, PathBuf)>,
+    pub minions: minions::http::MinionsConfig,
 }
 
 /// Runs the router until `shutdown` resolves.
@@ -64,7 +65,9 @@ pub async fn run(
         Duration::from_secs(10),
     )));
     beacon_net::directory::follow(&network, live.clone());
-    let directory = directory::RouterDirectory::new(live, Some(reputation));
+    let mut directory = directory::RouterDirectory::new(live, Some(reputation));
+    directory.breaker_failures = config.dispatch.breaker_failures.max(1);
+    directory.breaker_open = config.dispatch.breaker_open;
     tokio::spawn(discovery::run(
         network.clone(),
         directory.clone(),
@@ -72,13 +75,14 @@ pub async fn run(
     ));
     let client = DataClient::new(&key, "0.0.0.0:0".parse().expect("valid address"))?;
     let dispatcher = dispatch::Dispatcher::new(client.clone(), directory, config.dispatch);
-    let state = api::ApiState::new(
+    let mut state = api::ApiState::new(
         dispatcher,
         config.remote,
         config.api_keys,
         config.rate_per_minute,
         config.policy,
     );
+    state.minions = Arc::new(config.minions);
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("listening on {}", config.listen))?;

@@ -1,7 +1,6 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::bail;
 use clap::{Args, Parser, Subcommand};
 
 /// Beacon hybrid router: routes chat and MinionS jobs onto the provider network.
@@ -16,8 +15,51 @@ struct Cli {
 enum Command {
     /// Join the network and serve the router's HTTP API.
     Serve(Box<ServeArgs>),
-    /// Send a MinionS job to a router and print the answer (not built yet).
-    Minions,
+    /// Send a MinionS (or Minion) job to a router, show its progress, print the answer and
+    /// the remote tokens it saved.
+    Minions(Box<MinionsArgs>),
+}
+
+#[derive(Args, Debug)]
+struct MinionsArgs {
+    /// The router's base URL.
+    #[arg(
+        long,
+        env = "BEACON_ROUTER_URL",
+        default_value = "http://127.0.0.1:8080"
+    )]
+    router: String,
+    /// Bearer key for the router.
+    #[arg(long, env = "BEACON_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// The question or task.
+    #[arg(long)]
+    task: String,
+    /// Documents (text files); repeat or separate with commas.
+    #[arg(long, required = true, value_delimiter = ',')]
+    context: Vec<PathBuf>,
+    /// What the documents are (the supervisor sees this, never the documents).
+    #[arg(long)]
+    doc_metadata: Option<String>,
+    #[arg(long, default_value = "minions", value_parser = ["minions", "minion"])]
+    protocol: String,
+    #[arg(long)]
+    max_rounds: Option<u32>,
+    /// Model the providers run (default: the router's, or the network's only model).
+    #[arg(long)]
+    local_model: Option<String>,
+    /// Supervisor model (default: the router's --remote-model).
+    #[arg(long)]
+    remote_model: Option<String>,
+    /// Keep the job's local work in these regions.
+    #[arg(long, value_delimiter = ',')]
+    allowed_regions: Vec<String>,
+    /// How the remote-only comparison is made: estimate (free) or run (asks the supervisor).
+    #[arg(long, value_parser = ["estimate", "run"])]
+    baseline: Option<String>,
+    /// Print the whole answer as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -65,6 +107,16 @@ struct ServeArgs {
     /// Per-attempt timeout, seconds.
     #[arg(long, env = "BEACON_ATTEMPT_TIMEOUT", default_value_t = 120)]
     attempt_timeout: u64,
+    /// Send a duplicate of a subtask to a second provider once it runs longer than this
+    /// quantile of observed latencies (0 disables hedging).
+    #[arg(long, env = "BEACON_HEDGE_QUANTILE", default_value_t = 0.95)]
+    hedge_quantile: f64,
+    /// Failures in a row that open a provider's circuit breaker.
+    #[arg(long, env = "BEACON_BREAKER_FAILURES", default_value_t = 3)]
+    breaker_failures: u32,
+    /// Seconds an open circuit breaker keeps a provider out of placement.
+    #[arg(long, env = "BEACON_BREAKER_OPEN", default_value_t = 30)]
+    breaker_open: u64,
     /// Largest request body, MiB.
     #[arg(long, env = "BEACON_MAX_BODY_MIB", default_value_t = 16)]
     max_body_mib: usize,
@@ -77,6 +129,16 @@ struct ServeArgs {
     /// PEM private key for --tls-cert.
     #[arg(long, env = "BEACON_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// Supervisor model for MinionS jobs on the remote API.
+    #[arg(long, env = "BEACON_REMOTE_MODEL")]
+    remote_model: Option<String>,
+    /// Local model for MinionS jobs that name none.
+    #[arg(long, env = "BEACON_MINIONS_LOCAL_MODEL")]
+    minions_local_model: Option<String>,
+    /// Let MinionS jobs name their own supervisor URL and key (off: the router only calls
+    /// the remote API its operator configured).
+    #[arg(long, env = "BEACON_ALLOW_REMOTE_OVERRIDE")]
+    allow_remote_override: bool,
 }
 
 #[tokio::main]
@@ -109,6 +171,9 @@ async fn main() -> anyhow::Result<()> {
                 dispatch: beacon_router::dispatch::DispatchConfig {
                     attempt_timeout: Duration::from_secs(a.attempt_timeout.max(1)),
                     audit_rate: a.audit_rate.clamp(0.0, 1.0),
+                    hedge_quantile: Some(a.hedge_quantile),
+                    breaker_failures: a.breaker_failures.max(1),
+                    breaker_open: Duration::from_secs(a.breaker_open),
                     ..Default::default()
                 },
                 policy: beacon_router::placement::Policy {
@@ -119,10 +184,33 @@ async fn main() -> anyhow::Result<()> {
                 max_body: a.max_body_mib << 20,
                 advert_expiry: Duration::from_secs(a.advert_expiry.max(3)),
                 tls: a.tls_cert.zip(a.tls_key),
+                minions: beacon_router::minions::http::MinionsConfig {
+                    local_model: a.minions_local_model,
+                    remote_model: a.remote_model,
+                    allow_remote_override: a.allow_remote_override,
+                    ..Default::default()
+                },
             };
             beacon_router::run(config, shutdown()).await
         }
-        Command::Minions => bail!("`minions` is not implemented yet in this build"),
+        Command::Minions(m) => {
+            let m = *m;
+            let args = beacon_router::minions::client::ClientArgs {
+                router: m.router,
+                api_key: m.api_key,
+                task: m.task,
+                context: m.context,
+                doc_metadata: m.doc_metadata,
+                protocol: m.protocol,
+                max_rounds: m.max_rounds,
+                local_model: m.local_model,
+                remote_model: m.remote_model,
+                allowed_regions: m.allowed_regions,
+                baseline: m.baseline,
+                json: m.json,
+            };
+            beacon_router::minions::client::run(args, &mut std::io::stdout()).await
+        }
     }
 }
 

@@ -147,10 +147,65 @@ fn routes_chat_to_providers_verifies_pins_and_survives_a_death() {
     assert_eq!(r.status, 404);
     assert_eq!(r.json()["error"]["type"], "model_not_found");
 
-    // A provider dies: requests keep being answered (retried on the other one), and the
-    // router drops it from its directory.
+    // The official `openai` Python client works against the router.
+    let script = format!(
+        r#"
+import openai
+client = openai.OpenAI(base_url="{}", api_key="unused")
+r = client.chat.completions.create(model="ai/smollm2:test", messages=[{{"role": "user", "content": "Say the word \"mango\" and nothing else."}}], temperature=0, max_tokens=12)
+assert "mango" in r.choices[0].message.content.lower(), r
+assert r.usage.completion_tokens > 0
+parts = [c.choices[0].delta.content or "" for c in client.chat.completions.create(model="ai/smollm2:test", messages=[{{"role": "user", "content": "Say hello."}}], max_tokens=8, stream=True) if c.choices]
+assert "".join(parts).strip(), parts
+assert "ai/smollm2:test" in [m.id for m in client.models.list()]
+try:
+    client.chat.completions.create(model="ai/absent", messages=[{{"role": "user", "content": "x"}}])
+    raise SystemExit("expected NotFoundError")
+except openai.NotFoundError:
+    pass
+print("openai client ok")
+"#,
+        router.url("/v1")
+    );
+    let out = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("openai client ok"));
+
+    // A provider dies while requests run on it: they are completed on the other one, and
+    // the router drops it from its directory.
+    let long = |n: usize| {
+        format!(
+            r#"{{"model":"ai/smollm2:test","temperature":0,"max_tokens":96,"messages":[{{"role":"user","content":"Count from {n} to 200, separated by commas."}}]}}"#
+        )
+    };
+    let handles: Vec<_> = (1..=6)
+        .map(|n| {
+            let (url, body) = (router.url("/v1/chat/completions"), long(n));
+            std::thread::spawn(move || http("POST", &url, Some(&body), &[]))
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(600));
     a.kill();
-    for w in ["ocean", "forest", "candle", "bridge"] {
+    let mut retried = 0;
+    for h in handles {
+        let r = h.join().unwrap();
+        assert_eq!(r.status, 200, "{r:?}\n{}", router.log());
+        let v = r.json();
+        assert_eq!(v["beacon"]["provider"], pb.as_str(), "{v}");
+        if v["beacon"]["attempts"].as_u64().unwrap() > 1 {
+            retried += 1;
+        }
+    }
+    assert!(retried > 0, "no request was running on the killed provider");
+    for w in ["ocean", "forest"] {
         let r = http(
             "POST",
             &router.url("/v1/chat/completions"),
@@ -227,6 +282,131 @@ fn falls_back_to_the_remote_api_with_keys_and_rate_limits() {
     assert_eq!(r.json()["error"]["type"], "invalid_request_error");
     let r = http("POST", &url, Some(&chat("plum", "")), &other);
     assert_eq!(r.status, 200);
+}
+
+/// Stragglers and dead-slow providers. A provider that stalls every subtask is hedged
+/// around once the router knows the usual latency (the stalled copy is cancelled), and with
+/// hedging off the per-attempt timeout moves its subtasks elsewhere until its circuit
+/// breaker opens and keeps it out of placement.
+#[test]
+fn stragglers_are_hedged_and_timeouts_open_the_circuit_breaker() {
+    let fast = NodeServer::start(&["--region", "eu-west"]);
+    let boot = fast.bootstrap_addr();
+    let pf = fast.peer_id();
+    // The hedging router learns the latency distribution from the fast provider alone.
+    let hedging = RouterServer::start(Some(&boot), &[]);
+    assert!(wait_until(Duration::from_secs(60), || hedging
+        .providers()
+        .contains(&pf)));
+    for i in 0..20 {
+        let r = http(
+            "POST",
+            &hedging.url("/v1/chat/completions"),
+            Some(&chat(&format!("w{i}"), "")),
+            &[],
+        );
+        assert_eq!(r.status, 200, "{r:?}");
+    }
+    let slow = NodeServer::start(&[
+        "--region",
+        "eu-west",
+        "--bootstrap",
+        &boot,
+        "--fault",
+        "stall",
+    ]);
+    let ps = slow.peer_id();
+    let timing = RouterServer::start(
+        Some(&boot),
+        &[
+            "--hedge-quantile",
+            "0",
+            "--attempt-timeout",
+            "2",
+            "--breaker-failures",
+            "2",
+            "--breaker-open",
+            "600",
+        ],
+    );
+    let seen = wait_until(Duration::from_secs(60), || {
+        [&hedging, &timing]
+            .iter()
+            .all(|r| r.providers().contains(&pf) && r.providers().contains(&ps))
+    });
+    assert!(seen, "{}", hedging.log());
+
+    // Concurrent waves until one lands on the staller first and is hedged.
+    let wave = |router: &RouterServer| -> Vec<serde_json::Value> {
+        let handles: Vec<_> = ["red", "green", "blue", "brown"]
+            .into_iter()
+            .map(|w| {
+                let url = router.url("/v1/chat/completions");
+                std::thread::spawn(move || http("POST", &url, Some(&chat(w, "")), &[]))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                let r = h.join().unwrap();
+                assert_eq!(r.status, 200, "{r:?}");
+                r.json()
+            })
+            .collect()
+    };
+    let straggler = format!("first={ps}");
+    let mut hedged = 0;
+    for _ in 0..8 {
+        for v in wave(&hedging) {
+            // The staller never wins, and no request waited for it (no second attempt).
+            assert_eq!(v["beacon"]["provider"], pf.as_str(), "{v}");
+            assert_eq!(v["beacon"]["attempts"], 1, "{v}");
+            hedged += v["beacon"]["hedged"].as_bool().unwrap() as u32;
+        }
+        if hedging.log().contains(&straggler) {
+            break;
+        }
+    }
+    assert!(
+        hedging.log().contains(&straggler),
+        "no subtask was hedged away from the staller\n{}",
+        hedging.log()
+    );
+    assert!(hedged > 0);
+    let metrics = http("GET", &hedging.url("/metrics"), None, &[]).body;
+    assert!(
+        !metrics.contains("beacon_router_hedged_total 0\n"),
+        "{metrics}"
+    );
+    // The losing copy was cancelled on the staller, not left running.
+    assert!(wait_until(Duration::from_secs(20), || slow
+        .log()
+        .contains("the client cancelled the subtask while it stalled")));
+
+    // No hedging, a 2 s attempt timeout: subtasks on the staller time out and are retried
+    // on the fast provider, until the breaker opens.
+    let mut retried = 0;
+    for _ in 0..8 {
+        for v in wave(&timing) {
+            assert_eq!(v["beacon"]["provider"], pf.as_str(), "{v}");
+            if v["beacon"]["attempts"].as_u64().unwrap() > 1 {
+                retried += 1;
+            }
+        }
+        if provider_status(&timing, &ps)["circuit_open"] == true {
+            break;
+        }
+    }
+    let status = provider_status(&timing, &ps);
+    assert_eq!(status["circuit_open"], true, "{status}");
+    assert!(retried >= 2, "{retried}");
+    // While it is open the staller gets no work: its failure count stays put.
+    let failures = status["stats"]["failures"].clone();
+    for v in wave(&timing) {
+        assert_eq!(v["beacon"]["attempts"], 1, "{v}");
+    }
+    assert_eq!(provider_status(&timing, &ps)["stats"]["failures"], failures);
+    assert_eq!(provider_status(&timing, &pf)["circuit_open"], false);
 }
 
 /// Dishonest providers: one whose signatures do not verify (every result rejected and

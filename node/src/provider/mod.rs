@@ -65,6 +65,9 @@ pub enum Fault {
     /// Results are validly signed but their token ids are not what the model generated
     /// (as if a cheaper model had run); only an audit can tell.
     Tamper,
+    /// Every subtask waits a minute before it starts (a straggler), unless the client
+    /// cancels it first.
+    Stall,
 }
 
 /// Serves data-plane requests.
@@ -194,6 +197,15 @@ impl Provider {
         let request_digest = request
             .digest()
             .map_err(|e| Refusal::new(DataErrorCode::BadRequest, e.to_string()))?;
+        if self.fault == Some(Fault::Stall) {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(60)) => {}
+                _ = sink.stopped() => {
+                    info!("the client cancelled the subtask while it stalled");
+                    return Ok(());
+                }
+            }
+        }
         let lease = self.lease(model).await?;
         let format = output_format(&request.json_schema);
         let mut events = lease.engine.generate(GenerateRequest {
@@ -207,7 +219,7 @@ impl Provider {
                 match event? {
                     Event::Token { text, .. } => {
                         if !text.is_empty() && sink.send(&DataFrame::Delta(text)).await.is_err() {
-                            debug!("client went away; cancelling");
+                            info!("the client cancelled the subtask");
                             return Ok(None);
                         }
                     }

@@ -61,6 +61,40 @@ pub fn chunk(docs: &[String], c: &Chunking) -> Vec<Chunk> {
     out
 }
 
+/// Splits every chunk longer than `max_chars` characters into pieces of at most that many,
+/// cut at whitespace where there is some, so no local call gets more than a small model
+/// can read; chunks are renumbered within each document.
+pub fn cap(chunks: Vec<Chunk>, max_chars: usize) -> Vec<Chunk> {
+    let max_chars = max_chars.max(1);
+    let mut out: Vec<Chunk> = Vec::with_capacity(chunks.len());
+    for c in chunks {
+        let mut rest = c.text.as_str();
+        while !rest.is_empty() {
+            let end = match rest.char_indices().nth(max_chars) {
+                None => rest.len(),
+                Some((hard, _)) => rest[..hard]
+                    .rfind(char::is_whitespace)
+                    .filter(|&w| w > hard / 2)
+                    .unwrap_or(hard),
+            };
+            let (piece, tail) = rest.split_at(end);
+            if !piece.trim().is_empty() {
+                let index = match out.last() {
+                    Some(l) if l.doc == c.doc => l.index + 1,
+                    _ => 0,
+                };
+                out.push(Chunk {
+                    doc: c.doc,
+                    index,
+                    text: piece.to_string(),
+                });
+            }
+            rest = tail;
+        }
+    }
+    out
+}
+
 /// Windows of `size` items advancing by `size - overlap`, the last one possibly shorter;
 /// together they cover every item.
 fn windows<T>(items: &[T], size: usize, overlap: usize) -> impl Iterator<Item = &[T]> {
@@ -84,6 +118,21 @@ mod tests {
             size,
             overlap,
         }
+    }
+
+    #[test]
+    fn cap_splits_long_chunks_at_whitespace_and_renumbers() {
+        let docs = vec!["aaaa bbbb cccc dddd".to_string(), "x".to_string()];
+        let c = cap(chunk(&docs, &plan(Strategy::Paragraphs, 1, 0)), 10);
+        let got: Vec<_> = c
+            .iter()
+            .map(|c| (c.doc, c.index, c.text.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            [(0, 0, "aaaa bbbb"), (0, 1, " cccc dddd"), (1, 0, "x")]
+        );
+        assert!(c.iter().all(|c| c.text.chars().count() <= 10));
     }
 
     #[test]

@@ -1,7 +1,12 @@
-//! MinionS over the network. Built so far: the pure parts — the supervisor's plan as data
-//! validated against a schema ([`plan`]) and document chunking ([`chunk`]). The rounds
-//! (decompose, execute on providers, filter, aggregate), usage accounting and
-//! `/v1/minions` are later work.
+//! MinionS and Minion over the network: the supervisor's plan as data validated against a
+//! schema ([`plan`]), document chunking ([`chunk`]), the supervisor client with exact token
+//! accounting ([`remote`]), the job request and answer ([`job`]) and the protocols
+//! themselves ([`protocol`]), served at `POST /v1/minions`.
 
 pub mod chunk;
+pub mod client;
+pub mod http;
+pub mod job;
 pub mod plan;
+pub mod protocol;
+pub mod remote;

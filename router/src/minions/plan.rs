@@ -63,7 +63,7 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Limits {
-            max_tasks: 16,
+            max_tasks: 8,
             max_samples: 4,
             max_instruction_chars: 2000,
         }
@@ -107,9 +107,9 @@ pub fn schema(limits: &Limits) -> Value {
                     "type": "object", "additionalProperties": false,
                     "required": ["id", "instruction", "advice"],
                     "properties": {
-                        "id": {"type": "string"},
-                        "instruction": {"type": "string"},
-                        "advice": {"type": "string"}
+                        "id": {"type": "string", "minLength": 1, "maxLength": 32},
+                        "instruction": {"type": "string", "minLength": 1, "maxLength": 400},
+                        "advice": {"type": "string", "maxLength": 300}
                     }
                 }
             },

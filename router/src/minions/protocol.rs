@@ -1,0 +1,958 @@
+//! The MinionS and Minion protocols, run on the provider network.
+//!
+//! MinionS, per round: (1) *decompose*: the supervisor sees the task, the documents'
+//! metadata (never the documents) and earlier rounds' scratchpad, and answers a JSON plan,
+//! validated here and sent back with the error when invalid (a bounded number of times);
+//! (2) *execute*: chunks × tasks × samples become jobs, one local call each, placed,
+//! dispatched and verified like any subtask, with output constrained to
+//! `{explanation, citation, answer|null}`; (3) *filter*: null answers are dropped and the
+//! rest grouped by task and chunk; (4) *aggregate*: the supervisor answers
+//! `{decision: final|more, answer, explanation, scratchpad}`; the last round must be final.
+//!
+//! Minion: the supervisor asks, a worker on a provider that sees the whole context answers,
+//! until the supervisor gives a final answer.
+//!
+//! Nothing the models write is executed; everything they return is data checked here.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use beacon_proto::{ChatMessage, Digest, Id, InferRequest, ModelSpec, Role, Sampling};
+use futures::StreamExt;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+
+use super::chunk::{Chunk, cap, chunk};
+use super::job::{
+    Baseline, JobAnswer, JobRecord, LocalUsage, Progress, Protocol, RemoteOnly, RemoteUsage,
+    Timing, Usage, Verification,
+};
+use super::plan::{self, Limits, Plan, PlanError};
+use super::remote::{Msg, RemoteCall, RemoteError, Supervisor};
+use crate::dispatch::{DispatchError, Dispatcher};
+use crate::placement::Policy;
+
+/// Everything a job needs, resolved from the request and the router's settings.
+pub struct JobSetup {
+    pub protocol: Protocol,
+    pub task: String,
+    pub context: Vec<String>,
+    pub doc_metadata: Option<String>,
+    pub max_rounds: u32,
+    pub local_model: String,
+    pub local_digest: Digest,
+    pub supervisor: Supervisor,
+    pub dispatcher: Dispatcher,
+    pub policy: Policy,
+    pub max_jobs_per_round: u32,
+    pub plan_retries: u32,
+    pub max_chunk_chars: usize,
+    pub worker_max_tokens: u32,
+    pub baseline: Baseline,
+    /// Concurrent local jobs at most.
+    pub parallelism: usize,
+}
+
+/// Why a job failed.
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    #[error(transparent)]
+    Remote(#[from] RemoteError),
+    #[error("the supervisor gave no valid {what} after {attempts} attempts; last error: {error}")]
+    Supervisor {
+        what: &'static str,
+        attempts: u32,
+        error: String,
+    },
+    #[error("every local job of round {round} failed; last error: {error}")]
+    LocalFailed { round: u32, error: String },
+    #[error("the local model refused the job: {0}")]
+    LocalRefused(String),
+    #[error("no provider can run the local model: {0}")]
+    NoProvider(String),
+}
+
+/// What the worker returns for one job.
+#[derive(Clone, Debug, Deserialize)]
+struct WorkerOutput {
+    #[serde(default)]
+    explanation: String,
+    #[serde(default)]
+    citation: Option<String>,
+    answer: Option<Value>,
+}
+
+/// What the supervisor returns when aggregating.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Aggregate {
+    decision: String,
+    #[serde(default)]
+    answer: String,
+    #[serde(default)]
+    explanation: String,
+    #[serde(default)]
+    scratchpad: String,
+}
+
+/// What the supervisor says in a Minion conversation.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Turn {
+    decision: String,
+    #[serde(default)]
+    message: String,
+    #[serde(default)]
+    answer: String,
+    #[serde(default)]
+    explanation: String,
+}
+
+fn worker_schema() -> Value {
+    json!({
+        "type": "object", "additionalProperties": false,
+        "required": ["explanation", "citation", "answer"],
+        "properties": {
+            "explanation": {"type": "string", "maxLength": 400},
+            "citation": {"anyOf": [{"type": "string", "maxLength": 300}, {"type": "null"}]},
+            "answer": {"anyOf": [{"type": "string", "maxLength": 300}, {"type": "null"}]}
+        }
+    })
+}
+
+fn aggregate_schema(last: bool) -> Value {
+    let decisions = if last {
+        json!(["final"])
+    } else {
+        json!(["final", "more"])
+    };
+    json!({
+        "type": "object", "additionalProperties": false,
+        "required": ["decision", "answer", "explanation", "scratchpad"],
+        "properties": {
+            "decision": {"enum": decisions},
+            "answer": {"type": "string", "maxLength": 600},
+            "explanation": {"type": "string", "maxLength": 600},
+            "scratchpad": {"type": "string", "maxLength": 1000}
+        }
+    })
+}
+
+fn turn_schema(last: bool) -> Value {
+    let decisions = if last {
+        json!(["final"])
+    } else {
+        json!(["final", "ask"])
+    };
+    json!({
+        "type": "object", "additionalProperties": false,
+        "required": ["decision", "message", "answer", "explanation"],
+        "properties": {
+            "decision": {"enum": decisions},
+            "message": {"type": "string", "maxLength": 400},
+            "answer": {"type": "string", "maxLength": 600},
+            "explanation": {"type": "string", "maxLength": 600}
+        }
+    })
+}
+
+/// Accumulates a job's accounting.
+struct Ledger {
+    calls: Vec<RemoteCall>,
+    jobs: Vec<JobRecord>,
+    /// The request id of each entry of `jobs`.
+    request_ids: Vec<Id>,
+    remote_ms: u64,
+    local_ms: u64,
+    /// Bytes of the prompts sent to the supervisor, to calibrate the baseline estimate.
+    remote_prompt_bytes: u64,
+    progress: Option<mpsc::UnboundedSender<Progress>>,
+}
+
+impl Ledger {
+    fn emit(&self, p: Progress) {
+        if let Some(tx) = &self.progress {
+            let _ = tx.send(p);
+        }
+    }
+
+    async fn ask(
+        &mut self,
+        sup: &Supervisor,
+        messages: &[Msg],
+        schema: Option<(&str, &Value)>,
+        purpose: &'static str,
+        round: u32,
+    ) -> Result<String, RemoteError> {
+        let (text, call) = sup.chat(messages, schema, purpose, round).await?;
+        self.remote_ms += call.ms;
+        if purpose != "remote_only" {
+            self.remote_prompt_bytes +=
+                messages.iter().map(|m| m.content.len() as u64).sum::<u64>();
+        }
+        self.calls.push(call);
+        Ok(text)
+    }
+}
+
+/// Runs a job to its answer; progress goes to `progress` while it runs.
+pub async fn run(
+    setup: JobSetup,
+    progress: Option<mpsc::UnboundedSender<Progress>>,
+) -> Result<JobAnswer, JobError> {
+    let started = Instant::now();
+    let mut ledger = Ledger {
+        calls: Vec::new(),
+        jobs: Vec::new(),
+        request_ids: Vec::new(),
+        remote_ms: 0,
+        local_ms: 0,
+        remote_prompt_bytes: 0,
+        progress,
+    };
+    let (answer, explanation, rounds) = match setup.protocol {
+        Protocol::Minions => minions(&setup, &mut ledger).await?,
+        Protocol::Minion => minion(&setup, &mut ledger).await?,
+    };
+    let remote_only = baseline(&setup, &mut ledger, &answer).await?;
+    Ok(finish(
+        &setup,
+        ledger,
+        answer,
+        explanation,
+        rounds,
+        remote_only,
+        started,
+    ))
+}
+
+fn describe_documents(setup: &JobSetup) -> String {
+    let sizes: Vec<String> = setup
+        .context
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            format!(
+                "document {i}: {} characters, {} paragraphs, {} pages",
+                d.chars().count(),
+                d.split("\n\n").filter(|p| !p.trim().is_empty()).count(),
+                d.split('\x0c').filter(|p| !p.trim().is_empty()).count()
+            )
+        })
+        .collect();
+    let meta = setup
+        .doc_metadata
+        .as_deref()
+        .map(|m| format!("Metadata: {m}\n"))
+        .unwrap_or_default();
+    format!("{meta}{}", sizes.join("\n"))
+}
+
+const DECOMPOSE_SYSTEM: &str = "You supervise small local language models that read long documents for you. \
+You cannot see the documents. Plan how the documents are cut into chunks and which short, \
+self-contained instructions the small models run on every chunk. Each small model sees one \
+chunk and one instruction, and answers with JSON {explanation, citation, answer}, where \
+answer is null when its chunk does not contain what was asked. Small models follow simple \
+extraction instructions well and reasoning poorly: keep instructions concrete. Use distinct \
+task ids. Reply with one JSON object only, no code.
+Example: for the task \"Who signed the lease and when?\" a good plan is
+{\"chunking\": {\"strategy\": \"paragraphs\", \"size\": 3, \"overlap\": 0}, \"tasks\": [{\"id\": \"signer\", \"instruction\": \"Who signed the lease? Quote the name.\", \"advice\": \"Answer null if no signature is mentioned.\"}, {\"id\": \"date\", \"instruction\": \"On what date was the lease signed?\", \"advice\": \"\"}], \"samples_per_task\": 1}
+The plan must match this JSON schema:";
+
+async fn minions(setup: &JobSetup, ledger: &mut Ledger) -> Result<(String, String, u32), JobError> {
+    let limits = Limits::default();
+    let plan_schema = plan::schema(&limits);
+    let docs = describe_documents(setup);
+    let mut scratchpad = String::new();
+    for round in 1..=setup.max_rounds {
+        let last = round == setup.max_rounds;
+        // (1) Decompose.
+        let mut messages = vec![
+            Msg::system(format!("{DECOMPOSE_SYSTEM}\n{plan_schema}")),
+            Msg::user(format!(
+                "Task: {}\n\nDocuments:\n{docs}\n\nRound {round} of {}.{}\nReturn the plan.",
+                setup.task,
+                setup.max_rounds,
+                if scratchpad.is_empty() {
+                    String::new()
+                } else {
+                    format!("\nWhat earlier rounds found (your scratchpad):\n{scratchpad}")
+                }
+            )),
+        ];
+        let ((plan, chunks), attempt) = {
+            let mut attempt = 0;
+            loop {
+                attempt += 1;
+                let text = ledger
+                    .ask(
+                        &setup.supervisor,
+                        &messages,
+                        Some(("minions_plan", &plan_schema)),
+                        "decompose",
+                        round,
+                    )
+                    .await?;
+                let checked = plan::parse(&text, &limits).and_then(|p| {
+                    let chunks = cap(chunk(&setup.context, &p.chunking), setup.max_chunk_chars);
+                    let jobs = chunks.len() * p.tasks.len() * p.samples_per_task as usize;
+                    if chunks.is_empty() {
+                        Err(PlanError("this chunking gives no chunks".into()))
+                    } else if jobs > setup.max_jobs_per_round as usize {
+                        Err(PlanError(format!(
+                            "the plan makes {jobs} jobs ({} chunks x {} tasks x {} samples); at most {} are allowed: use larger chunks, fewer tasks or fewer samples",
+                            chunks.len(),
+                            p.tasks.len(),
+                            p.samples_per_task,
+                            setup.max_jobs_per_round
+                        )))
+                    } else {
+                        Ok((p, chunks))
+                    }
+                });
+                match checked {
+                    Ok(ok) => break (ok, attempt),
+                    Err(e) => {
+                        tracing::info!(round, attempt, error = %e, "supervisor plan rejected");
+                        ledger.emit(Progress::PlanRejected {
+                            round,
+                            attempt,
+                            error: e.to_string(),
+                        });
+                        if attempt > setup.plan_retries {
+                            return Err(JobError::Supervisor {
+                                what: "plan",
+                                attempts: attempt,
+                                error: e.to_string(),
+                            });
+                        }
+                        messages.push(Msg::assistant(text));
+                        messages.push(Msg::user(format!(
+                            "That plan is not valid: {e}. Reply with a corrected plan: one JSON object matching the schema, nothing else."
+                        )));
+                    }
+                }
+            }
+        };
+        ledger.emit(Progress::Plan {
+            round,
+            attempt,
+            plan: plan.clone(),
+        });
+        // (2) Execute.
+        let results = execute(setup, ledger, round, &plan, &chunks).await?;
+        // (3) Filter and group.
+        let findings = findings(&plan, &chunks, &results);
+        let answered = results.iter().filter(|r| r.1.is_some()).count();
+        // (4) Aggregate.
+        let schema = aggregate_schema(last);
+        let mut messages = vec![
+            Msg::system(
+                "You supervise small local models that read documents you cannot see. You get \
+                 their findings, grouped by instruction and chunk; findings can be wrong or \
+                 partial, so weigh them. Reply with one JSON object only: \
+                 {\"decision\": \"final\" or \"more\", \"answer\", \"explanation\", \"scratchpad\"}. \
+                 Choose \"more\" only if another round with new instructions would find what is \
+                 missing; the scratchpad carries what you know to that round.",
+            ),
+            Msg::user(format!(
+                "Task: {}\n\nRound {round} of {}{}.\n\nFindings:\n{findings}",
+                setup.task,
+                setup.max_rounds,
+                if last {
+                    " (the last round: the decision must be final)"
+                } else {
+                    ""
+                }
+            )),
+        ];
+        let mut attempt = 0;
+        let agg = loop {
+            attempt += 1;
+            let text = ledger
+                .ask(
+                    &setup.supervisor,
+                    &messages,
+                    Some(("minions_aggregate", &schema)),
+                    "aggregate",
+                    round,
+                )
+                .await?;
+            let parsed = plan::extract_json_object(&text)
+                .ok_or_else(|| "the reply contains no JSON object".to_string())
+                .and_then(|j| serde_json::from_str::<Aggregate>(j).map_err(|e| e.to_string()))
+                .and_then(|a| match a.decision.as_str() {
+                    "final" | "more" => Ok(a),
+                    other => Err(format!("decision must be final or more, not {other:?}")),
+                });
+            match parsed {
+                Ok(a) => break a,
+                Err(e) if attempt > setup.plan_retries => {
+                    return Err(JobError::Supervisor {
+                        what: "aggregation",
+                        attempts: attempt,
+                        error: e,
+                    });
+                }
+                Err(e) => {
+                    messages.push(Msg::assistant(text));
+                    messages.push(Msg::user(format!(
+                        "That reply is not valid: {e}. Reply with one JSON object matching the schema, nothing else."
+                    )));
+                }
+            }
+        };
+        // The last round is final whatever the supervisor says.
+        let decision = if last { "final" } else { agg.decision.as_str() };
+        ledger.emit(Progress::Round {
+            round,
+            decision: decision.to_string(),
+            jobs: results.len(),
+            answered,
+        });
+        if decision == "final" {
+            return Ok((agg.answer, agg.explanation, round));
+        }
+        let mut pad = agg.scratchpad;
+        pad.truncate(floor_char_boundary(&pad, 8_000));
+        scratchpad = format!("{scratchpad}\nRound {round}: {pad}");
+    }
+    unreachable!("the last round always returns")
+}
+
+fn floor_char_boundary(s: &str, at: usize) -> usize {
+    if at >= s.len() {
+        return s.len();
+    }
+    (0..=at).rev().find(|i| s.is_char_boundary(*i)).unwrap_or(0)
+}
+
+fn shorten(s: &str, n: usize) -> &str {
+    &s[..floor_char_boundary(s, n)]
+}
+
+type JobResult = (usize, Option<WorkerOutput>);
+
+/// Runs every job of a round on the network; returns (job index, parsed output) for each
+/// job that completed.
+async fn execute(
+    setup: &JobSetup,
+    ledger: &mut Ledger,
+    round: u32,
+    plan: &Plan,
+    chunks: &[Chunk],
+) -> Result<Vec<JobResult>, JobError> {
+    let started = Instant::now();
+    let schema = worker_schema().to_string();
+    let mut specs = Vec::new();
+    for t in &plan.tasks {
+        for c in chunks {
+            for s in 0..plan.samples_per_task {
+                specs.push((t, c, s));
+            }
+        }
+    }
+    ledger.emit(Progress::JobsPlaced {
+        round,
+        jobs: specs.len(),
+        chunks: chunks.len(),
+        tasks: plan.tasks.len(),
+    });
+    let job_id = Id::random();
+    let requests: Vec<InferRequest> = specs
+        .iter()
+        .map(|(t, c, s)| worker_request(setup, job_id, &schema, t, c, *s))
+        .collect();
+    let policy = std::sync::Arc::new(setup.policy.clone());
+    let runs = requests.into_iter().enumerate().map(|(i, request)| {
+        let dispatcher = setup.dispatcher.clone();
+        let policy = policy.clone();
+        async move {
+            let t0 = Instant::now();
+            let r = dispatcher.run(&request, &policy, None).await;
+            (i, request.request_id, r, t0.elapsed().as_millis() as u64)
+        }
+    });
+    let mut stream = futures::stream::iter(runs).buffer_unordered(setup.parallelism.max(1));
+    let mut out = Vec::new();
+    let mut last_error = String::new();
+    while let Some((i, request_id, r, ms)) = stream.next().await {
+        let (t, c, s) = specs[i];
+        let mut rec = JobRecord {
+            round,
+            job: i,
+            task: t.id.clone(),
+            chunk: format!("{}#{}", c.doc, c.index),
+            sample: s,
+            provider: None,
+            region: None,
+            attempts: 0,
+            hedged: false,
+            verified: false,
+            answered: false,
+            prompt_tokens: 0,
+            completion_tokens: 0,
+            ms,
+            error: None,
+            audit: None,
+        };
+        match r {
+            Ok(o) => {
+                let parsed = serde_json::from_str::<WorkerOutput>(o.result.output.trim()).ok();
+                let answer = parsed.filter(|w| answer_text(w).is_some());
+                rec.provider = Some(o.provider.to_string());
+                rec.region = Some(o.region.clone());
+                rec.attempts = o.attempts;
+                rec.hedged = o.hedged;
+                rec.verified = true;
+                rec.answered = answer.is_some();
+                rec.prompt_tokens = o.result.usage.prompt_tokens as u64;
+                rec.completion_tokens = o.result.usage.completion_tokens as u64;
+                out.push((i, answer));
+            }
+            Err(DispatchError::Refused(m)) => return Err(JobError::LocalRefused(m)),
+            Err(DispatchError::NoProvider(m)) => return Err(JobError::NoProvider(m)),
+            Err(e) => {
+                last_error = e.to_string();
+                rec.error = Some(last_error.clone());
+            }
+        }
+        ledger.emit(Progress::JobFinished(rec.clone()));
+        ledger.jobs.push(rec);
+        // Audits run in the background; their outcomes are attached at the end.
+        ledger.request_ids.push(request_id);
+    }
+    ledger.local_ms += started.elapsed().as_millis() as u64;
+    if out.is_empty() {
+        return Err(JobError::LocalFailed {
+            round,
+            error: last_error,
+        });
+    }
+    out.sort_by_key(|r| r.0);
+    Ok(out)
+}
+
+/// One MinionS job: one chunk, one instruction, one sample, in its own conversation.
+fn worker_request(
+    setup: &JobSetup,
+    job_id: Id,
+    schema: &str,
+    t: &super::plan::TaskSpec,
+    c: &Chunk,
+    s: u32,
+) -> InferRequest {
+    InferRequest {
+        request_id: Id::random(),
+        job_id: Some(job_id),
+        model: ModelSpec {
+            reference: setup.local_model.clone(),
+            digest: setup.local_digest,
+        },
+        messages: vec![
+            ChatMessage {
+                role: Role::System,
+                content: "You read one chunk of a document and do one instruction. Answer \
+                          only from the chunk. Reply with JSON: explanation (short), \
+                          citation (a short quote from the chunk, or null) and answer (or \
+                          null when the chunk does not contain it)."
+                    .into(),
+            },
+            ChatMessage {
+                role: Role::User,
+                content: format!(
+                    "Chunk {} of document {}:\n---\n{}\n---\nThe overall question: {}\nYour instruction: {}{}",
+                    c.index,
+                    c.doc,
+                    c.text,
+                    setup.task,
+                    t.instruction,
+                    if t.advice.is_empty() {
+                        String::new()
+                    } else {
+                        format!("\nAdvice: {}", t.advice)
+                    }
+                ),
+            },
+        ],
+        sampling: Sampling {
+            // The first sample is greedy (and auditable); further samples vary.
+            temperature: if s == 0 { 0.0 } else { 0.7 },
+            seed: Some(u64::from(s) + 1),
+            max_tokens: setup.worker_max_tokens,
+            ..Sampling::default()
+        },
+        json_schema: Some(schema.to_string()),
+        deadline_ms: None,
+        return_tokens: true,
+    }
+}
+
+/// The worker's answer as text, when it gave one.
+fn answer_text(w: &WorkerOutput) -> Option<String> {
+    match w.answer.as_ref()? {
+        Value::Null => None,
+        Value::String(s) if s.trim().is_empty() || s.trim().eq_ignore_ascii_case("null") => None,
+        Value::String(s) => Some(s.trim().to_string()),
+        other => Some(other.to_string()),
+    }
+}
+
+/// The findings of a round for the supervisor: non-null answers grouped by task, then by
+/// chunk, bounded in size.
+fn findings(plan: &Plan, chunks: &[Chunk], results: &[JobResult]) -> String {
+    const MAX_BYTES: usize = 24_000;
+    let per_task = chunks.len() * plan.samples_per_task as usize;
+    let mut out = String::new();
+    for (ti, t) in plan.tasks.iter().enumerate() {
+        let mut by_chunk: BTreeMap<(usize, usize), Vec<&WorkerOutput>> = BTreeMap::new();
+        for (i, w) in results {
+            if *i / per_task != ti {
+                continue;
+            }
+            if let Some(w) = w {
+                let c = &chunks[(*i % per_task) / plan.samples_per_task as usize];
+                by_chunk.entry((c.doc, c.index)).or_default().push(w);
+            }
+        }
+        out.push_str(&format!(
+            "\n## Instruction {} ({}): {} chunk(s) answered\n",
+            t.id,
+            shorten(&t.instruction, 300),
+            by_chunk.len()
+        ));
+        for ((doc, index), ws) in by_chunk {
+            for w in ws {
+                let line = format!(
+                    "- document {doc} chunk {index}: answer: {} | citation: {} | explanation: {}\n",
+                    shorten(&answer_text(w).unwrap_or_default(), 400),
+                    shorten(w.citation.as_deref().unwrap_or("none"), 300),
+                    shorten(&w.explanation, 300)
+                );
+                if out.len() + line.len() > MAX_BYTES {
+                    out.push_str("- (further findings left out for length)\n");
+                    return out;
+                }
+                out.push_str(&line);
+            }
+        }
+    }
+    if results.iter().all(|r| r.1.is_none()) {
+        out.push_str("\nNo chunk contained an answer.\n");
+    }
+    out
+}
+
+const MINION_SYSTEM: &str = "You supervise a small local language model that can read a \
+long context you cannot see. Ask it short, simple questions about the context, one at a \
+time, and answer the task from what it tells you. Reply with one JSON object only: \
+{\"decision\": \"ask\" to send `message` to the worker, or \"final\" with `answer` and \
+`explanation`}.";
+
+async fn minion(setup: &JobSetup, ledger: &mut Ledger) -> Result<(String, String, u32), JobError> {
+    let context = setup
+        .context
+        .iter()
+        .enumerate()
+        .map(|(i, d)| format!("Document {i}:\n{d}"))
+        .collect::<Vec<_>>()
+        .join("\n\n");
+    let mut sup = vec![
+        Msg::system(MINION_SYSTEM),
+        Msg::user(format!(
+            "Task: {}\n\nThe context:\n{}\n\nYou have {} turn(s). Your first message to the worker?",
+            setup.task,
+            describe_documents(setup),
+            setup.max_rounds
+        )),
+    ];
+    let mut worker = vec![ChatMessage {
+        role: Role::System,
+        content: format!(
+            "Answer questions about this context, only from it, briefly.\n\n{context}"
+        ),
+    }];
+    for round in 1..=setup.max_rounds {
+        let last = round == setup.max_rounds;
+        let schema = turn_schema(last);
+        let mut attempt = 0;
+        let turn = loop {
+            attempt += 1;
+            let text = ledger
+                .ask(
+                    &setup.supervisor,
+                    &sup,
+                    Some(("minion_turn", &schema)),
+                    "supervise",
+                    round,
+                )
+                .await?;
+            let parsed = plan::extract_json_object(&text)
+                .ok_or_else(|| "the reply contains no JSON object".to_string())
+                .and_then(|j| serde_json::from_str::<Turn>(j).map_err(|e| e.to_string()))
+                .and_then(|t| match t.decision.as_str() {
+                    "final" => Ok(t),
+                    "ask" if !last && !t.message.trim().is_empty() => Ok(t),
+                    "ask" if last => {
+                        Err("this is the last turn: the decision must be final".into())
+                    }
+                    "ask" => Err("an ask needs a message".into()),
+                    other => Err(format!("decision must be ask or final, not {other:?}")),
+                });
+            match parsed {
+                Ok(t) => {
+                    sup.push(Msg::assistant(text));
+                    break t;
+                }
+                Err(e) if attempt > setup.plan_retries => {
+                    return Err(JobError::Supervisor {
+                        what: "turn",
+                        attempts: attempt,
+                        error: e,
+                    });
+                }
+                Err(e) => {
+                    sup.push(Msg::assistant(text));
+                    sup.push(Msg::user(format!(
+                        "That reply is not valid: {e}. Reply with one JSON object matching the schema, nothing else."
+                    )));
+                }
+            }
+        };
+        if turn.decision == "final" {
+            ledger.emit(Progress::Round {
+                round,
+                decision: "final".into(),
+                jobs: 0,
+                answered: 0,
+            });
+            return Ok((turn.answer, turn.explanation, round));
+        }
+        ledger.emit(Progress::Message {
+            round,
+            from: "supervisor",
+            text: turn.message.clone(),
+        });
+        worker.push(ChatMessage {
+            role: Role::User,
+            content: turn.message.clone(),
+        });
+        let request = InferRequest {
+            request_id: Id::random(),
+            job_id: None,
+            model: ModelSpec {
+                reference: setup.local_model.clone(),
+                digest: setup.local_digest,
+            },
+            messages: worker.clone(),
+            sampling: Sampling {
+                temperature: 0.0,
+                max_tokens: setup.worker_max_tokens,
+                ..Sampling::default()
+            },
+            json_schema: None,
+            deadline_ms: None,
+            return_tokens: true,
+        };
+        let t0 = Instant::now();
+        let r = setup.dispatcher.run(&request, &setup.policy, None).await;
+        let ms = t0.elapsed().as_millis() as u64;
+        ledger.local_ms += ms;
+        let o = match r {
+            Ok(o) => o,
+            Err(DispatchError::Refused(m)) => {
+                return Err(JobError::LocalRefused(format!(
+                    "{m} (the Minion protocol gives the worker the whole context; use minions for longer contexts)"
+                )));
+            }
+            Err(DispatchError::NoProvider(m)) => return Err(JobError::NoProvider(m)),
+            Err(e) => {
+                return Err(JobError::LocalFailed {
+                    round,
+                    error: e.to_string(),
+                });
+            }
+        };
+        let reply = o.result.output.trim().to_string();
+        let rec = JobRecord {
+            round,
+            job: ledger.jobs.len(),
+            task: "worker".into(),
+            chunk: "all".into(),
+            sample: 0,
+            provider: Some(o.provider.to_string()),
+            region: Some(o.region.clone()),
+            attempts: o.attempts,
+            hedged: o.hedged,
+            verified: true,
+            answered: !reply.is_empty(),
+            prompt_tokens: o.result.usage.prompt_tokens as u64,
+            completion_tokens: o.result.usage.completion_tokens as u64,
+            ms,
+            error: None,
+            audit: None,
+        };
+        ledger.emit(Progress::JobFinished(rec.clone()));
+        ledger.jobs.push(rec);
+        ledger.request_ids.push(request.request_id);
+        ledger.emit(Progress::Message {
+            round,
+            from: "worker",
+            text: reply.clone(),
+        });
+        worker.push(ChatMessage {
+            role: Role::Assistant,
+            content: reply.clone(),
+        });
+        sup.push(Msg::user(format!(
+            "The worker says:\n{}\n\n{}",
+            shorten(&reply, 8_000),
+            if round + 1 == setup.max_rounds {
+                "Your next reply is the last: give the final answer."
+            } else {
+                "Your next message, or the final answer?"
+            }
+        )));
+    }
+    unreachable!("the last turn always returns")
+}
+
+/// The remote tokens a remote-only run (the supervisor given the task and every document)
+/// would use: measured by running it, or estimated from its prompt size at this job's
+/// measured tokens per byte.
+async fn baseline(
+    setup: &JobSetup,
+    ledger: &mut Ledger,
+    answer: &str,
+) -> Result<RemoteOnly, JobError> {
+    let messages = vec![
+        Msg::system("Answer the task from the documents."),
+        Msg::user(format!(
+            "{}\n\nTask: {}",
+            setup
+                .context
+                .iter()
+                .enumerate()
+                .map(|(i, d)| format!("Document {i}:\n{d}"))
+                .collect::<Vec<_>>()
+                .join("\n\n"),
+            setup.task
+        )),
+    ];
+    match setup.baseline {
+        Baseline::Run => {
+            let text = ledger
+                .ask(&setup.supervisor, &messages, None, "remote_only", 0)
+                .await?;
+            let call = ledger.calls.pop().expect("ask recorded the call");
+            ledger.remote_ms -= call.ms;
+            Ok(RemoteOnly {
+                prompt_tokens: call.prompt_tokens,
+                completion_tokens: call.completion_tokens,
+                total_tokens: call.prompt_tokens + call.completion_tokens,
+                method: Baseline::Run,
+                answer: Some(text),
+            })
+        }
+        Baseline::Estimate => {
+            let sent: u64 = ledger.calls.iter().map(|c| c.prompt_tokens).sum();
+            let per_byte = if ledger.remote_prompt_bytes > 0 {
+                sent as f64 / ledger.remote_prompt_bytes as f64
+            } else {
+                0.25
+            };
+            let bytes: u64 = messages.iter().map(|m| m.content.len() as u64).sum();
+            let prompt = (bytes as f64 * per_byte).ceil() as u64;
+            // The remote-only answer is about as long as this job's final answer.
+            let completion = ((answer.len() as f64 * per_byte).ceil() as u64).max(1);
+            Ok(RemoteOnly {
+                prompt_tokens: prompt,
+                completion_tokens: completion,
+                total_tokens: prompt + completion,
+                method: Baseline::Estimate,
+                answer: None,
+            })
+        }
+    }
+}
+
+fn finish(
+    setup: &JobSetup,
+    mut ledger: Ledger,
+    answer: String,
+    explanation: String,
+    rounds: u32,
+    remote_only: RemoteOnly,
+    started: Instant,
+) -> JobAnswer {
+    // Attach the audits that have finished.
+    let audits = setup.dispatcher.audit_log();
+    for (rec, id) in ledger.jobs.iter_mut().zip(&ledger.request_ids) {
+        rec.audit = audits
+            .iter()
+            .find(|(_, a)| a.request_id == *id)
+            .map(|(_, a)| a.clone());
+    }
+    let mut remote = RemoteUsage {
+        calls: std::mem::take(&mut ledger.calls),
+        ..Default::default()
+    };
+    for c in &remote.calls {
+        remote.prompt_tokens += c.prompt_tokens;
+        remote.completion_tokens += c.completion_tokens;
+    }
+    remote.total_tokens = remote.prompt_tokens + remote.completion_tokens;
+    let mut local = LocalUsage::default();
+    let mut verification = Verification::default();
+    let mut regions = BTreeMap::new();
+    for j in &ledger.jobs {
+        local.prompt_tokens += j.prompt_tokens;
+        local.completion_tokens += j.completion_tokens;
+        if j.verified {
+            local.jobs += 1;
+            verification.verified += 1;
+        } else {
+            verification.failed_jobs += 1;
+        }
+        match &j.audit {
+            Some(a) if a.passed => verification.audits_passed += 1,
+            Some(_) => verification.audits_failed += 1,
+            None => {}
+        }
+        if let Some(r) = &j.region {
+            *regions.entry(r.clone()).or_insert(0) += 1;
+        }
+    }
+    local.total_tokens = local.prompt_tokens + local.completion_tokens;
+    let ratio = if remote_only.total_tokens > 0 {
+        remote.total_tokens as f64 / remote_only.total_tokens as f64
+    } else {
+        0.0
+    };
+    JobAnswer {
+        id: format!("minions-{}", Id::random().short()),
+        object: "minions.job",
+        protocol: setup.protocol,
+        answer,
+        explanation,
+        rounds,
+        local_model: setup.local_model.clone(),
+        remote_model: setup.supervisor.model.clone(),
+        timing: Timing {
+            total_ms: started.elapsed().as_millis() as u64,
+            remote_ms: ledger.remote_ms,
+            local_ms: ledger.local_ms,
+        },
+        usage: Usage {
+            remote,
+            local,
+            remote_only,
+            remote_ratio: ratio,
+            remote_savings: 1.0 - ratio,
+        },
+        verification,
+        regions,
+        jobs: ledger.jobs,
+    }
+}
