@@ -6,25 +6,31 @@
 # verification; both providers serve it with llama.cpp and join a libp2p network in two
 # regions; a router joins too, discovers them from their signed adverts, and routes
 # OpenAI-compatible chat requests to them over the QUIC data plane, verifying every signed
-# result. MinionS is not built yet; this script says so instead of faking.
+# result. Then a MinionS job: a supervisor (a Beacon node serving Gemma 3 270M behind its
+# OpenAI API, standing in for a remote frontier model) plans work on a bundled 28 KB report
+# without ever seeing it; the providers read it chunk by chunk; the router verifies every
+# signed result and prints the answer and the remote tokens saved versus sending the whole
+# report to the supervisor.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 log() { printf '\n== %s\n' "$*"; }
 
-ops/setup.sh
+ops/setup.sh --supervisor-model
 cargo build --release --locked -p beacon-node -p beacon-router
 node=target/release/beacon-node
 router=target/release/beacon-router
 model="${BEACON_TEST_MODEL:-${BEACON_CACHE:-$HOME/.cache/beacon}/models/SmolLM2-135M-Instruct.Q4_1.gguf}"
+supervisor_model="${BEACON_CACHE:-$HOME/.cache/beacon}/models/gemma-3-270m-q4_k_m.gguf"
 
 work="$(mktemp -d)"
 registry_pid=""
 node_pid=""
 node2_pid=""
 router_pid=""
+sup_pid=""
 cleanup() {
-  for p in "$router_pid" "$node2_pid" "$node_pid"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done
+  for p in "$router_pid" "$sup_pid" "$node2_pid" "$node_pid"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done
   [ -n "$registry_pid" ] && kill "$registry_pid" 2>/dev/null || true
   rm -rf "$work"
 }
@@ -81,10 +87,21 @@ BEACON_DATA_DIR="$work/provider2" "$node" serve --listen "127.0.0.1:$api2" --par
   --bootstrap "$boot" >"$work/node2.log" 2>&1 &
 node2_pid=$!
 
+sport="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
+log "supervisor: a Beacon node serving Gemma 3 270M on 127.0.0.1:$sport (stands in for a remote API; not on the network)"
+BEACON_DATA_DIR="$work/supervisor" "$node" model package --gguf "$supervisor_model" \
+  --chat-template ops/models/gemma3.jinja ai/gemma3:270M-Q4_K_M >/dev/null
+BEACON_DATA_DIR="$work/supervisor" "$node" serve --no-network --listen "127.0.0.1:$sport" --parallel 1 \
+  --ctx-size 16384 >"$work/supervisor.log" 2>&1 &
+sup_pid=$!
+for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$sport/healthz" >/dev/null && break; sleep 0.1; done
+
 rport="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
-log "router on 127.0.0.1:$rport joins the network"
+log "router on 127.0.0.1:$rport joins the network (supervisor: ai/gemma3:270M-Q4_K_M)"
 "$router" serve --data-dir "$work/router" --listen "127.0.0.1:$rport" \
-  --p2p-listen /ip4/127.0.0.1/udp/0/quic-v1 --bootstrap "$boot" >"$work/router.log" 2>&1 &
+  --p2p-listen /ip4/127.0.0.1/udp/0/quic-v1 --bootstrap "$boot" \
+  --remote-base-url "http://127.0.0.1:$sport/engines/v1" --remote-model ai/gemma3:270M-Q4_K_M \
+  >"$work/router.log" 2>&1 &
 router_pid=$!
 for _ in $(seq 1 120); do
   n="$(curl -sf "http://127.0.0.1:$rport/v1/providers" | python3 -c 'import json,sys; print(len(json.load(sys.stdin)["providers"]))' 2>/dev/null || echo 0)"
@@ -114,4 +131,14 @@ done
 wait_jobs() { for j in $(jobs -p); do case " $registry_pid $node_pid $node2_pid $router_pid " in *" $j "*) ;; *) wait "$j";; esac; done; }
 wait_jobs
 
-log "not built yet: MinionS (/v1/minions) and its token savings (see README)"
+doc=ops/data/northport-annual-report-2025.txt
+question="How many tonnes of cargo did the port handle in 2025?"
+log "MinionS: \"$question\" about $doc ($(wc -c <"$doc") bytes)"
+echo "  the supervisor sees the question and the document's size, never the document;"
+echo "  providers read it chunk by chunk; every result is signed and verified (progress below)"
+"$router" minions --router "http://127.0.0.1:$rport" --task "$question" --context "$doc" \
+  --doc-metadata "Annual report of a harbour authority, 2025" --local-model "$ref" --max-rounds 1
+echo
+echo "(The models here are 135M and 270M parameters, so that this runs on two CPU cores:"
+echo " the protocol, placement, verification and accounting are real; the answer's quality is"
+echo " that of a 270M supervisor. Point --remote-base-url at a frontier model's API for real answers.)"

@@ -1,0 +1,401 @@
+//! MinionS and Minion jobs end to end: real provider nodes in two regions, a router, and a
+//! supervisor that is itself a Beacon node (SmolLM2 behind its OpenAI API). Checks the
+//! protocol's shape, placement, verification and that every token is accounted for: the
+//! remote tokens a job reports equal what the supervisor node counted, and its local tokens
+//! equal what the providers' signed ledgers recorded.
+
+use std::time::Duration;
+
+use beacon_tests::{NodeServer, RouterServer, bin, http, wait_until};
+use serde_json::{Value, json};
+
+const MODEL: &str = "ai/smollm2:test";
+
+/// A short report with one fact in it, in paragraphs.
+fn document() -> String {
+    let filler = [
+        "The committee reviewed the maintenance schedule for the northern depot.",
+        "Rainfall in the valley was close to the ten-year average this spring.",
+        "Staff training sessions moved to the second floor conference room.",
+        "The library extended its weekend opening hours during the exam period.",
+    ];
+    let mut paras: Vec<String> = (0..6)
+        .map(|i| format!("{} {}", filler[i % 4], filler[(i + 1) % 4]))
+        .collect();
+    paras.insert(
+        3,
+        "The launch code for Project Heron is BLUE-4471, set by the chief engineer.".into(),
+    );
+    paras.join("\n\n")
+}
+
+fn metric(url: &str, line_prefix: &str) -> u64 {
+    let body = http("GET", url, None, &[]).body;
+    body.lines()
+        .find_map(|l| l.strip_prefix(line_prefix))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{line_prefix} not in {body}"))
+}
+
+fn supervisor_tokens(sup: &NodeServer) -> (u64, u64) {
+    (
+        metric(&sup.url("/metrics"), "beacon_tokens_total{kind=\"prompt\"}"),
+        metric(
+            &sup.url("/metrics"),
+            "beacon_tokens_total{kind=\"completion\"}",
+        ),
+    )
+}
+
+fn ledger_tokens(node: &NodeServer) -> (u64, u64) {
+    let v = http("GET", &node.url("/beacon/ledger?limit=1"), None, &[]).json();
+    (
+        v["totals"]["prompt_tokens"].as_u64().unwrap(),
+        v["totals"]["completion_tokens"].as_u64().unwrap(),
+    )
+}
+
+struct Net {
+    a: NodeServer,
+    b: NodeServer,
+    sup: NodeServer,
+    router: RouterServer,
+}
+
+fn network(router_flags: &[&str]) -> Net {
+    let a = NodeServer::start(&["--region", "eu-west"]);
+    let boot = a.bootstrap_addr();
+    let b = NodeServer::start(&["--region", "us-east", "--bootstrap", &boot]);
+    let sup = NodeServer::start(&["--no-network"]);
+    let mut flags = vec![
+        "--remote-base-url".to_string(),
+        sup.url("/engines/v1"),
+        "--remote-model".to_string(),
+        MODEL.to_string(),
+    ];
+    flags.extend(router_flags.iter().map(|s| s.to_string()));
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let router = RouterServer::start(Some(&boot), &flags);
+    let (pa, pb) = (a.peer_id(), b.peer_id());
+    assert!(
+        wait_until(Duration::from_secs(60), || {
+            let p = router.providers();
+            p.contains(&pa) && p.contains(&pb)
+        }),
+        "{}",
+        router.log()
+    );
+    Net { a, b, sup, router }
+}
+
+fn job(router: &RouterServer, body: &Value) -> (u16, Value) {
+    let r = http(
+        "POST",
+        &router.url("/v1/minions"),
+        Some(&body.to_string()),
+        &[],
+    );
+    let v = serde_json::from_str(&r.body).unwrap_or(Value::Null);
+    (r.status, v)
+}
+
+fn check_accounting(answer: &Value) {
+    let u = &answer["usage"];
+    let calls = u["remote"]["calls"].as_array().unwrap();
+    assert!(!calls.is_empty());
+    let sum = |k: &str| calls.iter().map(|c| c[k].as_u64().unwrap()).sum::<u64>();
+    assert_eq!(
+        u["remote"]["prompt_tokens"].as_u64().unwrap(),
+        sum("prompt_tokens")
+    );
+    assert_eq!(
+        u["remote"]["completion_tokens"].as_u64().unwrap(),
+        sum("completion_tokens")
+    );
+    assert!(calls.iter().all(|c| c["estimated"] == false), "{calls:?}");
+    let jobs = answer["jobs"].as_array().unwrap();
+    let jsum = |k: &str| jobs.iter().map(|j| j[k].as_u64().unwrap()).sum::<u64>();
+    assert_eq!(
+        u["local"]["prompt_tokens"].as_u64().unwrap(),
+        jsum("prompt_tokens")
+    );
+    assert_eq!(
+        u["local"]["completion_tokens"].as_u64().unwrap(),
+        jsum("completion_tokens")
+    );
+    let remote = u["remote"]["total_tokens"].as_f64().unwrap();
+    let only = u["remote_only"]["total_tokens"].as_f64().unwrap();
+    assert!(only > 0.0);
+    assert!((u["remote_ratio"].as_f64().unwrap() - remote / only).abs() < 1e-9);
+}
+
+/// A MinionS job over two providers in two regions: a validated plan, jobs placed on both
+/// regions and verified, and token accounting that matches the supervisor's own counters
+/// and the providers' signed ledgers exactly. Then the Minion protocol, the CLI, and bad
+/// requests.
+#[test]
+fn minions_and_minion_jobs_run_on_the_network_with_exact_accounting() {
+    let net = network(&[]);
+    let sup_before = supervisor_tokens(&net.sup);
+    let (la, lb) = (ledger_tokens(&net.a), ledger_tokens(&net.b));
+    let body = json!({
+        "task": "What is the launch code for Project Heron?",
+        "context": [document()],
+        "doc_metadata": "Meeting notes of an engineering team",
+        "max_rounds": 1,
+        "local_model": MODEL,
+        "policy": {"audit_rate": 0.0, "worker_max_tokens": 48, "max_jobs_per_round": 64}
+    });
+    let (status, a) = job(&net.router, &body);
+    assert_eq!(status, 200, "{a}\n{}", net.router.log());
+    assert_eq!(a["protocol"], "minions");
+    assert_eq!(a["rounds"], 1);
+    assert!(a["answer"].is_string());
+    check_accounting(&a);
+    // Every remote token is one the supervisor node counted, and no other call was made.
+    let sup_after = supervisor_tokens(&net.sup);
+    let u = &a["usage"];
+    assert_eq!(
+        sup_after.0 - sup_before.0,
+        u["remote"]["prompt_tokens"].as_u64().unwrap()
+    );
+    assert_eq!(
+        sup_after.1 - sup_before.1,
+        u["remote"]["completion_tokens"].as_u64().unwrap()
+    );
+    // Every local token is one a provider signed a receipt for.
+    let (la2, lb2) = (ledger_tokens(&net.a), ledger_tokens(&net.b));
+    assert_eq!(
+        (la2.0 - la.0) + (lb2.0 - lb.0),
+        u["local"]["prompt_tokens"].as_u64().unwrap()
+    );
+    assert_eq!(
+        (la2.1 - la.1) + (lb2.1 - lb.1),
+        u["local"]["completion_tokens"].as_u64().unwrap()
+    );
+    // Every job ran on a provider, verified; with several jobs both regions took part.
+    let jobs = a["jobs"].as_array().unwrap();
+    assert!(!jobs.is_empty());
+    assert!(
+        jobs.iter()
+            .all(|j| j["verified"] == true && j["provider"].is_string())
+    );
+    assert_eq!(a["verification"]["failed_jobs"], 0);
+    if jobs.len() >= 4 {
+        assert_eq!(
+            a["regions"].as_object().unwrap().len(),
+            2,
+            "{}",
+            a["regions"]
+        );
+    }
+    // The remote-only baseline reads the whole document; this job sent the supervisor
+    // only metadata and findings.
+    assert!(
+        u["remote_only"]["prompt_tokens"].as_u64().unwrap()
+            > u["remote"]["calls"][0]["prompt_tokens"].as_u64().unwrap() / 4
+    );
+
+    // Minion: the supervisor talks to one worker that sees the whole context.
+    let (status, m) = job(
+        &net.router,
+        &json!({
+            "task": "What is the launch code for Project Heron?",
+            "context": [document()],
+            "protocol": "minion",
+            "max_rounds": 2,
+            "policy": {"audit_rate": 0.0, "worker_max_tokens": 48}
+        }),
+    );
+    assert_eq!(status, 200, "{m}\n{}", net.router.log());
+    assert_eq!(m["protocol"], "minion");
+    assert!(m["answer"].is_string());
+    check_accounting(&m);
+
+    // Streaming progress: plan, placed jobs, finished jobs, the round, then the answer.
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    let r = http(
+        "POST",
+        &net.router.url("/v1/minions"),
+        Some(&streamed.to_string()),
+        &[],
+    );
+    assert_eq!(r.status, 200);
+    for event in ["plan", "jobs_placed", "job_finished", "round", "answer"] {
+        assert!(
+            r.body.contains(&format!("event: {event}\n")),
+            "{event} missing in {}",
+            r.body
+        );
+    }
+    assert!(r.body.trim_end().ends_with("data: [DONE]"));
+
+    // The command-line client.
+    let dir = tempfile::tempdir().unwrap();
+    let doc = dir.path().join("notes.txt");
+    std::fs::write(&doc, document()).unwrap();
+    let out = std::process::Command::new(bin("beacon-router"))
+        .args([
+            "minions",
+            "--router",
+            &net.router.url(""),
+            "--task",
+            "What is the launch code for Project Heron?",
+            "--context",
+            doc.to_str().unwrap(),
+            "--max-rounds",
+            "1",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("Remote tokens saved"), "{stdout}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("placed on the network"));
+
+    // Bad requests: 400 naming the field.
+    let bad = |body: Value, param: &str| {
+        let (status, v) = job(&net.router, &body);
+        assert_eq!(status, 400, "{v}");
+        assert_eq!(v["error"]["param"], param, "{v}");
+    };
+    bad(json!({"task": " ", "context": ["x"]}), "task");
+    bad(json!({"task": "q", "context": []}), "context");
+    bad(json!({"task": "q", "context": vec!["x"; 65]}), "context");
+    bad(
+        json!({"task": "q", "context": ["x".repeat(5 << 20)]}),
+        "context",
+    );
+    bad(
+        json!({"task": "q", "context": ["x"], "max_rounds": 99}),
+        "max_rounds",
+    );
+    let (status, v) = job(
+        &net.router,
+        &json!({"task": "q", "context": ["x"], "exec": "rm -rf /"}),
+    );
+    assert_eq!(status, 400, "{v}");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("exec"),
+        "{v}"
+    );
+    bad(
+        json!({"task": "q", "context": ["x"], "remote": {"base_url": "http://127.0.0.1:1/v1"}}),
+        "remote.base_url",
+    );
+    let r = http("POST", &net.router.url("/v1/minions"), Some("{oops"), &[]);
+    assert_eq!(r.status, 400);
+}
+
+/// An invalid plan goes back to the supervisor with the reason, a bounded number of times.
+/// Here every plan is invalid by policy (at most one job per round, and every plan makes
+/// more), so the job fails after the retries with a clear error, and the supervisor saw
+/// exactly one decomposition call per attempt.
+#[test]
+fn invalid_plans_are_sent_back_and_retried_a_bounded_number_of_times() {
+    let sup = NodeServer::start(&["--no-network"]);
+    let a = NodeServer::start(&[]);
+    let boot = a.bootstrap_addr();
+    let router = RouterServer::start(
+        Some(&boot),
+        &[
+            "--remote-base-url",
+            &sup.url("/engines/v1"),
+            "--remote-model",
+            MODEL,
+        ],
+    );
+    assert!(wait_until(Duration::from_secs(60), || !router
+        .providers()
+        .is_empty()));
+    let before = metric(
+        &sup.url("/metrics"),
+        "beacon_requests_total{endpoint=\"chat\"} ",
+    );
+    let body = json!({
+        "task": "What is the launch code for Project Heron?",
+        "context": [document(), document()],
+        "max_rounds": 1,
+        "stream": true,
+        "policy": {"max_jobs_per_round": 1, "plan_retries": 2}
+    });
+    let r = http(
+        "POST",
+        &router.url("/v1/minions"),
+        Some(&body.to_string()),
+        &[],
+    );
+    assert_eq!(r.status, 200);
+    let rejected = r.body.matches("event: plan_rejected\n").count();
+    assert_eq!(rejected, 3, "{}", r.body);
+    assert!(r.body.contains("at most 1 are allowed"), "{}", r.body);
+    assert!(r.body.contains("event: error\n"), "{}", r.body);
+    assert!(
+        r.body.contains("no valid plan after 3 attempts"),
+        "{}",
+        r.body
+    );
+    let after = metric(
+        &sup.url("/metrics"),
+        "beacon_requests_total{endpoint=\"chat\"} ",
+    );
+    assert_eq!(after - before, 3);
+    // Without streaming, the same failure is a 502 naming the supervisor.
+    let mut plain = body.clone();
+    plain["stream"] = json!(false);
+    plain["policy"]["plan_retries"] = json!(0);
+    let r = http(
+        "POST",
+        &router.url("/v1/minions"),
+        Some(&plain.to_string()),
+        &[],
+    );
+    assert_eq!(r.status, 502, "{}", r.body);
+    assert_eq!(r.json()["error"]["type"], "supervisor_error");
+}
+
+/// A provider killed while a round's jobs run on it: its jobs are placed again on the other
+/// provider and the job completes with every local job verified.
+#[test]
+fn a_job_whose_provider_dies_is_placed_again() {
+    let mut net = network(&[]);
+    let pa = net.a.peer_id();
+    let doc = (0..4).map(|_| document()).collect::<Vec<_>>().join("\n\n");
+    let body = json!({
+        "task": "What is the launch code for Project Heron?",
+        "context": [doc],
+        "max_rounds": 1,
+        "policy": {"audit_rate": 0.0, "worker_max_tokens": 64, "max_jobs_per_round": 64}
+    });
+    let url = net.router.url("/v1/minions");
+    let handle = std::thread::spawn(move || http("POST", &url, Some(&body.to_string()), &[]));
+    // Kill A once it has started serving this job's subtasks (its signed ledger grows only
+    // when one finishes, so wait for the first and kill while the rest run).
+    let served = wait_until(Duration::from_secs(240), || {
+        ledger_tokens(&net.a).0 > 0 || handle.is_finished()
+    });
+    assert!(served);
+    net.a.kill();
+    let r = handle.join().unwrap();
+    assert_eq!(r.status, 200, "{}\n{}", r.body, net.router.log());
+    let v = r.json();
+    let jobs = v["jobs"].as_array().unwrap();
+    assert_eq!(v["verification"]["failed_jobs"], 0, "{v}");
+    assert!(jobs.iter().all(|j| j["verified"] == true));
+    let retried = jobs
+        .iter()
+        .filter(|j| j["attempts"].as_u64().unwrap() > 1)
+        .count();
+    let after_kill_on_b = jobs.iter().any(|j| j["provider"] != pa.as_str());
+    assert!(after_kill_on_b);
+    assert!(
+        retried > 0,
+        "no job was running on the killed provider: {}",
+        serde_json::to_string_pretty(jobs).unwrap()
+    );
+}
