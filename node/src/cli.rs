@@ -158,6 +158,10 @@ pub struct NetworkArgs {
     /// Bootstrap peers (`/ip4/…/udp/…/quic-v1/p2p/<peer id>`), comma-separated.
     #[arg(long, env = "BEACON_BOOTSTRAP", value_delimiter = ',')]
     pub bootstrap: Vec<libp2p::Multiaddr>,
+    /// libp2p addresses to advertise when others must use different ones than the
+    /// listeners (behind NAT or port forwarding), comma-separated.
+    #[arg(long, env = "BEACON_P2P_ADVERTISE", value_delimiter = ',')]
+    pub p2p_advertise: Vec<libp2p::Multiaddr>,
     /// QUIC data-plane listen address.
     #[arg(long, env = "BEACON_DATA_PLANE", default_value = "0.0.0.0:4433")]
     pub data_plane: std::net::SocketAddr,
@@ -178,6 +182,7 @@ impl NetworkArgs {
             region: self.region.clone(),
             p2p_listen: self.p2p_listen.clone(),
             bootstrap: self.bootstrap.clone(),
+            p2p_advertise: self.p2p_advertise.clone(),
             data_plane: self.data_plane,
             data_plane_advertise: self.data_plane_advertise.clone(),
             advert_interval: std::time::Duration::from_secs(self.advert_interval.max(1)),

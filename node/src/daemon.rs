@@ -29,6 +29,8 @@ pub struct ProviderConfig {
     pub region: String,
     pub p2p_listen: Vec<Multiaddr>,
     pub bootstrap: Vec<Multiaddr>,
+    /// libp2p addresses to advertise ahead of the listeners (NAT, port forwarding).
+    pub p2p_advertise: Vec<Multiaddr>,
     /// Where the QUIC data plane listens.
     pub data_plane: SocketAddr,
     /// What to advertise as the data-plane address (default: derived from `data_plane`).
@@ -107,6 +109,7 @@ pub async fn run(
 
         let mut net_config = NetworkConfig::new((*key).clone());
         net_config.listen = p.p2p_listen.clone();
+        net_config.external = p.p2p_advertise.clone();
         net_config.bootstrap = p.bootstrap.clone();
         let net = Network::start(net_config).await?;
         let directory = Arc::new(RwLock::new(Directory::new(

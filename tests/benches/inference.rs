@@ -13,102 +13,13 @@
 
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use beacon_tests::bench::{Target, run_load};
 use beacon_tests::{ChildGuard, NodeServer, free_port, http, wait_for_http};
 
 const PARALLEL: usize = 8;
 const CTX_PER_SLOT: usize = 2048;
-
-struct Target {
-    name: &'static str,
-    base: String,
-    pid: u32,
-}
-
-#[derive(Default, serde::Serialize)]
-struct Load {
-    concurrency: usize,
-    requests: usize,
-    errors: usize,
-    completion_tokens: u64,
-    seconds: f64,
-    tokens_per_second: f64,
-    p50_ms: f64,
-    p99_ms: f64,
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i]
-}
-
-fn chat(base: &str, messages: serde_json::Value, max_tokens: u32) -> (bool, u64, f64) {
-    let body = serde_json::json!({
-        "model": "ai/smollm2:test",
-        "messages": messages,
-        "max_tokens": max_tokens,
-        "temperature": 0,
-    })
-    .to_string();
-    let start = Instant::now();
-    let r = http(
-        "POST",
-        &format!("{base}/v1/chat/completions"),
-        Some(&body),
-        &[],
-    );
-    let ms = start.elapsed().as_secs_f64() * 1000.0;
-    if r.status != 200 {
-        return (false, 0, ms);
-    }
-    let tokens = r.json()["usage"]["completion_tokens"].as_u64().unwrap_or(0);
-    (true, tokens, ms)
-}
-
-fn run_load(
-    target: &Target,
-    concurrency: usize,
-    requests: usize,
-    make: impl Fn(usize) -> serde_json::Value + Sync,
-    max_tokens: u32,
-) -> Load {
-    let start = Instant::now();
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    let results = std::sync::Mutex::new(Vec::new());
-    std::thread::scope(|s| {
-        for _ in 0..concurrency {
-            s.spawn(|| {
-                loop {
-                    let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                    if i >= requests {
-                        return;
-                    }
-                    let r = chat(&target.base, make(i), max_tokens);
-                    results.lock().unwrap().push(r);
-                }
-            });
-        }
-    });
-    let seconds = start.elapsed().as_secs_f64();
-    let results = results.into_inner().unwrap();
-    let mut lat: Vec<f64> = results.iter().filter(|r| r.0).map(|r| r.2).collect();
-    lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    let completion_tokens: u64 = results.iter().map(|r| r.1).sum();
-    Load {
-        concurrency,
-        requests,
-        errors: results.iter().filter(|r| !r.0).count(),
-        completion_tokens,
-        seconds,
-        tokens_per_second: completion_tokens as f64 / seconds,
-        p50_ms: percentile(&lat, 0.5),
-        p99_ms: percentile(&lat, 0.99),
-    }
-}
 
 fn question(i: usize) -> serde_json::Value {
     const TOPICS: [&str; 8] = [

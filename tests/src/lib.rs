@@ -3,6 +3,8 @@
 //! that can slow a connection down or cut it, to play a slow or failing network. Every
 //! process started here is killed when its guard drops.
 
+pub mod bench;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};

@@ -48,6 +48,18 @@ fn request(digest: Digest, word: &str) -> InferRequest {
     }
 }
 
+/// `node`'s directory entry for `peer`.
+fn providers_of(node: &NodeServer, peer: &str) -> serde_json::Value {
+    let v = http("GET", &node.url("/beacon/providers"), None, &[]).json();
+    v["providers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["peer_id"] == peer)
+        .cloned()
+        .unwrap_or_default()
+}
+
 fn new_client() -> (Keypair, DataClient) {
     let key = Keypair::generate();
     let c = DataClient::new(&key, "127.0.0.1:0".parse().unwrap()).unwrap();
@@ -59,7 +71,16 @@ fn three_nodes_discover_each_other_find_models_and_notice_a_death() {
     let a = NodeServer::start(&["--region", "eu-west"]);
     let boot = a.bootstrap_addr();
     let mut b = NodeServer::start(&["--region", "us-east", "--bootstrap", &boot]);
-    let c = NodeServer::start(&["--region", "ap-south", "--bootstrap", &boot]);
+    // C says it is reachable at an address other than its listeners (as behind NAT).
+    let nat = "/ip4/127.0.0.2/udp/4999/quic-v1";
+    let c = NodeServer::start(&[
+        "--region",
+        "ap-south",
+        "--bootstrap",
+        &boot,
+        "--p2p-advertise",
+        nat,
+    ]);
     let (pa, pb, pc) = (a.peer_id(), b.peer_id(), c.peer_id());
 
     // Adverts reach everyone, including B and C, which only know A.
@@ -95,6 +116,9 @@ fn three_nodes_discover_each_other_find_models_and_notice_a_death() {
     assert_eq!(b_entry["region"], "us-east");
     assert_eq!(b_entry["models"][0]["digest"], b.model_digest().as_str());
     assert!(b_entry["slots"]["total"].as_u64().unwrap() >= 1);
+    let c_entry = providers_of(&a, &pc);
+    assert_eq!(c_entry["listen_addrs"][0], nat, "{c_entry}");
+    assert!(c_entry["listen_addrs"].as_array().unwrap().len() > 1);
 
     // Kademlia: C asks who has the model and hears about A and B.
     let digest = a.model_digest();

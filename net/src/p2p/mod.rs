@@ -36,6 +36,9 @@ pub struct NetworkConfig {
     pub listen: Vec<Multiaddr>,
     /// Peers to dial at start (`.../p2p/<peer id>`); redialled while none is connected.
     pub bootstrap: Vec<Multiaddr>,
+    /// Addresses others reach us at when they differ from the listeners (behind NAT or
+    /// port forwarding); advertised first.
+    pub external: Vec<Multiaddr>,
     /// Freshness rules for received adverts.
     pub advert_policy: AdvertPolicy,
     /// How long a kademlia provider record lives; republished at half of it.
@@ -54,6 +57,7 @@ impl NetworkConfig {
                 "/ip4/0.0.0.0/tcp/0".parse().expect("valid multiaddr"),
             ],
             bootstrap: Vec::new(),
+            external: Vec::new(),
             advert_policy: AdvertPolicy::default(),
             provider_ttl: Duration::from_secs(300),
         }
@@ -130,6 +134,9 @@ impl Network {
             swarm
                 .listen_on(addr.clone())
                 .map_err(|e| NetError::Listen(format!("{addr}: {e}")))?;
+        }
+        for addr in &config.external {
+            swarm.add_external_address(addr.clone());
         }
         let (tx, rx) = mpsc::channel(256);
         let (events, _) = broadcast::channel(1024);
@@ -385,12 +392,20 @@ impl Actor {
         advert.peer_id = self.keypair.peer_id();
         advert.timestamp_ms = now;
         advert.seq = self.seq;
-        advert.listen_addrs = self
+        // Confirmed external addresses first (others reach us there), then the listeners.
+        let mut addrs: Vec<String> = Vec::new();
+        for a in self
             .swarm
-            .listeners()
-            .map(|a| a.to_string())
-            .take(8)
-            .collect();
+            .external_addresses()
+            .chain(self.swarm.listeners())
+        {
+            let a = a.to_string();
+            if !addrs.contains(&a) {
+                addrs.push(a);
+            }
+        }
+        addrs.truncate(8);
+        advert.listen_addrs = addrs;
         let bytes = Signed::sign(&self.keypair, &advert)?.encode()?;
         let topic = gossipsub::IdentTopic::new(ADVERT_TOPIC);
         match self.swarm.behaviour_mut().gossipsub.publish(topic, bytes) {

@@ -61,6 +61,7 @@ pub(super) async fn providers(State(state): State<AppState>) -> Result<Json<Valu
                 "peer_id": e.advert.peer_id.to_string(),
                 "region": e.advert.region,
                 "data_plane": e.advert.data_plane,
+                "listen_addrs": e.advert.listen_addrs,
                 "seq": e.advert.seq,
                 "age_ms": now.duration_since(e.received).as_millis() as u64,
                 "rtt_ms": e.rtt.map(|r| r.as_secs_f64() * 1000.0),
