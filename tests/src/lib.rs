@@ -692,6 +692,11 @@ impl NodeServer {
     pub fn start(extra: &[&str]) -> NodeServer {
         let cli = NodeCli::new();
         cli.package_test_model();
+        Self::start_with_store(cli, extra)
+    }
+
+    /// Like [`NodeServer::start`], on a store prepared by the caller.
+    pub fn start_with_store(cli: NodeCli, extra: &[&str]) -> NodeServer {
         let port = free_port();
         let listen = format!("127.0.0.1:{port}");
         let mut args = vec!["serve", "--listen", &listen];

@@ -262,8 +262,12 @@ pub struct RemoteOnly {
     pub completion_tokens: u64,
     pub total_tokens: u64,
     pub method: Baseline,
+    /// The remote-only answer, when it was run.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub answer: Option<String>,
+    /// How long the remote-only call took, when it was run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ms: Option<u64>,
 }
 
 #[derive(Clone, Debug, Serialize)]

@@ -853,6 +853,7 @@ async fn baseline(
                 total_tokens: call.prompt_tokens + call.completion_tokens,
                 method: Baseline::Run,
                 answer: Some(text),
+                ms: Some(call.ms),
             })
         }
         Baseline::Estimate => {
@@ -872,6 +873,7 @@ async fn baseline(
                 total_tokens: prompt + completion,
                 method: Baseline::Estimate,
                 answer: None,
+                ms: None,
             })
         }
     }
