@@ -14,7 +14,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use beacon_tests::{NodeCli, NodeServer, RouterServer, http, wait_until};
+use beacon_tests::{NodeServer, RouterServer, SUPERVISOR_MODEL_REF, http, wait_until};
 use serde_json::{Value, json};
 
 const DOC: &str = "ops/data/northport-annual-report-2025.txt";
@@ -82,29 +82,10 @@ fn main() {
             std::env::var("BEACON_BENCH_REMOTE_KEY").ok(),
         ),
         Err(_) => {
-            let gguf = std::env::var("BEACON_SUPERVISOR_MODEL").unwrap_or_else(|_| {
-                format!(
-                    "{}/.cache/beacon/models/gemma-3-270m-q4_k_m.gguf",
-                    std::env::var("HOME").unwrap_or_default()
-                )
-            });
-            let cli = NodeCli::new();
-            cli.ok(&[
-                "model",
-                "package",
-                "--gguf",
-                &gguf,
-                "--chat-template",
-                root.join("ops/models/gemma3.jinja").to_str().unwrap(),
-                "ai/gemma3:270m",
-            ]);
-            let sup = NodeServer::start_with_store(
-                cli,
-                &["--no-network", "--ctx-size", "16384", "--parallel", "1"],
-            );
+            let sup = NodeServer::supervisor();
             let u = sup.url("/engines/v1");
             _local_supervisor = Some(sup);
-            (u, "ai/gemma3:270m".to_string(), None)
+            (u, SUPERVISOR_MODEL_REF.to_string(), None)
         }
     };
     let mut flags = vec![

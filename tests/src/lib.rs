@@ -29,6 +29,28 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
+/// The Gemma 3 270M Q4_K_M GGUF that `ops/setup.sh --supervisor-model` caches: the
+/// MinionS tests' supervisor.
+pub fn supervisor_model() -> PathBuf {
+    let path = std::env::var_os("BEACON_SUPERVISOR_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let home = std::env::var_os("HOME")
+                .map(PathBuf::from)
+                .unwrap_or_default();
+            home.join(".cache/beacon/models/gemma-3-270m-q4_k_m.gguf")
+        });
+    assert!(
+        path.is_file(),
+        "supervisor model {} missing: run ops/setup.sh --supervisor-model",
+        path.display()
+    );
+    path
+}
+
+/// The name the supervisor model is packaged under by [`NodeServer::supervisor`].
+pub const SUPERVISOR_MODEL_REF: &str = "ai/gemma3:270m";
+
 /// The SmolLM2-135M-Instruct Q4_1 GGUF that `ops/setup.sh` caches. Tests that need it fail
 /// (never skip) when it is missing.
 pub fn test_model() -> PathBuf {
@@ -693,6 +715,26 @@ impl NodeServer {
         let cli = NodeCli::new();
         cli.package_test_model();
         Self::start_with_store(cli, extra)
+    }
+
+    /// A node off the network serving Gemma 3 270M (with its chat template) as
+    /// [`SUPERVISOR_MODEL_REF`]: a stand-in for a remote OpenAI-compatible API.
+    pub fn supervisor() -> NodeServer {
+        let cli = NodeCli::new();
+        let template = Path::new(env!("CARGO_MANIFEST_DIR")).join("../ops/models/gemma3.jinja");
+        cli.ok(&[
+            "model",
+            "package",
+            "--gguf",
+            supervisor_model().to_str().unwrap(),
+            "--chat-template",
+            template.to_str().unwrap(),
+            SUPERVISOR_MODEL_REF,
+        ]);
+        Self::start_with_store(
+            cli,
+            &["--no-network", "--parallel", "1", "--ctx-size", "16384"],
+        )
     }
 
     /// Like [`NodeServer::start`], on a store prepared by the caller.

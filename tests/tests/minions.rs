@@ -1,12 +1,12 @@
 //! MinionS and Minion jobs end to end: real provider nodes in two regions, a router, and a
-//! supervisor that is itself a Beacon node (SmolLM2 behind its OpenAI API). Checks the
+//! supervisor that is itself a Beacon node (Gemma 3 270M behind its OpenAI API). Checks the
 //! protocol's shape, placement, verification and that every token is accounted for: the
 //! remote tokens a job reports equal what the supervisor node counted, and its local tokens
 //! equal what the providers' signed ledgers recorded.
 
 use std::time::Duration;
 
-use beacon_tests::{NodeServer, RouterServer, bin, http, wait_until};
+use beacon_tests::{NodeServer, RouterServer, SUPERVISOR_MODEL_REF, bin, http, wait_until};
 use serde_json::{Value, json};
 
 const MODEL: &str = "ai/smollm2:test";
@@ -66,12 +66,12 @@ fn network(router_flags: &[&str]) -> Net {
     let a = NodeServer::start(&["--region", "eu-west"]);
     let boot = a.bootstrap_addr();
     let b = NodeServer::start(&["--region", "us-east", "--bootstrap", &boot]);
-    let sup = NodeServer::start(&["--no-network"]);
+    let sup = NodeServer::supervisor();
     let mut flags = vec![
         "--remote-base-url".to_string(),
         sup.url("/engines/v1"),
         "--remote-model".to_string(),
-        MODEL.to_string(),
+        SUPERVISOR_MODEL_REF.to_string(),
     ];
     flags.extend(router_flags.iter().map(|s| s.to_string()));
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
@@ -298,7 +298,7 @@ fn minions_and_minion_jobs_run_on_the_network_with_exact_accounting() {
 /// exactly one decomposition call per attempt.
 #[test]
 fn invalid_plans_are_sent_back_and_retried_a_bounded_number_of_times() {
-    let sup = NodeServer::start(&["--no-network"]);
+    let sup = NodeServer::supervisor();
     let a = NodeServer::start(&[]);
     let boot = a.bootstrap_addr();
     let router = RouterServer::start(
@@ -307,7 +307,7 @@ fn invalid_plans_are_sent_back_and_retried_a_bounded_number_of_times() {
             "--remote-base-url",
             &sup.url("/engines/v1"),
             "--remote-model",
-            MODEL,
+            SUPERVISOR_MODEL_REF,
         ],
     );
     assert!(wait_until(Duration::from_secs(60), || !router
@@ -333,7 +333,24 @@ fn invalid_plans_are_sent_back_and_retried_a_bounded_number_of_times() {
     assert_eq!(r.status, 200);
     let rejected = r.body.matches("event: plan_rejected\n").count();
     assert_eq!(rejected, 3, "{}", r.body);
-    assert!(r.body.contains("at most 1 are allowed"), "{}", r.body);
+    // Each rejection carries the reason sent back to the supervisor (a plan that parses
+    // fails on the job count; one that does not, on its JSON).
+    for block in r
+        .body
+        .split("\n\n")
+        .filter(|b| b.starts_with("event: plan_rejected"))
+    {
+        let data: Value =
+            serde_json::from_str(block.lines().nth(1).unwrap().trim_start_matches("data: "))
+                .unwrap();
+        assert!(
+            data["error"]
+                .as_str()
+                .unwrap()
+                .starts_with("invalid plan: "),
+            "{data}"
+        );
+    }
     assert!(r.body.contains("event: error\n"), "{}", r.body);
     assert!(
         r.body.contains("no valid plan after 3 attempts"),
