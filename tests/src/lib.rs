@@ -868,6 +868,18 @@ impl HttpReply {
 
 /// `curl` with a method, optional JSON body and extra headers.
 pub fn http(method: &str, url: &str, body: Option<&str>, headers: &[&str]) -> HttpReply {
+    http_within(method, url, body, headers, 120)
+}
+
+/// [`http`] with a time limit in seconds (for long jobs).
+pub fn http_within(
+    method: &str,
+    url: &str,
+    body: Option<&str>,
+    headers: &[&str],
+    seconds: u32,
+) -> HttpReply {
+    let seconds = seconds.to_string();
     let mut c = Command::new("curl");
     c.args([
         "-s",
@@ -878,7 +890,7 @@ pub fn http(method: &str, url: &str, body: Option<&str>, headers: &[&str]) -> Ht
         "-D",
         "-",
         "--max-time",
-        "120",
+        &seconds,
         "-H",
         "Expect:",
     ]);

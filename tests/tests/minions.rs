@@ -6,7 +6,9 @@
 
 use std::time::Duration;
 
-use beacon_tests::{NodeServer, RouterServer, SUPERVISOR_MODEL_REF, bin, http, wait_until};
+use beacon_tests::{
+    NodeServer, RouterServer, SUPERVISOR_MODEL_REF, bin, http, http_within, wait_until,
+};
 use serde_json::{Value, json};
 
 const MODEL: &str = "ai/smollm2:test";
@@ -89,11 +91,12 @@ fn network(router_flags: &[&str]) -> Net {
 }
 
 fn job(router: &RouterServer, body: &Value) -> (u16, Value) {
-    let r = http(
+    let r = http_within(
         "POST",
         &router.url("/v1/minions"),
         Some(&body.to_string()),
         &[],
+        900,
     );
     let v = serde_json::from_str(&r.body).unwrap_or(Value::Null);
     (r.status, v)
@@ -212,26 +215,7 @@ fn minions_and_minion_jobs_run_on_the_network_with_exact_accounting() {
     assert!(m["answer"].is_string());
     check_accounting(&m);
 
-    // Streaming progress: plan, placed jobs, finished jobs, the round, then the answer.
-    let mut streamed = body.clone();
-    streamed["stream"] = json!(true);
-    let r = http(
-        "POST",
-        &net.router.url("/v1/minions"),
-        Some(&streamed.to_string()),
-        &[],
-    );
-    assert_eq!(r.status, 200);
-    for event in ["plan", "jobs_placed", "job_finished", "round", "answer"] {
-        assert!(
-            r.body.contains(&format!("event: {event}\n")),
-            "{event} missing in {}",
-            r.body
-        );
-    }
-    assert!(r.body.trim_end().ends_with("data: [DONE]"));
-
-    // The command-line client.
+    // The command-line client, which asks for SSE progress and shows it on stderr.
     let dir = tempfile::tempdir().unwrap();
     let doc = dir.path().join("notes.txt");
     std::fs::write(&doc, document()).unwrap();
@@ -256,7 +240,15 @@ fn minions_and_minion_jobs_run_on_the_network_with_exact_accounting() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains("Remote tokens saved"), "{stdout}");
-    assert!(String::from_utf8_lossy(&out.stderr).contains("placed on the network"));
+    let progress = String::from_utf8_lossy(&out.stderr);
+    for line in [
+        "round 1: plan with",
+        "placed on the network",
+        " done on ",
+        "supervisor decided final",
+    ] {
+        assert!(progress.contains(line), "{line:?} missing in {progress}");
+    }
 
     // Bad requests: 400 naming the field.
     let bad = |body: Value, param: &str| {
@@ -324,11 +316,12 @@ fn invalid_plans_are_sent_back_and_retried_a_bounded_number_of_times() {
         "stream": true,
         "policy": {"max_jobs_per_round": 1, "plan_retries": 2}
     });
-    let r = http(
+    let r = http_within(
         "POST",
         &router.url("/v1/minions"),
         Some(&body.to_string()),
         &[],
+        900,
     );
     assert_eq!(r.status, 200);
     let rejected = r.body.matches("event: plan_rejected\n").count();
@@ -366,11 +359,12 @@ fn invalid_plans_are_sent_back_and_retried_a_bounded_number_of_times() {
     let mut plain = body.clone();
     plain["stream"] = json!(false);
     plain["policy"]["plan_retries"] = json!(0);
-    let r = http(
+    let r = http_within(
         "POST",
         &router.url("/v1/minions"),
         Some(&plain.to_string()),
         &[],
+        900,
     );
     assert_eq!(r.status, 502, "{}", r.body);
     assert_eq!(r.json()["error"]["type"], "supervisor_error");
@@ -380,20 +374,23 @@ fn invalid_plans_are_sent_back_and_retried_a_bounded_number_of_times() {
 /// provider and the job completes with every local job verified.
 #[test]
 fn a_job_whose_provider_dies_is_placed_again() {
-    let mut net = network(&[]);
+    // A generous attempt timeout: debug builds on two cores are slow, and this test is
+    // about re-placement after a death, not about timeouts.
+    let mut net = network(&["--attempt-timeout", "600"]);
     let pa = net.a.peer_id();
-    let doc = (0..4).map(|_| document()).collect::<Vec<_>>().join("\n\n");
+    let doc = (0..3).map(|_| document()).collect::<Vec<_>>().join("\n\n");
     let body = json!({
         "task": "What is the launch code for Project Heron?",
         "context": [doc],
         "max_rounds": 1,
-        "policy": {"audit_rate": 0.0, "worker_max_tokens": 64, "max_jobs_per_round": 64}
+        "policy": {"audit_rate": 0.0, "worker_max_tokens": 32, "max_jobs_per_round": 64}
     });
     let url = net.router.url("/v1/minions");
-    let handle = std::thread::spawn(move || http("POST", &url, Some(&body.to_string()), &[]));
+    let handle =
+        std::thread::spawn(move || http_within("POST", &url, Some(&body.to_string()), &[], 900));
     // Kill A once it has started serving this job's subtasks (its signed ledger grows only
     // when one finishes, so wait for the first and kill while the rest run).
-    let served = wait_until(Duration::from_secs(240), || {
+    let served = wait_until(Duration::from_secs(600), || {
         ledger_tokens(&net.a).0 > 0 || handle.is_finished()
     });
     assert!(served);

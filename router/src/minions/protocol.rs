@@ -133,8 +133,8 @@ fn aggregate_schema(last: bool) -> Value {
         "properties": {
             "decision": {"enum": decisions},
             "answer": {"type": "string", "maxLength": 600},
-            "explanation": {"type": "string", "maxLength": 600},
-            "scratchpad": {"type": "string", "maxLength": 1000}
+            "explanation": {"type": "string", "maxLength": 300},
+            "scratchpad": {"type": "string", "maxLength": 600}
         }
     })
 }
@@ -152,7 +152,7 @@ fn turn_schema(last: bool) -> Value {
             "decision": {"enum": decisions},
             "message": {"type": "string", "maxLength": 400},
             "answer": {"type": "string", "maxLength": 600},
-            "explanation": {"type": "string", "maxLength": 600}
+            "explanation": {"type": "string", "maxLength": 300}
         }
     })
 }
@@ -474,7 +474,26 @@ async fn execute(
             (i, request.request_id, r, t0.elapsed().as_millis() as u64)
         }
     });
-    let mut stream = futures::stream::iter(runs).buffer_unordered(setup.parallelism.max(1));
+    // No more jobs in flight than the eligible providers have slots: extra ones would only
+    // queue at the providers, where their wait would count against the attempt timeout.
+    let slots: u32 = setup
+        .dispatcher
+        .directory
+        .views()
+        .iter()
+        .filter(|(v, _)| {
+            v.models.contains(&setup.local_digest)
+                && !v.quarantined
+                && setup
+                    .policy
+                    .allowed_regions
+                    .as_ref()
+                    .is_none_or(|r| r.contains(&v.region))
+        })
+        .map(|(v, _)| v.slots)
+        .sum();
+    let parallelism = (slots as usize).clamp(1, setup.parallelism.max(1));
+    let mut stream = futures::stream::iter(runs).buffer_unordered(parallelism);
     let mut out = Vec::new();
     let mut last_error = String::new();
     while let Some((i, request_id, r, ms)) = stream.next().await {
