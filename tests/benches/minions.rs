@@ -180,14 +180,14 @@ fn main() {
         ("Minion", &minion),
     ] {
         println!(
-            "| {name} | {}/{} ({:.0}%) | {:.0} | {:.3} | {} | {} |",
+            "| {name} | {}/{} ({:.0}%) | {:.0} | {:.3} | {} | {:.0} |",
             t.correct,
             t.runs,
             t.accuracy() * 100.0,
             t.mean_tokens(),
             t.mean_tokens() / base,
             t.failed,
-            format!("{:.0}", t.seconds / (t.runs - t.failed).max(1) as f64)
+            t.seconds / (t.runs - t.failed).max(1) as f64
         );
     }
     let out = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
