@@ -192,7 +192,14 @@ print("openai client ok")
             std::thread::spawn(move || http("POST", &url, Some(&body), &[]))
         })
         .collect();
-    std::thread::sleep(Duration::from_millis(600));
+    // Kill A while it is generating for some of them.
+    let busy = wait_until(Duration::from_secs(60), || {
+        http("GET", &a.url("/metrics"), None, &[])
+            .body
+            .lines()
+            .any(|l| l.starts_with("beacon_in_flight{") && !l.ends_with(" 0"))
+    });
+    assert!(busy, "A never got a request");
     a.kill();
     let mut retried = 0;
     for h in handles {
@@ -322,7 +329,7 @@ fn stragglers_are_hedged_and_timeouts_open_the_circuit_breaker() {
             "--hedge-quantile",
             "0",
             "--attempt-timeout",
-            "2",
+            "15",
             "--breaker-failures",
             "2",
             "--breaker-open",
@@ -383,8 +390,9 @@ fn stragglers_are_hedged_and_timeouts_open_the_circuit_breaker() {
         .log()
         .contains("the client cancelled the subtask while it stalled")));
 
-    // No hedging, a 2 s attempt timeout: subtasks on the staller time out and are retried
-    // on the fast provider, until the breaker opens.
+    // No hedging, a 15 s attempt timeout (far above a normal answer even on a loaded CI
+    // machine, far below the staller's minute): subtasks on the staller time out and are
+    // retried on the fast provider, until the breaker opens.
     let mut retried = 0;
     for _ in 0..8 {
         for v in wave(&timing) {
