@@ -128,7 +128,7 @@ for q in "Name a large city in Europe." "Name a large river in Africa." "Name a 
     -d "{\"model\":\"$ref\",\"messages\":[{\"role\":\"user\",\"content\":\"$q\"}],\"temperature\":0,\"max_tokens\":24}" \
     | python3 "$work/answer.py" &
 done
-wait_jobs() { for j in $(jobs -p); do case " $registry_pid $node_pid $node2_pid $router_pid " in *" $j "*) ;; *) wait "$j";; esac; done; }
+wait_jobs() { for j in $(jobs -p); do case " $registry_pid $node_pid $node2_pid $router_pid $sup_pid " in *" $j "*) ;; *) wait "$j";; esac; done; }
 wait_jobs
 
 doc=ops/data/northport-annual-report-2025.txt

@@ -152,9 +152,38 @@ pub fn extract_json_object(text: &str) -> Option<&str> {
 pub fn parse(text: &str, limits: &Limits) -> Result<Plan, PlanError> {
     let json = extract_json_object(text)
         .ok_or_else(|| PlanError("the reply contains no JSON object".into()))?;
-    let plan: Plan = serde_json::from_str(json).map_err(|e| PlanError(e.to_string()))?;
+    let mut plan: Plan = serde_json::from_str(json).map_err(|e| PlanError(e.to_string()))?;
+    normalize(&mut plan);
     validate(&plan, limits)?;
     Ok(plan)
+}
+
+/// Harmless slips small supervisors make, repaired rather than sent back: a task repeated
+/// word for word is dropped, and an id reused for a different task gets a suffix (ids are
+/// only labels for grouping findings).
+pub fn normalize(plan: &mut Plan) {
+    let mut seen_tasks = HashSet::new();
+    plan.tasks.retain(|t| {
+        seen_tasks.insert((
+            t.instruction.trim().to_string(),
+            t.advice.trim().to_string(),
+        ))
+    });
+    let mut ids: HashSet<String> = HashSet::new();
+    for t in &mut plan.tasks {
+        if !ids.contains(&t.id) {
+            ids.insert(t.id.clone());
+            continue;
+        }
+        let base: String = t.id.chars().take(60).collect();
+        if let Some(free) = (2..)
+            .map(|n| format!("{base}-{n}"))
+            .find(|c| !ids.contains(c))
+        {
+            t.id = free.clone();
+            ids.insert(free);
+        }
+    }
 }
 
 /// Checks a plan against the limits.
@@ -261,7 +290,20 @@ mod tests {
             r#"[{"id":"t1","instruction":"Find the total revenue in 2023.","advice":"Look for tables."}]"#,
             r#"[{"id":"a","instruction":"x"},{"id":"a","instruction":"y"}]"#,
         );
-        assert!(parse(&two, &l).unwrap_err().0.contains("repeated"));
+        // Repeated ids are renamed and repeated tasks dropped (see `normalize`); `validate`
+        // alone still refuses repeated ids.
+        let p = parse(&two, &l).unwrap();
+        let ids: Vec<_> = p.tasks.iter().map(|t| t.id.as_str()).collect();
+        assert_eq!(ids, ["a", "a-2"]);
+        let same = GOOD.replace(
+            r#"[{"id":"t1","instruction":"Find the total revenue in 2023.","advice":"Look for tables."}]"#,
+            r#"[{"id":"a","instruction":"x"},{"id":"a","instruction":"x"}]"#,
+        );
+        assert_eq!(parse(&same, &l).unwrap().tasks.len(), 1);
+        let mut raw: Plan = serde_json::from_str(extract_json_object(&two).unwrap()).unwrap();
+        assert!(validate(&raw, &l).unwrap_err().0.contains("repeated"));
+        normalize(&mut raw);
+        assert!(validate(&raw, &l).is_ok());
     }
 
     #[test]

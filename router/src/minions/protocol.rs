@@ -185,7 +185,14 @@ impl Ledger {
         purpose: &'static str,
         round: u32,
     ) -> Result<String, RemoteError> {
-        let (text, call) = sup.chat(messages, schema, purpose, round).await?;
+        // A conversation that already holds a rejected reply is a retry: sample, so that a
+        // deterministic supervisor can answer differently.
+        let retry =
+            messages.iter().filter(|m| m.role == "assistant").count() > 0 && purpose != "supervise";
+        let temperature = if retry { 0.7 } else { 0.0 };
+        let (text, call) = sup
+            .chat_at(messages, schema, purpose, round, temperature)
+            .await?;
         self.remote_ms += call.ms;
         if purpose != "remote_only" {
             self.remote_prompt_bytes +=

@@ -93,11 +93,24 @@ impl Supervisor {
         purpose: &'static str,
         round: u32,
     ) -> Result<(String, RemoteCall), RemoteError> {
+        self.chat_at(messages, schema, purpose, round, 0.0).await
+    }
+
+    /// [`Supervisor::chat`] at a sampling temperature (retries use one above zero, so a
+    /// deterministic supervisor does not repeat the same invalid reply).
+    pub async fn chat_at(
+        &self,
+        messages: &[Msg],
+        schema: Option<(&str, &Value)>,
+        purpose: &'static str,
+        round: u32,
+        temperature: f32,
+    ) -> Result<(String, RemoteCall), RemoteError> {
         let started = std::time::Instant::now();
         let mut body = json!({
             "model": self.model,
             "messages": messages,
-            "temperature": 0,
+            "temperature": temperature,
             "max_tokens": self.max_tokens,
         });
         if let Some((name, schema)) = schema {
