@@ -301,8 +301,8 @@ async fn minions(setup: &JobSetup, ledger: &mut Ledger) -> Result<(String, Strin
                         round,
                     )
                     .await?;
-                let checked = plan::parse(&text, &limits).and_then(|p| {
-                    let chunks = cap(chunk(&setup.context, &p.chunking), setup.max_chunk_chars);
+                let checked = plan::parse(&text, &limits).and_then(|mut p| {
+                    let chunks = fit_chunks(setup, &mut p);
                     let jobs = chunks.len() * p.tasks.len() * p.samples_per_task as usize;
                     if chunks.is_empty() {
                         Err(PlanError("this chunking gives no chunks".into()))
@@ -426,6 +426,27 @@ async fn minions(setup: &JobSetup, ledger: &mut Ledger) -> Result<(String, Strin
         scratchpad = format!("{scratchpad}\nRound {round}: {pad}");
     }
     unreachable!("the last round always returns")
+}
+
+/// Chunks for a plan. When its chunks are so small that the jobs exceed the round's budget,
+/// the chunk size is doubled (within the strategy's bounds) until they fit: a plan that is
+/// right apart from its granularity is repaired rather than refused.
+fn fit_chunks(setup: &JobSetup, p: &mut Plan) -> Vec<Chunk> {
+    let per_chunk = p.tasks.len() * p.samples_per_task as usize;
+    let budget = setup.max_jobs_per_round as usize;
+    let mut chunks = cap(chunk(&setup.context, &p.chunking), setup.max_chunk_chars);
+    let (_, hi) = plan::size_bounds(p.chunking.strategy);
+    while chunks.len() * per_chunk > budget && p.chunking.size < hi {
+        let mut c = p.chunking.clone();
+        c.size = (c.size.saturating_mul(2)).min(hi);
+        let bigger = cap(chunk(&setup.context, &c), setup.max_chunk_chars);
+        if bigger.len() >= chunks.len() {
+            break; // capped by max_chunk_chars: larger sizes do not help
+        }
+        p.chunking = c;
+        chunks = bigger;
+    }
+    chunks
 }
 
 fn floor_char_boundary(s: &str, at: usize) -> usize {
