@@ -30,8 +30,9 @@ node2_pid=""
 router_pid=""
 sup_pid=""
 cleanup() {
-  for p in "$router_pid" "$sup_pid" "$node2_pid" "$node_pid"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done
-  [ -n "$registry_pid" ] && kill "$registry_pid" 2>/dev/null || true
+  for p in "$router_pid" "$sup_pid" "$node2_pid" "$node_pid" "$registry_pid"; do
+    if [ -n "$p" ]; then kill "$p" 2>/dev/null || true; fi
+  done
   rm -rf "$work"
 }
 trap cleanup EXIT

@@ -9,8 +9,9 @@
 set -euo pipefail
 
 CACHE="${BEACON_CACHE:-$HOME/.cache/beacon}"
-APT_PACKAGES=(cmake clang libclang-dev docker-registry python3-pip skopeo apache2-utils curl openssl)
-PIP_PACKAGES=(openai)
+APT_PACKAGES=(cmake clang libclang-dev docker-registry python3-pip skopeo apache2-utils curl openssl
+  debootstrap shellcheck)
+PIP_PACKAGES=(openai kubernetes-validate)
 
 log() { printf '[setup] %s\n' "$*" >&2; }
 
@@ -61,7 +62,7 @@ PY
 }
 
 install_pip() {
-  if python3 -c 'import openai' 2>/dev/null; then
+  if python3 -c 'import openai, kubernetes_validate' 2>/dev/null; then
     log "python packages present"
     return
   fi

@@ -11,6 +11,14 @@ export BEACON_SUPERVISOR_MODEL="${BEACON_SUPERVISOR_MODEL:-${BEACON_CACHE:-$HOME
 export BEACON_TEST_MODEL="${BEACON_TEST_MODEL:-${BEACON_CACHE:-$HOME/.cache/beacon}/models/SmolLM2-135M-Instruct.Q4_1.gguf}"
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 
+# The deployment tests build images and run containers: make sure the engine is up.
+if ! docker info >/dev/null 2>&1; then
+  log "starting the Docker engine"
+  (service docker start || (dockerd >/var/log/dockerd.log 2>&1 &)) >/dev/null 2>&1 || true
+  for _ in $(seq 1 60); do docker info >/dev/null 2>&1 && break; sleep 1; done
+  docker info >/dev/null 2>&1 || { log "no Docker engine: the deployment tests need one"; exit 1; }
+fi
+
 log "building (locked)"
 cargo build --workspace --all-targets --locked
 
