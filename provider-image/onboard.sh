@@ -484,7 +484,13 @@ until curl -sf "$health_url/healthz" >/dev/null 2>&1; do
   [ "$SECONDS" -lt "$deadline" ] || die "not healthy after ${timeout}s; check: $status_hint"
   sleep 1
 done
-info="$(curl -sf "$health_url/beacon/node" || true)"
+# The first advert follows shortly after the API is up: wait for it (bounded).
+info=""
+for _ in $(seq 1 30); do
+  info="$(curl -sf "$health_url/beacon/node" || true)"
+  case "$info" in *'"advert":{'*) break ;; esac
+  sleep 1
+done
 peer_id=""
 if command -v python3 >/dev/null 2>&1 && [ -n "$info" ]; then
   peer_id="$(printf '%s' "$info" | python3 -c 'import json,sys; print(json.load(sys.stdin)["peer_id"])' 2>/dev/null || true)"

@@ -39,6 +39,13 @@ pub enum Command {
     Model(ModelCommand),
     /// Print this node's identity, hardware and cached models.
     Info,
+    /// Exit successfully when the local API answers `/healthz` (the image's healthcheck).
+    Healthcheck {
+        /// Base URL of the API (default: from `BEACON_LISTEN`, an unspecified address
+        /// meaning loopback).
+        #[arg(long)]
+        url: Option<String>,
+    },
     /// Serve the local OpenAI / Docker Model Runner API and join the Beacon network as a
     /// provider (p2p control plane, QUIC data plane).
     Serve(ServeArgs),
@@ -155,7 +162,8 @@ pub struct NetworkArgs {
         default_value = "/ip4/0.0.0.0/udp/4001/quic-v1,/ip4/0.0.0.0/tcp/4001"
     )]
     pub p2p_listen: Vec<libp2p::Multiaddr>,
-    /// Bootstrap peers (`/ip4/…/udp/…/quic-v1/p2p/<peer id>`), comma-separated.
+    /// Bootstrap peers (`/ip4/…/udp/…/quic-v1/p2p/<peer id>`; the peer id may be left out
+    /// and `/dns4/host/…` names are resolved), comma-separated.
     #[arg(long, env = "BEACON_BOOTSTRAP", value_delimiter = ',')]
     pub bootstrap: Vec<libp2p::Multiaddr>,
     /// libp2p addresses to advertise when others must use different ones than the
@@ -302,6 +310,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Model(cmd) => model(&data_dir, cmd).await,
         Command::Info => info(&data_dir),
+        Command::Healthcheck { url } => healthcheck(url).await,
         Command::Serve(args) => serve(&data_dir, args).await,
         Command::Run {
             model,
@@ -458,6 +467,28 @@ fn print_table(models: &[ListedModel]) {
             );
         }
     }
+}
+
+async fn healthcheck(url: Option<String>) -> anyhow::Result<()> {
+    let url = url.unwrap_or_else(|| {
+        let listen = std::env::var("BEACON_LISTEN").unwrap_or_else(|_| "127.0.0.1:12434".into());
+        let listen = listen
+            .replacen("0.0.0.0:", "127.0.0.1:", 1)
+            .replacen("[::]:", "[::1]:", 1);
+        format!("http://{listen}")
+    });
+    let url = format!("{}/healthz", url.trim_end_matches('/'));
+    let client = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(4))
+        .build()?;
+    let status = client
+        .get(&url)
+        .send()
+        .await
+        .with_context(|| format!("GET {url}"))?
+        .status();
+    anyhow::ensure!(status.is_success(), "GET {url}: {status}");
+    Ok(())
 }
 
 fn info(data_dir: &std::path::Path) -> anyhow::Result<()> {

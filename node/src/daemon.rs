@@ -117,6 +117,7 @@ pub async fn run(
             Duration::from_secs(10),
         )));
         directory::follow(&net, directory.clone());
+        let last_advert = crate::provider::advert::LastAdvert::default();
         tokio::spawn(
             Advertiser {
                 network: net.clone(),
@@ -127,6 +128,7 @@ pub async fn run(
                 data_plane: advertised.clone(),
                 parallel,
                 interval: p.advert_interval,
+                last: last_advert.clone(),
             }
             .run(),
         );
@@ -137,6 +139,7 @@ pub async fn run(
             ledger: ledger.clone(),
             region: p.region,
             data_plane: advertised,
+            advert: last_advert,
         }));
         network = Some((net, ledger));
     }

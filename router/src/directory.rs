@@ -254,6 +254,22 @@ impl RouterDirectory {
             .collect()
     }
 
+    /// How long until the first circuit breaker closes among live providers of `model`
+    /// that are only circuit-open (not quarantined); `None` when no breaker is holding
+    /// such a provider back.
+    pub fn breaker_wait(&self, model: &Digest) -> Option<Duration> {
+        let live = self.live.read().unwrap_or_else(|p| p.into_inner());
+        let now = now_ms();
+        live.entries()
+            .filter(|e| e.advert.models.iter().any(|m| m.digest == *model))
+            .filter_map(|e| {
+                let s = self.stats(&e.advert.peer_id);
+                (s.open_until_ms > now && s.quarantined_until_ms <= now)
+                    .then(|| Duration::from_millis(s.open_until_ms - now))
+            })
+            .min()
+    }
+
     /// The model digest a reference names on the network (the newest advert wins ties).
     pub fn resolve_model(&self, reference: &str) -> Option<Digest> {
         if let Ok(d) = reference.parse::<Digest>() {

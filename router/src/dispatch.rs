@@ -124,7 +124,9 @@ impl Dispatcher {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .entry(peer)
-            .or_insert_with(|| Arc::new(Semaphore::new(slots.clamp(1, 256) as usize * 2)))
+            // Exactly the advertised slots: extra work waits here, where no attempt timeout
+            // runs, instead of in the provider's queue.
+            .or_insert_with(|| Arc::new(Semaphore::new(slots.clamp(1, 256) as usize)))
             .clone()
     }
 
@@ -210,6 +212,24 @@ impl Dispatcher {
         }
     }
 
+    /// When every provider of the model is held back only by an open circuit breaker,
+    /// waits for the first breaker to close (a bounded wait) and places again.
+    async fn after_breakers(
+        &self,
+        request: &InferRequest,
+        policy: &Policy,
+    ) -> Option<(PeerId, SocketAddr, String, u32)> {
+        for _ in 0..3 {
+            let wait = self.directory.breaker_wait(&request.model.digest)?;
+            tokio::time::sleep(wait.min(Duration::from_secs(60)) + Duration::from_millis(50))
+                .await;
+            if let Ok(c) = self.choose(request, policy, &[]) {
+                return Some(c);
+            }
+        }
+        None
+    }
+
     async fn attempt(
         &self,
         peer: PeerId,
@@ -249,7 +269,10 @@ impl Dispatcher {
         for attempt in 1..=self.config.max_attempts {
             let (peer, addr, region, slots) = match self.choose(request, policy, &exclude) {
                 Ok(c) => c,
-                Err(e) if attempt == 1 => return Err(e),
+                Err(e) if attempt == 1 => match self.after_breakers(request, policy).await {
+                    Some(c) => c,
+                    None => return Err(e),
+                },
                 Err(_) => break,
             };
             let started = Instant::now();

@@ -49,8 +49,9 @@ fn images() {
     static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
     let r = BUILT.get_or_init(|| {
         let bin_dir = bin("beacon-node").parent().unwrap().to_path_buf();
+        let script = repo().join("ops/build-images.sh");
         let out = sh(
-            "ops/build-images.sh",
+            script.to_str().unwrap(),
             &["--bin-dir", bin_dir.to_str().unwrap(), "--tag", TAG],
         );
         if out.status.success() {
@@ -652,6 +653,8 @@ fn compose_stack_serves_chat_and_a_minions_job_through_the_loss_of_a_provider() 
             ("BEACON_MODELS_DIR".into(), models.path().display().to_string()),
             ("BEACON_LOCAL_GGUF".into(), local),
             ("BEACON_SUPERVISOR_GGUF".into(), supervisor),
+            // Debug builds on two cores are slow; this test is about losing a provider.
+            ("BEACON_ATTEMPT_TIMEOUT".into(), "600".into()),
         ],
     };
     let up = compose.cmd(&["up", "-d"]);

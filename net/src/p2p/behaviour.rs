@@ -97,6 +97,9 @@ pub(super) fn build_swarm(config: &NetworkConfig) -> Result<Swarm<Behaviour>, Ne
         )
         .map_err(|e| NetError::Config(format!("tcp transport: {e}")))?
         .with_quic()
+        // `/dns4/…` bootstrap peers (Compose service names, Kubernetes Services).
+        .with_dns()
+        .map_err(|e| NetError::Config(format!("system DNS configuration: {e}")))?
         .with_behaviour(|key| {
             let peer_id = key.public().to_peer_id();
             let identify = identify::Behaviour::new(

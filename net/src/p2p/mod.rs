@@ -34,7 +34,8 @@ pub struct NetworkConfig {
     pub keypair: Keypair,
     /// Addresses to listen on, e.g. `/ip4/0.0.0.0/udp/0/quic-v1` and `/ip4/0.0.0.0/tcp/0`.
     pub listen: Vec<Multiaddr>,
-    /// Peers to dial at start (`.../p2p/<peer id>`); redialled while none is connected.
+    /// Peers to dial at start (`.../p2p/<peer id>`, or without a peer id; `/dns4/…` names
+    /// are resolved); redialled while none is connected.
     pub bootstrap: Vec<Multiaddr>,
     /// Addresses others reach us at when they differ from the listeners (behind NAT or
     /// port forwarding); advertised first.

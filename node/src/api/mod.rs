@@ -68,6 +68,7 @@ pub struct NetState {
     pub ledger: crate::ledger::Ledger,
     pub region: String,
     pub data_plane: String,
+    pub advert: crate::provider::advert::LastAdvert,
 }
 
 impl AppState {

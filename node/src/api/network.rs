@@ -34,13 +34,45 @@ fn internal(e: impl std::fmt::Display) -> ApiError {
 pub(super) async fn node(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
     let net = net(&state)?;
     let addrs = net.network.listen_addrs().await.map_err(internal)?;
+    let advert = net
+        .advert
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .as_ref()
+        .map(advert_json);
     Ok(Json(json!({
         "peer_id": net.network.peer_id().to_string(),
         "region": net.region,
         "listen_addrs": addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
         "data_plane": net.data_plane,
         "version": crate::VERSION,
+        "advert": advert,
     })))
+}
+
+/// What this node last advertised: its capabilities as the network sees them.
+fn advert_json(a: &beacon_proto::ProviderAdvert) -> Value {
+    json!({
+        "seq": a.seq,
+        "engines": a.engines,
+        "host": {
+            "cpu_model": a.host.cpu_model,
+            "cores": a.host.cores,
+            "ram_total": a.host.ram_total,
+            "ram_free": a.host.ram_free,
+        },
+        "accelerators": a.accelerators.iter().map(|g| format!(
+            "{} {} ({} MiB)", g.vendor, g.name, g.memory_total >> 20
+        )).collect::<Vec<_>>(),
+        "slots": {"total": a.slots.total, "busy": a.slots.busy, "queued": a.slots.queued},
+        "models": a.models.iter().map(|m| json!({
+            "digest": m.digest.to_string(), "references": m.references,
+            "quantization": m.quantization, "parameters": m.parameters, "size": m.size,
+        })).collect::<Vec<_>>(),
+        "throughput": a.throughput.iter().map(|t| json!({
+            "model": t.model.to_string(), "tokens_per_second": t.tokens_per_second,
+        })).collect::<Vec<_>>(),
+    })
 }
 
 pub(super) async fn peers(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {

@@ -25,7 +25,12 @@ pub struct Advertiser {
     /// Sequences per model (the engine's `parallel`).
     pub parallel: u32,
     pub interval: Duration,
+    /// The last advert handed to the network, for `/beacon/node`.
+    pub last: LastAdvert,
 }
+
+/// The advert this node published last (none before the first).
+pub type LastAdvert = Arc<std::sync::RwLock<Option<ProviderAdvert>>>;
 
 impl Advertiser {
     /// The advert as of now (the network fills in peer id, addresses, sequence and time).
@@ -103,8 +108,10 @@ impl Advertiser {
             if self.network.provide(digests).await.is_err() {
                 return;
             }
-            match self.network.set_advert(advert).await {
-                Ok(()) => {}
+            match self.network.set_advert(advert.clone()).await {
+                Ok(()) => {
+                    *self.last.write().unwrap_or_else(|p| p.into_inner()) = Some(advert);
+                }
                 Err(beacon_net::NetError::Stopped) => return,
                 Err(e) => warn!(error = %e, "advert not published"),
             }

@@ -559,7 +559,8 @@ async fn execute(
                 out.push((i, answer));
             }
             Err(DispatchError::Refused(m)) => return Err(JobError::LocalRefused(m)),
-            Err(DispatchError::NoProvider(m)) => return Err(JobError::NoProvider(m)),
+            // Providers were there when the round started (checked before it): one that
+            // cannot be placed now is a failed job, not a failed round.
             Err(e) => {
                 last_error = e.to_string();
                 rec.error = Some(last_error.clone());
