@@ -221,8 +221,7 @@ impl Dispatcher {
     ) -> Option<(PeerId, SocketAddr, String, u32)> {
         for _ in 0..3 {
             let wait = self.directory.breaker_wait(&request.model.digest)?;
-            tokio::time::sleep(wait.min(Duration::from_secs(60)) + Duration::from_millis(50))
-                .await;
+            tokio::time::sleep(wait.min(Duration::from_secs(60)) + Duration::from_millis(50)).await;
             if let Ok(c) = self.choose(request, policy, &[]) {
                 return Some(c);
             }

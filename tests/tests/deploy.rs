@@ -261,7 +261,9 @@ fn dry_run_on_a_cpu_host_prints_every_action_and_changes_nothing() {
     assert!(t.contains("docker pull beacon-node:absent-here"), "{t}");
     assert!(t.contains(&format!("docker volume create {name}")), "{t}");
     assert!(
-        t.contains(&format!("docker run -d --name {name} --restart unless-stopped")),
+        t.contains(&format!(
+            "docker run -d --name {name} --restart unless-stopped"
+        )),
         "{t}"
     );
     assert!(!t.contains("--gpus"), "{t}");
@@ -279,6 +281,7 @@ fn dry_run_on_a_gpu_host_uses_the_gpus_and_explains_what_is_missing() {
     let r = root.path();
     let node = bin("beacon-node");
     let state = r.join("state");
+    let (prefix, data) = (r.join("bin"), r.join("data"));
     let bare = [
         "--dry-run",
         "--mode",
@@ -288,9 +291,9 @@ fn dry_run_on_a_gpu_host_uses_the_gpus_and_explains_what_is_missing() {
         "--binary",
         node.to_str().unwrap(),
         "--prefix",
-        r.join("bin").to_str().unwrap(),
+        prefix.to_str().unwrap(),
         "--data-dir",
-        r.join("data").to_str().unwrap(),
+        data.to_str().unwrap(),
         "--state-dir",
         state.to_str().unwrap(),
         "--min-disk-gb",
@@ -329,7 +332,10 @@ fn dry_run_on_a_gpu_host_uses_the_gpus_and_explains_what_is_missing() {
         .unwrap_or(false);
     if toolkit {
         assert!(out.status.success(), "{t}");
-        assert!(t.contains("--gpus all") && t.contains("beacon-node:cuda"), "{t}");
+        assert!(
+            t.contains("--gpus all") && t.contains("beacon-node:cuda"),
+            "{t}"
+        );
     } else {
         assert!(!out.status.success(), "{t}");
         assert!(t.contains("NVIDIA container toolkit is missing"), "{t}");
@@ -367,8 +373,7 @@ fn onboard_foreground(args: &[&str], log: &Path) -> (ChildGuard, String) {
     let mut guard = ChildGuard(child);
     let ok = wait_until(Duration::from_secs(240), || {
         let t = std::fs::read_to_string(log).unwrap_or_default();
-        t.contains("this provider is on the network")
-            || matches!(guard.0.try_wait(), Ok(Some(_)))
+        t.contains("this provider is on the network") || matches!(guard.0.try_wait(), Ok(Some(_)))
     });
     let t = std::fs::read_to_string(log).unwrap_or_default();
     assert!(ok && t.contains("this provider is on the network"), "{t}");
@@ -499,9 +504,7 @@ struct DockerCleanup(String);
 
 impl Drop for DockerCleanup {
     fn drop(&mut self) {
-        let _ = Command::new("docker")
-            .args(["rm", "-f", &self.0])
-            .output();
+        let _ = Command::new("docker").args(["rm", "-f", &self.0]).output();
         let _ = Command::new("docker")
             .args(["volume", "rm", "-f", &self.0])
             .output();
@@ -559,10 +562,17 @@ fn container_onboarding_joins_the_network_and_uninstall_leaves_nothing() {
     let user = sh("docker", &["inspect", "-f", "{{.Config.User}}", &name]);
     assert_eq!(String::from_utf8_lossy(&user.stdout).trim(), "beacon");
     let healthy = wait_until(Duration::from_secs(120), || {
-        let o = sh("docker", &["inspect", "-f", "{{.State.Health.Status}}", &name]);
+        let o = sh(
+            "docker",
+            &["inspect", "-f", "{{.State.Health.Status}}", &name],
+        );
         String::from_utf8_lossy(&o.stdout).trim() == "healthy"
     });
-    assert!(healthy, "{}", text(&sh("docker", &["logs", "--tail", "30", &name])));
+    assert!(
+        healthy,
+        "{}",
+        text(&sh("docker", &["logs", "--tail", "30", &name]))
+    );
 
     // Again: nothing changes, the identity stays.
     let out = onboard(&args, None);
@@ -650,7 +660,10 @@ fn compose_stack_serves_chat_and_a_minions_job_through_the_loss_of_a_provider() 
         env: vec![
             ("BEACON_IMAGE_TAG".into(), TAG.into()),
             ("BEACON_ROUTER_PORT".into(), port.to_string()),
-            ("BEACON_MODELS_DIR".into(), models.path().display().to_string()),
+            (
+                "BEACON_MODELS_DIR".into(),
+                models.path().display().to_string(),
+            ),
             ("BEACON_LOCAL_GGUF".into(), local),
             ("BEACON_SUPERVISOR_GGUF".into(), supervisor),
             // Debug builds on two cores are slow; this test is about losing a provider.
@@ -665,7 +678,10 @@ fn compose_stack_serves_chat_and_a_minions_job_through_the_loss_of_a_provider() 
         if r.status != 200 {
             return Vec::new();
         }
-        r.json()["providers"].as_array().cloned().unwrap_or_default()
+        r.json()["providers"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
     };
     assert!(
         wait_until(Duration::from_secs(300), || providers().len() == 2),
@@ -720,7 +736,14 @@ fn compose_stack_serves_chat_and_a_minions_job_through_the_loss_of_a_provider() 
     let mut body_file = tempfile::NamedTempFile::new().unwrap();
     body_file.write_all(job.to_string().as_bytes()).unwrap();
     let curl = Command::new("curl")
-        .args(["-s", "-N", "--max-time", "900", "-H", "Content-Type: application/json"])
+        .args([
+            "-s",
+            "-N",
+            "--max-time",
+            "900",
+            "-H",
+            "Content-Type: application/json",
+        ])
         .arg("--data-binary")
         .arg(format!("@{}", body_file.path().display()))
         .arg(format!("{router}/v1/minions"))
