@@ -478,6 +478,7 @@ async fn healthcheck(url: Option<String>) -> anyhow::Result<()> {
         format!("http://{listen}")
     });
     let url = format!("{}/healthz", url.trim_end_matches('/'));
+    crate::tls::install_crypto_provider();
     let client = reqwest::Client::builder()
         .timeout(std::time::Duration::from_secs(4))
         .build()?;
