@@ -166,6 +166,13 @@ health_url="http://$api_host:$api_port"
 [ "$dry_run" = 1 ] && say "(dry run: every action is printed, nothing is changed)"
 
 docker_ok() { command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1; }
+# A node already serving here holds its store: identity and pulls then go through its API.
+node_up() { curl -sf --max-time 3 "$health_url/healthz" >/dev/null 2>&1; }
+# pull_via_api REF: the running node pulls REF itself (`/models/create`).
+pull_via_api() {
+  run curl -sf --max-time 3600 -o /dev/null -X POST "$health_url/models/create" \
+    -H 'Content-Type: application/json' -d "{\"from\":\"$1\"}"
+}
 have_systemd() { [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; }
 
 # ---------------------------------------------------------------- uninstall
@@ -374,6 +381,8 @@ if [ "$mode" = container ]; then
   step "image"
   docker image inspect "$image" >/dev/null 2>&1 || run docker pull "$image"
 
+  running=0
+  [ "$(docker container inspect -f '{{.State.Running}}' "$name" 2>/dev/null)" = true ] && node_up && running=1
   step "identity"
   if docker volume inspect "$volume" >/dev/null 2>&1; then
     say "  keeping the identity and models in volume $volume"
@@ -381,12 +390,16 @@ if [ "$mode" = container ]; then
     run docker volume create "$volume"
     say "  a new identity is created in volume $volume"
   fi
-  run docker run --rm "${common[@]}" "$image" info
+  [ "$running" = 1 ] || run docker run --rm "${common[@]}" "$image" info
 
   if [ "${#models[@]}" -gt 0 ]; then
     step "starter model"
     for m in "${models[@]}"; do
-      run docker run --rm "${common[@]}" "${docker_env[@]}" "$image" model pull --progress none "$m"
+      if [ "$running" = 1 ]; then
+        pull_via_api "$m"
+      else
+        run docker run --rm "${common[@]}" "${docker_env[@]}" "$image" model pull --progress none "$m"
+      fi
     done
   fi
 
@@ -420,6 +433,8 @@ else
     node_bin="$installed_binary"
   fi
 
+  running=0
+  node_up && running=1
   step "identity"
   if [ -f "$data_dir/identity.key" ]; then
     say "  keeping the identity in $data_dir/identity.key"
@@ -427,12 +442,16 @@ else
     say "  a new identity is created in $data_dir/identity.key"
     run install -d -m 0700 "$data_dir"
   fi
-  run env "BEACON_DATA_DIR=$data_dir" "$node_bin" info
+  [ "$running" = 1 ] || run env "BEACON_DATA_DIR=$data_dir" "$node_bin" info
 
   if [ "${#models[@]}" -gt 0 ]; then
     step "starter model"
     for m in "${models[@]}"; do
-      run env "BEACON_DATA_DIR=$data_dir" "${env_args[@]}" "$node_bin" model pull --progress none "$m"
+      if [ "$running" = 1 ]; then
+        pull_via_api "$m"
+      else
+        run env "BEACON_DATA_DIR=$data_dir" "${env_args[@]}" "$node_bin" model pull --progress none "$m"
+      fi
     done
   fi
 
