@@ -359,6 +359,23 @@ fi
 [ "$use_gpu" = 1 ] && env_args+=("BEACON_GPU_LAYERS=999")
 [ "${#insecure[@]}" -gt 0 ] && env_args+=("BEACON_INSECURE_REGISTRIES=$(IFS=,; echo "${insecure[*]}")")
 
+# identity_and_models: with `node_cli` (the beacon-node command line of this mode) and
+# `running` set, makes sure the identity exists and the starter models are pulled. A node
+# that is already up holds its store, so it pulls through its API instead.
+identity_and_models() {
+  [ "$running" = 1 ] || run "${node_cli[@]}" info
+  [ "${#models[@]}" -gt 0 ] || return 0
+  step "starter model"
+  local m
+  for m in "${models[@]}"; do
+    if [ "$running" = 1 ]; then
+      pull_via_api "$m"
+    else
+      run "${node_cli[@]}" model pull --progress none "$m"
+    fi
+  done
+}
+
 record_state() {
   write_file "$state_file" 0644 <<EOF
 mode=$mode
@@ -390,18 +407,8 @@ if [ "$mode" = container ]; then
     run docker volume create "$volume"
     say "  a new identity is created in volume $volume"
   fi
-  [ "$running" = 1 ] || run docker run --rm "${common[@]}" "$image" info
-
-  if [ "${#models[@]}" -gt 0 ]; then
-    step "starter model"
-    for m in "${models[@]}"; do
-      if [ "$running" = 1 ]; then
-        pull_via_api "$m"
-      else
-        run docker run --rm "${common[@]}" "${docker_env[@]}" "$image" model pull --progress none "$m"
-      fi
-    done
-  fi
+  node_cli=(docker run --rm "${common[@]}" "${docker_env[@]}" "$image")
+  identity_and_models
 
   step "starting the node"
   config_hash="$(printf '%s\n' "$image" "${env_args[@]}" "${gpu_args[@]}" | sha256sum | cut -c1-16)"
@@ -442,18 +449,8 @@ else
     say "  a new identity is created in $data_dir/identity.key"
     run install -d -m 0700 "$data_dir"
   fi
-  [ "$running" = 1 ] || run env "BEACON_DATA_DIR=$data_dir" "$node_bin" info
-
-  if [ "${#models[@]}" -gt 0 ]; then
-    step "starter model"
-    for m in "${models[@]}"; do
-      if [ "$running" = 1 ]; then
-        pull_via_api "$m"
-      else
-        run env "BEACON_DATA_DIR=$data_dir" "${env_args[@]}" "$node_bin" model pull --progress none "$m"
-      fi
-    done
-  fi
+  node_cli=(env "BEACON_DATA_DIR=$data_dir" "${env_args[@]}" "$node_bin")
+  identity_and_models
 
   step "starting the node ($service)"
   unit_path=""
