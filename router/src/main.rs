@@ -135,6 +135,10 @@ struct ServeArgs {
     /// Local model for MinionS jobs that name none.
     #[arg(long, env = "BEACON_MINIONS_LOCAL_MODEL")]
     minions_local_model: Option<String>,
+    /// Deadline of one supervisor call in a MinionS job, seconds (a supervisor on a CPU
+    /// reading a long prompt needs minutes).
+    #[arg(long, env = "BEACON_REMOTE_TIMEOUT", default_value_t = 900)]
+    remote_timeout: u64,
     /// Let MinionS jobs name their own supervisor URL and key (off: the router only calls
     /// the remote API its operator configured).
     #[arg(long, env = "BEACON_ALLOW_REMOTE_OVERRIDE")]
@@ -189,6 +193,7 @@ async fn main() -> anyhow::Result<()> {
                     local_model: a.minions_local_model,
                     remote_model: a.remote_model,
                     allow_remote_override: a.allow_remote_override,
+                    remote_timeout: Some(Duration::from_secs(a.remote_timeout.max(1))),
                     ..Default::default()
                 },
             };

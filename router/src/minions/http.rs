@@ -27,6 +27,9 @@ pub struct MinionsConfig {
     /// Accept a supervisor URL and key in the request. Off by default: a router that
     /// fetches any URL a client names can be turned against its own network.
     pub allow_remote_override: bool,
+    /// Deadline of one supervisor call (None: [`Supervisor::DEFAULT_TIMEOUT`]). A CPU-hosted
+    /// supervisor reading a long prompt needs minutes.
+    pub remote_timeout: Option<std::time::Duration>,
     pub limits: JobLimits,
 }
 
@@ -235,7 +238,8 @@ fn resolve(state: &ApiState, r: JobRequest) -> Result<JobSetup, ApiError> {
         }),
         local_model,
         local_digest,
-        supervisor: Supervisor::new(state.http.clone(), base, model),
+        supervisor: Supervisor::new(state.http.clone(), base, model)
+            .with_timeout(cfg.remote_timeout.unwrap_or(Supervisor::DEFAULT_TIMEOUT)),
         dispatcher,
         policy,
         max_jobs_per_round: r

@@ -72,16 +72,27 @@ pub struct Supervisor {
     pub model: String,
     /// Largest completion asked for per call.
     pub max_tokens: u32,
+    /// Deadline of one call, reading the whole reply included.
+    pub timeout: Duration,
 }
 
 impl Supervisor {
+    /// A call's deadline unless the router sets one (`--remote-timeout`).
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(900);
+
     pub fn new(http: reqwest::Client, remote: Remote, model: String) -> Self {
         Supervisor {
             http,
             remote,
             model,
             max_tokens: 1024,
+            timeout: Self::DEFAULT_TIMEOUT,
         }
+    }
+
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
     }
 
     /// One chat call; with `schema`, the reply is constrained to it where the endpoint
@@ -126,7 +137,7 @@ impl Supervisor {
         let mut req = self
             .http
             .post(&url)
-            .timeout(Duration::from_secs(300))
+            .timeout(self.timeout)
             .json(&body);
         if let Some(k) = &self.remote.api_key {
             req = req.bearer_auth(k);
