@@ -134,11 +134,7 @@ impl Supervisor {
             "{}/chat/completions",
             self.remote.base_url.trim_end_matches('/')
         );
-        let mut req = self
-            .http
-            .post(&url)
-            .timeout(self.timeout)
-            .json(&body);
+        let mut req = self.http.post(&url).timeout(self.timeout).json(&body);
         if let Some(k) = &self.remote.api_key {
             req = req.bearer_auth(k);
         }
