@@ -444,21 +444,20 @@ impl Wan {
         c.check()?;
         let n = c.regions.len();
         let op = c.operator_region.as_ref().and_then(|r| self.index(r));
-        let mut one_way = vec![vec![0u64; n + 1]; n + 1];
-        for a in 0..=n {
-            for b in 0..=n {
-                // The operator has its region's delays (or none).
-                let (ra, rb) = (
-                    if a == 0 { op } else { Some(a) },
-                    if b == 0 { op } else { Some(b) },
-                );
-                if let (Some(ra), Some(rb)) = (ra, rb)
-                    && ra != rb
-                {
-                    one_way[a][b] = (c.rtt_ms[ra - 1][rb - 1] * 500.0) as u64;
-                }
-            }
-        }
+        // Index 0 is the operator, which has its region's delays (or none).
+        let region_of = |i: usize| if i == 0 { op } else { Some(i) };
+        let one_way: Vec<Vec<u64>> = (0..=n)
+            .map(|a| {
+                (0..=n)
+                    .map(|b| match (region_of(a), region_of(b)) {
+                        (Some(ra), Some(rb)) if ra != rb => {
+                            (c.rtt_ms[ra - 1][rb - 1] * 500.0) as u64
+                        }
+                        _ => 0,
+                    })
+                    .collect()
+            })
+            .collect();
         self.links
             .lock()
             .unwrap_or_else(|p| p.into_inner())
