@@ -108,8 +108,14 @@ fn main() {
     let (mut minions, mut minion, mut remote_only) =
         (Tally::default(), Tally::default(), Tally::default());
     let mut runs = Vec::new();
-    for (i, (question, expect)) in QUESTIONS.iter().enumerate() {
-        eprintln!("[{}/{}] {question}", i + 1, QUESTIONS.len());
+    // BEACON_BENCH_QUESTIONS=N: only the first N questions (a shorter run on slow machines).
+    let questions = &QUESTIONS[..std::env::var("BEACON_BENCH_QUESTIONS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(QUESTIONS.len())
+        .clamp(1, QUESTIONS.len())];
+    for (i, (question, expect)) in questions.iter().enumerate() {
+        eprintln!("[{}/{}] {question}", i + 1, questions.len());
         for protocol in ["minions", "minion"] {
             let body = json!({
                 "task": question,
@@ -167,7 +173,7 @@ fn main() {
     }
     println!(
         "\n## MinionS vs Minion vs remote-only ({} questions, supervisor {model}, local SmolLM2-135M)\n",
-        QUESTIONS.len()
+        questions.len()
     );
     println!(
         "| method | accuracy | mean remote tokens | remote tokens vs remote-only | failed runs | mean wall s |"
