@@ -209,6 +209,7 @@ impl Wan {
         if unsafe { libc::geteuid() } != 0 {
             return Err(WanError::Privilege("not running as root".into()));
         }
+        clean_stale(Duration::from_secs(60));
         // Creating the hub namespace claims its octet's subnet (the name is taken
         // atomically), so several runs (and parallel tests) never share one.
         let mut claimed = None;
@@ -216,6 +217,8 @@ impl Wan {
             let hub = format!("beacon-wan{octet}-hub");
             match run(&["ip", "netns", "add", &hub]) {
                 Ok(_) => {
+                    // The owner's pid: a later run removes what a killed one left.
+                    let _ = std::fs::write(owner_file(octet), std::process::id().to_string());
                     claimed = Some((octet, format!("bwan{octet}"), hub));
                     break;
                 }
@@ -497,10 +500,62 @@ impl Drop for Wan {
         }
         let _ = run(&["ip", "netns", "del", &self.hub]);
         let _ = run(&["ip", "link", "del", &self.root_veth]);
+        let _ = std::fs::remove_file(owner_file(self.octet));
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
     }
+}
+
+fn owner_file(octet: u8) -> std::path::PathBuf {
+    std::path::PathBuf::from(format!("/run/beacon-wan{octet}.pid"))
+}
+
+/// Removes the namespaces of emulated WANs whose process is gone (killed before its drop
+/// ran). A WAN claimed less than `min_age` ago is left alone: its owner may not have written
+/// its pid yet. Returns how many WANs were removed.
+pub fn clean_stale(min_age: Duration) -> usize {
+    let Ok(dir) = std::fs::read_dir("/run/netns") else {
+        return 0;
+    };
+    let mut removed = 0;
+    for entry in dir.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(octet) = name
+            .strip_prefix("beacon-wan")
+            .and_then(|r| r.strip_suffix("-hub"))
+            .and_then(|o| o.parse::<u8>().ok())
+        else {
+            continue;
+        };
+        let young = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_none_or(|age| age < min_age);
+        let owner_alive = std::fs::read_to_string(owner_file(octet))
+            .ok()
+            .and_then(|p| p.trim().parse::<u32>().ok())
+            .is_some_and(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists());
+        if young || owner_alive {
+            continue;
+        }
+        let prefix = format!("beacon-wan{octet}-");
+        if let Ok(all) = std::fs::read_dir("/run/netns") {
+            for ns in all.flatten() {
+                let ns = ns.file_name().to_string_lossy().into_owned();
+                if ns.starts_with(&prefix) && ns != name {
+                    let _ = run(&["ip", "netns", "del", &ns]);
+                }
+            }
+        }
+        let _ = run(&["ip", "netns", "del", &name]);
+        let _ = run(&["ip", "link", "del", &format!("bwan{octet}")]);
+        let _ = std::fs::remove_file(owner_file(octet));
+        removed += 1;
+    }
+    removed
 }
 
 fn open_tun() -> Result<File, WanError> {
