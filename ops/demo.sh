@@ -64,9 +64,12 @@ head -n 12 "$work/config.json"
 log "provider identity"
 BEACON_DATA_DIR="$work/provider" "$node" info
 
+# Two providers share this machine's cores: each gets half of them, so llama.cpp's threads
+# never outnumber the cores (spinning threads on shared cores stall each other).
+threads=$(( $(nproc) / 2 )); [ "$threads" -ge 1 ] || threads=1
 api_port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
 log "provider 1 (eu-west): serving it with llama.cpp on 127.0.0.1:$api_port and joining the network"
-BEACON_DATA_DIR="$work/provider" "$node" serve --listen "127.0.0.1:$api_port" --parallel 4 --ctx-size 2048 \
+BEACON_DATA_DIR="$work/provider" "$node" serve --listen "127.0.0.1:$api_port" --parallel 4 --ctx-size 2048 --threads "$threads" \
   --region eu-west --p2p-listen /ip4/127.0.0.1/udp/0/quic-v1 --data-plane 127.0.0.1:0 --advert-interval 2 \
   >"$work/node.log" 2>&1 &
 node_pid=$!
@@ -83,7 +86,7 @@ boot="$(curl -sf "http://127.0.0.1:$api_port/beacon/node" | python3 -c 'import j
 log "provider 2 (us-east): pulls the same model and bootstraps from provider 1 ($boot)"
 BEACON_DATA_DIR="$work/provider2" "$node" model pull --progress none "$ref"
 api2="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
-BEACON_DATA_DIR="$work/provider2" "$node" serve --listen "127.0.0.1:$api2" --parallel 4 --ctx-size 2048 \
+BEACON_DATA_DIR="$work/provider2" "$node" serve --listen "127.0.0.1:$api2" --parallel 4 --ctx-size 2048 --threads "$threads" \
   --region us-east --p2p-listen /ip4/127.0.0.1/udp/0/quic-v1 --data-plane 127.0.0.1:0 --advert-interval 2 \
   --bootstrap "$boot" >"$work/node2.log" 2>&1 &
 node2_pid=$!

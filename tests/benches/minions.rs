@@ -63,7 +63,18 @@ impl Tally {
 fn main() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let doc = std::fs::read_to_string(root.join(DOC)).expect("the bundled document");
-    let a = NodeServer::start(&["--region", "eu-west", "--ctx-size", "8192"]);
+    // Two providers and a supervisor share this machine: one llama.cpp thread per provider
+    // keeps them from oversubscribing the cores (spinning threads on shared cores stall).
+    let threads = (std::thread::available_parallelism().map_or(2, |n| n.get()) / 2).max(1);
+    let threads = threads.to_string();
+    let a = NodeServer::start(&[
+        "--region",
+        "eu-west",
+        "--ctx-size",
+        "8192",
+        "--threads",
+        &threads,
+    ]);
     let boot = a.bootstrap_addr();
     let b = NodeServer::start(&[
         "--region",
@@ -72,6 +83,8 @@ fn main() {
         &boot,
         "--ctx-size",
         "8192",
+        "--threads",
+        &threads,
     ]);
     // The supervisor: a real API when configured, else Gemma 3 270M on a local node.
     let mut _local_supervisor = None;
