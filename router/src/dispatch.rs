@@ -248,7 +248,10 @@ impl Dispatcher {
             Ok(r) => r,
             Err(_) => Err(CallError::Connect {
                 peer,
-                reason: "attempt timed out".into(),
+                reason: format!(
+                    "no answer within the attempt timeout ({} s)",
+                    self.config.attempt_timeout.as_secs()
+                ),
             }),
         };
         drop(permit);

@@ -24,7 +24,11 @@ enum Command {
 #[derive(Args)]
 struct RegionsArgs {
     /// Region names, comma-separated.
-    #[arg(long, value_delimiter = ',', default_value = "us-east,eu-west,ap-south")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "us-east,eu-west,ap-south"
+    )]
     regions: Vec<String>,
     /// Round trips in milliseconds: rows separated by `;`, columns by `,` (default for the
     /// default regions: 75 ms us-east/eu-west, 190 ms us-east/ap-south, 120 ms eu-west/ap-south).

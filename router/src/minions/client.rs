@@ -153,10 +153,11 @@ fn describe(event: &str, v: &Value) -> String {
             v["text"].as_str().unwrap_or("")
         ),
         "round" => format!(
-            "round {}: {} of {} jobs answered; supervisor decided {}",
+            "round {}: {} of {} jobs answered, {} failed; supervisor decided {}",
             v["round"],
             v["answered"],
             v["jobs"],
+            v["failed"],
             v["decision"].as_str().unwrap_or("?")
         ),
         other => format!("{other}: {v}"),

@@ -345,8 +345,12 @@ pub enum Progress {
     Round {
         round: u32,
         decision: String,
+        /// Jobs run this round, failed ones included.
         jobs: usize,
+        /// Jobs whose worker found an answer (not null).
         answered: usize,
+        /// Jobs that produced no verified result on any provider.
+        failed: usize,
     },
 }
 

@@ -412,11 +412,13 @@ async fn minions(setup: &JobSetup, ledger: &mut Ledger) -> Result<(String, Strin
         };
         // The last round is final whatever the supervisor says.
         let decision = if last { "final" } else { agg.decision.as_str() };
+        let placed = plan.tasks.len() * chunks.len() * plan.samples_per_task as usize;
         ledger.emit(Progress::Round {
             round,
             decision: decision.to_string(),
-            jobs: results.len(),
+            jobs: placed,
             answered,
+            failed: placed.saturating_sub(results.len()),
         });
         if decision == "final" {
             return Ok((agg.answer, agg.explanation, round));
@@ -774,6 +776,7 @@ async fn minion(setup: &JobSetup, ledger: &mut Ledger) -> Result<(String, String
                 decision: "final".into(),
                 jobs: 0,
                 answered: 0,
+                failed: 0,
             });
             return Ok((turn.answer, turn.explanation, round));
         }
