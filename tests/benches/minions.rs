@@ -14,7 +14,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use beacon_tests::{NodeServer, RouterServer, SUPERVISOR_MODEL_REF, http, wait_until};
+use beacon_tests::{NodeServer, RouterServer, SUPERVISOR_MODEL_REF, http_within, wait_until};
 use serde_json::{Value, json};
 
 const DOC: &str = "ops/data/northport-annual-report-2025.txt";
@@ -142,11 +142,14 @@ fn main() {
                 }
             });
             let t = Instant::now();
-            let r = http(
+            // A CPU supervisor reading the whole document for the remote-only run needs
+            // minutes: far past `http`'s two.
+            let r = http_within(
                 "POST",
                 &router.url("/v1/minions"),
                 Some(&body.to_string()),
                 &[],
+                3600,
             );
             let secs = t.elapsed().as_secs_f64();
             let tally = if protocol == "minions" {
