@@ -106,6 +106,10 @@ fn main() {
         url.as_str(),
         "--remote-model",
         model.as_str(),
+        // The Minion worker reads the whole document in one call: on one CPU thread that
+        // prefill alone can pass the default 120 s attempt timeout.
+        "--attempt-timeout",
+        "900",
     ];
     if let Some(k) = &key {
         flags.extend(["--remote-api-key", k.as_str()]);
