@@ -147,49 +147,35 @@ fn a_cut_region_is_unreachable_until_restored() {
     assert!(wan.set_cut("mars", true).is_err());
 }
 
+/// What `ip ARGS` prints.
+fn ip(args: &[&str]) -> String {
+    let out = std::process::Command::new("ip")
+        .args(args)
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout).unwrap()
+}
+
 #[test]
 fn dropping_the_wan_removes_every_namespace_and_link() {
     let wan = up(WanConfig::three_regions());
     let names: Vec<String> = wan
         .regions()
-        .to_vec()
         .iter()
         .map(|r| wan.namespace(r).unwrap())
         .collect();
-    let listed = String::from_utf8(
-        std::process::Command::new("ip")
-            .args(["netns", "list"])
-            .output()
-            .unwrap()
-            .stdout,
-    )
-    .unwrap();
+    let listed = ip(&["netns", "list"]);
     for n in &names {
         assert!(listed.contains(n.as_str()), "{n} missing while up");
     }
     let operator = wan.operator_address();
     drop(wan);
-    let listed = String::from_utf8(
-        std::process::Command::new("ip")
-            .args(["netns", "list"])
-            .output()
-            .unwrap()
-            .stdout,
-    )
-    .unwrap();
+    let listed = ip(&["netns", "list"]);
     for n in &names {
         assert!(!listed.contains(n.as_str()), "{n} left behind");
     }
-    let addrs = String::from_utf8(
-        std::process::Command::new("ip")
-            .args(["-4", "addr"])
-            .output()
-            .unwrap()
-            .stdout,
-    )
-    .unwrap();
     assert!(
-        !addrs.contains(&operator.to_string()),
+        !ip(&["-4", "addr"]).contains(&operator.to_string()),
         "the operator's link is left behind"
     );
 }
