@@ -284,17 +284,7 @@ impl Wan {
         let root_ip = format!("10.{o}.0.2/24");
         run(&["ip", "addr", "add", &root_ip, "dev", &self.root_veth])?;
         run(&["ip", "link", "set", &self.root_veth, "up"])?;
-        run(&[
-            "ip",
-            "-n",
-            &hub,
-            "addr",
-            "add",
-            &format!("10.{o}.0.1/24"),
-            "dev",
-            "r0",
-        ])?;
-        run(&["ip", "-n", &hub, "link", "set", "r0", "up"])?;
+        hub_side(&hub, "r0", o, 0)?;
         run(&[
             "ip",
             "route",
@@ -302,9 +292,6 @@ impl Wan {
             &format!("10.{o}.0.0/16"),
             "via",
             &format!("10.{o}.0.1"),
-        ])?;
-        run(&[
-            "ip", "-n", &hub, "rule", "add", "iif", "r0", "lookup", TABLE, "pref", "100",
         ])?;
         for (i, region) in self.config.regions.clone().iter().enumerate() {
             let i = i + 1;
@@ -316,17 +303,7 @@ impl Wan {
                 "ip", "-n", &hub, "link", "add", &hub_if, "type", "veth", "peer", "name", "eth0",
                 "netns", &ns,
             ])?;
-            run(&[
-                "ip",
-                "-n",
-                &hub,
-                "addr",
-                "add",
-                &format!("10.{o}.{i}.1/24"),
-                "dev",
-                &hub_if,
-            ])?;
-            run(&["ip", "-n", &hub, "link", "set", &hub_if, "up"])?;
+            hub_side(&hub, &hub_if, o, i)?;
             run(&[
                 "ip",
                 "-n",
@@ -347,9 +324,6 @@ impl Wan {
                 "default",
                 "via",
                 &format!("10.{o}.{i}.1"),
-            ])?;
-            run(&[
-                "ip", "-n", &hub, "rule", "add", "iif", &hub_if, "lookup", TABLE, "pref", "100",
             ])?;
         }
         // The TUN device, created from a thread inside the hub so it lives there.
@@ -505,6 +479,18 @@ impl Drop for Wan {
             let _ = t.join();
         }
     }
+}
+
+/// The hub's end of a link to subnet `10.<o>.<i>.0/24`: its gateway address, up, and a
+/// rule that sends whatever arrives on it through the delay device.
+fn hub_side(hub: &str, dev: &str, o: u8, i: usize) -> Result<(), WanError> {
+    let gateway = format!("10.{o}.{i}.1/24");
+    run(&["ip", "-n", hub, "addr", "add", &gateway, "dev", dev])?;
+    run(&["ip", "-n", hub, "link", "set", dev, "up"])?;
+    run(&[
+        "ip", "-n", hub, "rule", "add", "iif", dev, "lookup", TABLE, "pref", "100",
+    ])?;
+    Ok(())
 }
 
 fn owner_file(octet: u8) -> std::path::PathBuf {
