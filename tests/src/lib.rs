@@ -3,7 +3,7 @@
 //! that can slow a connection down or cut it, to play a slow or failing network. Every
 //! process started here is killed when its guard drops.
 
-pub mod bench;
+pub use beacon_bench::load as bench;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -181,26 +181,14 @@ impl Registry {
 }
 
 /// Blocks until `GET path` on `addr` answers with any HTTP status.
+pub use beacon_bench::http::{HttpReply, http, http_within};
+
+/// Waits until `addr` answers HTTP on `path`; panics after `timeout`.
 pub fn wait_for_http(addr: SocketAddr, path: &str, timeout: Duration) {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
-            let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-            let req = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
-            let mut buf = [0u8; 12];
-            if s.write_all(req.as_bytes()).is_ok()
-                && s.read_exact(&mut buf).is_ok()
-                && buf.starts_with(b"HTTP/")
-            {
-                return;
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{addr}{path} did not answer within {timeout:?}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    assert!(
+        beacon_bench::http::wait_for_http(addr, path, timeout),
+        "{addr}{path} did not answer within {timeout:?}"
+    );
 }
 
 /// Plays a network between clients and `target`: optionally slow (bytes per second from
@@ -850,72 +838,6 @@ pub fn wait_until(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
         std::thread::sleep(Duration::from_millis(250));
     }
     check()
-}
-
-/// An HTTP exchange made with `curl`.
-#[derive(Debug)]
-pub struct HttpReply {
-    pub status: u16,
-    pub headers: String,
-    pub body: String,
-}
-
-impl HttpReply {
-    pub fn json(&self) -> serde_json::Value {
-        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("{e}: {}", self.body))
-    }
-}
-
-/// `curl` with a method, optional JSON body and extra headers.
-pub fn http(method: &str, url: &str, body: Option<&str>, headers: &[&str]) -> HttpReply {
-    http_within(method, url, body, headers, 120)
-}
-
-/// [`http`] with a time limit in seconds (for long jobs).
-pub fn http_within(
-    method: &str,
-    url: &str,
-    body: Option<&str>,
-    headers: &[&str],
-    seconds: u32,
-) -> HttpReply {
-    let seconds = seconds.to_string();
-    let mut c = Command::new("curl");
-    c.args([
-        "-s",
-        "-S",
-        "-N",
-        "-X",
-        method,
-        "-D",
-        "-",
-        "--max-time",
-        &seconds,
-        "-H",
-        "Expect:",
-    ]);
-    for h in headers {
-        c.args(["-H", h]);
-    }
-    let tmp = tempfile::NamedTempFile::new().unwrap();
-    if let Some(b) = body {
-        std::fs::write(tmp.path(), b).unwrap();
-        c.args(["-H", "Content-Type: application/json", "--data-binary"])
-            .arg(format!("@{}", tmp.path().display()));
-    }
-    let out = c.arg(url).output().expect("curl");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    HttpReply {
-        status,
-        headers: head.to_string(),
-        body: body.to_string(),
-    }
 }
 
 /// A `beacon-router serve` process on loopback.

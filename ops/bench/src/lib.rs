@@ -1,7 +1,15 @@
 //! `beacon-bench`: the harness behind the benchmark suite and the reliability tests.
 //!
-//! Built so far: [`wan`], regions emulated on one machine (a network namespace per region,
-//! WAN round trips added in user space). The workloads and reports that run on it are
-//! issue 9's remaining work.
+//! - [`wan`]: regions emulated on one machine (a network namespace per region, WAN round
+//!   trips added in user space);
+//! - [`cluster`]: real provider nodes and routers started in those regions;
+//! - [`load`] and [`http`]: closed-loop chat load through `curl`, shared with the benches;
+//! - [`suite`]: the workloads, each against a baseline measured in the same run;
+//! - [`report`]: the JSON, Markdown and SVG output.
 
+pub mod cluster;
+pub mod http;
+pub mod load;
+pub mod report;
+pub mod suite;
 pub mod wan;

@@ -1,17 +1,33 @@
-//! `beacon-bench`: the benchmark suite's command line. Built so far: `regions`, which brings
-//! up emulated regions and holds them until Ctrl-C (processes are started in them by hand
-//! with `ip netns exec`), and `regions --clean`, which removes what killed runs left.
+//! `beacon-bench`: Beacon's benchmark suite. With no subcommand it runs the workloads in
+//! emulated regions on this machine (`--quick` for the smoke test CI runs), or against a
+//! deployed router (`--router URL`), and writes a JSON file, a Markdown report and SVG
+//! figures. `regions` only brings up emulated regions and holds them until Ctrl-C;
+//! `regions --clean` removes what killed runs left.
+
+use std::path::PathBuf;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
+use beacon_bench::cluster::{Binaries, Cluster, ClusterConfig};
+use beacon_bench::load::Target;
+use beacon_bench::report::{Machine, Report, Setup};
+use beacon_bench::suite::{self, Scale};
 use beacon_bench::wan::{Wan, WanConfig, clean_stale};
 
 #[derive(Parser)]
-#[command(name = "beacon-bench", version, about = "Beacon's benchmark harness")]
+#[command(
+    name = "beacon-bench",
+    version,
+    about = "Beacon's benchmark suite: speed, cost and trust across emulated regions",
+    args_conflicts_with_subcommands = true
+)]
 struct Cli {
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
+    #[command(flatten)]
+    run: RunArgs,
 }
 
 #[derive(Subcommand)]
@@ -19,6 +35,49 @@ enum Command {
     /// Emulated regions on this machine: a network namespace per region, WAN round trips
     /// added in user space. Needs root.
     Regions(RegionsArgs),
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// The smoke test: two regions, one provider each, short loads (minutes on 2 cores).
+    #[arg(long)]
+    quick: bool,
+    /// Where the report goes (default: bench-results/<unix time>).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Workloads to run, comma-separated (chat, placement, dishonest, failures).
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+    /// Benchmark a deployed router at this base URL instead (chat load only).
+    #[arg(long)]
+    router: Option<String>,
+    /// With --router: a provider node's base URL, called directly as the baseline.
+    #[arg(long, requires = "router")]
+    direct: Option<String>,
+    /// Region names, comma-separated (default: us-east,eu-west,ap-south; --quick: the first two).
+    #[arg(long, value_delimiter = ',')]
+    regions: Vec<String>,
+    /// Round trips in ms between the regions: rows by `;`, columns by `,`.
+    #[arg(long)]
+    rtt_ms: Option<String>,
+    /// The region the router and the clients sit in (default: the first).
+    #[arg(long)]
+    operator_region: Option<String>,
+    /// Honest providers per region.
+    #[arg(long, default_value_t = 1)]
+    per_region: usize,
+    /// llama.cpp threads per provider (default: the cores shared among the providers).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Parallel sequences per provider.
+    #[arg(long, default_value_t = 4)]
+    parallel: usize,
+    /// The GGUF the providers serve (default: the test model ops/setup.sh caches).
+    #[arg(long, env = "BEACON_TEST_MODEL")]
+    model: Option<PathBuf>,
+    /// Where beacon-node and beacon-router are (default: next to beacon-bench, then PATH).
+    #[arg(long)]
+    bin_dir: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -110,8 +169,337 @@ fn regions(a: RegionsArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+fn memory_mib() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemTotal:"))?
+                .split_whitespace()
+                .nth(1)?
+                .parse::<u64>()
+                .ok()
+        })
+        .map_or(0, |kib| kib / 1024)
+}
+
+fn default_model() -> PathBuf {
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_default();
+    home.join(".cache/beacon/models/SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
+fn run(a: RunArgs) -> anyhow::Result<bool> {
+    let t0 = Instant::now();
+    let say = move |m: &str| eprintln!("[bench {:>6.1}s] {m}", t0.elapsed().as_secs_f64());
+    let started = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let out = a
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("bench-results/{started}")));
+    let scale = if a.quick {
+        Scale::quick()
+    } else {
+        Scale::full()
+    };
+    let mut report = Report {
+        mode: if a.router.is_some() {
+            "remote".into()
+        } else if a.quick {
+            "quick".into()
+        } else {
+            "full".into()
+        },
+        started,
+        machine: Machine {
+            cores: cores(),
+            memory_mib: memory_mib(),
+            model: String::new(),
+        },
+        scale: Some(scale.clone()),
+        ..Report::default()
+    };
+    if let Some(url) = &a.router {
+        remote(&a, url, &scale, &mut report, &say);
+    } else {
+        local(&a, &scale, &mut report, &say)?;
+    }
+    report.seconds = t0.elapsed().as_secs_f64();
+    report.write(&out)?;
+    for c in report.checks.iter().filter(|c| !c.passed) {
+        say(&format!("CHECK FAILED: {}: {}", c.name, c.detail));
+    }
+    for p in &report.problems {
+        say(&format!("WORKLOAD FAILED: {p}"));
+    }
+    say(&format!(
+        "report: {} ({} checks, {} failed)",
+        out.join("report.md").display(),
+        report.checks.len(),
+        report.checks.iter().filter(|c| !c.passed).count() + report.problems.len()
+    ));
+    Ok(report.passed())
+}
+
+/// Chat load against a deployed router (and optionally one of its providers directly).
+fn remote(a: &RunArgs, url: &str, scale: &Scale, report: &mut Report, say: &dyn Fn(&str)) {
+    let base = |u: &str| u.trim_end_matches('/').trim_end_matches("/v1").to_string();
+    let routed = Target {
+        name: "router",
+        base: base(url),
+        pid: 0,
+    };
+    let direct = a.direct.as_deref().map(|d| Target {
+        name: "the provider",
+        base: base(d),
+        pid: 0,
+    });
+    report.setup.router = Some(routed.base.clone());
+    report.setup.direct = direct.as_ref().map(|d| d.base.clone());
+    report.minions_skipped = Some("remote mode runs the chat load only".into());
+    let c = suite::chat(&routed, direct.as_ref(), scale, say);
+    let errors: usize = c.levels.iter().map(|l| l.routed.errors).sum();
+    report.check(
+        "routed chat answered",
+        errors == 0,
+        format!("{errors} routed requests failed"),
+    );
+    report.chat = Some(c);
+}
+
+fn local(
+    a: &RunArgs,
+    scale: &Scale,
+    report: &mut Report,
+    say: &dyn Fn(&str),
+) -> anyhow::Result<()> {
+    let bins = Binaries::find(a.bin_dir.as_deref())?;
+    let model = a.model.clone().unwrap_or_else(default_model);
+    anyhow::ensure!(
+        model.is_file(),
+        "model {} missing: run ops/setup.sh or pass --model",
+        model.display()
+    );
+    let mut wan = WanConfig::three_regions();
+    if a.quick {
+        wan.regions.truncate(2);
+        wan.rtt_ms = vec![vec![0.0, 75.0], vec![75.0, 0.0]];
+    }
+    if !a.regions.is_empty() {
+        wan.rtt_ms = match &a.rtt_ms {
+            Some(m) => parse_matrix(m)?,
+            None if wan.regions.starts_with(&a.regions) => wan
+                .rtt_ms
+                .iter()
+                .take(a.regions.len())
+                .map(|r| r[..a.regions.len()].to_vec())
+                .collect(),
+            None => anyhow::bail!("--rtt-ms is needed for regions other than the default ones"),
+        };
+        wan.regions = a.regions.clone();
+    } else if let Some(m) = &a.rtt_ms {
+        wan.rtt_ms = parse_matrix(m)?;
+    }
+    wan.operator_region = Some(
+        a.operator_region
+            .clone()
+            .unwrap_or_else(|| wan.regions[0].clone()),
+    );
+    let dishonest_faults = ["tamper", "wrong-model"];
+    let providers = wan.regions.len() * a.per_region.max(1) + dishonest_faults.len();
+    let threads = a
+        .threads
+        .unwrap_or((cores() / wan.regions.len().max(1)).max(1));
+    report.machine.model = model
+        .file_name()
+        .map(|f| f.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    report.setup = Setup {
+        regions: wan.regions.clone(),
+        rtt_ms: wan.rtt_ms.clone(),
+        operator_region: wan.operator_region.clone(),
+        threads,
+        parallel: a.parallel,
+        ..Setup::default()
+    };
+    say(&format!(
+        "bringing up {} regions, {} honest provider(s) each (up to {providers} processes with the dishonest ones)",
+        wan.regions.len(),
+        a.per_region.max(1)
+    ));
+    let mut cluster = Cluster::up(
+        ClusterConfig {
+            wan,
+            per_region: a.per_region.max(1),
+            model,
+            threads,
+            parallel: a.parallel,
+            ctx_size: 2048,
+            bins,
+        },
+        say,
+    )?;
+    let honest = cluster.providers.len();
+    let timeout = scale.attempt_timeout.to_string();
+    let main = cluster.add_router(
+        &["--audit-rate", "0", "--attempt-timeout", &timeout],
+        honest,
+    )?;
+    say(&format!("router up, placing on {honest} providers"));
+    let op = cluster
+        .wan
+        .operator_region()
+        .unwrap_or_default()
+        .to_string();
+
+    if wants(a, "chat") {
+        let routed = Target {
+            name: "router",
+            base: cluster.routers[main].url(""),
+            pid: 0,
+        };
+        let near = cluster
+            .providers
+            .iter()
+            .find(|p| p.region == op)
+            .context("no provider in the operator's region")?;
+        let direct = Target {
+            name: "the provider in the router's region",
+            base: format!("http://{}", near.http),
+            pid: 0,
+        };
+        let c = suite::chat(&routed, Some(&direct), scale, say);
+        let errors: usize = c.levels.iter().map(|l| l.routed.errors).sum();
+        report.check(
+            "chat load without failures",
+            errors == 0,
+            format!("{errors} routed requests failed with every provider up"),
+        );
+        report.chat = Some(c);
+    }
+    report.minions_skipped = Some(
+        "not part of this suite yet; `ops/bench-minions.sh` measures MinionS against remote-only (README)".into(),
+    );
+
+    if wants(a, "placement") {
+        let regions = cluster.wan.regions().to_vec();
+        let mut pinned = Vec::new();
+        for r in &regions {
+            let n = cluster.providers.iter().filter(|p| &p.region == r).count();
+            let i = cluster.add_router(&["--audit-rate", "0", "--allowed-regions", r], n)?;
+            pinned.push((r.clone(), i));
+        }
+        let p = suite::placement(&cluster, main, &pinned, scale, say);
+        let worst = p
+            .pinned
+            .iter()
+            .map(|r| r.in_region_share)
+            .fold(1.0, f64::min);
+        report.check(
+            "residency: pinned work stays in its region",
+            worst >= 1.0,
+            format!(
+                "lowest share of answers from inside the pinned region: {:.0}%",
+                worst * 100.0
+            ),
+        );
+        report.placement = Some(p);
+        for (_, i) in pinned.into_iter().rev() {
+            cluster.remove_router(i);
+        }
+    }
+
+    if wants(a, "dishonest") {
+        let rate = scale.audit_rate.to_string();
+        let auditor = cluster.add_router(
+            &["--audit-rate", &rate, "--attempt-timeout", &timeout],
+            honest,
+        )?;
+        let other = cluster
+            .wan
+            .regions()
+            .iter()
+            .find(|r| **r != op)
+            .cloned()
+            .unwrap_or(op.clone());
+        // The tampering provider sits next to the router, where placement favours it.
+        let faults = [
+            (op.as_str(), dishonest_faults[0]),
+            (other.as_str(), dishonest_faults[1]),
+        ];
+        match suite::dishonest(&mut cluster, auditor, &faults, scale, say) {
+            Ok(d) => {
+                report.check(
+                    "no honest provider quarantined",
+                    d.false_quarantines == 0,
+                    format!(
+                        "{} of {} honest providers quarantined",
+                        d.false_quarantines, d.honest
+                    ),
+                );
+                let caught = d.providers.iter().filter(|v| v.quarantined).count();
+                report.check(
+                    "dishonest providers quarantined",
+                    caught == d.providers.len(),
+                    format!(
+                        "{caught} of {} within {} requests",
+                        d.providers.len(),
+                        d.requests
+                    ),
+                );
+                report.dishonest = Some(d);
+            }
+            Err(e) => report.problems.push(format!("dishonest: {e:#}")),
+        }
+        cluster.remove_router(auditor);
+    }
+
+    if wants(a, "failures") {
+        match suite::failures(&mut cluster, main, scale, say) {
+            Ok(f) => {
+                for r in &f {
+                    report.check(
+                        &format!("every request completes: {}", r.scenario),
+                        r.failed == 0,
+                        format!(
+                            "{} of {} completed, {} retries",
+                            r.completed, r.requests, r.retries
+                        ),
+                    );
+                }
+                report.failures = f;
+            }
+            Err(e) => report.problems.push(format!("failures: {e:#}")),
+        }
+    }
+    report.setup.providers = cluster
+        .providers
+        .iter()
+        .map(|p| (p.name.clone(), p.fault.clone().unwrap_or_default()))
+        .collect();
+    Ok(())
+}
+
+fn wants(a: &RunArgs, w: &str) -> bool {
+    a.only.is_empty() || a.only.iter().any(|o| o == w)
+}
+
 fn main() -> anyhow::Result<()> {
-    match Cli::parse().command {
-        Command::Regions(a) => regions(a),
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Regions(a)) => regions(a),
+        None => {
+            if !run(cli.run)? {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
     }
 }

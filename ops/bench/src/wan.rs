@@ -362,6 +362,11 @@ impl Wan {
             .map(|i| i + 1)
     }
 
+    /// The region the operator's namespace sits in, if any.
+    pub fn operator_region(&self) -> Option<&str> {
+        self.config.operator_region.as_deref()
+    }
+
     pub fn regions(&self) -> &[String] {
         &self.config.regions
     }

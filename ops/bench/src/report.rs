@@ -1,0 +1,545 @@
+//! A run's results: the JSON file, the Markdown report and its SVG figures (plotters).
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use plotters::prelude::*;
+use serde::Serialize;
+
+use crate::suite::{ChatResult, DishonestResult, FailureResult, PlacementResult, Scale};
+
+/// Everything one run measured, written as `report.json`.
+#[derive(Debug, Default, Serialize)]
+pub struct Report {
+    /// `quick`, `full` or `remote` (deployed routers given by address).
+    pub mode: String,
+    /// Unix seconds at the start.
+    pub started: u64,
+    pub seconds: f64,
+    pub machine: Machine,
+    pub setup: Setup,
+    pub scale: Option<Scale>,
+    pub chat: Option<ChatResult>,
+    /// Workload 2 (MinionS jobs) when it ran, else why not.
+    pub minions: Option<serde_json::Value>,
+    pub minions_skipped: Option<String>,
+    pub placement: Option<PlacementResult>,
+    pub failures: Vec<FailureResult>,
+    pub dishonest: Option<DishonestResult>,
+    /// What must hold whatever the speed; a failed check fails the run.
+    pub checks: Vec<Check>,
+    /// Workloads that could not run, and why.
+    pub problems: Vec<String>,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct Machine {
+    pub cores: usize,
+    pub memory_mib: u64,
+    pub model: String,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct Setup {
+    pub regions: Vec<String>,
+    pub rtt_ms: Vec<Vec<f64>>,
+    pub operator_region: Option<String>,
+    pub providers: Vec<(String, String)>,
+    pub threads: usize,
+    pub parallel: usize,
+    pub router: Option<String>,
+    pub direct: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Check {
+    pub name: String,
+    pub passed: bool,
+    pub detail: String,
+}
+
+impl Report {
+    pub fn check(&mut self, name: &str, passed: bool, detail: String) {
+        self.checks.push(Check {
+            name: name.to_string(),
+            passed,
+            detail,
+        });
+    }
+
+    pub fn passed(&self) -> bool {
+        self.problems.is_empty() && self.checks.iter().all(|c| c.passed)
+    }
+
+    /// Writes `report.json`, `report.md` and the figures into `dir`.
+    pub fn write(&self, dir: &Path) -> anyhow::Result<()> {
+        std::fs::create_dir_all(dir)?;
+        std::fs::write(dir.join("report.json"), serde_json::to_string_pretty(self)?)?;
+        let mut figures = Vec::new();
+        if let Some(c) = &self.chat {
+            std::fs::write(dir.join("chat.svg"), chat_svg(c)?)?;
+            figures.push("chat.svg");
+        }
+        if let Some(p) = &self.placement {
+            std::fs::write(dir.join("placement.svg"), placement_svg(p)?)?;
+            figures.push("placement.svg");
+        }
+        if !self.failures.is_empty() {
+            std::fs::write(dir.join("failures.svg"), failures_svg(&self.failures)?)?;
+            figures.push("failures.svg");
+        }
+        std::fs::write(dir.join("report.md"), self.markdown())?;
+        Ok(())
+    }
+
+    pub fn markdown(&self) -> String {
+        let mut m = String::new();
+        let _ = writeln!(m, "# Beacon benchmark: {} run\n", self.mode);
+        let _ = writeln!(
+            m,
+            "{} cores, {} MiB memory; model `{}`; {:.0} s in all.\n",
+            self.machine.cores, self.machine.memory_mib, self.machine.model, self.seconds
+        );
+        let s = &self.setup;
+        if !s.regions.is_empty() {
+            let _ = writeln!(
+                m,
+                "Regions (round trips in ms; the router and the clients sit in {}):\n",
+                s.operator_region.as_deref().unwrap_or("no region")
+            );
+            let _ = writeln!(m, "| | {} |", s.regions.join(" | "));
+            let _ = writeln!(m, "|---|{}", "---|".repeat(s.regions.len()));
+            for (r, row) in s.regions.iter().zip(&s.rtt_ms) {
+                let cells: Vec<String> = row.iter().map(|v| format!("{v:.0}")).collect();
+                let _ = writeln!(m, "| {r} | {} |", cells.join(" | "));
+            }
+            let _ = writeln!(
+                m,
+                "\nProviders: {} ({} llama.cpp threads, {} parallel sequences each).\n",
+                s.providers
+                    .iter()
+                    .map(|(n, f)| if f.is_empty() {
+                        n.clone()
+                    } else {
+                        format!("{n} ({f})")
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                s.threads,
+                s.parallel
+            );
+        }
+        if let Some(r) = &s.router {
+            let _ = writeln!(
+                m,
+                "Router under test: {r}; direct baseline: {}.\n",
+                s.direct.as_deref().unwrap_or("none")
+            );
+        }
+        let _ = writeln!(m, "## Checks\n\n| check | result | detail |\n|---|---|---|");
+        for c in &self.checks {
+            let _ = writeln!(
+                m,
+                "| {} | {} | {} |",
+                c.name,
+                if c.passed { "pass" } else { "**FAIL**" },
+                c.detail
+            );
+        }
+        for p in &self.problems {
+            let _ = writeln!(m, "| workload | **FAIL** | {p} |");
+        }
+        if let Some(c) = &self.chat {
+            chat_md(&mut m, c);
+        }
+        let _ = writeln!(m, "\n## 2. MinionS jobs\n");
+        match (&self.minions, &self.minions_skipped) {
+            (Some(v), _) => {
+                let _ = writeln!(
+                    m,
+                    "```json\n{}\n```",
+                    serde_json::to_string_pretty(v).unwrap_or_default()
+                );
+            }
+            (None, Some(why)) => {
+                let _ = writeln!(m, "Not run: {why}");
+            }
+            (None, None) => {
+                let _ = writeln!(m, "Not run.");
+            }
+        }
+        if let Some(p) = &self.placement {
+            placement_md(&mut m, p);
+        }
+        if !self.failures.is_empty() {
+            failures_md(&mut m, &self.failures);
+        }
+        if let Some(d) = &self.dishonest {
+            dishonest_md(&mut m, d);
+        }
+        m
+    }
+}
+
+fn chat_md(m: &mut String, c: &ChatResult) {
+    let _ = writeln!(
+        m,
+        "\n## 1. Routed chat load\n\nBaseline, same run: {}. The router may spread a load over \
+         every provider; the baseline is one.\n",
+        c.baseline
+    );
+    let _ = writeln!(
+        m,
+        "| concurrency | routed tok/s | direct tok/s | ratio | routed p50 / p99 ms | direct p50 / p99 ms | errors routed / direct | routed by region |\n|---|---|---|---|---|---|---|---|"
+    );
+    for l in c.levels.iter().chain(c.overhead.iter()) {
+        let r = &l.routed;
+        let (dt, dl, de, ratio) = match &l.direct {
+            Some(d) => (
+                format!("{:.1}", d.tokens_per_second),
+                format!("{:.0} / {:.0}", d.p50_ms, d.p99_ms),
+                d.errors.to_string(),
+                format!(
+                    "{:.2}x",
+                    r.tokens_per_second / d.tokens_per_second.max(1e-9)
+                ),
+            ),
+            None => ("-".into(), "-".into(), "-".into(), "-".into()),
+        };
+        let label = if std::ptr::eq(l, c.overhead.as_ref().map_or(std::ptr::null(), |o| o)) {
+            "1 (1-token answers)".to_string()
+        } else {
+            l.concurrency.to_string()
+        };
+        let regions: Vec<String> = l.regions.iter().map(|(r, n)| format!("{r} {n}")).collect();
+        let _ = writeln!(
+            m,
+            "| {label} | {:.1} | {dt} | {ratio} | {:.0} / {:.0} | {dl} | {} / {de} | {} |",
+            r.tokens_per_second,
+            r.p50_ms,
+            r.p99_ms,
+            r.errors,
+            regions.join(", ")
+        );
+    }
+    if let Some(o) = &c.overhead
+        && let Some(d) = &o.direct
+    {
+        let _ = writeln!(
+            m,
+            "\nThe router adds **{:.1} ms** at the median to a 1-token answer (routed {:.1} ms, direct {:.1} ms).",
+            o.routed.p50_ms - d.p50_ms,
+            o.routed.p50_ms,
+            d.p50_ms
+        );
+    }
+    let _ = writeln!(m, "\n![chat throughput and latency](chat.svg)");
+}
+
+fn placement_md(m: &mut String, p: &PlacementResult) {
+    let _ = writeln!(
+        m,
+        "\n## 3. Placement\n\nThe router and the clients sit in {}. Each region alone is measured \
+         with a router pinned to it (`--allowed-regions`), in the same run: the best of them is \
+         the best possible single-region placement.\n",
+        p.operator_region
+    );
+    let _ = writeln!(
+        m,
+        "| pinned to | p50 / p99 ms | errors | answers from inside the region |\n|---|---|---|---|"
+    );
+    for r in &p.pinned {
+        let _ = writeln!(
+            m,
+            "| {} | {:.0} / {:.0} | {} | {:.0}% |",
+            r.region,
+            r.load.p50_ms,
+            r.load.p99_ms,
+            r.load.errors,
+            r.in_region_share * 100.0
+        );
+    }
+    let _ = writeln!(
+        m,
+        "\n| concurrency | chosen p50 ms | best region | best p50 ms | chosen / best | placed in |\n|---|---|---|---|---|---|"
+    );
+    for c in &p.chosen {
+        let regions: Vec<String> = c.regions.iter().map(|(r, n)| format!("{r} {n}")).collect();
+        let _ = writeln!(
+            m,
+            "| {} | {:.0} | {} | {:.0} | {:.2}x | {} |",
+            c.concurrency,
+            c.load.p50_ms,
+            c.best_region,
+            c.best_p50_ms,
+            c.ratio,
+            regions.join(", ")
+        );
+    }
+    let _ = writeln!(m, "\n![placement](placement.svg)");
+}
+
+fn failures_md(m: &mut String, f: &[FailureResult]) {
+    let _ = writeln!(
+        m,
+        "\n## 4. Failure injection\n\nEach failure is injected a third of the way into a load; \
+         the baseline is the same load's answers before it.\n"
+    );
+    let _ = writeln!(
+        m,
+        "| failure | completed | failed | retries | time to recover s | slowest ms | p50 before ms | what happened |\n|---|---|---|---|---|---|---|---|"
+    );
+    for r in f {
+        let _ = writeln!(
+            m,
+            "| {} | {} of {} | {} | {} | {} | {:.0} | {:.0} | {} |",
+            r.scenario,
+            r.completed,
+            r.requests,
+            r.failed,
+            r.retries,
+            r.recover_s
+                .map(|s| format!("{s:.1}"))
+                .unwrap_or_else(|| "never".into()),
+            r.max_ms,
+            r.p50_before_ms,
+            r.note
+        );
+    }
+    let _ = writeln!(m, "\n![failures](failures.svg)");
+}
+
+fn dishonest_md(m: &mut String, d: &DishonestResult) {
+    let _ = writeln!(
+        m,
+        "\n## 5. Dishonest providers\n\nAudit rate {:.2}; {} requests in {:.0} s; {} honest \
+         providers in the same run, **{} of them quarantined** (false quarantines).\n",
+        d.audit_rate, d.requests, d.seconds, d.honest, d.false_quarantines
+    );
+    let _ = writeln!(
+        m,
+        "| provider | fault | quarantined | after requests | after s | audits run by then | its answers delivered |\n|---|---|---|---|---|---|---|"
+    );
+    let opt = |v: Option<f64>| v.map(|x| format!("{x:.0}")).unwrap_or_else(|| "-".into());
+    for v in &d.providers {
+        let _ = writeln!(
+            m,
+            "| {} | {} | {} | {} | {} | {} | {} |",
+            v.name,
+            v.fault,
+            if v.quarantined { "yes" } else { "**no**" },
+            v.requests_until
+                .map(|x| x.to_string())
+                .unwrap_or_else(|| "-".into()),
+            opt(v.seconds_until),
+            opt(v.audits_until),
+            v.answers_delivered
+        );
+    }
+}
+
+type Svg = anyhow::Result<String>;
+
+fn err(e: impl std::fmt::Display) -> anyhow::Error {
+    anyhow::anyhow!("drawing: {e}")
+}
+
+fn chat_svg(c: &ChatResult) -> Svg {
+    let mut s = String::new();
+    {
+        let root = SVGBackend::with_string(&mut s, (900, 360)).into_drawing_area();
+        root.fill(&WHITE).map_err(err)?;
+        let (left, right) = root.split_horizontally(450);
+        let max_c = c.levels.iter().map(|l| l.concurrency).max().unwrap_or(1) as f64;
+        let series = |f: &dyn Fn(&crate::load::Load) -> f64, direct: bool| -> Vec<(f64, f64)> {
+            c.levels
+                .iter()
+                .filter_map(|l| {
+                    let load = if direct {
+                        l.direct.as_ref()?
+                    } else {
+                        &l.routed
+                    };
+                    Some((l.concurrency as f64, f(load)))
+                })
+                .collect()
+        };
+        for (area, title, y, f) in [
+            (
+                &left,
+                "Throughput",
+                "tokens/s",
+                (&|l: &crate::load::Load| l.tokens_per_second)
+                    as &dyn Fn(&crate::load::Load) -> f64,
+            ),
+            (&right, "Median latency", "ms", &|l: &crate::load::Load| {
+                l.p50_ms
+            }),
+        ] {
+            let routed = series(f, false);
+            let direct = series(f, true);
+            let top = routed
+                .iter()
+                .chain(&direct)
+                .map(|p| p.1)
+                .fold(1.0, f64::max)
+                * 1.15;
+            let mut chart = ChartBuilder::on(area)
+                .caption(title, ("sans-serif", 18))
+                .margin(12)
+                .x_label_area_size(36)
+                .y_label_area_size(52)
+                .build_cartesian_2d(0.5..max_c + 0.5, 0.0..top)
+                .map_err(err)?;
+            chart
+                .configure_mesh()
+                .x_desc("concurrency")
+                .y_desc(y)
+                .draw()
+                .map_err(err)?;
+            for (name, pts, color) in [("routed", routed, RED), ("direct (baseline)", direct, BLUE)]
+            {
+                if pts.is_empty() {
+                    continue;
+                }
+                chart
+                    .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
+                    .map_err(err)?
+                    .label(name)
+                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color));
+                chart
+                    .draw_series(pts.iter().map(|&p| Circle::new(p, 3, color.filled())))
+                    .map_err(err)?;
+            }
+            chart
+                .configure_series_labels()
+                .background_style(WHITE.mix(0.8))
+                .border_style(BLACK)
+                .position(SeriesLabelPosition::UpperLeft)
+                .draw()
+                .map_err(err)?;
+        }
+        root.present().map_err(err)?;
+    }
+    Ok(s)
+}
+
+fn placement_svg(p: &PlacementResult) -> Svg {
+    let mut s = String::new();
+    {
+        let root = SVGBackend::with_string(&mut s, (700, 380)).into_drawing_area();
+        root.fill(&WHITE).map_err(err)?;
+        // One bar per pinned region and per unpinned level, in the order measured.
+        let mut bars: Vec<(String, f64, RGBColor)> = p
+            .pinned
+            .iter()
+            .map(|r| (format!("pinned {}", r.region), r.load.p50_ms, BLUE))
+            .collect();
+        bars.extend(
+            p.chosen
+                .iter()
+                .map(|c| (format!("chosen (c={})", c.concurrency), c.load.p50_ms, RED)),
+        );
+        let top = bars.iter().map(|b| b.1).fold(1.0, f64::max) * 1.15;
+        let n = bars.len();
+        let labels: Vec<String> = bars.iter().map(|b| b.0.clone()).collect();
+        let mut chart = ChartBuilder::on(&root)
+            .caption(
+                "Median latency: pinned regions vs the router's choice",
+                ("sans-serif", 18),
+            )
+            .margin(12)
+            .x_label_area_size(60)
+            .y_label_area_size(52)
+            .build_cartesian_2d(0..n, 0.0..top)
+            .map_err(err)?;
+        chart
+            .configure_mesh()
+            .disable_x_mesh()
+            .x_labels(n)
+            .x_label_formatter(&|i| labels.get(*i).cloned().unwrap_or_default())
+            .y_desc("p50 ms")
+            .draw()
+            .map_err(err)?;
+        chart
+            .draw_series(bars.iter().enumerate().map(|(i, b)| {
+                let mut r = Rectangle::new([(i, 0.0), (i + 1, b.1)], b.2.mix(0.6).filled());
+                r.set_margin(0, 0, 8, 8);
+                r
+            }))
+            .map_err(err)?;
+        root.present().map_err(err)?;
+    }
+    Ok(s)
+}
+
+fn failures_svg(f: &[FailureResult]) -> Svg {
+    let mut s = String::new();
+    {
+        let root = SVGBackend::with_string(&mut s, (900, 300 * f.len() as u32)).into_drawing_area();
+        root.fill(&WHITE).map_err(err)?;
+        for (area, r) in root.split_evenly((f.len(), 1)).iter().zip(f) {
+            let end = r
+                .samples
+                .iter()
+                .map(|s| s.at_s + s.ms / 1000.0)
+                .fold(1.0, f64::max);
+            let top = r.samples.iter().map(|s| s.ms / 1000.0).fold(0.1, f64::max) * 1.15;
+            let mut chart = ChartBuilder::on(area)
+                .caption(
+                    format!("{}: latency of each request by start time", r.scenario),
+                    ("sans-serif", 16),
+                )
+                .margin(10)
+                .x_label_area_size(32)
+                .y_label_area_size(52)
+                .build_cartesian_2d(0.0..end * 1.02, 0.0..top)
+                .map_err(err)?;
+            chart
+                .configure_mesh()
+                .x_desc("request start, s")
+                .y_desc("latency, s")
+                .draw()
+                .map_err(err)?;
+            chart
+                .draw_series(
+                    r.samples
+                        .iter()
+                        .filter(|s| s.ok())
+                        .map(|s| Circle::new((s.at_s, s.ms / 1000.0), 3, GREEN.filled())),
+                )
+                .map_err(err)?
+                .label("answered")
+                .legend(|(x, y)| Circle::new((x + 8, y), 3, GREEN.filled()));
+            chart
+                .draw_series(
+                    r.samples
+                        .iter()
+                        .filter(|s| !s.ok())
+                        .map(|s| Cross::new((s.at_s, s.ms / 1000.0), 5, RED.stroke_width(2))),
+                )
+                .map_err(err)?
+                .label("failed")
+                .legend(|(x, y)| Cross::new((x + 8, y), 4, RED.stroke_width(2)));
+            if r.event_at_s > 0.0 {
+                chart
+                    .draw_series(LineSeries::new(
+                        vec![(r.event_at_s, 0.0), (r.event_at_s, top)],
+                        BLACK.stroke_width(1),
+                    ))
+                    .map_err(err)?
+                    .label("failure injected")
+                    .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], BLACK));
+            }
+            chart
+                .configure_series_labels()
+                .background_style(WHITE.mix(0.8))
+                .border_style(BLACK)
+                .position(SeriesLabelPosition::UpperRight)
+                .draw()
+                .map_err(err)?;
+        }
+        root.present().map_err(err)?;
+    }
+    Ok(s)
+}

@@ -1,0 +1,592 @@
+//! The suite's workloads, run on a [`Cluster`] (or, for chat load, on routers and nodes
+//! deployed elsewhere), each measured against a baseline taken in the same run.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::cluster::{Cluster, routable};
+use crate::load::{Load, Sample, Target, run_load, run_load_observed};
+
+/// How much of each workload to run.
+#[derive(Clone, Debug, Serialize)]
+pub struct Scale {
+    pub concurrency: Vec<usize>,
+    /// Requests per concurrency level: `max(min_requests, per_client * concurrency)`.
+    pub min_requests: usize,
+    pub per_client: usize,
+    /// Tokens per answer.
+    pub max_tokens: u32,
+    /// Requests per pinned router in the placement workload.
+    pub placement_requests: usize,
+    /// Requests per failure scenario.
+    pub failure_requests: usize,
+    pub failure_concurrency: usize,
+    /// Most requests sent to catch dishonest providers.
+    pub dishonest_budget: usize,
+    /// Audit rate of the router that faces dishonest providers.
+    pub audit_rate: f64,
+    /// Per-attempt timeout of the routers, seconds.
+    pub attempt_timeout: u64,
+}
+
+impl Scale {
+    pub fn quick() -> Scale {
+        Scale {
+            concurrency: vec![1, 4],
+            min_requests: 6,
+            per_client: 2,
+            max_tokens: 16,
+            placement_requests: 6,
+            failure_requests: 12,
+            failure_concurrency: 4,
+            dishonest_budget: 40,
+            audit_rate: 0.3,
+            attempt_timeout: 20,
+        }
+    }
+
+    pub fn full() -> Scale {
+        Scale {
+            concurrency: vec![1, 2, 4, 8],
+            min_requests: 12,
+            per_client: 4,
+            max_tokens: 32,
+            placement_requests: 16,
+            failure_requests: 32,
+            failure_concurrency: 4,
+            dishonest_budget: 120,
+            audit_rate: 0.1,
+            attempt_timeout: 20,
+        }
+    }
+}
+
+/// Request `i` of every workload: a short question on one of a few topics.
+pub fn question(i: usize) -> serde_json::Value {
+    const TOPICS: [&str; 8] = [
+        "rivers", "bread", "trains", "bees", "glass", "music", "maps", "tides",
+    ];
+    serde_json::json!([{"role": "user", "content": format!("Write two sentences about {}.", TOPICS[i % TOPICS.len()])}])
+}
+
+/// Workload 1: chat load through a router and, as the baseline, straight to one provider.
+#[derive(Debug, Default, Serialize)]
+pub struct ChatResult {
+    /// What the baseline is.
+    pub baseline: String,
+    pub levels: Vec<ChatLevel>,
+    /// One-token answers at concurrency 1: the latency the router adds.
+    pub overhead: Option<ChatLevel>,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct ChatLevel {
+    pub concurrency: usize,
+    pub direct: Option<Load>,
+    pub routed: Load,
+    /// Routed requests per region.
+    pub regions: Vec<(String, usize)>,
+}
+
+fn by_region(samples: &[Sample]) -> Vec<(String, usize)> {
+    let mut m = std::collections::BTreeMap::new();
+    for s in samples.iter().filter(|s| s.ok()) {
+        *m.entry(s.region.clone().unwrap_or_else(|| "?".into()))
+            .or_insert(0) += 1;
+    }
+    m.into_iter().collect()
+}
+
+pub fn chat(
+    routed: &Target,
+    direct: Option<&Target>,
+    scale: &Scale,
+    say: &dyn Fn(&str),
+) -> ChatResult {
+    let mut out = ChatResult {
+        baseline: direct
+            .map(|d| format!("{} called directly", d.name))
+            .unwrap_or_else(|| "none (no --direct given)".into()),
+        ..ChatResult::default()
+    };
+    // Warm both paths (model load, QUIC connections) outside the measurement.
+    let _ = run_load(routed, 2, 4, question, 4);
+    if let Some(d) = direct {
+        let _ = run_load(d, 2, 4, question, 4);
+    }
+    for (k, &c) in scale.concurrency.iter().enumerate() {
+        let n = scale.min_requests.max(scale.per_client * c);
+        // Alternate which goes first, so neither always runs on a warmer machine.
+        let run_direct = || direct.map(|d| run_load(d, c, n, question, scale.max_tokens));
+        let (d, r) = if k % 2 == 0 {
+            let d = run_direct();
+            (d, run_load(routed, c, n, question, scale.max_tokens))
+        } else {
+            let r = run_load(routed, c, n, question, scale.max_tokens);
+            (run_direct(), r)
+        };
+        say(&format!(
+            "chat c={c}: routed {:.1} tok/s p50 {:.0} ms ({} errors){}",
+            r.tokens_per_second,
+            r.p50_ms,
+            r.errors,
+            d.as_ref()
+                .map(|d| format!(
+                    ", direct {:.1} tok/s p50 {:.0} ms ({} errors)",
+                    d.tokens_per_second, d.p50_ms, d.errors
+                ))
+                .unwrap_or_default()
+        ));
+        out.levels.push(ChatLevel {
+            concurrency: c,
+            regions: by_region(&r.samples),
+            direct: d,
+            routed: r,
+        });
+    }
+    let n = scale.min_requests.max(10);
+    let d = direct.map(|d| run_load(d, 1, n, question, 1));
+    let r = run_load(routed, 1, n, question, 1);
+    say(&format!(
+        "chat 1-token: routed p50 {:.1} ms{}",
+        r.p50_ms,
+        d.as_ref()
+            .map(|d| format!(", direct p50 {:.1} ms", d.p50_ms))
+            .unwrap_or_default()
+    ));
+    out.overhead = Some(ChatLevel {
+        concurrency: 1,
+        regions: by_region(&r.samples),
+        direct: d,
+        routed: r,
+    });
+    out
+}
+
+/// Workload 3: where the router places work, against the best it could have done.
+#[derive(Debug, Default, Serialize)]
+pub struct PlacementResult {
+    /// The region the router (and the clients) sit in.
+    pub operator_region: String,
+    /// Each region alone (a router pinned to it): the expected completion time there.
+    pub pinned: Vec<PinnedRegion>,
+    /// The unpinned router at concurrency 1 and at the load level.
+    pub chosen: Vec<Chosen>,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct PinnedRegion {
+    pub region: String,
+    pub load: Load,
+    /// Share of the pinned router's answers that came from inside its region (must be 1).
+    pub in_region_share: f64,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct Chosen {
+    pub concurrency: usize,
+    pub load: Load,
+    /// Best single region's p50 at this concurrency.
+    pub best_region: String,
+    pub best_p50_ms: f64,
+    /// Chosen p50 / best p50 (1: as good as the best region; below 1: spreading beat it).
+    pub ratio: f64,
+    pub regions: Vec<(String, usize)>,
+}
+
+pub fn placement(
+    cluster: &Cluster,
+    unpinned: usize,
+    pinned: &[(String, usize)],
+    scale: &Scale,
+    say: &dyn Fn(&str),
+) -> PlacementResult {
+    let target = |i: usize, name: &'static str| Target {
+        name,
+        base: cluster.routers[i].url(""),
+        pid: 0,
+    };
+    let levels = [1, scale.failure_concurrency];
+    let n = scale.placement_requests;
+    let mut out = PlacementResult {
+        operator_region: cluster.wan.operator_region().unwrap_or("none").to_string(),
+        ..PlacementResult::default()
+    };
+    let mut best: Vec<(usize, String, f64)> = Vec::new();
+    for &c in &levels {
+        for (region, i) in pinned {
+            let t = target(*i, "pinned");
+            let _ = run_load(&t, 1, 2, question, 4);
+            let load = run_load(&t, c, n.max(2 * c), question, scale.max_tokens);
+            let inside = load
+                .samples
+                .iter()
+                .filter(|s| s.ok() && s.region.as_deref() == Some(region.as_str()))
+                .count();
+            let ok = load.samples.iter().filter(|s| s.ok()).count();
+            let share = if ok == 0 {
+                0.0
+            } else {
+                inside as f64 / ok as f64
+            };
+            say(&format!(
+                "placement c={c}: pinned to {region}: p50 {:.0} ms, {:.0}% in region, {} errors",
+                load.p50_ms,
+                share * 100.0,
+                load.errors
+            ));
+            if load.errors < load.requests {
+                best.push((c, region.clone(), load.p50_ms));
+            }
+            out.pinned.push(PinnedRegion {
+                region: format!("{region} (c={c})"),
+                load,
+                in_region_share: share,
+            });
+        }
+        let t = target(unpinned, "unpinned");
+        let load = run_load(&t, c, n.max(2 * c), question, scale.max_tokens);
+        let (best_region, best_p50) = best
+            .iter()
+            .filter(|b| b.0 == c)
+            .min_by(|a, b| a.2.total_cmp(&b.2))
+            .map(|b| (b.1.clone(), b.2))
+            .unwrap_or_default();
+        let ratio = if best_p50 > 0.0 {
+            load.p50_ms / best_p50
+        } else {
+            0.0
+        };
+        say(&format!(
+            "placement c={c}: chosen p50 {:.0} ms vs best region {best_region} {best_p50:.0} ms ({ratio:.2}x)",
+            load.p50_ms
+        ));
+        out.chosen.push(Chosen {
+            concurrency: c,
+            regions: by_region(&load.samples),
+            load,
+            best_region,
+            best_p50_ms: best_p50,
+            ratio,
+        });
+    }
+    out
+}
+
+/// Workload 4: one failure injected a third of the way into a load.
+#[derive(Debug, Default, Serialize)]
+pub struct FailureResult {
+    pub scenario: String,
+    /// Seconds into the load when the failure was injected.
+    pub event_at_s: f64,
+    pub requests: usize,
+    pub completed: usize,
+    pub failed: usize,
+    /// Extra attempts the router made (placed again after a failure).
+    pub retries: u64,
+    /// From the event to the first success of a request that started after it.
+    pub recover_s: Option<f64>,
+    /// The slowest answer, against the p50 of the answers before the event.
+    pub max_ms: f64,
+    pub p50_before_ms: f64,
+    pub samples: Vec<Sample>,
+    pub note: String,
+}
+
+/// Runs a load on router `r` and calls `inject` once a third of it is done.
+fn with_failure(
+    cluster: &Cluster,
+    r: usize,
+    scale: &Scale,
+    scenario: &str,
+    inject: &(dyn Fn() -> String + Sync),
+) -> FailureResult {
+    let target = Target {
+        name: "router",
+        base: cluster.routers[r].url(""),
+        pid: 0,
+    };
+    let n = scale.failure_requests;
+    let fired = AtomicBool::new(false);
+    let event = Mutex::new((None::<Instant>, String::new()));
+    let start = Instant::now();
+    let load = run_load_observed(
+        &target,
+        scale.failure_concurrency,
+        n,
+        question,
+        scale.max_tokens,
+        |done, _| {
+            if done >= n / 3 && !fired.swap(true, Ordering::SeqCst) {
+                let note = inject();
+                *event.lock().unwrap_or_else(|p| p.into_inner()) = (Some(Instant::now()), note);
+            }
+        },
+    );
+    let (at, note) = event.into_inner().unwrap_or_else(|p| p.into_inner());
+    let event_at_s = at.map(|t| (t - start).as_secs_f64()).unwrap_or(0.0);
+    summarize_failure(scenario, event_at_s, load, note)
+}
+
+fn summarize_failure(scenario: &str, event_at_s: f64, load: Load, note: String) -> FailureResult {
+    let recover_s = load
+        .samples
+        .iter()
+        .filter(|s| s.ok() && s.at_s >= event_at_s)
+        .map(|s| s.at_s + s.ms / 1000.0 - event_at_s)
+        .min_by(f64::total_cmp);
+    let mut before: Vec<f64> = load
+        .samples
+        .iter()
+        .filter(|s| s.ok() && s.at_s + s.ms / 1000.0 <= event_at_s)
+        .map(|s| s.ms)
+        .collect();
+    before.sort_by(f64::total_cmp);
+    FailureResult {
+        scenario: scenario.to_string(),
+        event_at_s,
+        requests: load.requests,
+        completed: load.requests - load.errors,
+        failed: load.errors,
+        retries: load
+            .samples
+            .iter()
+            .map(|s| s.attempts.saturating_sub(1))
+            .sum(),
+        recover_s,
+        max_ms: load.samples.iter().map(|s| s.ms).fold(0.0, f64::max),
+        p50_before_ms: crate::load::percentile(&before, 0.5),
+        samples: load.samples,
+        note,
+    }
+}
+
+/// Kills a provider mid-load, cuts a region off mid-load, then restarts the router.
+pub fn failures(
+    cluster: &mut Cluster,
+    r: usize,
+    scale: &Scale,
+    say: &dyn Fn(&str),
+) -> anyhow::Result<Vec<FailureResult>> {
+    let mut out = Vec::new();
+    let honest: Vec<usize> = (0..cluster.providers.len())
+        .filter(|&i| cluster.providers[i].alive() && cluster.providers[i].fault.is_none())
+        .collect();
+    let expect = honest.len();
+    // A provider outside the operator's region dies (SIGKILL), the rest carry on.
+    let op = cluster.wan.operator_region().map(str::to_string);
+    let victim = *honest
+        .iter()
+        .find(|&&i| Some(&cluster.providers[i].region) != op.as_ref())
+        .unwrap_or(&honest[0]);
+    let victim_name = cluster.providers[victim].name.clone();
+    let pid = cluster.providers[victim].pid();
+    let res = with_failure(cluster, r, scale, "provider killed", &|| {
+        if let Some(pid) = pid {
+            // SAFETY: kill(2) on a child this process started and has not reaped.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+        format!("{victim_name} killed with SIGKILL")
+    });
+    say(&failure_line(&res));
+    out.push(res);
+    cluster.kill_provider(victim);
+    cluster.start_provider(victim)?;
+    wait_routable(cluster, r, expect, say);
+
+    // A whole region cut off: every packet to or from it dropped.
+    let cut = cluster
+        .wan
+        .regions()
+        .iter()
+        .find(|x| Some(*x) != op.as_ref())
+        .cloned();
+    if let Some(region) = cut {
+        let wan = &cluster.wan;
+        let res = with_failure(cluster, r, scale, "region cut off", &|| {
+            let _ = wan.set_cut(&region, true);
+            format!("{region} cut off")
+        });
+        say(&failure_line(&res));
+        out.push(res);
+        cluster.wan.set_cut(&region, false)?;
+        wait_routable(cluster, r, expect, say);
+    }
+
+    // The router killed and started again on its data directory.
+    let before = Instant::now();
+    let t = cluster.restart_router(r, expect)?;
+    let target = Target {
+        name: "router",
+        base: cluster.routers[r].url(""),
+        pid: 0,
+    };
+    let first = run_load(&target, 1, 1, question, scale.max_tokens);
+    let recovered = before.elapsed().as_secs_f64();
+    let load = run_load(
+        &target,
+        scale.failure_concurrency,
+        scale.failure_requests / 2,
+        question,
+        scale.max_tokens,
+    );
+    let mut res = summarize_failure("router restarted", 0.0, load, String::new());
+    res.recover_s = first.samples.first().filter(|s| s.ok()).map(|_| recovered);
+    res.note = format!(
+        "SIGKILL, then started on its data directory: knew all {expect} providers again after {:.1} s; \
+         the load ran after the restart",
+        t.as_secs_f64()
+    );
+    say(&failure_line(&res));
+    out.push(res);
+    Ok(out)
+}
+
+fn failure_line(r: &FailureResult) -> String {
+    format!(
+        "failure '{}': {} of {} completed, {} retries, recovered in {}",
+        r.scenario,
+        r.completed,
+        r.requests,
+        r.retries,
+        r.recover_s
+            .map(|s| format!("{s:.1} s"))
+            .unwrap_or_else(|| "never".into())
+    )
+}
+
+/// Waits (up to two minutes) until router `r` can place on `n` providers again.
+fn wait_routable(cluster: &Cluster, r: usize, n: usize, say: &dyn Fn(&str)) {
+    let start = Instant::now();
+    while routable(&cluster.routers[r]) < n && start.elapsed() < Duration::from_secs(120) {
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    if routable(&cluster.routers[r]) < n {
+        say(&format!("the router still knows fewer than {n} providers"));
+    }
+}
+
+/// Workload 5: dishonest providers against a router that audits.
+#[derive(Debug, Default, Serialize)]
+pub struct DishonestResult {
+    pub audit_rate: f64,
+    pub requests: usize,
+    pub providers: Vec<Verdict>,
+    /// Honest providers the router quarantined (must be 0).
+    pub false_quarantines: usize,
+    pub honest: usize,
+    pub seconds: f64,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct Verdict {
+    pub name: String,
+    pub fault: String,
+    pub quarantined: bool,
+    /// Requests sent (all providers) until it was quarantined.
+    pub requests_until: Option<usize>,
+    pub seconds_until: Option<f64>,
+    /// Audits the router had run (all providers) when it was quarantined.
+    pub audits_until: Option<f64>,
+    /// Its answers that reached a client (tampered ones only an audit can catch).
+    pub answers_delivered: usize,
+}
+
+pub fn dishonest(
+    cluster: &mut Cluster,
+    r: usize,
+    faults: &[(&str, &str)],
+    scale: &Scale,
+    say: &dyn Fn(&str),
+) -> anyhow::Result<DishonestResult> {
+    let mut bad = Vec::new();
+    for (region, fault) in faults {
+        let i = cluster.add_provider(region, Some(fault))?;
+        say(&format!(
+            "dishonest provider {} ({fault}) up in {region}",
+            cluster.providers[i].name
+        ));
+        bad.push(i);
+    }
+    let all = cluster.providers.iter().filter(|p| p.alive()).count();
+    let router = &cluster.routers[r];
+    // Wait until the router sees every provider, the dishonest ones included.
+    let start = Instant::now();
+    while router.providers().len() < all && start.elapsed() < Duration::from_secs(90) {
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let target = Target {
+        name: "auditing router",
+        base: router.url(""),
+        pid: 0,
+    };
+    let mut verdicts: Vec<Verdict> = bad
+        .iter()
+        .map(|&i| Verdict {
+            name: cluster.providers[i].name.clone(),
+            fault: cluster.providers[i].fault.clone().unwrap_or_default(),
+            ..Verdict::default()
+        })
+        .collect();
+    let start = Instant::now();
+    let mut sent = 0;
+    let quarantined = |id: &str| {
+        router
+            .providers()
+            .iter()
+            .any(|p| p["peer_id"].as_str() == Some(id) && p["quarantined"].as_bool() == Some(true))
+    };
+    while sent < scale.dishonest_budget && verdicts.iter().any(|v| !v.quarantined) {
+        let batch = run_load(&target, 2, 4, |k| question(sent + k), scale.max_tokens);
+        sent += batch.requests;
+        for (v, &i) in verdicts.iter_mut().zip(&bad) {
+            let id = &cluster.providers[i].peer_id;
+            v.answers_delivered += batch
+                .samples
+                .iter()
+                .filter(|s| s.ok() && s.provider.as_deref() == Some(id.as_str()))
+                .count();
+            if !v.quarantined && quarantined(id) {
+                v.quarantined = true;
+                v.requests_until = Some(sent);
+                v.seconds_until = Some(start.elapsed().as_secs_f64());
+                v.audits_until = Some(router.metric("beacon_router_audits_total", ""));
+                say(&format!(
+                    "{} ({}) quarantined after {sent} requests, {:.0} audits",
+                    v.name,
+                    v.fault,
+                    v.audits_until.unwrap_or(0.0)
+                ));
+            }
+        }
+    }
+    let honest: Vec<&str> = cluster
+        .providers
+        .iter()
+        .filter(|p| p.alive() && p.fault.is_none())
+        .map(|p| p.peer_id.as_str())
+        .collect();
+    let false_q = honest.iter().filter(|id| quarantined(id)).count();
+    for v in verdicts.iter().filter(|v| !v.quarantined) {
+        say(&format!(
+            "{} ({}) NOT quarantined within {sent} requests",
+            v.name, v.fault
+        ));
+    }
+    let out = DishonestResult {
+        audit_rate: scale.audit_rate,
+        requests: sent,
+        providers: verdicts,
+        false_quarantines: false_q,
+        honest: honest.len(),
+        seconds: start.elapsed().as_secs_f64(),
+    };
+    // The later workloads run on honest providers only.
+    for i in bad {
+        cluster.kill_provider(i);
+    }
+    Ok(out)
+}
