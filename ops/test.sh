@@ -25,5 +25,5 @@ cargo build --workspace --all-targets --locked
 log "unit, property and end-to-end tests"
 cargo test --workspace --locked --no-fail-fast
 
-log "fuzz targets build"
-ops/fuzz.sh build
+log "fuzz targets: every parser for a bounded time"
+ops/fuzz.sh run "${BEACON_FUZZ_SECONDS:-30}"

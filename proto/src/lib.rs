@@ -2,8 +2,9 @@
 //!
 //! Wire messages, their bincode codec with a size limit on every decode, ed25519 identities
 //! that double as libp2p `PeerId`s, signed envelopes with per-kind domain separation, content
-//! digests, and `docker model`-style model references. Nothing here performs I/O or needs an
-//! async runtime, so the crate can be fuzzed and property-tested in isolation.
+//! digests, `docker model`-style model references, and the MinionS plan a supervisor model
+//! writes (parsed as data against a schema, never executed). Nothing here performs I/O or
+//! needs an async runtime, so the crate can be fuzzed and property-tested in isolation.
 
 pub mod codec;
 pub mod digest;
@@ -11,6 +12,7 @@ mod error;
 pub mod gguf;
 pub mod identity;
 pub mod messages;
+pub mod plan;
 pub mod reference;
 pub mod signed;
 

@@ -17,7 +17,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use beacon_proto::{ChatMessage, Id, InferRequest, ModelSpec, Role, Sampling};
+use beacon_proto::{ChatMessage, Digest, Id, InferRequest, ModelSpec, Role, Sampling};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
@@ -54,6 +54,10 @@ pub struct ApiState {
     pub policy: Policy,
     /// Defaults and limits for `/v1/minions`.
     pub minions: Arc<crate::minions::http::MinionsConfig>,
+    /// Chat requests that may wait beyond the advertised slots (then 503).
+    pub max_queue: u64,
+    /// Chat requests being served or waiting, per model.
+    pending: Arc<Mutex<HashMap<Digest, u64>>>,
     buckets: Arc<Mutex<HashMap<String, (f64, Instant)>>>,
     metrics: Arc<Metrics>,
 }
@@ -65,6 +69,7 @@ struct Metrics {
     fallback: AtomicU64,
     errors: AtomicU64,
     rate_limited: AtomicU64,
+    shed: AtomicU64,
     retries: AtomicU64,
     hedged: AtomicU64,
     prompt_tokens: AtomicU64,
@@ -87,6 +92,8 @@ impl ApiState {
             rate_per_minute,
             policy,
             minions: Arc::default(),
+            max_queue: 64,
+            pending: Arc::default(),
             buckets: Arc::default(),
             metrics: Arc::default(),
         }
@@ -339,6 +346,65 @@ fn to_request(body: &ChatBody, digest: beacon_proto::Digest) -> Result<InferRequ
     })
 }
 
+/// A chat request counted against its model's queue until it is answered (or its stream
+/// ends).
+struct Admitted {
+    pending: Arc<Mutex<HashMap<Digest, u64>>>,
+    model: Digest,
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = p.get_mut(&self.model) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                p.remove(&self.model);
+            }
+        }
+    }
+}
+
+/// Admits a request for `model` while the requests already in the router fit in the slots
+/// its providers advertise plus `max_queue`; otherwise refuses it with 503 and a
+/// `Retry-After` from the queue ahead and the median latency. The queue is bounded, and a
+/// request either is answered or is refused at once, never dropped after it was admitted.
+fn admit(state: &ApiState, model: Digest) -> Result<Admitted, ApiError> {
+    let slots: u64 = state
+        .dispatcher
+        .directory
+        .views()
+        .iter()
+        .filter(|(v, _)| !v.quarantined && v.models.contains(&model))
+        .map(|(v, _)| u64::from(v.slots.max(1)))
+        .sum();
+    let mut pending = state.pending.lock().unwrap_or_else(|p| p.into_inner());
+    let n = pending.entry(model).or_insert(0);
+    if *n >= slots.max(1) + state.max_queue {
+        let ahead = *n;
+        drop(pending);
+        state.metrics.shed.fetch_add(1, Ordering::Relaxed);
+        let per_request_s = state.dispatcher.median_latency_ms().unwrap_or(1000.0) / 1000.0;
+        let wait = (ahead as f64 / slots.max(1) as f64 * per_request_s).ceil() as u64;
+        return Err(ApiError {
+            retry_after: Some(wait.clamp(1, 60)),
+            ..ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "overloaded",
+                format!(
+                    "the network is busy: {ahead} requests for this model are in the router \
+                     for {slots} provider slots; retry later"
+                ),
+            )
+        });
+    }
+    *n += 1;
+    Ok(Admitted {
+        pending: state.pending.clone(),
+        model,
+    })
+}
+
 fn finish(r: beacon_proto::FinishReason) -> &'static str {
     match r {
         beacon_proto::FinishReason::Length => "length",
@@ -369,6 +435,7 @@ async fn chat_inner(
         return fallback(state, raw, &format!("no provider serves {}", body.model)).await;
     };
     let request = to_request(&body, digest)?;
+    let admitted = admit(state, digest)?;
     let id = format!("chatcmpl-{}", request.request_id.short());
     let created = crate::directory::now_ms() / 1000;
     let model = body.model.clone();
@@ -400,6 +467,7 @@ async fn chat_inner(
     let (out_tx, out_rx) = mpsc::channel::<Result<Bytes, Infallible>>(64);
     let st = state.clone();
     tokio::spawn(async move {
+        let _admitted = admitted;
         let chunk = |delta: Value, finish: Value| {
             let c = json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]});
@@ -546,6 +614,7 @@ async fn metrics(State(state): State<ApiState>) -> String {
          # TYPE beacon_router_fallback_total counter\nbeacon_router_fallback_total {}\n\
          # TYPE beacon_router_errors_total counter\nbeacon_router_errors_total {}\n\
          # TYPE beacon_router_rate_limited_total counter\nbeacon_router_rate_limited_total {}\n\
+         # TYPE beacon_router_shed_total counter\nbeacon_router_shed_total {}\n\
          # TYPE beacon_router_retries_total counter\nbeacon_router_retries_total {}\n\
          # TYPE beacon_router_hedged_total counter\nbeacon_router_hedged_total {}\n\
          # TYPE beacon_router_tokens_total counter\nbeacon_router_tokens_total{{kind=\"prompt\"}} {}\nbeacon_router_tokens_total{{kind=\"completion\"}} {}\n\
@@ -557,6 +626,7 @@ async fn metrics(State(state): State<ApiState>) -> String {
         g(&m.fallback),
         g(&m.errors),
         g(&m.rate_limited),
+        g(&m.shed),
         g(&m.retries),
         g(&m.hedged),
         g(&m.prompt_tokens),

@@ -145,6 +145,14 @@ impl Dispatcher {
         Some(Duration::from_millis(ms as u64))
     }
 
+    /// Median latency of recent attempts, when there are any.
+    pub fn median_latency_ms(&self) -> Option<f64> {
+        let l = self.latencies.lock().unwrap_or_else(|p| p.into_inner());
+        let mut v: Vec<f64> = l.iter().copied().collect();
+        v.sort_by(|a, b| a.total_cmp(b));
+        v.get(v.len() / 2).copied()
+    }
+
     fn observe(&self, ms: f64) {
         let mut l = self.latencies.lock().unwrap_or_else(|p| p.into_inner());
         if l.len() >= 512 {

@@ -38,6 +38,9 @@ pub struct RouterConfig {
     pub dispatch: dispatch::DispatchConfig,
     pub policy: placement::Policy,
     pub max_body: usize,
+    /// Chat requests that may wait for a provider slot beyond the slots the model's
+    /// providers advertise; more are refused with 503 and `Retry-After`.
+    pub max_queue: u64,
     /// Directory entries expire after this long without an advert.
     pub advert_expiry: Duration,
     /// PEM certificate chain and key: serve HTTPS instead of HTTP.
@@ -83,6 +86,7 @@ pub async fn run(
         config.policy,
     );
     state.minions = Arc::new(config.minions);
+    state.max_queue = config.max_queue;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("listening on {}", config.listen))?;

@@ -120,6 +120,10 @@ struct ServeArgs {
     /// Largest request body, MiB.
     #[arg(long, env = "BEACON_MAX_BODY_MIB", default_value_t = 16)]
     max_body_mib: usize,
+    /// Chat requests that may wait for a provider slot beyond the slots the model's
+    /// providers advertise (then 503 with Retry-After).
+    #[arg(long, env = "BEACON_ROUTER_MAX_QUEUE", default_value_t = 64)]
+    max_queue: u64,
     /// Seconds without an advert after which a provider is dropped.
     #[arg(long, env = "BEACON_ADVERT_EXPIRY", default_value_t = 40)]
     advert_expiry: u64,
@@ -187,6 +191,7 @@ async fn main() -> anyhow::Result<()> {
                     ..Default::default()
                 },
                 max_body: a.max_body_mib << 20,
+                max_queue: a.max_queue,
                 advert_expiry: Duration::from_secs(a.advert_expiry.max(3)),
                 tls: a.tls_cert.zip(a.tls_key),
                 minions: beacon_router::minions::http::MinionsConfig {

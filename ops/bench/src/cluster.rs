@@ -397,12 +397,14 @@ impl Cluster {
         Ok(())
     }
 
-    /// Kills router `i` (SIGKILL) and starts it again on the same data directory and
-    /// address; returns how long until it knew `expect` providers again.
+    /// Kills router `i` (SIGKILL) and starts it again on the same data directory (and a new
+    /// port); returns how long until it knew `expect` providers again.
     pub fn restart_router(&mut self, i: usize, expect: usize) -> anyhow::Result<Duration> {
         let mut r = self.routers.remove(i);
         r.proc = None;
         let start = Instant::now();
+        // A new port: the old one may linger in TIME_WAIT.
+        r.addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
         let res = self.start_router(&mut r, expect);
         self.routers.insert(i, r);
         res.map(|()| start.elapsed())

@@ -346,6 +346,7 @@ fn local(
         },
         say,
     )?;
+    report.setup.wan_octet = Some(cluster.wan.octet());
     let honest = cluster.providers.len();
     let timeout = scale.attempt_timeout.to_string();
     let main = cluster.add_router(
@@ -392,8 +393,7 @@ fn local(
         let regions = cluster.wan.regions().to_vec();
         let mut pinned = Vec::new();
         for r in &regions {
-            let n = cluster.providers.iter().filter(|p| &p.region == r).count();
-            let i = cluster.add_router(&["--audit-rate", "0", "--allowed-regions", r], n)?;
+            let i = cluster.add_router(&["--audit-rate", "0", "--allowed-regions", r], honest)?;
             pinned.push((r.clone(), i));
         }
         let p = suite::placement(&cluster, main, &pinned, scale, say);

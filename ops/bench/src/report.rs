@@ -44,6 +44,8 @@ pub struct Setup {
     pub regions: Vec<String>,
     pub rtt_ms: Vec<Vec<f64>>,
     pub operator_region: Option<String>,
+    /// The emulated WAN's subnet octet (`10.<octet>.0.0/16`).
+    pub wan_octet: Option<u8>,
     pub providers: Vec<(String, String)>,
     pub threads: usize,
     pub parallel: usize,

@@ -362,6 +362,12 @@ impl Wan {
             .map(|i| i + 1)
     }
 
+    /// The second octet of this WAN's `10.<octet>.0.0/16` (its namespaces are named
+    /// `beacon-wan<octet>-…`).
+    pub fn octet(&self) -> u8 {
+        self.octet
+    }
+
     /// The region the operator's namespace sits in, if any.
     pub fn operator_region(&self) -> Option<&str> {
         self.config.operator_region.as_deref()

@@ -7,6 +7,6 @@ pub mod chunk;
 pub mod client;
 pub mod http;
 pub mod job;
-pub mod plan;
+pub use beacon_proto::plan;
 pub mod protocol;
 pub mod remote;

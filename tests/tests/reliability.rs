@@ -1,0 +1,266 @@
+//! The reliability suite: Beacon under abuse it must survive. Model pulls killed with
+//! SIGKILL at random moments, a router driven at ten times its providers' capacity, and a
+//! flood of garbage at every QUIC port while honest traffic keeps flowing.
+
+use std::net::UdpSocket;
+use std::time::{Duration, Instant};
+
+use beacon_tests::{
+    ChildGuard, HttpReply, NodeCli, NodeServer, Registry, Relay, RelayOptions, RouterServer,
+    TEST_MODEL_REF, http, sha256_file, test_model, wait_until,
+};
+
+/// Every blob in the store is whole: its content hashes to its name.
+fn assert_blobs_whole(node: &NodeCli) {
+    for name in node.blobs() {
+        let path = node.store().join("blobs/sha256").join(&name);
+        assert_eq!(sha256_file(&path), name, "a visible blob is corrupt");
+    }
+}
+
+#[test]
+fn pulls_killed_at_random_moments_never_leave_a_corrupt_or_half_visible_model() {
+    let registry = Registry::start();
+    let publisher = NodeCli::new();
+    publisher.package_test_model();
+    let reference = format!("{}/ai/smollm2:kill", registry.host());
+    publisher.ok(&["model", "tag", TEST_MODEL_REF, &reference]);
+    publisher.ok(&["model", "push", &reference]);
+    // 98 MB at 32 MB/s: about 3 s per pull, so the kills land before, during and after
+    // the blob transfer.
+    let slow = Relay::start(
+        registry.addr,
+        RelayOptions {
+            bytes_per_sec: Some(32 << 20),
+            ..Default::default()
+        },
+    );
+    let reference = format!("{}/ai/smollm2:kill", slow.addr);
+    let node = NodeCli::new();
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+        | 1;
+    eprintln!("kill moments from seed {seed}");
+    let mut rng = seed;
+    let mut kills = Vec::new();
+    for _ in 0..6 {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        let after = Duration::from_millis(rng % 3500);
+        let mut child = ChildGuard(
+            node.command()
+                .args(["model", "pull", "--progress", "none", &reference])
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        let start = Instant::now();
+        while start.elapsed() < after && child.0.try_wait().unwrap().is_none() {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let finished = child.0.try_wait().unwrap().is_some();
+        child.0.kill().ok(); // SIGKILL
+        child.0.wait().unwrap();
+        kills.push((after, finished));
+        // Whatever the moment: every visible blob is whole, and the model is either
+        // listed complete (its weights present and whole) or not listed at all.
+        assert_blobs_whole(&node);
+        let models = node.models();
+        let listed = models.as_array().unwrap();
+        assert!(listed.len() <= 1, "{models}");
+        if !listed.is_empty() {
+            assert!(
+                node.blobs().contains(&sha256_file(&test_model())),
+                "a listed model without its weights: {models}"
+            );
+        }
+    }
+    eprintln!("kills (after, pull had finished): {kills:?}");
+    // The pull completes after all of that, and the model serves.
+    let out = node
+        .command()
+        .args(["model", "pull", "--progress", "none", &reference])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_blobs_whole(&node);
+    assert!(node.blobs().contains(&sha256_file(&test_model())));
+    assert_eq!(node.models().as_array().unwrap().len(), 1);
+    assert!(node.partials().is_empty(), "{:?}", node.partials());
+}
+
+fn chat(topic: &str, max_tokens: u32) -> String {
+    format!(
+        r#"{{"model":"ai/smollm2:test","temperature":0,"max_tokens":{max_tokens},"messages":[{{"role":"user","content":"Write about {topic}."}}]}}"#
+    )
+}
+
+fn metric(url: &str, name: &str) -> f64 {
+    http("GET", url, None, &[])
+        .body
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} "))?.parse().ok())
+        .unwrap_or_else(|| panic!("no metric {name}"))
+}
+
+#[test]
+fn router_at_ten_times_capacity_sheds_with_retry_after_and_loses_nothing() {
+    // Two slots in the network, two more requests may wait in the router: 4 in all.
+    let node = NodeServer::start(&["--parallel", "2"]);
+    let peer = node.peer_id();
+    let router = RouterServer::start(
+        Some(&node.bootstrap_addr()),
+        &[
+            "--max-queue",
+            "2",
+            "--audit-rate",
+            "0",
+            "--hedge-quantile",
+            "0",
+        ],
+    );
+    assert!(wait_until(Duration::from_secs(60), || router
+        .providers()
+        .contains(&peer)));
+    let url = router.url("/v1/chat/completions");
+    assert_eq!(http("POST", &url, Some(&chat("tea", 2)), &[]).status, 200);
+
+    // Ten times the two slots, all at once, each asking for a long answer.
+    let burst = 20;
+    let handles: Vec<_> = (0..burst)
+        .map(|i| {
+            let (url, body) = (url.clone(), chat(&format!("the number {i}"), 64));
+            std::thread::spawn(move || http("POST", &url, Some(&body), &[]))
+        })
+        .collect();
+    let replies: Vec<HttpReply> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let ok: Vec<&HttpReply> = replies.iter().filter(|r| r.status == 200).collect();
+    let shed: Vec<&HttpReply> = replies.iter().filter(|r| r.status == 503).collect();
+    assert_eq!(
+        ok.len() + shed.len(),
+        burst,
+        "every request is answered or refused, none cut off: {:?}",
+        replies
+            .iter()
+            .filter(|r| r.status != 200 && r.status != 503)
+            .collect::<Vec<_>>()
+    );
+    assert!(
+        ok.len() >= 4,
+        "the slots and the queue are served: {} answered",
+        ok.len()
+    );
+    assert!(!shed.is_empty(), "beyond slots + queue the router refuses");
+    for r in &ok {
+        let v = r.json();
+        assert!(v["usage"]["completion_tokens"].as_u64().unwrap() > 0, "{v}");
+        assert_eq!(v["beacon"]["verified"], true);
+    }
+    for r in &shed {
+        let after: u64 = r
+            .header("retry-after")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("503 without Retry-After: {}", r.headers));
+        assert!((1..=60).contains(&after), "Retry-After {after}");
+        assert_eq!(r.json()["error"]["type"], "overloaded");
+    }
+    let metrics = router.url("/metrics");
+    assert_eq!(
+        metric(&metrics, "beacon_router_shed_total") as usize,
+        shed.len()
+    );
+    // Nothing admitted was lost: every request the router took was answered.
+    assert_eq!(
+        metric(&metrics, "beacon_router_routed_total") as usize,
+        ok.len() + 1
+    );
+    // The queue drains: the next request is served.
+    assert_eq!(http("POST", &url, Some(&chat("rain", 4)), &[]).status, 200);
+}
+
+/// Random-looking bytes (xorshift), no two datagrams alike.
+fn garbage(seed: &mut u64, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|_| {
+            *seed ^= *seed << 13;
+            *seed ^= *seed >> 7;
+            *seed ^= *seed << 17;
+            *seed as u8
+        })
+        .collect()
+}
+
+#[test]
+fn garbage_at_every_quic_port_does_not_stop_honest_traffic() {
+    let node = NodeServer::start(&["--parallel", "2"]);
+    let peer = node.peer_id();
+    let router = RouterServer::start(Some(&node.bootstrap_addr()), &["--audit-rate", "0"]);
+    assert!(wait_until(Duration::from_secs(60), || router
+        .providers()
+        .contains(&peer)));
+    // Every UDP port that speaks QUIC: the node's libp2p listener and data plane.
+    let info = node.node_info();
+    let mut targets: Vec<std::net::SocketAddr> = vec![node.data_plane()];
+    for a in info["listen_addrs"].as_array().unwrap() {
+        let a = a.as_str().unwrap();
+        if let Some(port) = a
+            .strip_suffix("/quic-v1")
+            .and_then(|s| s.rsplit('/').next())
+            .and_then(|p| p.parse::<u16>().ok())
+        {
+            targets.push(([127, 0, 0, 1], port).into());
+        }
+    }
+    assert!(targets.len() >= 2, "{info}");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flood = {
+        let stop = stop.clone();
+        let targets = targets.clone();
+        std::thread::spawn(move || {
+            let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+            let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+            let mut sent = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for t in &targets {
+                    // Shapes QUIC parsers meet: tiny, long-header-looking, full-size.
+                    for len in [1usize, 7, 64, 1200, 1500] {
+                        let mut d = garbage(&mut seed, len);
+                        if len >= 7 {
+                            d[0] |= 0xc0; // long header, fixed bit
+                            d[1..5].copy_from_slice(&1u32.to_be_bytes()); // QUIC v1
+                        }
+                        let _ = sock.send_to(&d, t);
+                        sent += 1;
+                    }
+                }
+                std::thread::sleep(Duration::from_micros(500));
+            }
+            sent
+        })
+    };
+    // Honest traffic during the flood, through the router and to the node.
+    let url = router.url("/v1/chat/completions");
+    for topic in ["bread", "boats", "owls", "snow", "maps"] {
+        let r = http("POST", &url, Some(&chat(topic, 8)), &[]);
+        assert_eq!(r.status, 200, "{}\n{}", r.body, router.log());
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let sent = flood.join().unwrap();
+    assert!(sent > 1000, "the flood sent only {sent} datagrams");
+    assert_eq!(
+        http("GET", &node.url("/healthz"), None, &[]).status,
+        200,
+        "{}",
+        node.log()
+    );
+    assert!(router.providers().contains(&peer));
+    assert!(!node.log().contains("panicked"), "{}", node.log());
+    assert!(!router.log().contains("panicked"), "{}", router.log());
+}
