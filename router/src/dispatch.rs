@@ -24,7 +24,8 @@ use crate::placement::{Policy, Subtask, place};
 pub struct DispatchConfig {
     pub attempt_timeout: Duration,
     pub max_attempts: usize,
-    /// Hedge after this quantile of observed latencies (None: never hedge).
+    /// Hedge after this quantile of observed latencies per generated token, times the
+    /// request's token budget (None: never hedge).
     pub hedge_quantile: Option<f64>,
     /// Base fraction of results audited (raised for low-reputation providers).
     pub audit_rate: f64,
@@ -96,7 +97,8 @@ pub struct Dispatcher {
     limits: Arc<Mutex<HashMap<PeerId, Arc<Semaphore>>>>,
     /// Requests this router has in flight per provider (adverts lag behind).
     in_flight: Arc<Mutex<HashMap<PeerId, u32>>>,
-    latencies: Arc<Mutex<VecDeque<f64>>>,
+    /// Recent attempts: (milliseconds, milliseconds per generated token).
+    latencies: Arc<Mutex<VecDeque<(f64, f64)>>>,
     /// Recent audit outcomes (bounded) and counts of all of them (passed, failed).
     audits: Arc<Mutex<VecDeque<(PeerId, AuditOutcome)>>>,
     audit_counts: Arc<Mutex<(u64, u64)>>,
@@ -130,7 +132,10 @@ impl Dispatcher {
             .clone()
     }
 
-    fn hedge_after(&self) -> Option<Duration> {
+    /// How long an attempt for `max_tokens` may run before it is hedged: the configured
+    /// quantile of recent latencies per generated token, times this request's budget. A
+    /// latency window mixing 1-token and long answers would otherwise hedge every long one.
+    fn hedge_after(&self, max_tokens: u32) -> Option<Duration> {
         let q = self
             .config
             .hedge_quantile
@@ -139,26 +144,29 @@ impl Dispatcher {
         if l.len() < 20 {
             return None;
         }
-        let mut v: Vec<f64> = l.iter().copied().collect();
+        let mut v: Vec<f64> = l.iter().map(|(_, per_token)| *per_token).collect();
         v.sort_by(|a, b| a.total_cmp(b));
-        let ms = v[((v.len() - 1) as f64 * q) as usize];
-        Some(Duration::from_millis(ms as u64))
+        let per_token = v[((v.len() - 1) as f64 * q) as usize];
+        Some(Duration::from_millis(
+            (per_token * (1.0 + f64::from(max_tokens))) as u64,
+        ))
     }
 
     /// Median latency of recent attempts, when there are any.
     pub fn median_latency_ms(&self) -> Option<f64> {
         let l = self.latencies.lock().unwrap_or_else(|p| p.into_inner());
-        let mut v: Vec<f64> = l.iter().copied().collect();
+        let mut v: Vec<f64> = l.iter().map(|(ms, _)| *ms).collect();
         v.sort_by(|a, b| a.total_cmp(b));
         v.get(v.len() / 2).copied()
     }
 
-    fn observe(&self, ms: f64) {
+    /// Records an attempt's latency and its latency per generated token.
+    fn observe(&self, ms: f64, completion_tokens: u32) {
         let mut l = self.latencies.lock().unwrap_or_else(|p| p.into_inner());
         if l.len() >= 512 {
             l.pop_front();
         }
-        l.push_back(ms);
+        l.push_back((ms, ms / (1.0 + f64::from(completion_tokens))));
     }
 
     /// Audit outcomes so far (for the trace and metrics).
@@ -287,7 +295,7 @@ impl Dispatcher {
             };
             let started = Instant::now();
             let hedge = if deltas.is_none() {
-                self.hedge_after()
+                self.hedge_after(request.sampling.max_tokens)
             } else {
                 None
             };
@@ -317,7 +325,7 @@ impl Dispatcher {
             match outcome {
                 Ok(((result, signed), winner, region, hedged)) => {
                     let ms = started.elapsed().as_secs_f64() * 1000.0;
-                    self.observe(ms);
+                    self.observe(ms, result.usage.completion_tokens);
                     self.directory.success(
                         &winner,
                         ms,

@@ -108,7 +108,7 @@ struct ServeArgs {
     #[arg(long, env = "BEACON_ATTEMPT_TIMEOUT", default_value_t = 120)]
     attempt_timeout: u64,
     /// Send a duplicate of a subtask to a second provider once it runs longer than this
-    /// quantile of observed latencies (0 disables hedging).
+    /// quantile of observed latencies per token times its token budget (0: never).
     #[arg(long, env = "BEACON_HEDGE_QUANTILE", default_value_t = 0.95)]
     hedge_quantile: f64,
     /// Failures in a row that open a provider's circuit breaker.

@@ -34,9 +34,11 @@ pub const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn transport(server: bool) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
-    t.keep_alive_interval(Some(Duration::from_secs(4)));
+    // A peer that vanishes (killed, cut off) is noticed within the idle timeout, and its
+    // requests placed again; keep-alives keep a connection to a busy peer open.
+    t.keep_alive_interval(Some(Duration::from_secs(1)));
     t.max_idle_timeout(Some(
-        quinn::IdleTimeout::try_from(Duration::from_secs(15)).expect("15 s is a valid timeout"),
+        quinn::IdleTimeout::try_from(Duration::from_secs(5)).expect("5 s is a valid timeout"),
     ));
     if server {
         t.max_concurrent_bidi_streams(MAX_STREAMS_PER_CONNECTION.into());

@@ -416,6 +416,20 @@ impl Cluster {
     }
 }
 
+impl Cluster {
+    /// Copies every provider's and router's log into `dir` (`<name>.log`, `router-<i>.log`).
+    pub fn save_logs(&self, dir: &Path) -> std::io::Result<()> {
+        std::fs::create_dir_all(dir)?;
+        for p in &self.providers {
+            std::fs::write(dir.join(format!("{}.log", p.name)), p.log())?;
+        }
+        for (i, r) in self.routers.iter().enumerate() {
+            std::fs::write(dir.join(format!("router-{i}.log")), r.log())?;
+        }
+        Ok(())
+    }
+}
+
 impl Drop for Cluster {
     fn drop(&mut self) {
         self.routers.clear();
@@ -423,12 +437,15 @@ impl Drop for Cluster {
     }
 }
 
-/// Providers a router can place on now: known, serving the model, not quarantined.
+/// Providers a router can place on now: known, serving the model, not quarantined, circuit
+/// closed, with a measured round trip (before that, placement cannot tell near from far).
 pub fn routable(r: &Router) -> usize {
     r.providers()
         .iter()
         .filter(|p| {
             !p["quarantined"].as_bool().unwrap_or(true)
+                && !p["circuit_open"].as_bool().unwrap_or(true)
+                && p["rtt_ms"].as_f64().is_some()
                 && p["models"].as_array().is_some_and(|m| {
                     m.iter()
                         .any(|x| x.as_str().is_some_and(|x| x.ends_with(MODEL)))

@@ -32,6 +32,8 @@ pub struct Sample {
     pub region: Option<String>,
     /// Attempts the router made (1 when the first provider answered).
     pub attempts: u64,
+    /// The router sent a duplicate to a second provider (a straggler).
+    pub hedged: bool,
     /// `Retry-After` of a refusal, in seconds.
     pub retry_after: Option<u64>,
     /// Why it failed, when it did.
@@ -56,6 +58,8 @@ pub struct Load {
     pub requests_per_second: f64,
     pub p50_ms: f64,
     pub p99_ms: f64,
+    /// Requests a router hedged (sent to a second provider too).
+    pub hedged: usize,
     /// Every request, in the order they started.
     #[serde(skip)]
     pub samples: Vec<Sample>,
@@ -103,6 +107,7 @@ pub fn chat(base: &str, messages: serde_json::Value, max_tokens: u32) -> Sample 
         provider: text(&json["beacon"]["provider"]),
         region: text(&json["beacon"]["region"]),
         attempts: json["beacon"]["attempts"].as_u64().unwrap_or(1),
+        hedged: json["beacon"]["hedged"].as_bool().unwrap_or(false),
         retry_after: r.header("retry-after").and_then(|v| v.parse().ok()),
         error,
     }
@@ -175,6 +180,7 @@ pub fn summarize(concurrency: usize, seconds: f64, samples: Vec<Sample>) -> Load
         requests_per_second: ok as f64 / seconds,
         p50_ms: percentile(&lat, 0.5),
         p99_ms: percentile(&lat, 0.99),
+        hedged: samples.iter().filter(|s| s.hedged).count(),
         samples,
     }
 }

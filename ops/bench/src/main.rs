@@ -229,7 +229,7 @@ fn run(a: RunArgs) -> anyhow::Result<bool> {
     if let Some(url) = &a.router {
         remote(&a, url, &scale, &mut report, &say);
     } else {
-        local(&a, &scale, &mut report, &say)?;
+        local(&a, &out, &scale, &mut report, &say)?;
     }
     report.seconds = t0.elapsed().as_secs_f64();
     report.write(&out)?;
@@ -276,6 +276,7 @@ fn remote(a: &RunArgs, url: &str, scale: &Scale, report: &mut Report, say: &dyn 
 
 fn local(
     a: &RunArgs,
+    out: &std::path::Path,
     scale: &Scale,
     report: &mut Report,
     say: &dyn Fn(&str),
@@ -478,6 +479,9 @@ fn local(
             }
             Err(e) => report.problems.push(format!("failures: {e:#}")),
         }
+    }
+    if let Err(e) = cluster.save_logs(&out.join("logs")) {
+        say(&format!("could not save the logs: {e}"));
     }
     report.setup.providers = cluster
         .providers

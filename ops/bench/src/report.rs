@@ -192,7 +192,7 @@ fn chat_md(m: &mut String, c: &ChatResult) {
     );
     let _ = writeln!(
         m,
-        "| concurrency | routed tok/s | direct tok/s | ratio | routed p50 / p99 ms | direct p50 / p99 ms | errors routed / direct | routed by region |\n|---|---|---|---|---|---|---|---|"
+        "| concurrency | routed tok/s | direct tok/s | ratio | routed p50 / p99 ms | direct p50 / p99 ms | errors routed / direct | routed by region | hedged |\n|---|---|---|---|---|---|---|---|---|"
     );
     for l in c.levels.iter().chain(c.overhead.iter()) {
         let r = &l.routed;
@@ -216,12 +216,13 @@ fn chat_md(m: &mut String, c: &ChatResult) {
         let regions: Vec<String> = l.regions.iter().map(|(r, n)| format!("{r} {n}")).collect();
         let _ = writeln!(
             m,
-            "| {label} | {:.1} | {dt} | {ratio} | {:.0} / {:.0} | {dl} | {} / {de} | {} |",
+            "| {label} | {:.1} | {dt} | {ratio} | {:.0} / {:.0} | {dl} | {} / {de} | {} | {} |",
             r.tokens_per_second,
             r.p50_ms,
             r.p99_ms,
             r.errors,
-            regions.join(", ")
+            regions.join(", "),
+            r.hedged
         );
     }
     if let Some(o) = &c.overhead
@@ -269,13 +270,14 @@ fn placement_md(m: &mut String, p: &PlacementResult) {
         let regions: Vec<String> = c.regions.iter().map(|(r, n)| format!("{r} {n}")).collect();
         let _ = writeln!(
             m,
-            "| {} | {:.0} | {} | {:.0} | {:.2}x | {} |",
+            "| {} | {:.0} | {} | {:.0} | {:.2}x | {} | {} |",
             c.concurrency,
             c.load.p50_ms,
             c.best_region,
             c.best_p50_ms,
             c.ratio,
-            regions.join(", ")
+            regions.join(", "),
+            c.load.hedged
         );
     }
     let _ = writeln!(m, "\n![placement](placement.svg)");

@@ -64,6 +64,10 @@ impl Scale {
     }
 }
 
+/// Longer than the providers' advert interval (2 s): what a router knows of their load is
+/// fresh again after it.
+const ADVERT_SETTLE: Duration = Duration::from_millis(2500);
+
 /// Request `i` of every workload: a short question on one of a few topics.
 pub fn question(i: usize) -> serde_json::Value {
     const TOPICS: [&str; 8] = [
@@ -80,6 +84,8 @@ pub struct ChatResult {
     pub levels: Vec<ChatLevel>,
     /// One-token answers at concurrency 1: the latency the router adds.
     pub overhead: Option<ChatLevel>,
+    /// The router's `/v1/providers` at the end: what placement knew (RTTs, throughput).
+    pub providers: serde_json::Value,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -119,15 +125,21 @@ pub fn chat(
     }
     for (k, &c) in scale.concurrency.iter().enumerate() {
         let n = scale.min_requests.max(scale.per_client * c);
-        // Alternate which goes first, so neither always runs on a warmer machine.
+        // Alternate which goes first, so neither always runs on a warmer machine. Between
+        // the two, one advert interval passes: the direct load makes its provider look busy
+        // in its adverts, which would push the routed load elsewhere.
+        let pause = || std::thread::sleep(ADVERT_SETTLE);
         let run_direct = || direct.map(|d| run_load(d, c, n, question, scale.max_tokens));
         let (d, r) = if k % 2 == 0 {
             let d = run_direct();
+            pause();
             (d, run_load(routed, c, n, question, scale.max_tokens))
         } else {
             let r = run_load(routed, c, n, question, scale.max_tokens);
+            pause();
             (run_direct(), r)
         };
+        pause();
         say(&format!(
             "chat c={c}: routed {:.1} tok/s p50 {:.0} ms ({} errors){}",
             r.tokens_per_second,
@@ -149,6 +161,7 @@ pub fn chat(
     }
     let n = scale.min_requests.max(10);
     let d = direct.map(|d| run_load(d, 1, n, question, 1));
+    std::thread::sleep(ADVERT_SETTLE);
     let r = run_load(routed, 1, n, question, 1);
     say(&format!(
         "chat 1-token: routed p50 {:.1} ms{}",
@@ -163,6 +176,9 @@ pub fn chat(
         direct: d,
         routed: r,
     });
+    out.providers = crate::http::http("GET", &format!("{}/v1/providers", routed.base), None, &[])
+        .try_json()
+        .unwrap_or_default();
     out
 }
 
@@ -328,6 +344,23 @@ fn with_failure(
     );
     let (at, note) = event.into_inner().unwrap_or_else(|p| p.into_inner());
     let event_at_s = at.map(|t| (t - start).as_secs_f64()).unwrap_or(0.0);
+    // Where the work went before and after: a failure nobody's work met proves nothing.
+    let (before, after): (Vec<Sample>, Vec<Sample>) = load
+        .samples
+        .iter()
+        .cloned()
+        .partition(|s| s.at_s < event_at_s);
+    let show = |v: &[(String, usize)]| {
+        v.iter()
+            .map(|(r, n)| format!("{r} {n}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let note = format!(
+        "{note}; answered from {} before, {} after",
+        show(&by_region(&before)),
+        show(&by_region(&after))
+    );
     summarize_failure(scenario, event_at_s, load, note)
 }
 
@@ -465,7 +498,20 @@ fn wait_routable(cluster: &Cluster, r: usize, n: usize, say: &dyn Fn(&str)) {
         std::thread::sleep(Duration::from_millis(250));
     }
     if routable(&cluster.routers[r]) < n {
-        say(&format!("the router still knows fewer than {n} providers"));
+        let seen: Vec<String> = cluster.routers[r]
+            .providers()
+            .iter()
+            .map(|p| {
+                format!(
+                    "{} rtt {:?} quarantined {} circuit open {}",
+                    p["region"], p["rtt_ms"], p["quarantined"], p["circuit_open"]
+                )
+            })
+            .collect();
+        say(&format!(
+            "the router can place on fewer than {n} providers after two minutes: {}",
+            seen.join("; ")
+        ));
     }
 }
 
