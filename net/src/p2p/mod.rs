@@ -156,6 +156,7 @@ impl Network {
             rtt: HashMap::new(),
             agents: HashMap::new(),
             connected: HashSet::new(),
+            unheard_since: None,
         };
         actor.dial_bootstrap();
         tokio::spawn(actor.run(rx));
@@ -237,6 +238,9 @@ impl Network {
     }
 }
 
+/// How long a node with peers but no subscriber to its adverts waits before it reconnects.
+const UNHEARD_LIMIT: Duration = Duration::from_secs(10);
+
 struct Actor {
     swarm: Swarm<Behaviour>,
     keypair: Keypair,
@@ -252,6 +256,9 @@ struct Actor {
     rtt: HashMap<PeerId, Duration>,
     agents: HashMap<PeerId, String>,
     connected: HashSet<PeerId>,
+    /// Since when this node, with an advert to publish and peers connected, has known no
+    /// peer subscribed to adverts.
+    unheard_since: Option<Instant>,
 }
 
 impl Actor {
@@ -277,6 +284,15 @@ impl Actor {
                     if self.publish_pending {
                         let _ = self.publish_advert();
                     }
+                    if self.unheard_for_too_long() {
+                        // Start over: once the old connections are gone, the peers meet
+                        // this node again and tell it their subscriptions.
+                        let peers: Vec<_> = self.swarm.connected_peers().copied().collect();
+                        warn!(peers = peers.len(), "no peer takes this node's adverts: reconnecting");
+                        for p in peers {
+                            let _ = self.swarm.disconnect_peer_id(p);
+                        }
+                    }
                     if self.connected.is_empty() && !self.bootstrap.is_empty()
                         && last_bootstrap.elapsed() > Duration::from_secs(5) {
                         self.dial_bootstrap();
@@ -289,6 +305,35 @@ impl Actor {
             }
         }
         debug!("swarm task stopped");
+    }
+
+    /// True once, after [`UNHEARD_LIMIT`] of having an advert to publish and peers
+    /// connected but no peer known to subscribe to adverts. That happens to a node that
+    /// restarts while its peers still hold their connections to its old instance: gossipsub
+    /// sends its subscriptions only on a peer's first connection, so they never reach the
+    /// new instance, and its adverts reach nobody.
+    fn unheard_for_too_long(&mut self) -> bool {
+        if self.advert.is_none() || self.connected.is_empty() {
+            self.unheard_since = None;
+            return false;
+        }
+        let topic = gossipsub::IdentTopic::new(ADVERT_TOPIC).hash();
+        let heard = self
+            .swarm
+            .behaviour()
+            .gossipsub
+            .all_peers()
+            .any(|(_, topics)| topics.contains(&&topic));
+        if heard {
+            self.unheard_since = None;
+            return false;
+        }
+        let since = *self.unheard_since.get_or_insert_with(Instant::now);
+        if since.elapsed() < UNHEARD_LIMIT {
+            return false;
+        }
+        self.unheard_since = None;
+        true
     }
 
     fn dial_bootstrap(&mut self) {

@@ -317,7 +317,7 @@ impl Cluster {
     fn node_env(&self, c: &mut Command, data: &Path) {
         c.env("BEACON_DATA_DIR", data)
             .env("DOCKER_CONFIG", data.join("docker"))
-            .env("BEACON_LOG", "info")
+            .env("BEACON_LOG", log_filter())
             .env("SOURCE_DATE_EPOCH", "1700000000")
             .env_remove("BEACON_FAULT")
             .env_remove("BEACON_REGISTRY_USERNAME")
@@ -371,7 +371,7 @@ impl Cluster {
         die_with_parent(&mut c);
         let child = c
             .args(&r.args)
-            .env("BEACON_LOG", "info")
+            .env("BEACON_LOG", log_filter())
             .env_remove("BEACON_ROUTER_API_KEYS")
             .env_remove("BEACON_REMOTE_API_KEY")
             .env_remove("BEACON_ALLOWED_REGIONS")
@@ -435,6 +435,11 @@ impl Drop for Cluster {
         self.routers.clear();
         self.providers.clear();
     }
+}
+
+/// The log filter of every process started: `BEACON_BENCH_LOG`, else `info`.
+fn log_filter() -> String {
+    std::env::var("BEACON_BENCH_LOG").unwrap_or_else(|_| "info".into())
 }
 
 /// Providers a router can place on now: known, serving the model, not quarantined, circuit

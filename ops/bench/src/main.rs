@@ -474,6 +474,15 @@ fn local(
                             r.completed, r.requests, r.retries
                         ),
                     );
+                    report.check(
+                        &format!("every provider back after: {}", r.scenario),
+                        r.rejoined,
+                        if r.rejoined {
+                            "placed on again within two minutes".into()
+                        } else {
+                            "a provider could not be placed on two minutes later".into()
+                        },
+                    );
                 }
                 report.failures = f;
             }

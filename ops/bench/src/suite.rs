@@ -310,6 +310,8 @@ pub struct FailureResult {
     pub p50_before_ms: f64,
     pub samples: Vec<Sample>,
     pub note: String,
+    /// Every honest provider could be placed on again within two minutes after it.
+    pub rejoined: bool,
 }
 
 /// Runs a load on router `r` and calls `inject` once a third of it is done.
@@ -394,6 +396,7 @@ fn summarize_failure(scenario: &str, event_at_s: f64, load: Load, note: String) 
         p50_before_ms: crate::load::percentile(&before, 0.5),
         samples: load.samples,
         note,
+        rejoined: false,
     }
 }
 
@@ -424,11 +427,12 @@ pub fn failures(
         }
         format!("{victim_name} killed with SIGKILL")
     });
-    say(&failure_line(&res));
-    out.push(res);
+    let mut res = res;
     cluster.kill_provider(victim);
     cluster.start_provider(victim)?;
-    wait_routable(cluster, r, expect, say);
+    res.rejoined = wait_routable(cluster, r, expect, say);
+    say(&failure_line(&res));
+    out.push(res);
 
     // A whole region cut off: every packet to or from it dropped.
     let cut = cluster
@@ -443,10 +447,11 @@ pub fn failures(
             let _ = wan.set_cut(&region, true);
             format!("{region} cut off")
         });
+        let mut res = res;
+        cluster.wan.set_cut(&region, false)?;
+        res.rejoined = wait_routable(cluster, r, expect, say);
         say(&failure_line(&res));
         out.push(res);
-        cluster.wan.set_cut(&region, false)?;
-        wait_routable(cluster, r, expect, say);
     }
 
     // The router killed and started again on its data directory.
@@ -468,6 +473,7 @@ pub fn failures(
     );
     let mut res = summarize_failure("router restarted", 0.0, load, String::new());
     res.recover_s = first.samples.first().filter(|s| s.ok()).map(|_| recovered);
+    res.rejoined = true; // restart_router waited for every provider
     res.note = format!(
         "SIGKILL, then started on its data directory: knew all {expect} providers again after {:.1} s; \
          the load ran after the restart",
@@ -480,19 +486,24 @@ pub fn failures(
 
 fn failure_line(r: &FailureResult) -> String {
     format!(
-        "failure '{}': {} of {} completed, {} retries, recovered in {}",
+        "failure '{}': {} of {} completed, {} retries, recovered in {}{}",
         r.scenario,
         r.completed,
         r.requests,
         r.retries,
         r.recover_s
             .map(|s| format!("{s:.1} s"))
-            .unwrap_or_else(|| "never".into())
+            .unwrap_or_else(|| "never".into()),
+        if r.rejoined {
+            ""
+        } else {
+            "; NOT every provider back within two minutes"
+        }
     )
 }
 
 /// Waits (up to two minutes) until router `r` can place on `n` providers again.
-fn wait_routable(cluster: &Cluster, r: usize, n: usize, say: &dyn Fn(&str)) {
+fn wait_routable(cluster: &Cluster, r: usize, n: usize, say: &dyn Fn(&str)) -> bool {
     let start = Instant::now();
     while routable(&cluster.routers[r]) < n && start.elapsed() < Duration::from_secs(120) {
         std::thread::sleep(Duration::from_millis(250));
@@ -512,7 +523,9 @@ fn wait_routable(cluster: &Cluster, r: usize, n: usize, say: &dyn Fn(&str)) {
             "the router can place on fewer than {n} providers after two minutes: {}",
             seen.join("; ")
         ));
+        return false;
     }
+    true
 }
 
 /// Workload 5: dishonest providers against a router that audits.

@@ -44,7 +44,7 @@ fn quick_suite_runs_every_workload_and_its_checks_pass() {
         2
     );
     let checks = report["checks"].as_array().unwrap();
-    assert!(checks.len() >= 7, "{report}");
+    assert!(checks.len() >= 10, "{report}");
     assert!(checks.iter().all(|c| c["passed"] == true), "{report_md}");
     // The Markdown report and its figures.
     for section in [
