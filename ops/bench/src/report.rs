@@ -264,7 +264,7 @@ fn placement_md(m: &mut String, p: &PlacementResult) {
     }
     let _ = writeln!(
         m,
-        "\n| concurrency | chosen p50 ms | best region | best p50 ms | chosen / best | placed in |\n|---|---|---|---|---|---|"
+        "\n| concurrency | chosen p50 ms | best region | best p50 ms | chosen / best | placed in | hedged |\n|---|---|---|---|---|---|---|"
     );
     for c in &p.chosen {
         let regions: Vec<String> = c.regions.iter().map(|(r, n)| format!("{r} {n}")).collect();
