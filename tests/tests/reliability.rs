@@ -53,6 +53,7 @@ fn pulls_killed_at_random_moments_never_leave_a_corrupt_or_half_visible_model() 
         let mut child = ChildGuard(
             node.command()
                 .args(["model", "pull", "--progress", "none", &reference])
+                .stdout(std::process::Stdio::null())
                 .stderr(std::process::Stdio::null())
                 .spawn()
                 .unwrap(),
@@ -76,6 +77,9 @@ fn pulls_killed_at_random_moments_never_leave_a_corrupt_or_half_visible_model() 
                 node.blobs().contains(&sha256_file(&test_model())),
                 "a listed model without its weights: {models}"
             );
+            // Start the next round from nothing, so its kill meets a transfer too.
+            node.ok(&["model", "rm", &reference]);
+            assert!(!node.blobs().contains(&sha256_file(&test_model())));
         }
     }
     eprintln!("kills (after, pull had finished): {kills:?}");
@@ -209,11 +213,11 @@ fn garbage_at_every_quic_port_does_not_stop_honest_traffic() {
     let info = node.node_info();
     let mut targets: Vec<std::net::SocketAddr> = vec![node.data_plane()];
     for a in info["listen_addrs"].as_array().unwrap() {
-        let a = a.as_str().unwrap();
-        if let Some(port) = a
-            .strip_suffix("/quic-v1")
-            .and_then(|s| s.rsplit('/').next())
-            .and_then(|p| p.parse::<u16>().ok())
+        // /ip4/127.0.0.1/udp/PORT/quic-v1/p2p/ID
+        let parts: Vec<&str> = a.as_str().unwrap().split('/').collect();
+        if let Some(i) = parts.iter().position(|p| *p == "udp")
+            && parts.get(i + 2) == Some(&"quic-v1")
+            && let Some(port) = parts.get(i + 1).and_then(|p| p.parse::<u16>().ok())
         {
             targets.push(([127, 0, 0, 1], port).into());
         }
