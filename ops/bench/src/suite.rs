@@ -140,6 +140,9 @@ pub fn chat(
             (run_direct(), r)
         };
         pause();
+        if let Some(e) = r.samples.iter().find_map(|s| s.error.as_deref()) {
+            say(&format!("chat c={c}: a routed request failed: {e}"));
+        }
         say(&format!(
             "chat c={c}: routed {:.1} tok/s p50 {:.0} ms ({} errors){}",
             r.tokens_per_second,
