@@ -42,7 +42,9 @@ impl Scale {
             placement_requests: 6,
             failure_requests: 12,
             failure_concurrency: 4,
-            dishonest_budget: 40,
+            // Runs stop as soon as both are caught (8 to 24 requests so far); the budget
+            // only bounds a run where one is not.
+            dishonest_budget: 80,
             audit_rate: 0.3,
             attempt_timeout: 20,
         }
