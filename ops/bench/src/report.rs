@@ -348,6 +348,26 @@ fn err(e: impl std::fmt::Display) -> anyhow::Error {
     anyhow::anyhow!("drawing: {e}")
 }
 
+type Chart<'a, 'b> = ChartContext<
+    'a,
+    SVGBackend<'b>,
+    Cartesian2d<plotters::coord::types::RangedCoordf64, plotters::coord::types::RangedCoordf64>,
+>;
+
+/// The series' labels, boxed, at `position`.
+fn legend<'b: 'a, 'a>(
+    chart: &mut Chart<'a, 'b>,
+    position: SeriesLabelPosition,
+) -> anyhow::Result<()> {
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .position(position)
+        .draw()
+        .map_err(err)
+}
+
 fn chat_svg(c: &ChatResult) -> Svg {
     let mut s = String::new();
     {
@@ -415,13 +435,7 @@ fn chat_svg(c: &ChatResult) -> Svg {
                     .draw_series(pts.iter().map(|&p| Circle::new(p, 3, color.filled())))
                     .map_err(err)?;
             }
-            chart
-                .configure_series_labels()
-                .background_style(WHITE.mix(0.8))
-                .border_style(BLACK)
-                .position(SeriesLabelPosition::UpperLeft)
-                .draw()
-                .map_err(err)?;
+            legend(&mut chart, SeriesLabelPosition::UpperLeft)?;
         }
         root.present().map_err(err)?;
     }
@@ -535,13 +549,7 @@ fn failures_svg(f: &[FailureResult]) -> Svg {
                     .label("failure injected")
                     .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], BLACK));
             }
-            chart
-                .configure_series_labels()
-                .background_style(WHITE.mix(0.8))
-                .border_style(BLACK)
-                .position(SeriesLabelPosition::UpperRight)
-                .draw()
-                .map_err(err)?;
+            legend(&mut chart, SeriesLabelPosition::UpperRight)?;
         }
         root.present().map_err(err)?;
     }
