@@ -62,16 +62,23 @@ impl Binaries {
 /// dies (the kernel's parent-death signal), so an interrupted run leaves no providers behind.
 struct Proc(Child);
 
-/// Has the kernel kill `c` when the thread that starts it exits (start it from the main
-/// thread).
-fn die_with_parent(c: &mut Command) {
-    use std::os::unix::process::CommandExt;
-    // SAFETY: prctl is async-signal-safe and touches only the child being set up.
-    unsafe {
-        c.pre_exec(|| {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            Ok(())
-        });
+impl Proc {
+    /// Starts `c` with its stderr appended to `log` (stdout dropped). The kernel kills it
+    /// when the thread that started it exits: start it from the main thread.
+    fn spawn(c: &mut Command, log: &Path) -> std::io::Result<Proc> {
+        use std::os::unix::process::CommandExt;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)?;
+        // SAFETY: prctl is async-signal-safe and touches only the child being set up.
+        unsafe {
+            c.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        Ok(Proc(c.stdout(Stdio::null()).stderr(log).spawn()?))
     }
 }
 
@@ -277,17 +284,8 @@ impl Cluster {
         if let Some(f) = &p.fault {
             cmd.env("BEACON_FAULT", f);
         }
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(p.data.path().join("serve.log"))?;
-        die_with_parent(&mut cmd);
-        let child = cmd
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
+        let proc = Proc::spawn(&mut cmd, &p.data.path().join("serve.log"))
             .context("starting beacon-node in its region")?;
-        let proc = Proc(child);
         if !wait_for_http(p.http, "/healthz", Duration::from_secs(60)) {
             bail!("provider {} did not start:\n{}", p.name, tail(&p.log(), 20));
         }
@@ -364,22 +362,15 @@ impl Cluster {
         if let Some(b) = &self.bootstrap {
             c.args(["--bootstrap", b]);
         }
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(r.data.path().join("router.log"))?;
-        die_with_parent(&mut c);
-        let child = c
-            .args(&r.args)
+        c.args(&r.args)
             .env("BEACON_LOG", log_filter())
             .env_remove("BEACON_ROUTER_API_KEYS")
             .env_remove("BEACON_REMOTE_API_KEY")
-            .env_remove("BEACON_ALLOWED_REGIONS")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .context("starting beacon-router")?;
-        r.proc = Some(Proc(child));
+            .env_remove("BEACON_ALLOWED_REGIONS");
+        r.proc = Some(
+            Proc::spawn(&mut c, &r.data.path().join("router.log"))
+                .context("starting beacon-router")?,
+        );
         if !wait_for_http(r.addr, "/healthz", Duration::from_secs(60)) {
             bail!("router did not start:\n{}", tail(&r.log(), 20));
         }
