@@ -921,3 +921,40 @@ impl RouterServer {
         self.data
     }
 }
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+/// An advert of `peer` that serves nothing (for tests that publish their own, honest or
+/// forged).
+pub fn advert_of(
+    peer: beacon_proto::PeerId,
+    timestamp_ms: u64,
+    seq: u64,
+) -> beacon_proto::ProviderAdvert {
+    beacon_proto::ProviderAdvert {
+        peer_id: peer,
+        region: "test-region".into(),
+        listen_addrs: vec![],
+        data_plane: Some("127.0.0.1:1".into()),
+        version: "test".into(),
+        accelerators: vec![],
+        host: beacon_proto::HostInfo::default(),
+        engines: vec![],
+        models: vec![],
+        slots: beacon_proto::Slots {
+            total: 1,
+            busy: 0,
+            queued: 0,
+        },
+        throughput: vec![],
+        price: None,
+        seq,
+        timestamp_ms,
+    }
+}

@@ -3,22 +3,15 @@
 //! SmolLM2 model; forged adverts and hostile data-plane clients.
 
 use std::net::SocketAddr;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use beacon_net::quic::{CallError, DataClient, read_frame};
 use beacon_net::{NetEvent, Network, NetworkConfig};
 use beacon_proto::{
-    AuditRequest, ChatMessage, DataErrorCode, DataFrame, DataRequest, Digest, HostInfo, Id,
-    InferRequest, Keypair, ModelSpec, PeerId, ProviderAdvert, Role, Sampling, Signed, Slots, Wire,
+    AuditRequest, ChatMessage, DataErrorCode, DataFrame, DataRequest, Digest, Id,
+    InferRequest, Keypair, ModelSpec, PeerId, Role, Sampling, Signed, Wire,
 };
-use beacon_tests::{NodeServer, TEST_MODEL_REF, http, wait_until};
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
-}
+use beacon_tests::{NodeServer, TEST_MODEL_REF, advert_of, http, now_ms, wait_until};
 
 fn provider_of(node: &NodeServer) -> (PeerId, SocketAddr, Digest) {
     let peer: PeerId = node.peer_id().parse().unwrap();
@@ -149,29 +142,6 @@ fn three_nodes_discover_each_other_find_models_and_notice_a_death() {
     });
     assert!(gone, "a killed provider stayed in the directory");
     assert!(a.known_providers().contains(&pc));
-}
-
-fn advert_of(peer: PeerId, timestamp_ms: u64, seq: u64) -> ProviderAdvert {
-    ProviderAdvert {
-        peer_id: peer,
-        region: "test-region".into(),
-        listen_addrs: vec![],
-        data_plane: Some("127.0.0.1:1".into()),
-        version: "test".into(),
-        accelerators: vec![],
-        host: HostInfo::default(),
-        engines: vec![],
-        models: vec![],
-        slots: Slots {
-            total: 1,
-            busy: 0,
-            queued: 0,
-        },
-        throughput: vec![],
-        price: None,
-        seq,
-        timestamp_ms,
-    }
 }
 
 async fn joined(

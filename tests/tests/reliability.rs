@@ -1,14 +1,18 @@
 //! The reliability suite: Beacon under abuse it must survive. Model pulls killed with
-//! SIGKILL at random moments, a router driven at ten times its providers' capacity, and a
-//! flood of garbage at every QUIC port while honest traffic keeps flowing.
+//! SIGKILL at random moments, a provider killed in every round of a MinionS job, a router
+//! driven at ten times its providers' capacity, and a flood of garbage at every QUIC port
+//! while honest traffic keeps flowing.
 
+use std::io::BufRead;
 use std::net::UdpSocket;
 use std::time::{Duration, Instant};
 
 use beacon_tests::{
     ChildGuard, HttpReply, NodeCli, NodeServer, Registry, Relay, RelayOptions, RouterServer,
-    TEST_MODEL_REF, http, sha256_file, test_model, wait_until,
+    SUPERVISOR_MODEL_REF, TEST_MODEL_REF, advert_of, http, http_within, now_ms, sha256_file,
+    test_model, wait_until,
 };
+use serde_json::{Value, json};
 
 /// Every blob in the store is whole: its content hashes to its name.
 fn assert_blobs_whole(node: &NodeCli) {
@@ -192,6 +196,62 @@ fn garbage(seed: &mut u64, len: usize) -> Vec<u8> {
         .collect()
 }
 
+/// A peer that joins through `boot` and publishes invalid adverts until `stop`: adverts
+/// describing another peer, adverts signed by another key, stale ones, and bytes that are
+/// no advert at all. Returns how many it got out, its peer id and its victim's.
+fn advert_liar(
+    boot: String,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<(u64, String, String)> {
+    use beacon_net::{Network, NetworkConfig};
+    use beacon_proto::{Keypair, Signed, Wire};
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let key = Keypair::generate();
+            let victim = Keypair::generate();
+            let mut config = NetworkConfig::new(key.clone());
+            config.listen = vec!["/ip4/127.0.0.1/udp/0/quic-v1".parse().unwrap()];
+            config.bootstrap = vec![boot.parse().unwrap()];
+            let net = Network::start(config).await.unwrap();
+            let (me, them) = (key.peer_id(), victim.peer_id());
+            let mut seed = 0x2545_f491_4f6c_dd1du64;
+            let (mut sent, mut seq) = (0u64, 0u64);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                seq += 1;
+                let bytes = match seq % 4 {
+                    0 => Signed::sign(&key, &advert_of(them, now_ms(), seq)),
+                    1 => Signed::sign(&victim, &advert_of(me, now_ms(), seq)),
+                    2 => Signed::sign(&key, &advert_of(me, now_ms() - 3_600_000, seq)),
+                    _ => {
+                        let len = 1 + (seq as usize * 37) % 700;
+                        if net.publish_raw(garbage(&mut seed, len)).await.is_ok() {
+                            sent += 1;
+                        }
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        continue;
+                    }
+                }
+                .unwrap()
+                .encode()
+                .unwrap();
+                if net.publish_raw(bytes).await.is_ok() {
+                    sent += 1;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            net.shutdown().await;
+            (sent, me.to_string(), them.to_string())
+        })
+    })
+}
+
+/// Garbage datagrams shaped like QUIC packets at every QUIC port of a provider, and a peer
+/// publishing invalid adverts into the network, both while routed chat runs: every request
+/// is answered, no process panics, and no invalid advert enters a directory.
 #[test]
 fn garbage_at_every_quic_port_does_not_stop_honest_traffic() {
     let node = NodeServer::start(&["--parallel", "2"]);
@@ -240,6 +300,7 @@ fn garbage_at_every_quic_port_does_not_stop_honest_traffic() {
             sent
         })
     };
+    let liar = advert_liar(node.bootstrap_addr(), stop.clone());
     // Honest traffic during the flood, through the router and to the node.
     let url = router.url("/v1/chat/completions");
     for topic in ["bread", "boats", "owls", "snow", "maps"] {
@@ -249,6 +310,12 @@ fn garbage_at_every_quic_port_does_not_stop_honest_traffic() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let sent = flood.join().unwrap();
     assert!(sent > 1000, "the flood sent only {sent} datagrams");
+    let (lies, liar_peer, victim) = liar.join().unwrap();
+    assert!(lies >= 8, "the liar published only {lies} invalid adverts");
+    for known in [router.providers(), node.known_providers()] {
+        assert!(!known.contains(&liar_peer), "an invalid advert entered: {known:?}");
+        assert!(!known.contains(&victim), "a forged advert entered: {known:?}");
+    }
     assert_eq!(
         http("GET", &node.url("/healthz"), None, &[]).status,
         200,
@@ -258,4 +325,166 @@ fn garbage_at_every_quic_port_does_not_stop_honest_traffic() {
     assert!(router.providers().contains(&peer));
     assert!(!node.log().contains("panicked"), "{}", node.log());
     assert!(!router.log().contains("panicked"), "{}", router.log());
+}
+
+/// A node's requests in flight for the test model (its engine's gauge), 0 when it does not
+/// answer.
+fn in_flight(node: &NodeServer) -> f64 {
+    http("GET", &node.url("/metrics"), None, &[])
+        .body
+        .lines()
+        .filter(|l| l.starts_with("beacon_in_flight{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Runs a MinionS job streamed, and in every round, once a provider has work in flight,
+/// kills it (SIGKILL) and starts a fresh provider in its place, so the network is back to
+/// four for the next round. Returns the final answer and the rounds a provider died in.
+fn job_killing_one_provider_per_round(
+    router: &RouterServer,
+    body: &Value,
+    nodes: &mut Vec<NodeServer>,
+) -> (Value, Vec<u64>) {
+    let mut stream = body.clone();
+    stream["stream"] = json!(true);
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), stream.to_string()).unwrap();
+    let mut curl = ChildGuard(
+        std::process::Command::new("curl")
+            .args(["-s", "-N", "--max-time", "1800", "-H"])
+            .arg("Content-Type: application/json")
+            .arg("--data-binary")
+            .arg(format!("@{}", file.path().display()))
+            .arg(router.url("/v1/minions"))
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let out = std::io::BufReader::new(curl.0.stdout.take().unwrap());
+    let mut event = String::new();
+    let mut killed_in = Vec::new();
+    let mut answer = Value::Null;
+    for line in out.lines() {
+        let line = line.unwrap();
+        if line.is_empty() {
+            event.clear(); // the end of an event (the last, `data: [DONE]`, has no name)
+            continue;
+        }
+        if let Some(e) = line.strip_prefix("event: ") {
+            event = e.to_string();
+            continue;
+        }
+        let Some(data) = line.strip_prefix("data: ") else {
+            continue;
+        };
+        match event.as_str() {
+            "jobs_placed" => {
+                let round = serde_json::from_str::<Value>(data).unwrap()["round"]
+                    .as_u64()
+                    .unwrap();
+                // Wait for a provider with this round's work on it, then kill it.
+                let mut victim = None;
+                assert!(
+                    wait_until(Duration::from_secs(300), || {
+                        victim = nodes.iter().position(|n| in_flight(n) > 0.0);
+                        victim.is_some()
+                    }),
+                    "no provider took round {round}'s jobs"
+                );
+                let mut dead = nodes.remove(victim.unwrap());
+                eprintln!("round {round}: killing provider {}", dead.peer_id());
+                dead.kill();
+                killed_in.push(round);
+                let boot = nodes[0].bootstrap_addr();
+                let fresh = NodeServer::start(&["--threads", "1", "--bootstrap", &boot]);
+                nodes.push(fresh);
+            }
+            "answer" => answer = serde_json::from_str(data).unwrap(),
+            "error" => panic!("the job failed: {data}\n{}", router.log()),
+            _ => {}
+        }
+    }
+    (answer, killed_in)
+}
+
+/// One of four providers is killed (SIGKILL) in every round of a MinionS job while that
+/// round's jobs run on it. Every job completes, every local job is verified, the killed
+/// provider's jobs ran again elsewhere, and the answer is the one the same job gets when
+/// nothing fails (temperature 0 throughout: a re-placed job gives the same output).
+#[test]
+fn a_provider_killed_in_every_minions_round_leaves_the_answer_unchanged() {
+    let sup = NodeServer::supervisor();
+    let first = NodeServer::start(&["--threads", "1"]);
+    let boot = first.bootstrap_addr();
+    let mut nodes = vec![first];
+    for _ in 0..3 {
+        nodes.push(NodeServer::start(&["--threads", "1", "--bootstrap", &boot]));
+    }
+    let router = RouterServer::start(
+        Some(&boot),
+        &[
+            "--remote-base-url",
+            &sup.url("/engines/v1"),
+            "--remote-model",
+            SUPERVISOR_MODEL_REF,
+            "--audit-rate",
+            "0",
+            "--attempt-timeout",
+            "600",
+        ],
+    );
+    let all_known = |router: &RouterServer, nodes: &[NodeServer]| {
+        let ids: Vec<String> = nodes.iter().map(NodeServer::peer_id).collect();
+        wait_until(Duration::from_secs(90), || {
+            let known = router.providers();
+            ids.iter().all(|p| known.contains(p))
+        })
+    };
+    assert!(all_known(&router, &nodes), "{}", router.log());
+    let doc = &beacon_bench::minions::NORTHPORT[..4_000];
+    let body = json!({
+        "task": "How many tonnes of cargo did the port handle in 2025?",
+        "context": [doc],
+        "doc_metadata": "Annual report of a harbour authority, 2025",
+        "max_rounds": 2,
+        "policy": {"audit_rate": 0.0, "worker_max_tokens": 48, "max_chunk_chars": 1000}
+    });
+    // Undisturbed, for the answer to compare with.
+    let r = http_within(
+        "POST",
+        &router.url("/v1/minions"),
+        Some(&body.to_string()),
+        &[],
+        1800,
+    );
+    assert_eq!(r.status, 200, "{}\n{}", r.body, router.log());
+    let calm = r.json();
+    assert_eq!(calm["verification"]["failed_jobs"], 0, "{calm}");
+
+    let (hit, killed_in) = job_killing_one_provider_per_round(&router, &body, &mut nodes);
+    let rounds = hit["rounds"].as_u64().unwrap();
+    assert_eq!(rounds, calm["rounds"].as_u64().unwrap(), "{hit}");
+    assert_eq!(
+        killed_in,
+        (1..=rounds).collect::<Vec<_>>(),
+        "a provider dies in every round"
+    );
+    let jobs = hit["jobs"].as_array().unwrap();
+    assert_eq!(hit["verification"]["failed_jobs"], 0, "{hit}");
+    assert!(jobs.iter().all(|j| j["verified"] == true), "{hit}");
+    for round in 1..=rounds {
+        assert!(
+            jobs.iter()
+                .any(|j| j["round"] == round && j["attempts"].as_u64().unwrap() > 1),
+            "round {round}: no job ran again after the kill: {}",
+            serde_json::to_string_pretty(jobs).unwrap()
+        );
+    }
+    assert_eq!(
+        hit["answer"], calm["answer"],
+        "the answer changed when providers died"
+    );
+    // The network is whole again for what comes next.
+    assert!(all_known(&router, &nodes), "{}", router.log());
 }

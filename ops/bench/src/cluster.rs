@@ -134,6 +134,9 @@ impl Provider {
 pub struct Router {
     pub addr: SocketAddr,
     pub args: Vec<String>,
+    /// Environment set for it (secrets such as the supervisor's API key go here, never in
+    /// `args`, which the report shows).
+    env: Vec<(String, String)>,
     data: tempfile::TempDir,
     proc: Option<Proc>,
 }
@@ -166,10 +169,38 @@ impl Router {
     }
 }
 
+/// The MinionS supervisor when no remote API is named: a node off the network, in the
+/// operator's namespace, serving a model behind its OpenAI-compatible API.
+pub struct Supervisor {
+    pub addr: SocketAddr,
+    /// The model reference it serves.
+    pub model: String,
+    data: tempfile::TempDir,
+    _proc: Proc,
+}
+
+impl Supervisor {
+    /// The OpenAI-compatible base URL (`--remote-base-url` of a router).
+    pub fn base_url(&self) -> String {
+        format!("http://{}/engines/v1", self.addr)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.data.path().join("serve.log")).unwrap_or_default()
+    }
+}
+
+/// The reference the local supervisor's model is packaged under.
+pub const SUPERVISOR_MODEL: &str = "ai/gemma3:270m";
+
+/// Gemma 3's chat template (the GGUF's own needs a Jinja engine llama.cpp lacks).
+const GEMMA3_TEMPLATE: &str = include_str!("../../models/gemma3.jinja");
+
 /// Providers in their regions, and the routers that use them.
 pub struct Cluster {
     pub providers: Vec<Provider>,
     pub routers: Vec<Router>,
+    pub supervisor: Option<Supervisor>,
     config: ClusterConfig,
     bootstrap: Option<String>,
     next_port: u16,
@@ -185,6 +216,7 @@ impl Cluster {
         let mut c = Cluster {
             providers: Vec::new(),
             routers: Vec::new(),
+            supervisor: None,
             config,
             bootstrap: None,
             next_port: 12000,
@@ -330,6 +362,16 @@ impl Cluster {
     /// Starts a router in the operator's namespace with extra flags, and waits until it
     /// knows `expect` providers; returns its index.
     pub fn add_router(&mut self, extra: &[&str], expect: usize) -> anyhow::Result<usize> {
+        self.add_router_env(extra, &[], expect)
+    }
+
+    /// [`Cluster::add_router`] with environment variables set for the router.
+    pub fn add_router_env(
+        &mut self,
+        extra: &[&str],
+        env: &[(String, String)],
+        expect: usize,
+    ) -> anyhow::Result<usize> {
         let data = tempfile::Builder::new()
             .prefix("beacon-bench-router")
             .tempdir()?;
@@ -338,6 +380,7 @@ impl Cluster {
         let mut r = Router {
             addr,
             args,
+            env: env.to_vec(),
             data,
             proc: None,
         };
@@ -366,7 +409,8 @@ impl Cluster {
             .env("BEACON_LOG", log_filter())
             .env_remove("BEACON_ROUTER_API_KEYS")
             .env_remove("BEACON_REMOTE_API_KEY")
-            .env_remove("BEACON_ALLOWED_REGIONS");
+            .env_remove("BEACON_ALLOWED_REGIONS")
+            .envs(r.env.iter().map(|(k, v)| (k, v)));
         r.proc = Some(
             Proc::spawn(&mut c, &r.data.path().join("router.log"))
                 .context("starting beacon-router")?,
@@ -405,6 +449,51 @@ impl Cluster {
     pub fn remove_router(&mut self, i: usize) {
         self.routers.remove(i);
     }
+
+    /// Starts the local supervisor: `gguf` packaged as [`SUPERVISOR_MODEL`] with Gemma 3's
+    /// chat template, served off the network on loopback with `threads` threads.
+    pub fn add_supervisor(&mut self, gguf: &Path, threads: usize) -> anyhow::Result<()> {
+        let data = tempfile::Builder::new()
+            .prefix("beacon-bench-supervisor")
+            .tempdir()?;
+        let template = data.path().join("gemma3.jinja");
+        std::fs::write(&template, GEMMA3_TEMPLATE)?;
+        let out = self
+            .node_command(data.path())
+            .args(["model", "package", "--gguf"])
+            .arg(gguf)
+            .arg("--chat-template")
+            .arg(&template)
+            .arg(SUPERVISOR_MODEL)
+            .output()
+            .context("running beacon-node model package")?;
+        if !out.status.success() {
+            bail!(
+                "packaging {}: {}",
+                gguf.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
+        let mut cmd = self.node_command(data.path());
+        cmd.args(["serve", "--no-network", "--listen"])
+            .arg(addr.to_string())
+            .args(["--parallel", "1", "--ctx-size", "16384", "--threads"])
+            .arg(threads.to_string());
+        let proc = Proc::spawn(&mut cmd, &data.path().join("serve.log"))
+            .context("starting the supervisor node")?;
+        let s = Supervisor {
+            addr,
+            model: SUPERVISOR_MODEL.into(),
+            data,
+            _proc: proc,
+        };
+        if !wait_for_http(addr, "/healthz", Duration::from_secs(60)) {
+            bail!("the supervisor did not start:\n{}", tail(&s.log(), 20));
+        }
+        self.supervisor = Some(s);
+        Ok(())
+    }
 }
 
 impl Cluster {
@@ -417,6 +506,9 @@ impl Cluster {
         for (i, r) in self.routers.iter().enumerate() {
             std::fs::write(dir.join(format!("router-{i}.log")), r.log())?;
         }
+        if let Some(s) = &self.supervisor {
+            std::fs::write(dir.join("supervisor.log"), s.log())?;
+        }
         Ok(())
     }
 }
@@ -425,6 +517,7 @@ impl Drop for Cluster {
     fn drop(&mut self) {
         self.routers.clear();
         self.providers.clear();
+        self.supervisor = None;
     }
 }
 

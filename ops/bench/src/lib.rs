@@ -4,12 +4,14 @@
 //!   trips added in user space);
 //! - [`cluster`]: real provider nodes and routers started in those regions;
 //! - [`load`] and [`http`]: closed-loop chat load through `curl`, shared with the benches;
-//! - [`suite`]: the workloads, each against a baseline measured in the same run;
+//! - [`suite`] and [`minions`]: the workloads, each against a baseline measured in the same
+//!   run;
 //! - [`report`]: the JSON, Markdown and SVG output.
 
 pub mod cluster;
 pub mod http;
 pub mod load;
+pub mod minions;
 pub mod report;
 pub mod suite;
 pub mod wan;

@@ -12,6 +12,7 @@ use clap::{Args, Parser, Subcommand};
 
 use beacon_bench::cluster::{Binaries, Cluster, ClusterConfig};
 use beacon_bench::load::Target;
+use beacon_bench::minions::{self, Corpus, MinionsResult};
 use beacon_bench::report::{Machine, Report, Setup};
 use beacon_bench::suite::{self, Scale};
 use beacon_bench::wan::{Wan, WanConfig, clean_stale};
@@ -45,7 +46,8 @@ struct RunArgs {
     /// Where the report goes (default: bench-results/<unix time>).
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Workloads to run, comma-separated (chat, placement, dishonest, failures).
+    /// Workloads to run, comma-separated (chat, minions, placement, dishonest, failures).
+    /// With --router: chat unless minions is named.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Benchmark a deployed router at this base URL instead (chat load only).
@@ -78,6 +80,17 @@ struct RunArgs {
     /// Where beacon-node and beacon-router are (default: next to beacon-bench, then PATH).
     #[arg(long)]
     bin_dir: Option<PathBuf>,
+    /// The GGUF of the MinionS supervisor, served by a local node off the network (default:
+    /// Gemma 3 270M as `ops/setup.sh --supervisor-model` caches it).
+    #[arg(long, env = "BEACON_SUPERVISOR_MODEL")]
+    supervisor_model: Option<PathBuf>,
+    /// A remote OpenAI-compatible API as the MinionS supervisor instead (its key, if any, in
+    /// BEACON_REMOTE_API_KEY).
+    #[arg(long, requires = "remote_model")]
+    remote_base_url: Option<String>,
+    /// The remote API's model.
+    #[arg(long, requires = "remote_base_url")]
+    remote_model: Option<String>,
 }
 
 #[derive(Args)]
@@ -187,11 +200,16 @@ fn memory_mib() -> u64 {
         .map_or(0, |kib| kib / 1024)
 }
 
-fn default_model() -> PathBuf {
+/// A model as `ops/setup.sh` caches it.
+fn cached_model(file: &str) -> PathBuf {
     let home = std::env::var_os("HOME")
         .map(PathBuf::from)
         .unwrap_or_default();
-    home.join(".cache/beacon/models/SmolLM2-135M-Instruct.Q4_1.gguf")
+    std::env::var_os("BEACON_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| home.join(".cache/beacon"))
+        .join("models")
+        .join(file)
 }
 
 fn run(a: RunArgs) -> anyhow::Result<bool> {
@@ -263,15 +281,123 @@ fn remote(a: &RunArgs, url: &str, scale: &Scale, report: &mut Report, say: &dyn 
     });
     report.setup.router = Some(routed.base.clone());
     report.setup.direct = direct.as_ref().map(|d| d.base.clone());
-    report.minions_skipped = Some("remote mode runs the chat load only".into());
-    let c = suite::chat(&routed, direct.as_ref(), scale, say);
-    let errors: usize = c.levels.iter().map(|l| l.routed.errors).sum();
+    // A deployed router may have no supervisor: MinionS runs when asked for by name.
+    if a.only.iter().any(|o| o == "minions") {
+        let corpus = Corpus::northport(scale.minions_chars, scale.minions_questions);
+        let m = minions::run(
+            &routed.base,
+            "the router's configured supervisor",
+            &corpus,
+            scale.minions_rounds,
+            scale.minions_max_jobs,
+            say,
+        );
+        minions_checks(report, &m);
+        report.minions = Some(m);
+    } else {
+        report.minions_skipped =
+            Some("with --router, MinionS runs only when named (--only chat,minions)".into());
+    }
+    if wants(a, "chat") {
+        let c = suite::chat(&routed, direct.as_ref(), scale, say);
+        let errors: usize = c.levels.iter().map(|l| l.routed.errors).sum();
+        report.check(
+            "routed chat answered",
+            errors == 0,
+            format!("{errors} routed requests failed"),
+        );
+        report.chat = Some(c);
+    }
+}
+
+fn minions_checks(report: &mut Report, m: &MinionsResult) {
+    let asked = m.questions.len();
     report.check(
-        "routed chat answered",
-        errors == 0,
-        format!("{errors} routed requests failed"),
+        "every MinionS job answered",
+        asked > 0 && m.completed == asked,
+        format!("{} of {asked} jobs answered", m.completed),
     );
-    report.chat = Some(c);
+    report.check(
+        "every local MinionS job verified",
+        m.jobs > 0 && m.unverified_jobs == 0,
+        format!(
+            "{} of {} local jobs came back signed and verified",
+            m.jobs - m.unverified_jobs,
+            m.jobs
+        ),
+    );
+}
+
+/// Workload 2 on the cluster: the supervisor (a local node unless a remote API is named),
+/// a router that uses it, and the jobs.
+fn minions_workload(
+    a: &RunArgs,
+    cluster: &mut Cluster,
+    honest: usize,
+    scale: &Scale,
+    say: &dyn Fn(&str),
+) -> anyhow::Result<MinionsResult> {
+    let (url, model, env) = match (&a.remote_base_url, &a.remote_model) {
+        (Some(u), Some(m)) => {
+            let env: Vec<(String, String)> = std::env::var("BEACON_REMOTE_API_KEY")
+                .ok()
+                .map(|k| ("BEACON_REMOTE_API_KEY".to_string(), k))
+                .into_iter()
+                .collect();
+            (u.clone(), m.clone(), env)
+        }
+        _ => {
+            let gguf = a
+                .supervisor_model
+                .clone()
+                .unwrap_or_else(|| cached_model("gemma-3-270m-q4_k_m.gguf"));
+            anyhow::ensure!(
+                gguf.is_file(),
+                "supervisor model {} missing: run ops/setup.sh --supervisor-model, pass \
+                 --supervisor-model, or name a remote API with --remote-base-url",
+                gguf.display()
+            );
+            // The supervisor and the providers take turns (plan, jobs, aggregate): it may
+            // use every core.
+            cluster.add_supervisor(&gguf, cores())?;
+            let s = cluster.supervisor.as_ref().context("supervisor")?;
+            say(&format!("supervisor {} up at {}", s.model, s.addr));
+            (s.base_url(), s.model.clone(), Vec::new())
+        }
+    };
+    let router = cluster.add_router_env(
+        &[
+            "--audit-rate",
+            "0",
+            // A CPU worker reading a chunk, or a CPU supervisor reading the whole report
+            // for the baseline, can pass the default attempt timeout.
+            "--attempt-timeout",
+            "600",
+            "--remote-base-url",
+            &url,
+            "--remote-model",
+            &model,
+        ],
+        &env,
+        honest,
+    )?;
+    let corpus = Corpus::northport(scale.minions_chars, scale.minions_questions);
+    say(&format!(
+        "minions: {} question(s) on {} ({} characters), supervisor {model}",
+        corpus.questions.len(),
+        corpus.name,
+        corpus.chars
+    ));
+    let m = minions::run(
+        &cluster.routers[router].url(""),
+        &format!("{model} at {url}"),
+        &corpus,
+        scale.minions_rounds,
+        scale.minions_max_jobs,
+        say,
+    );
+    cluster.remove_router(router);
+    Ok(m)
 }
 
 fn local(
@@ -282,7 +408,10 @@ fn local(
     say: &dyn Fn(&str),
 ) -> anyhow::Result<()> {
     let bins = Binaries::find(a.bin_dir.as_deref())?;
-    let model = a.model.clone().unwrap_or_else(default_model);
+    let model = a
+        .model
+        .clone()
+        .unwrap_or_else(|| cached_model("SmolLM2-135M-Instruct.Q4_1.gguf"));
     anyhow::ensure!(
         model.is_file(),
         "model {} missing: run ops/setup.sh or pass --model",
@@ -386,9 +515,15 @@ fn local(
         );
         report.chat = Some(c);
     }
-    report.minions_skipped = Some(
-        "not part of this suite yet; `ops/bench-minions.sh` measures MinionS against remote-only (README)".into(),
-    );
+    if wants(a, "minions") {
+        match minions_workload(a, &mut cluster, honest, scale, say) {
+            Ok(m) => {
+                minions_checks(report, &m);
+                report.minions = Some(m);
+            }
+            Err(e) => report.problems.push(format!("minions: {e:#}")),
+        }
+    }
 
     if wants(a, "placement") {
         let regions = cluster.wan.regions().to_vec();

@@ -6,6 +6,7 @@ use std::path::Path;
 use plotters::prelude::*;
 use serde::Serialize;
 
+use crate::minions::MinionsResult;
 use crate::suite::{ChatResult, DishonestResult, FailureResult, PlacementResult, Scale};
 
 /// Everything one run measured, written as `report.json`.
@@ -21,7 +22,7 @@ pub struct Report {
     pub scale: Option<Scale>,
     pub chat: Option<ChatResult>,
     /// Workload 2 (MinionS jobs) when it ran, else why not.
-    pub minions: Option<serde_json::Value>,
+    pub minions: Option<MinionsResult>,
     pub minions_skipped: Option<String>,
     pub placement: Option<PlacementResult>,
     pub failures: Vec<FailureResult>,
@@ -81,6 +82,10 @@ impl Report {
         if let Some(c) = &self.chat {
             std::fs::write(dir.join("chat.svg"), chat_svg(c)?)?;
             figures.push("chat.svg");
+        }
+        if let Some(m) = self.minions.as_ref().filter(|m| m.completed > 0) {
+            std::fs::write(dir.join("minions.svg"), minions_svg(m)?)?;
+            figures.push("minions.svg");
         }
         if let Some(p) = &self.placement {
             std::fs::write(dir.join("placement.svg"), placement_svg(p)?)?;
@@ -156,13 +161,7 @@ impl Report {
         }
         let _ = writeln!(m, "\n## 2. MinionS jobs\n");
         match (&self.minions, &self.minions_skipped) {
-            (Some(v), _) => {
-                let _ = writeln!(
-                    m,
-                    "```json\n{}\n```",
-                    serde_json::to_string_pretty(v).unwrap_or_default()
-                );
-            }
+            (Some(r), _) => minions_md(&mut m, r),
             (None, Some(why)) => {
                 let _ = writeln!(m, "Not run: {why}");
             }
@@ -237,6 +236,101 @@ fn chat_md(m: &mut String, c: &ChatResult) {
         );
     }
     let _ = writeln!(m, "\n![chat throughput and latency](chat.svg)");
+}
+
+fn minions_md(m: &mut String, r: &MinionsResult) {
+    let corpus = r.corpus.as_ref();
+    let _ = writeln!(
+        m,
+        "Each question is a MinionS job (at most {} rounds{}) on {} ({} characters); the \
+         baseline, run by the same job with the same supervisor ({}), is remote-only: the \
+         supervisor asked the question with the whole document. Local jobs run on the \
+         providers at temperature 0; an answer counts as right when it contains the known fact.\n",
+        r.max_rounds,
+        r.max_jobs_per_round
+            .map(|n| format!(", at most {n} local jobs per round"))
+            .unwrap_or_default(),
+        corpus.map_or("the document", |c| c.name.as_str()),
+        corpus.map_or(0, |c| c.chars),
+        r.supervisor
+    );
+    let _ = writeln!(
+        m,
+        "| question | MinionS | remote-only | remote tokens MinionS / remote-only | wall s MinionS / remote-only | rounds | local jobs (verified) | jobs by region |\n|---|---|---|---|---|---|---|---|"
+    );
+    let mark = |ok: bool| if ok { "right" } else { "wrong" };
+    for q in &r.questions {
+        if let Some(e) = &q.error {
+            let _ = writeln!(
+                m,
+                "| {} | **failed** ({}): {} | - | - | - | - | - | - |",
+                q.question,
+                q.status,
+                e.replace('|', "/")
+            );
+            continue;
+        }
+        let regions: Vec<String> = q
+            .jobs_by_region
+            .iter()
+            .map(|(g, n)| format!("{g} {n}"))
+            .collect();
+        let _ = writeln!(
+            m,
+            "| {} | {} | {} | {} / {} ({:.2}x) | {:.0} / {:.0} | {} | {} ({}) | {} |",
+            q.question,
+            mark(q.correct),
+            mark(q.remote_only_correct),
+            q.remote_tokens,
+            q.remote_only_tokens,
+            q.remote_tokens as f64 / (q.remote_only_tokens as f64).max(1.0),
+            q.minions_ms / 1000.0,
+            q.remote_only_ms / 1000.0,
+            q.rounds,
+            q.jobs,
+            q.verified,
+            regions.join(", ")
+        );
+    }
+    let n = r.questions.len();
+    let _ = writeln!(
+        m,
+        "\nIn all: MinionS right on **{} of {n}**, remote-only on **{} of {n}**; MinionS used \
+         **{:.2}x** the remote tokens of remote-only ({} vs {}) and moved {} tokens to the \
+         providers; wall time {:.0} s vs {:.0} s. {} local jobs, {} unverified.\n",
+        r.correct,
+        r.remote_only_correct,
+        r.remote_ratio(),
+        r.remote_tokens,
+        r.remote_only_tokens,
+        r.local_tokens,
+        r.minions_s,
+        r.remote_only_s,
+        r.jobs,
+        r.unverified_jobs
+    );
+    if r.completed > 0 {
+        let _ = writeln!(m, "![MinionS against remote-only](minions.svg)");
+    }
+    for q in r.questions.iter().filter(|q| q.error.is_none()) {
+        let _ = writeln!(
+            m,
+            "\n> **{}** MinionS: {}\n>\n> remote-only: {}",
+            q.question,
+            one_line(&q.answer),
+            one_line(&q.remote_only_answer)
+        );
+    }
+}
+
+/// An answer on one line, shortened, for a quote in the report.
+fn one_line(s: &str) -> String {
+    let flat = s.split_whitespace().collect::<Vec<_>>().join(" ");
+    if flat.chars().count() > 200 {
+        format!("{}…", flat.chars().take(200).collect::<String>())
+    } else {
+        flat
+    }
 }
 
 fn placement_md(m: &mut String, p: &PlacementResult) {
@@ -348,15 +442,9 @@ fn err(e: impl std::fmt::Display) -> anyhow::Error {
     anyhow::anyhow!("drawing: {e}")
 }
 
-type Chart<'a, 'b> = ChartContext<
-    'a,
-    SVGBackend<'b>,
-    Cartesian2d<plotters::coord::types::RangedCoordf64, plotters::coord::types::RangedCoordf64>,
->;
-
 /// The series' labels, boxed, at `position`.
-fn legend<'b: 'a, 'a>(
-    chart: &mut Chart<'a, 'b>,
+fn legend<'b: 'a, 'a, C: plotters::coord::CoordTranslate>(
+    chart: &mut ChartContext<'a, SVGBackend<'b>, C>,
     position: SeriesLabelPosition,
 ) -> anyhow::Result<()> {
     chart
@@ -436,6 +524,85 @@ fn chat_svg(c: &ChatResult) -> Svg {
                     .map_err(err)?;
             }
             legend(&mut chart, SeriesLabelPosition::UpperLeft)?;
+        }
+        root.present().map_err(err)?;
+    }
+    Ok(s)
+}
+
+/// Remote tokens and wall time per question: MinionS against remote-only.
+fn minions_svg(r: &MinionsResult) -> Svg {
+    let mut s = String::new();
+    {
+        let root = SVGBackend::with_string(&mut s, (900, 360)).into_drawing_area();
+        root.fill(&WHITE).map_err(err)?;
+        let (left, right) = root.split_horizontally(450);
+        let done: Vec<&crate::minions::Question> =
+            r.questions.iter().filter(|q| q.error.is_none()).collect();
+        let n = done.len();
+        for (area, title, y, f) in [
+            (
+                &left,
+                "Remote tokens",
+                "tokens",
+                (&|q: &crate::minions::Question| {
+                    (q.remote_tokens as f64, q.remote_only_tokens as f64)
+                }) as &dyn Fn(&crate::minions::Question) -> (f64, f64),
+            ),
+            (&right, "Wall time", "s", &|q: &crate::minions::Question| {
+                (q.minions_ms / 1000.0, q.remote_only_ms / 1000.0)
+            }),
+        ] {
+            let top = done
+                .iter()
+                .map(|q| f(q))
+                .map(|(a, b)| a.max(b))
+                .fold(1.0, f64::max)
+                * 1.2;
+            // Two bars per question: MinionS at 2i, the baseline at 2i + 1.
+            let mut chart = ChartBuilder::on(area)
+                .caption(title, ("sans-serif", 18))
+                .margin(12)
+                .x_label_area_size(36)
+                .y_label_area_size(60)
+                .build_cartesian_2d(0..2 * n, 0.0..top)
+                .map_err(err)?;
+            chart
+                .configure_mesh()
+                .disable_x_mesh()
+                .x_labels(2 * n)
+                .x_label_formatter(&|j| {
+                    if j % 2 == 0 {
+                        format!("Q{}", j / 2 + 1)
+                    } else {
+                        String::new()
+                    }
+                })
+                .y_desc(y)
+                .draw()
+                .map_err(err)?;
+            for (k, (name, color)) in [("MinionS", RED), ("remote-only (baseline)", BLUE)]
+                .into_iter()
+                .enumerate()
+            {
+                chart
+                    .draw_series(done.iter().enumerate().map(|(i, q)| {
+                        let (a, b) = f(q);
+                        let j = 2 * i + k;
+                        let mut bar = Rectangle::new(
+                            [(j, 0.0), (j + 1, if k == 0 { a } else { b })],
+                            color.mix(0.6).filled(),
+                        );
+                        bar.set_margin(0, 0, 3, 3);
+                        bar
+                    }))
+                    .map_err(err)?
+                    .label(name)
+                    .legend(move |(x, y)| {
+                        Rectangle::new([(x, y - 5), (x + 12, y + 5)], color.mix(0.6).filled())
+                    });
+            }
+            legend(&mut chart, SeriesLabelPosition::UpperRight)?;
         }
         root.present().map_err(err)?;
     }

@@ -30,6 +30,14 @@ pub struct Scale {
     pub audit_rate: f64,
     /// Per-attempt timeout of the routers, seconds.
     pub attempt_timeout: u64,
+    /// MinionS: how much of the bundled report (characters), how many questions, and the
+    /// rounds each job may take.
+    pub minions_chars: usize,
+    pub minions_questions: usize,
+    pub minions_rounds: u32,
+    /// Most local jobs per MinionS round (a plan with more gets larger chunks); `None`: the
+    /// router's default.
+    pub minions_max_jobs: Option<u32>,
 }
 
 impl Scale {
@@ -47,6 +55,10 @@ impl Scale {
             dishonest_budget: 80,
             audit_rate: 0.3,
             attempt_timeout: 20,
+            minions_chars: 8_300,
+            minions_questions: 1,
+            minions_rounds: 2,
+            minions_max_jobs: Some(12),
         }
     }
 
@@ -62,6 +74,10 @@ impl Scale {
             dishonest_budget: 120,
             audit_rate: 0.1,
             attempt_timeout: 20,
+            minions_chars: usize::MAX,
+            minions_questions: 4,
+            minions_rounds: 2,
+            minions_max_jobs: None,
         }
     }
 }

@@ -1,7 +1,8 @@
 //! `beacon-bench --quick`, the suite's smoke test, end to end: real nodes and routers in
 //! two emulated regions, every workload, and the report. Needs root (namespaces), the
-//! workspace's `beacon-node` and `beacon-router` next to `beacon-bench`, and the test model
-//! (`ops/setup.sh`; `BEACON_TEST_MODEL`).
+//! workspace's `beacon-node` and `beacon-router` next to `beacon-bench`, the test model and
+//! the supervisor model (`ops/setup.sh --supervisor-model`; `BEACON_TEST_MODEL`,
+//! `BEACON_SUPERVISOR_MODEL`).
 
 use std::process::Command;
 
@@ -28,6 +29,17 @@ fn quick_suite_runs_every_workload_and_its_checks_pass() {
         assert!(l["routed"]["tokens_per_second"].as_f64().unwrap() > 0.0);
         assert!(l["direct"]["tokens_per_second"].as_f64().unwrap() > 0.0);
     }
+    // MinionS: every question answered as a job, with the remote-only baseline run too.
+    let m = &report["minions"];
+    let questions = m["questions"].as_array().unwrap();
+    assert!(!questions.is_empty(), "{report}");
+    for q in questions {
+        assert_eq!(q["status"], 200, "{q}");
+        assert!(q["remote_tokens"].as_u64().unwrap() > 0, "{q}");
+        assert!(q["remote_only_tokens"].as_u64().unwrap() > 0, "{q}");
+        assert!(q["jobs"].as_u64().unwrap() > 0, "{q}");
+        assert!(q["remote_only_answer"].as_str().is_some_and(|a| !a.is_empty()), "{q}");
+    }
     assert_eq!(report["placement"]["pinned"].as_array().unwrap().len(), 4);
     let failures: Vec<&str> = report["failures"]
         .as_array()
@@ -44,18 +56,19 @@ fn quick_suite_runs_every_workload_and_its_checks_pass() {
         2
     );
     let checks = report["checks"].as_array().unwrap();
-    assert!(checks.len() >= 10, "{report}");
+    assert!(checks.len() >= 12, "{report}");
     assert!(checks.iter().all(|c| c["passed"] == true), "{report_md}");
     // The Markdown report and its figures.
     for section in [
         "## 1. Routed chat",
+        "## 2. MinionS",
         "## 3. Placement",
         "## 4. Failure",
         "## 5. Dishonest",
     ] {
         assert!(report_md.contains(section), "{report_md}");
     }
-    for svg in ["chat.svg", "placement.svg", "failures.svg"] {
+    for svg in ["chat.svg", "minions.svg", "placement.svg", "failures.svg"] {
         let s = std::fs::read_to_string(out.path().join(svg)).unwrap();
         assert!(s.starts_with("<svg") && s.contains("</svg>"), "{svg}");
     }

@@ -1,0 +1,292 @@
+//! Workload 2: MinionS jobs on a long document whose answers are known, each measured
+//! against the remote-only baseline run in the same job (the same supervisor asked the
+//! question with the whole document): accuracy, remote tokens, wall time, and where the
+//! local jobs ran.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use crate::http::http_within;
+
+/// The bundled synthetic annual report (28 KB) with facts placed in it.
+pub const NORTHPORT: &str = include_str!("../../data/northport-annual-report-2025.txt");
+
+/// Questions about [`NORTHPORT`], each with the strings a correct answer contains (any one,
+/// lowercase), in the order their facts appear.
+const QUESTIONS: [(&str, &[&str]); 4] = [
+    (
+        "How many tonnes of cargo did the port handle in 2025?",
+        &["14.2"],
+    ),
+    ("How much tariff revenue did the port earn?", &["61.5"]),
+    (
+        "Who succeeded the harbour master when she retired?",
+        &["reyes"],
+    ),
+    (
+        "Which terminal was closed for repairs in 2025?",
+        &["north quay"],
+    ),
+];
+
+/// A document and the questions asked about it.
+#[derive(Clone, Debug, Serialize)]
+pub struct Corpus {
+    pub name: String,
+    #[serde(skip)]
+    pub text: String,
+    pub chars: usize,
+    pub metadata: String,
+    pub questions: Vec<(String, Vec<String>)>,
+}
+
+impl Corpus {
+    /// The report's first `chars` characters (cut at a paragraph) and the first `questions`
+    /// questions whose facts lie inside them.
+    pub fn northport(chars: usize, questions: usize) -> Corpus {
+        let mut text = NORTHPORT;
+        if chars < text.len() {
+            let cut = text[..chars].rfind("\n\n").unwrap_or(chars);
+            text = &text[..cut];
+        }
+        let lower = text.to_lowercase();
+        let questions: Vec<(String, Vec<String>)> = QUESTIONS
+            .iter()
+            .filter(|(_, e)| e.iter().all(|e| lower.contains(e)))
+            .take(questions)
+            .map(|(q, e)| (q.to_string(), e.iter().map(|s| s.to_string()).collect()))
+            .collect();
+        Corpus {
+            name: if text.len() == NORTHPORT.len() {
+                "Northport annual report 2025".into()
+            } else {
+                format!("Northport annual report 2025, first {} characters", text.len())
+            },
+            chars: text.len(),
+            text: text.to_string(),
+            metadata: "Annual report of a harbour authority, 2025".into(),
+            questions,
+        }
+    }
+}
+
+/// One question's MinionS job and its remote-only baseline.
+#[derive(Debug, Default, Serialize)]
+pub struct Question {
+    pub question: String,
+    pub expect: Vec<String>,
+    /// HTTP status of the job (0: no answer).
+    pub status: u16,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub answer: String,
+    pub correct: bool,
+    pub rounds: u64,
+    /// Remote tokens MinionS used (every supervisor call of the job).
+    pub remote_tokens: u64,
+    /// Tokens the providers read and wrote.
+    pub local_tokens: u64,
+    /// Wall time of the MinionS job, remote-only baseline excluded.
+    pub minions_ms: f64,
+    pub remote_only_answer: String,
+    pub remote_only_correct: bool,
+    pub remote_only_tokens: u64,
+    pub remote_only_ms: f64,
+    /// Local jobs run, and how many came back verified.
+    pub jobs: usize,
+    pub verified: usize,
+    pub retried: usize,
+    pub jobs_by_region: Vec<(String, usize)>,
+    /// The whole answer of the router, for the record.
+    #[serde(skip_serializing_if = "Value::is_null")]
+    pub raw: Value,
+}
+
+/// Workload 2's results.
+#[derive(Debug, Default, Serialize)]
+pub struct MinionsResult {
+    /// The supervisor: model and where it runs.
+    pub supervisor: String,
+    pub corpus: Option<Corpus>,
+    pub max_rounds: u32,
+    /// Most local jobs per round, when capped below the router's default.
+    pub max_jobs_per_round: Option<u32>,
+    pub questions: Vec<Question>,
+    /// Jobs answered (HTTP 200).
+    pub completed: usize,
+    pub correct: usize,
+    pub remote_only_correct: usize,
+    pub remote_tokens: u64,
+    pub remote_only_tokens: u64,
+    pub local_tokens: u64,
+    pub minions_s: f64,
+    pub remote_only_s: f64,
+    pub jobs: usize,
+    pub unverified_jobs: usize,
+    pub jobs_by_region: Vec<(String, usize)>,
+}
+
+impl MinionsResult {
+    /// Remote tokens MinionS used per remote token of the remote-only baseline.
+    pub fn remote_ratio(&self) -> f64 {
+        self.remote_tokens as f64 / (self.remote_only_tokens as f64).max(1.0)
+    }
+}
+
+fn contains_any(answer: &str, expect: &[String]) -> bool {
+    let a = answer.to_lowercase();
+    expect.iter().any(|e| a.contains(e.as_str()))
+}
+
+/// Asks every question of `corpus` as a MinionS job through the router at `router` (which
+/// has the supervisor configured), with the remote-only baseline run by the same job.
+pub fn run(
+    router: &str,
+    supervisor: &str,
+    corpus: &Corpus,
+    max_rounds: u32,
+    max_jobs_per_round: Option<u32>,
+    say: &dyn Fn(&str),
+) -> MinionsResult {
+    let mut out = MinionsResult {
+        supervisor: supervisor.to_string(),
+        corpus: Some(corpus.clone()),
+        max_rounds,
+        max_jobs_per_round,
+        ..MinionsResult::default()
+    };
+    let mut regions: BTreeMap<String, usize> = BTreeMap::new();
+    for (i, (q, expect)) in corpus.questions.iter().enumerate() {
+        let mut body = json!({
+            "task": q,
+            "context": [corpus.text],
+            "doc_metadata": corpus.metadata,
+            "max_rounds": max_rounds,
+            "policy": {"audit_rate": 0.0, "remote_only_baseline": "run"}
+        });
+        if let Some(n) = max_jobs_per_round {
+            body["policy"]["max_jobs_per_round"] = json!(n);
+        }
+        let t = Instant::now();
+        // A CPU supervisor reading the whole report for the baseline takes minutes.
+        let r = http_within(
+            "POST",
+            &format!("{router}/v1/minions"),
+            Some(&body.to_string()),
+            &[],
+            3600,
+        );
+        let mut one = Question {
+            question: q.clone(),
+            expect: expect.clone(),
+            status: r.status,
+            ..Question::default()
+        };
+        let v = r.try_json().unwrap_or(Value::Null);
+        if r.status != 200 {
+            one.error = Some(
+                v["error"]["message"]
+                    .as_str()
+                    .map(str::to_string)
+                    .unwrap_or(r.body.chars().take(300).collect()),
+            );
+            say(&format!(
+                "minions [{}/{}] failed after {:.0} s: {}",
+                i + 1,
+                corpus.questions.len(),
+                t.elapsed().as_secs_f64(),
+                one.error.as_deref().unwrap_or_default()
+            ));
+            out.questions.push(one);
+            continue;
+        }
+        let u = &v["usage"];
+        one.answer = v["answer"].as_str().unwrap_or_default().to_string();
+        one.correct = contains_any(&one.answer, expect);
+        one.rounds = v["rounds"].as_u64().unwrap_or(0);
+        one.remote_tokens = u["remote"]["total_tokens"].as_u64().unwrap_or(0);
+        one.local_tokens = u["local"]["total_tokens"].as_u64().unwrap_or(0);
+        one.remote_only_answer = u["remote_only"]["answer"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        one.remote_only_correct = contains_any(&one.remote_only_answer, expect);
+        one.remote_only_tokens = u["remote_only"]["total_tokens"].as_u64().unwrap_or(0);
+        one.remote_only_ms = u["remote_only"]["ms"].as_f64().unwrap_or(0.0);
+        one.minions_ms = v["timing"]["total_ms"].as_f64().unwrap_or(0.0) - one.remote_only_ms;
+        let jobs = v["jobs"].as_array().cloned().unwrap_or_default();
+        one.jobs = jobs.len();
+        one.verified = jobs.iter().filter(|j| j["verified"] == true).count();
+        one.retried = jobs
+            .iter()
+            .filter(|j| j["attempts"].as_u64().unwrap_or(1) > 1)
+            .count();
+        let mut mine: BTreeMap<String, usize> = BTreeMap::new();
+        for j in &jobs {
+            let r = j["region"].as_str().unwrap_or("?").to_string();
+            *mine.entry(r.clone()).or_insert(0) += 1;
+            *regions.entry(r).or_insert(0) += 1;
+        }
+        one.jobs_by_region = mine.into_iter().collect();
+        say(&format!(
+            "minions [{}/{}] {} in {:.0} s, {} remote tokens (remote-only {} in {:.0} s, {}); {} jobs, {} verified",
+            i + 1,
+            corpus.questions.len(),
+            if one.correct { "right" } else { "wrong" },
+            one.minions_ms / 1000.0,
+            one.remote_tokens,
+            one.remote_only_tokens,
+            one.remote_only_ms / 1000.0,
+            if one.remote_only_correct {
+                "right"
+            } else {
+                "wrong"
+            },
+            one.jobs,
+            one.verified
+        ));
+        one.raw = v;
+        out.completed += 1;
+        out.correct += one.correct as usize;
+        out.remote_only_correct += one.remote_only_correct as usize;
+        out.remote_tokens += one.remote_tokens;
+        out.remote_only_tokens += one.remote_only_tokens;
+        out.local_tokens += one.local_tokens;
+        out.minions_s += one.minions_ms / 1000.0;
+        out.remote_only_s += one.remote_only_ms / 1000.0;
+        out.jobs += one.jobs;
+        out.unverified_jobs += one.jobs - one.verified;
+        out.questions.push(one);
+    }
+    out.jobs_by_region = regions.into_iter().collect();
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_shortened_report_asks_only_what_it_contains() {
+        let whole = Corpus::northport(usize::MAX, 9);
+        assert_eq!(whole.questions.len(), 4);
+        assert_eq!(whole.chars, NORTHPORT.len());
+        let short = Corpus::northport(8_300, 9);
+        assert!(short.chars <= 8_300 && short.text.ends_with('.'));
+        assert_eq!(short.questions.len(), 2);
+        for (_, expect) in &short.questions {
+            assert!(short.text.to_lowercase().contains(&expect[0]));
+        }
+        assert_eq!(Corpus::northport(8_300, 1).questions.len(), 1);
+    }
+
+    #[test]
+    fn answers_are_marked_by_the_facts_they_contain() {
+        let e = vec!["north quay".to_string()];
+        assert!(contains_any("The North Quay terminal.", &e));
+        assert!(!contains_any("The south terminal.", &e));
+    }
+}
