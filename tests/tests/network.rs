@@ -8,8 +8,8 @@ use std::time::Duration;
 use beacon_net::quic::{CallError, DataClient, read_frame};
 use beacon_net::{NetEvent, Network, NetworkConfig};
 use beacon_proto::{
-    AuditRequest, ChatMessage, DataErrorCode, DataFrame, DataRequest, Digest, Id,
-    InferRequest, Keypair, ModelSpec, PeerId, Role, Sampling, Signed, Wire,
+    AuditRequest, ChatMessage, DataErrorCode, DataFrame, DataRequest, Digest, Id, InferRequest,
+    Keypair, ModelSpec, PeerId, Role, Sampling, Signed, Wire,
 };
 use beacon_tests::{NodeServer, TEST_MODEL_REF, advert_of, http, now_ms, wait_until};
 

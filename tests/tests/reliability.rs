@@ -313,8 +313,14 @@ fn garbage_at_every_quic_port_does_not_stop_honest_traffic() {
     let (lies, liar_peer, victim) = liar.join().unwrap();
     assert!(lies >= 8, "the liar published only {lies} invalid adverts");
     for known in [router.providers(), node.known_providers()] {
-        assert!(!known.contains(&liar_peer), "an invalid advert entered: {known:?}");
-        assert!(!known.contains(&victim), "a forged advert entered: {known:?}");
+        assert!(
+            !known.contains(&liar_peer),
+            "an invalid advert entered: {known:?}"
+        );
+        assert!(
+            !known.contains(&victim),
+            "a forged advert entered: {known:?}"
+        );
     }
     assert_eq!(
         http("GET", &node.url("/healthz"), None, &[]).status,
@@ -443,48 +449,54 @@ fn a_provider_killed_in_every_minions_round_leaves_the_answer_unchanged() {
     };
     assert!(all_known(&router, &nodes), "{}", router.log());
     let doc = &beacon_bench::minions::NORTHPORT[..4_000];
-    let body = json!({
-        "task": "How many tonnes of cargo did the port handle in 2025?",
-        "context": [doc],
-        "doc_metadata": "Annual report of a harbour authority, 2025",
-        "max_rounds": 2,
-        "policy": {"audit_rate": 0.0, "worker_max_tokens": 48, "max_chunk_chars": 1000}
-    });
-    // Undisturbed, for the answer to compare with.
-    let r = http_within(
-        "POST",
-        &router.url("/v1/minions"),
-        Some(&body.to_string()),
-        &[],
-        1800,
-    );
-    assert_eq!(r.status, 200, "{}\n{}", r.body, router.log());
-    let calm = r.json();
-    assert_eq!(calm["verification"]["failed_jobs"], 0, "{calm}");
-
-    let (hit, killed_in) = job_killing_one_provider_per_round(&router, &body, &mut nodes);
-    let rounds = hit["rounds"].as_u64().unwrap();
-    assert_eq!(rounds, calm["rounds"].as_u64().unwrap(), "{hit}");
-    assert_eq!(
-        killed_in,
-        (1..=rounds).collect::<Vec<_>>(),
-        "a provider dies in every round"
-    );
-    let jobs = hit["jobs"].as_array().unwrap();
-    assert_eq!(hit["verification"]["failed_jobs"], 0, "{hit}");
-    assert!(jobs.iter().all(|j| j["verified"] == true), "{hit}");
-    for round in 1..=rounds {
-        assert!(
-            jobs.iter()
-                .any(|j| j["round"] == round && j["attempts"].as_u64().unwrap() > 1),
-            "round {round}: no job ran again after the kill: {}",
-            serde_json::to_string_pretty(jobs).unwrap()
+    // Two jobs, each first undisturbed (the answer to compare with), then with a provider
+    // killed in each of its rounds. (Gemma 3 270M, the supervisor here, ends every job
+    // after its first round; a supervisor that asks for more meets a kill in every round.)
+    for task in [
+        "How many tonnes of cargo did the port handle in 2025?",
+        "What was the tariff revenue, and what did the quay wall repairs cost?",
+    ] {
+        let body = json!({
+            "task": task,
+            "context": [doc],
+            "doc_metadata": "Annual report of a harbour authority, 2025",
+            "max_rounds": 2,
+            "policy": {"audit_rate": 0.0, "worker_max_tokens": 48, "max_chunk_chars": 1000}
+        });
+        let r = http_within(
+            "POST",
+            &router.url("/v1/minions"),
+            Some(&body.to_string()),
+            &[],
+            1800,
         );
+        assert_eq!(r.status, 200, "{}\n{}", r.body, router.log());
+        let calm = r.json();
+        assert_eq!(calm["verification"]["failed_jobs"], 0, "{calm}");
+
+        let (hit, killed_in) = job_killing_one_provider_per_round(&router, &body, &mut nodes);
+        let rounds = hit["rounds"].as_u64().unwrap();
+        assert_eq!(rounds, calm["rounds"].as_u64().unwrap(), "{hit}");
+        assert_eq!(
+            killed_in,
+            (1..=rounds).collect::<Vec<_>>(),
+            "a provider dies in every round"
+        );
+        let jobs = hit["jobs"].as_array().unwrap();
+        assert_eq!(hit["verification"]["failed_jobs"], 0, "{hit}");
+        assert!(jobs.iter().all(|j| j["verified"] == true), "{hit}");
+        for round in 1..=rounds {
+            assert!(
+                jobs.iter()
+                    .any(|j| j["round"] == round && j["attempts"].as_u64().unwrap() > 1),
+                "round {round}: no job ran again after the kill: {}",
+                serde_json::to_string_pretty(jobs).unwrap()
+            );
+        }
+        assert_eq!(
+            hit["answer"], calm["answer"],
+            "the answer changed when providers died"
+        );
+        assert!(all_known(&router, &nodes), "{}", router.log());
     }
-    assert_eq!(
-        hit["answer"], calm["answer"],
-        "the answer changed when providers died"
-    );
-    // The network is whole again for what comes next.
-    assert!(all_known(&router, &nodes), "{}", router.log());
 }

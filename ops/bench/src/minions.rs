@@ -63,7 +63,10 @@ impl Corpus {
             name: if text.len() == NORTHPORT.len() {
                 "Northport annual report 2025".into()
             } else {
-                format!("Northport annual report 2025, first {} characters", text.len())
+                format!(
+                    "Northport annual report 2025, first {} characters",
+                    text.len()
+                )
             },
             chars: text.len(),
             text: text.to_string(),

@@ -38,7 +38,12 @@ fn quick_suite_runs_every_workload_and_its_checks_pass() {
         assert!(q["remote_tokens"].as_u64().unwrap() > 0, "{q}");
         assert!(q["remote_only_tokens"].as_u64().unwrap() > 0, "{q}");
         assert!(q["jobs"].as_u64().unwrap() > 0, "{q}");
-        assert!(q["remote_only_answer"].as_str().is_some_and(|a| !a.is_empty()), "{q}");
+        assert!(
+            q["remote_only_answer"]
+                .as_str()
+                .is_some_and(|a| !a.is_empty()),
+            "{q}"
+        );
     }
     assert_eq!(report["placement"]["pinned"].as_array().unwrap().len(), 4);
     let failures: Vec<&str> = report["failures"]
