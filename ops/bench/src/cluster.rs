@@ -60,12 +60,12 @@ impl Binaries {
 
 /// A child process killed (SIGKILL) when dropped, and when this process dies, however it
 /// dies (the kernel's parent-death signal), so an interrupted run leaves no providers behind.
-struct Proc(Child);
+pub(crate) struct Proc(Child);
 
 impl Proc {
     /// Starts `c` with its stderr appended to `log` (stdout dropped). The kernel kills it
     /// when the thread that started it exits: start it from the main thread.
-    fn spawn(c: &mut Command, log: &Path) -> std::io::Result<Proc> {
+    pub(crate) fn spawn(c: &mut Command, log: &Path) -> std::io::Result<Proc> {
         use std::os::unix::process::CommandExt;
         let log = std::fs::OpenOptions::new()
             .create(true)

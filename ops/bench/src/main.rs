@@ -11,6 +11,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
 use beacon_bench::cluster::{Binaries, Cluster, ClusterConfig};
+use beacon_bench::engine;
 use beacon_bench::load::Target;
 use beacon_bench::minions::{self, Corpus, MinionsResult};
 use beacon_bench::report::{Machine, Report, Setup};
@@ -46,7 +47,8 @@ struct RunArgs {
     /// Where the report goes (default: bench-results/<unix time>).
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Workloads to run, comma-separated (chat, minions, placement, dishonest, failures).
+    /// Workloads to run, comma-separated (engine, chat, minions, placement, dishonest,
+    /// failures).
     /// With --router: chat unless minions is named.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
@@ -91,6 +93,10 @@ struct RunArgs {
     /// The remote API's model.
     #[arg(long, requires = "remote_base_url")]
     remote_model: Option<String>,
+    /// llama.cpp's own server: the baseline of the engine workload, which runs only with it
+    /// (`ops/bench-inference.sh` builds one from llama.cpp's sources).
+    #[arg(long, env = "BEACON_LLAMA_SERVER")]
+    llama_server: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -459,6 +465,44 @@ fn local(
         parallel: a.parallel,
         ..Setup::default()
     };
+    if wants(a, "engine") {
+        match &a.llama_server {
+            Some(server) => {
+                say("engine: beacon-node against llama-server, same model and settings");
+                match engine::run(
+                    &bins,
+                    server,
+                    &model,
+                    a.parallel,
+                    cores(),
+                    &scale.concurrency,
+                    scale.per_client,
+                    scale.max_tokens,
+                    say,
+                ) {
+                    Ok(e) => {
+                        let errors: usize = e
+                            .levels
+                            .iter()
+                            .map(|l| l.beacon.errors + l.llama_server.errors)
+                            .sum();
+                        report.check(
+                            "engine answered every request",
+                            errors == 0,
+                            format!("{errors} requests failed (both servers)"),
+                        );
+                        report.engine = Some(e);
+                    }
+                    Err(e) => report.problems.push(format!("engine: {e:#}")),
+                }
+            }
+            None => {
+                report.engine_skipped = Some(
+                    "no llama-server to compare with: pass --llama-server (`ops/bench-inference.sh` builds one)".into(),
+                )
+            }
+        }
+    }
     say(&format!(
         "bringing up {} regions, {} honest provider(s) each (up to {providers} processes with the dishonest ones)",
         wan.regions.len(),

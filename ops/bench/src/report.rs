@@ -6,6 +6,7 @@ use std::path::Path;
 use plotters::prelude::*;
 use serde::Serialize;
 
+use crate::engine::{EngineLevel, EngineResult};
 use crate::minions::MinionsResult;
 use crate::suite::{ChatResult, DishonestResult, FailureResult, PlacementResult, Scale};
 
@@ -20,6 +21,9 @@ pub struct Report {
     pub machine: Machine,
     pub setup: Setup,
     pub scale: Option<Scale>,
+    /// The engine against llama-server, when one was given, else why not.
+    pub engine: Option<EngineResult>,
+    pub engine_skipped: Option<String>,
     pub chat: Option<ChatResult>,
     /// Workload 2 (MinionS jobs) when it ran, else why not.
     pub minions: Option<MinionsResult>,
@@ -79,6 +83,10 @@ impl Report {
         std::fs::create_dir_all(dir)?;
         std::fs::write(dir.join("report.json"), serde_json::to_string_pretty(self)?)?;
         let mut figures = Vec::new();
+        if let Some(e) = &self.engine {
+            std::fs::write(dir.join("engine.svg"), engine_svg(e)?)?;
+            figures.push("engine.svg");
+        }
         if let Some(c) = &self.chat {
             std::fs::write(dir.join("chat.svg"), chat_svg(c)?)?;
             figures.push("chat.svg");
@@ -156,6 +164,13 @@ impl Report {
         for p in &self.problems {
             let _ = writeln!(m, "| workload | **FAIL** | {p} |");
         }
+        match (&self.engine, &self.engine_skipped) {
+            (Some(e), _) => engine_md(&mut m, e),
+            (None, Some(why)) => {
+                let _ = writeln!(m, "\n## Engine\n\nNot run: {why}.");
+            }
+            (None, None) => {}
+        }
         if let Some(c) = &self.chat {
             chat_md(&mut m, c);
         }
@@ -180,6 +195,37 @@ impl Report {
         }
         m
     }
+}
+
+fn engine_md(m: &mut String, e: &EngineResult) {
+    let _ = writeln!(
+        m,
+        "\n## Engine\n\nbeacon-node off the network against llama.cpp's own server (`{}`), same \
+         model, {} parallel sequences, {} threads, {}-token answers, one server under load at a \
+         time, same client.\n",
+        e.llama_server, e.parallel, e.threads, e.max_tokens
+    );
+    let _ = writeln!(
+        m,
+        "| concurrency | beacon-node tok/s | llama-server tok/s | ratio | beacon-node p50 / p99 ms | llama-server p50 / p99 ms | errors |\n|---|---|---|---|---|---|---|"
+    );
+    for l in &e.levels {
+        let _ = writeln!(
+            m,
+            "| {} | {:.1} | {:.1} | {:.2}x | {:.0} / {:.0} | {:.0} / {:.0} | {} / {} |",
+            l.concurrency,
+            l.beacon.tokens_per_second,
+            l.llama_server.tokens_per_second,
+            l.ratio(),
+            l.beacon.p50_ms,
+            l.beacon.p99_ms,
+            l.llama_server.p50_ms,
+            l.llama_server.p99_ms,
+            l.beacon.errors,
+            l.llama_server.errors
+        );
+    }
+    let _ = writeln!(m, "\n![engine throughput](engine.svg)");
 }
 
 fn chat_md(m: &mut String, c: &ChatResult) {
@@ -454,6 +500,53 @@ fn legend<'b: 'a, 'a, C: plotters::coord::CoordTranslate>(
         .position(position)
         .draw()
         .map_err(err)
+}
+
+fn engine_svg(e: &EngineResult) -> Svg {
+    let mut s = String::new();
+    {
+        let root = SVGBackend::with_string(&mut s, (600, 360)).into_drawing_area();
+        root.fill(&WHITE).map_err(err)?;
+        let max_c = e.levels.iter().map(|l| l.concurrency).max().unwrap_or(1) as f64;
+        let pts = |f: &dyn Fn(&EngineLevel) -> f64| -> Vec<(f64, f64)> {
+            e.levels
+                .iter()
+                .map(|l| (l.concurrency as f64, f(l)))
+                .collect()
+        };
+        let beacon = pts(&|l| l.beacon.tokens_per_second);
+        let llama = pts(&|l| l.llama_server.tokens_per_second);
+        let top = beacon.iter().chain(&llama).map(|p| p.1).fold(1.0, f64::max) * 1.15;
+        let mut chart = ChartBuilder::on(&root)
+            .caption("Engine throughput", ("sans-serif", 18))
+            .margin(12)
+            .x_label_area_size(36)
+            .y_label_area_size(52)
+            .build_cartesian_2d(0.5..max_c + 0.5, 0.0..top)
+            .map_err(err)?;
+        chart
+            .configure_mesh()
+            .x_desc("concurrency")
+            .y_desc("tokens/s")
+            .draw()
+            .map_err(err)?;
+        for (name, p, color) in [
+            ("beacon-node", beacon, RED),
+            ("llama-server (baseline)", llama, BLUE),
+        ] {
+            chart
+                .draw_series(LineSeries::new(p.clone(), color.stroke_width(2)))
+                .map_err(err)?
+                .label(name)
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color));
+            chart
+                .draw_series(p.iter().map(|&q| Circle::new(q, 3, color.filled())))
+                .map_err(err)?;
+        }
+        legend(&mut chart, SeriesLabelPosition::UpperLeft)?;
+        root.present().map_err(err)?;
+    }
+    Ok(s)
 }
 
 fn chat_svg(c: &ChatResult) -> Svg {
