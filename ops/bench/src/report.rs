@@ -815,3 +815,85 @@ fn failures_svg(f: &[FailureResult]) -> Svg {
     }
     Ok(s)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::EngineLevel;
+    use crate::load::Load;
+    use crate::minions::{Corpus, Question};
+
+    fn load(tps: f64) -> Load {
+        Load {
+            tokens_per_second: tps,
+            p50_ms: 100.0,
+            ..Load::default()
+        }
+    }
+
+    #[test]
+    fn minions_and_engine_sections_and_figures() {
+        let answered = Question {
+            question: "How much?".into(),
+            expect: vec!["61.5".into()],
+            status: 200,
+            answer: "61.5 million euros".into(),
+            correct: true,
+            remote_tokens: 900,
+            remote_only_tokens: 3000,
+            minions_ms: 40_000.0,
+            remote_only_ms: 20_000.0,
+            jobs: 8,
+            verified: 8,
+            jobs_by_region: vec![("eu-west".into(), 3), ("us-east".into(), 5)],
+            ..Question::default()
+        };
+        let failed = Question {
+            question: "Who?".into(),
+            status: 502,
+            error: Some("supervisor | down".into()),
+            ..Question::default()
+        };
+        let report = Report {
+            mode: "quick".into(),
+            minions: Some(MinionsResult {
+                supervisor: "ai/gemma3:270m".into(),
+                corpus: Some(Corpus::northport(8_300, 2)),
+                max_rounds: 2,
+                max_jobs_per_round: Some(12),
+                questions: vec![answered, failed],
+                completed: 1,
+                correct: 1,
+                remote_tokens: 900,
+                remote_only_tokens: 3000,
+                jobs: 8,
+                ..MinionsResult::default()
+            }),
+            engine: Some(EngineResult {
+                llama_server: "llama-server".into(),
+                parallel: 4,
+                threads: 2,
+                max_tokens: 16,
+                levels: vec![EngineLevel {
+                    concurrency: 1,
+                    beacon: load(90.0),
+                    llama_server: load(100.0),
+                }],
+            }),
+            ..Report::default()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        report.write(dir.path()).unwrap();
+        let md = std::fs::read_to_string(dir.path().join("report.md")).unwrap();
+        assert!(md.contains("## 2. MinionS jobs"), "{md}");
+        assert!(md.contains("| How much? | right | wrong | 900 / 3000 (0.30x)"), "{md}");
+        // A failed job is a row of its own, its message kept from breaking the table.
+        assert!(md.contains("**failed** (502): supervisor / down"), "{md}");
+        assert!(md.contains("at most 12 local jobs per round"), "{md}");
+        assert!(md.contains("| 1 | 90.0 | 100.0 | 0.90x |"), "{md}");
+        for svg in ["minions.svg", "engine.svg"] {
+            let s = std::fs::read_to_string(dir.path().join(svg)).unwrap();
+            assert!(s.starts_with("<svg") && s.contains("</svg>"), "{svg}");
+        }
+    }
+}
