@@ -109,7 +109,17 @@ pub fn run(
             .arg(model)
             .args(["--host", "127.0.0.1", "--port"])
             .arg(llama_addr.port().to_string())
-            .args(["-np", &p, "-c", &total_ctx, "-t", &t, "-tb", &t, "--no-webui"]),
+            .args([
+                "-np",
+                &p,
+                "-c",
+                &total_ctx,
+                "-t",
+                &t,
+                "-tb",
+                &t,
+                "--no-webui",
+            ]),
         &llama_log,
     )
     .with_context(|| format!("starting {}", llama_server.display()))?;
@@ -119,8 +129,7 @@ pub fn run(
     }
     // llama-server answers 503 while it loads: wait for its health to say ok.
     let healthy = (0..240).any(|_| {
-        let ok = crate::http::http("GET", &format!("http://{llama_addr}/health"), None, &[])
-            .status
+        let ok = crate::http::http("GET", &format!("http://{llama_addr}/health"), None, &[]).status
             == 200;
         if !ok {
             std::thread::sleep(Duration::from_millis(500));

@@ -77,7 +77,7 @@ impl Scale {
             minions_chars: usize::MAX,
             minions_questions: 4,
             minions_rounds: 2,
-            minions_max_jobs: Some(32),
+            minions_max_jobs: None,
         }
     }
 }
