@@ -502,6 +502,28 @@ fn legend<'b: 'a, 'a, C: plotters::coord::CoordTranslate>(
         .map_err(err)
 }
 
+/// A named line with a dot at each point.
+fn line<'b: 'a, 'a>(
+    chart: &mut ChartContext<
+        'a,
+        SVGBackend<'b>,
+        Cartesian2d<plotters::coord::types::RangedCoordf64, plotters::coord::types::RangedCoordf64>,
+    >,
+    name: &str,
+    pts: &[(f64, f64)],
+    color: RGBColor,
+) -> anyhow::Result<()> {
+    chart
+        .draw_series(LineSeries::new(pts.to_vec(), color.stroke_width(2)))
+        .map_err(err)?
+        .label(name)
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color));
+    chart
+        .draw_series(pts.iter().map(|&p| Circle::new(p, 3, color.filled())))
+        .map_err(err)?;
+    Ok(())
+}
+
 fn engine_svg(e: &EngineResult) -> Svg {
     let mut s = String::new();
     {
@@ -530,19 +552,8 @@ fn engine_svg(e: &EngineResult) -> Svg {
             .y_desc("tokens/s")
             .draw()
             .map_err(err)?;
-        for (name, p, color) in [
-            ("beacon-node", beacon, RED),
-            ("llama-server (baseline)", llama, BLUE),
-        ] {
-            chart
-                .draw_series(LineSeries::new(p.clone(), color.stroke_width(2)))
-                .map_err(err)?
-                .label(name)
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color));
-            chart
-                .draw_series(p.iter().map(|&q| Circle::new(q, 3, color.filled())))
-                .map_err(err)?;
-        }
+        line(&mut chart, "beacon-node", &beacon, RED)?;
+        line(&mut chart, "llama-server (baseline)", &llama, BLUE)?;
         legend(&mut chart, SeriesLabelPosition::UpperLeft)?;
         root.present().map_err(err)?;
     }
@@ -604,17 +615,9 @@ fn chat_svg(c: &ChatResult) -> Svg {
                 .map_err(err)?;
             for (name, pts, color) in [("routed", routed, RED), ("direct (baseline)", direct, BLUE)]
             {
-                if pts.is_empty() {
-                    continue;
+                if !pts.is_empty() {
+                    line(&mut chart, name, &pts, color)?;
                 }
-                chart
-                    .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
-                    .map_err(err)?
-                    .label(name)
-                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color));
-                chart
-                    .draw_series(pts.iter().map(|&p| Circle::new(p, 3, color.filled())))
-                    .map_err(err)?;
             }
             legend(&mut chart, SeriesLabelPosition::UpperLeft)?;
         }
