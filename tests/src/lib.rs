@@ -853,6 +853,24 @@ impl RouterServer {
         Self::start_in(tempfile::tempdir().unwrap(), bootstrap, extra)
     }
 
+    /// Starts a router whose MinionS supervisor is the node `sup` (see
+    /// [`NodeServer::supervisor`]), with extra flags.
+    pub fn with_supervisor(
+        bootstrap: Option<&str>,
+        sup: &NodeServer,
+        extra: &[&str],
+    ) -> RouterServer {
+        let url = sup.url("/engines/v1");
+        let mut flags = vec![
+            "--remote-base-url",
+            url.as_str(),
+            "--remote-model",
+            SUPERVISOR_MODEL_REF,
+        ];
+        flags.extend_from_slice(extra);
+        Self::start(bootstrap, &flags)
+    }
+
     /// Starts a router on an existing data dir (a restart).
     pub fn start_in(
         data: tempfile::TempDir,

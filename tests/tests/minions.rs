@@ -6,9 +6,7 @@
 
 use std::time::Duration;
 
-use beacon_tests::{
-    NodeServer, RouterServer, SUPERVISOR_MODEL_REF, bin, http, http_within, wait_until,
-};
+use beacon_tests::{NodeServer, RouterServer, bin, http, http_within, wait_until};
 use serde_json::{Value, json};
 
 const MODEL: &str = "ai/smollm2:test";
@@ -69,15 +67,7 @@ fn network(router_flags: &[&str]) -> Net {
     let boot = a.bootstrap_addr();
     let b = NodeServer::start(&["--region", "us-east", "--bootstrap", &boot]);
     let sup = NodeServer::supervisor();
-    let mut flags = vec![
-        "--remote-base-url".to_string(),
-        sup.url("/engines/v1"),
-        "--remote-model".to_string(),
-        SUPERVISOR_MODEL_REF.to_string(),
-    ];
-    flags.extend(router_flags.iter().map(|s| s.to_string()));
-    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    let router = RouterServer::start(Some(&boot), &flags);
+    let router = RouterServer::with_supervisor(Some(&boot), &sup, router_flags);
     let (pa, pb) = (a.peer_id(), b.peer_id());
     assert!(
         wait_until(Duration::from_secs(60), || {
@@ -293,15 +283,7 @@ fn invalid_plans_are_sent_back_and_retried_a_bounded_number_of_times() {
     let sup = NodeServer::supervisor();
     let a = NodeServer::start(&[]);
     let boot = a.bootstrap_addr();
-    let router = RouterServer::start(
-        Some(&boot),
-        &[
-            "--remote-base-url",
-            &sup.url("/engines/v1"),
-            "--remote-model",
-            SUPERVISOR_MODEL_REF,
-        ],
-    );
+    let router = RouterServer::with_supervisor(Some(&boot), &sup, &[]);
     assert!(wait_until(Duration::from_secs(60), || !router
         .providers()
         .is_empty()));

@@ -9,8 +9,7 @@ use std::time::{Duration, Instant};
 
 use beacon_tests::{
     ChildGuard, HttpReply, NodeCli, NodeServer, Registry, Relay, RelayOptions, RouterServer,
-    SUPERVISOR_MODEL_REF, TEST_MODEL_REF, advert_of, http, http_within, now_ms, sha256_file,
-    test_model, wait_until,
+    TEST_MODEL_REF, advert_of, http, http_within, now_ms, sha256_file, test_model, wait_until,
 };
 use serde_json::{Value, json};
 
@@ -427,18 +426,10 @@ fn a_provider_killed_in_every_minions_round_leaves_the_answer_unchanged() {
     for _ in 0..3 {
         nodes.push(NodeServer::start(&["--threads", "1", "--bootstrap", &boot]));
     }
-    let router = RouterServer::start(
+    let router = RouterServer::with_supervisor(
         Some(&boot),
-        &[
-            "--remote-base-url",
-            &sup.url("/engines/v1"),
-            "--remote-model",
-            SUPERVISOR_MODEL_REF,
-            "--audit-rate",
-            "0",
-            "--attempt-timeout",
-            "600",
-        ],
+        &sup,
+        &["--audit-rate", "0", "--attempt-timeout", "600"],
     );
     let all_known = |router: &RouterServer, nodes: &[NodeServer]| {
         let ids: Vec<String> = nodes.iter().map(NodeServer::peer_id).collect();
