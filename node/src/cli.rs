@@ -289,6 +289,10 @@ pub enum ModelCommand {
         /// Print the OCI manifest instead of the config.
         #[arg(long)]
         manifest: bool,
+        /// Print only the manifest digest (what a router pins the name to with
+        /// `--model-pin REFERENCE=DIGEST`).
+        #[arg(long, conflicts_with = "manifest")]
+        digest: bool,
     },
     /// Give a model another tag.
     Tag { source: String, target: String },
@@ -426,7 +430,16 @@ async fn model(data_dir: &std::path::Path, cmd: ModelCommand) -> anyhow::Result<
                 bail!("some models could not be removed");
             }
         }
-        ModelCommand::Inspect { model, manifest } => {
+        ModelCommand::Inspect {
+            model,
+            digest: true,
+            ..
+        } => {
+            println!("{}", store.resolve(&model)?.manifest_digest);
+        }
+        ModelCommand::Inspect {
+            model, manifest, ..
+        } => {
             let record = store.resolve(&model)?;
             let digest = if manifest {
                 record.manifest_digest

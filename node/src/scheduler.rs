@@ -400,11 +400,25 @@ impl Actor {
         };
         let mut engine_config = self.config.engine.clone();
         engine_config.chat_template = chat_template(&self.store, &record);
+        let blobs: Vec<Digest> = record
+            .files
+            .iter()
+            .filter(|f| f.kind == crate::store::artifact::FileKind::Gguf)
+            .map(|f| f.digest)
+            .collect();
         self.loading
             .insert(digest, (record, model, estimate, vec![(reply, keep_alive)]));
         let tx = self.tx.clone();
+        let store = self.store.clone();
         tokio::task::spawn_blocking(move || {
-            let result = Engine::load(&path, engine_config);
+            // Load-time integrity: what is loaded is what was pulled and advertised.
+            let checked = blobs.iter().try_for_each(|d| {
+                store.check_blob(d).map_err(|e| EngineError::Load {
+                    path: store.blob_path(d),
+                    reason: format!("{e}; the file changed after it was pulled, so it is not served (pull the model again)"),
+                })
+            });
+            let result = checked.and_then(|()| Engine::load(&path, engine_config));
             let _ = tx.blocking_send(Cmd::Loaded { digest, result });
         });
     }

@@ -364,6 +364,14 @@ pub fn verify_result(
             result.model_digest, request.model.digest
         )));
     }
+    // Text comes from tokens: an answer with text but no generated tokens cannot be
+    // audited and is refused outright (an empty answer is fine, and audited like any other).
+    if result.usage.completion_tokens == 0 && !result.output.is_empty() {
+        return Err(reject(format!(
+            "{} bytes of text from 0 generated tokens",
+            result.output.len()
+        )));
+    }
     match (&result.token_ids, request.return_tokens) {
         (None, true) => return Err(reject("token ids were requested but not returned".into())),
         (Some(ids), _) if ids.len() != result.usage.completion_tokens as usize => {
@@ -393,6 +401,13 @@ pub struct AuditRequest {
     /// The JSON schema the audited output was constrained by, so the auditor scores under
     /// the same grammar (a constrained argmax differs from the model's raw argmax).
     pub json_schema: Option<String>,
+    /// The stop strings of the audited request: the auditor turns the claimed tokens into
+    /// text exactly as a provider does (stop strings cut), so the text can be compared.
+    pub stop: Vec<String>,
+    /// How the audited result says generation ended. `Stop` without a stop string in the
+    /// text means the model chose to end: the auditor scores that end-of-generation too,
+    /// so a truncated or empty answer is audited like any other.
+    pub finish_reason: FinishReason,
 }
 
 impl Wire for AuditRequest {
@@ -425,6 +440,13 @@ pub struct AuditResult {
     pub model_digest: Digest,
     pub prompt_tokens: u32,
     pub scores: Vec<TokenScore>,
+    /// Digest of the text the claimed tokens decode to (stop strings applied): what the
+    /// audited provider's `output` must be.
+    pub output_digest: Digest,
+    /// The auditor's score for ending generation after the claimed tokens (the most
+    /// likely end-of-generation token), when the result claims the model stopped by
+    /// itself; `None` when a stop string or the token budget ended it.
+    pub end: Option<TokenScore>,
 }
 
 impl Wire for AuditResult {
@@ -438,6 +460,7 @@ impl Domain for AuditResult {
 /// A summary of an audit, from which the router decides pass or fail.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AuditSummary {
+    /// Positions judged: the claimed tokens, plus the end of generation when scored.
     pub tokens: usize,
     /// Claimed token is the auditor's argmax.
     pub greedy_matches: usize,
@@ -461,7 +484,18 @@ impl AuditResult {
             }
             sum += score.logprob;
         }
-        let tokens = self.scores.len().min(claimed.len());
+        let mut tokens = self.scores.len().min(claimed.len());
+        if let Some(end) = &self.end {
+            // The claimed "token" here is the end of generation: it agrees when ending is
+            // the auditor's choice too, or within `near_tie` of it.
+            tokens += 1;
+            if end.argmax_logprob - end.logprob <= 0.0 {
+                greedy_matches += 1;
+            } else if end.argmax_logprob - end.logprob <= near_tie {
+                near_ties += 1;
+            }
+            sum += end.logprob;
+        }
         AuditSummary {
             tokens,
             greedy_matches,
@@ -471,6 +505,89 @@ impl AuditResult {
             } else {
                 sum / tokens as f32
             },
+        }
+    }
+}
+
+/// What an audit says about a result.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AuditVerdict {
+    pub passed: bool,
+    /// Share of judged positions where the claimed token agrees with the auditor
+    /// (1.0 for a sampled output, whose tokens are not judged by agreement).
+    pub agreement: f64,
+    /// Why it failed, in words.
+    pub reason: Option<String>,
+}
+
+impl AuditResult {
+    /// Judges a result against this audit: the text must be exactly what the claimed
+    /// tokens decode to, every claimed token must have been scored, and none may be one
+    /// the output grammar forbids. A greedy result (`greedy`) must also agree with the
+    /// auditor's argmax on at least `pass` of its positions (a claimed token within
+    /// `near_tie` nats of the argmax agrees: hardware breaks near-ties differently).
+    pub fn judge(
+        &self,
+        claimed: &[u32],
+        output: &str,
+        greedy: bool,
+        near_tie: f32,
+        pass: f64,
+    ) -> AuditVerdict {
+        let fail = |agreement: f64, reason: String| AuditVerdict {
+            passed: false,
+            agreement,
+            reason: Some(reason),
+        };
+        if Digest::of(output.as_bytes()) != self.output_digest {
+            return fail(0.0, "the text is not what its tokens decode to".into());
+        }
+        if self.scores.len() != claimed.len() {
+            return fail(
+                0.0,
+                format!(
+                    "the auditor scored {} of {} tokens",
+                    self.scores.len(),
+                    claimed.len()
+                ),
+            );
+        }
+        if self
+            .scores
+            .iter()
+            .chain(self.end.iter())
+            .any(|s| s.logprob == f32::MIN)
+        {
+            return fail(0.0, "a token the output grammar forbids".into());
+        }
+        if !greedy {
+            return AuditVerdict {
+                passed: true,
+                agreement: 1.0,
+                reason: None,
+            };
+        }
+        let s = self.summarize(claimed, near_tie);
+        let agreement = if s.tokens == 0 {
+            1.0
+        } else {
+            (s.greedy_matches + s.near_ties) as f64 / s.tokens as f64
+        };
+        if agreement >= pass {
+            AuditVerdict {
+                passed: true,
+                agreement,
+                reason: None,
+            }
+        } else {
+            fail(
+                agreement,
+                format!(
+                    "{} of {} positions agree with the auditor",
+                    s.greedy_matches + s.near_ties,
+                    s.tokens
+                ),
+            )
         }
     }
 }

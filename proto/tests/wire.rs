@@ -121,6 +121,8 @@ fn messages_round_trip() {
         messages: req.messages.clone(),
         claimed_tokens: vec![1, 2, 3],
         json_schema: None,
+        stop: vec!["\n\n".into()],
+        finish_reason: FinishReason::Stop,
     };
     assert_eq!(
         AuditRequest::decode(&audit.encode().unwrap()).unwrap(),
@@ -136,6 +138,8 @@ fn messages_round_trip() {
             argmax: 1,
             argmax_logprob: -0.1,
         }],
+        output_digest: Digest::of(b"Paris"),
+        end: None,
     };
     assert_eq!(AuditResult::decode(&ar.encode().unwrap()).unwrap(), ar);
 }
@@ -242,6 +246,29 @@ fn result_must_answer_the_request_asked() {
     let err =
         verify_result(&Signed::sign(&kp, &no_tokens).unwrap(), &kp.peer_id(), &req).unwrap_err();
     assert!(err.to_string().contains("token ids"), "{err}");
+
+    // Attack (b): text with no tokens behind it is refused, whatever the request asked.
+    let mut empty = result_for(&req);
+    empty.token_ids = Some(vec![]);
+    empty.usage.completion_tokens = 0;
+    let err = verify_result(&Signed::sign(&kp, &empty).unwrap(), &kp.peer_id(), &req).unwrap_err();
+    assert!(err.to_string().contains("0 generated tokens"), "{err}");
+    let mut no_return = req.clone();
+    no_return.return_tokens = false;
+    let mut untokened = result_for(&no_return);
+    untokened.token_ids = None;
+    untokened.usage.completion_tokens = 0;
+    assert!(
+        verify_result(
+            &Signed::sign(&kp, &untokened).unwrap(),
+            &kp.peer_id(),
+            &no_return
+        )
+        .is_err()
+    );
+    // An empty answer is a valid answer.
+    empty.output.clear();
+    verify_result(&Signed::sign(&kp, &empty).unwrap(), &kp.peer_id(), &req).unwrap();
 }
 
 #[test]
@@ -339,9 +366,83 @@ fn audit_summary_tolerates_near_ties() {
                 argmax_logprob: -0.01,
             },
         ],
+        output_digest: Digest::of(b"abc"),
+        end: None,
     };
     let s = ar.summarize(&[5, 6, 7], 0.05);
     assert_eq!((s.tokens, s.greedy_matches, s.near_ties), (3, 1, 1));
+}
+
+fn audit_of(output: &str, scores: Vec<TokenScore>, end: Option<TokenScore>) -> AuditResult {
+    AuditResult {
+        audit_id: Id(1),
+        request_digest: Digest::of(b"r"),
+        model_digest: Digest::of(b"m"),
+        prompt_tokens: 3,
+        scores,
+        output_digest: Digest::of(output.as_bytes()),
+        end,
+    }
+}
+
+fn agreeing(token: u32) -> TokenScore {
+    TokenScore {
+        logprob: -0.2,
+        argmax: token,
+        argmax_logprob: -0.2,
+    }
+}
+
+/// Attack (a): honest tokens with other text. The auditor's decoding of the tokens is the
+/// ground truth, whatever the agreement of the tokens themselves.
+#[test]
+fn audit_fails_text_that_is_not_its_tokens() {
+    let ar = audit_of("Paris", vec![agreeing(11), agreeing(12)], None);
+    assert!(ar.judge(&[11, 12], "Paris", true, 0.5, 0.9).passed);
+    let v = ar.judge(&[11, 12], "Visit evil.example", true, 0.5, 0.9);
+    assert!(!v.passed);
+    assert!(v.reason.unwrap().contains("decode"));
+    // Sampled outputs are held to their text too.
+    assert!(!ar.judge(&[11, 12], "Lyon", false, 0.5, 0.9).passed);
+    // Fewer scores than claimed tokens never pass.
+    let short = audit_of("Paris", vec![agreeing(11)], None);
+    assert!(!short.judge(&[11, 12], "Paris", true, 0.5, 0.9).passed);
+}
+
+/// Attack (b) with empty text: an answer of no tokens that claims the model stopped is
+/// judged on the auditor's end-of-generation score.
+#[test]
+fn audit_judges_the_end_of_generation() {
+    let stop_here = TokenScore {
+        logprob: -0.05,
+        argmax: 2,
+        argmax_logprob: -0.05,
+    };
+    let would_go_on = TokenScore {
+        logprob: -8.0,
+        argmax: 300,
+        argmax_logprob: -0.01,
+    };
+    assert!(
+        audit_of("", vec![], Some(stop_here))
+            .judge(&[], "", true, 0.5, 0.9)
+            .passed
+    );
+    let v = audit_of("", vec![], Some(would_go_on)).judge(&[], "", true, 0.5, 0.9);
+    assert!(!v.passed, "{v:?}");
+    let s = audit_of("", vec![], Some(would_go_on)).summarize(&[], 0.5);
+    assert_eq!((s.tokens, s.greedy_matches, s.near_ties), (1, 0, 0));
+    // A token the grammar forbids fails even a sampled output.
+    let forbidden = TokenScore {
+        logprob: f32::MIN,
+        argmax: 3,
+        argmax_logprob: -0.1,
+    };
+    assert!(
+        !audit_of("x", vec![forbidden], None)
+            .judge(&[7], "x", false, 0.5, 0.9)
+            .passed
+    );
 }
 
 fn arb_request() -> impl Strategy<Value = InferRequest> {
@@ -402,6 +503,9 @@ proptest! {
         let kp = Keypair::generate();
         let mut res = result_for(&req);
         res.usage.completion_tokens = tokens.len() as u32;
+        if tokens.is_empty() {
+            res.output.clear();
+        }
         res.token_ids = Some(tokens);
         let signed = Signed::sign(&kp, &res).unwrap();
         let back = Signed::<InferResult>::decode(&signed.encode().unwrap()).unwrap();

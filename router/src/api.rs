@@ -453,7 +453,8 @@ async fn chat_inner(
             "usage": {"prompt_tokens": r.usage.prompt_tokens, "completion_tokens": r.usage.completion_tokens,
                       "total_tokens": r.usage.prompt_tokens + r.usage.completion_tokens},
             "beacon": {"provider": outcome.provider.to_string(), "region": outcome.region, "attempts": outcome.attempts,
-                       "hedged": outcome.hedged, "verified": true, "latency_ms": outcome.latency_ms},
+                       "hedged": outcome.hedged, "verified": true, "audited": outcome.audited,
+                       "latency_ms": outcome.latency_ms},
         })).into_response());
     }
     // Streaming: deltas as OpenAI chunks, then the finish and (when asked) usage chunks.
@@ -469,8 +470,7 @@ async fn chat_inner(
     tokio::spawn(async move {
         let _admitted = admitted;
         let chunk = |delta: Value, finish: Value| {
-            let c = json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]});
+            let c = chunk_value(&id, created, &model, delta, finish);
             Bytes::from(format!("data: {c}\n\n"))
         };
         let _ = out_tx
@@ -499,8 +499,19 @@ async fn chat_inner(
         match outcome {
             Ok(o) => {
                 record(&st, &o);
+                // The last chunk says what the client got: every delta above was compared
+                // with the signed output before it (a mismatch ends in an error event).
+                let mut last = chunk_value(
+                    &id,
+                    created,
+                    &model,
+                    json!({}),
+                    json!(finish(o.result.finish_reason)),
+                );
+                last["beacon"] = json!({"provider": o.provider.to_string(), "region": o.region,
+                    "attempts": o.attempts, "verified": true, "audited": o.audited});
                 let _ = out_tx
-                    .send(Ok(chunk(json!({}), json!(finish(o.result.finish_reason)))))
+                    .send(Ok(Bytes::from(format!("data: {last}\n\n"))))
                     .await;
                 if include_usage {
                     let u = o.result.usage;
@@ -511,7 +522,8 @@ async fn chat_inner(
             }
             Err(e) => {
                 st.metrics.errors.fetch_add(1, Ordering::Relaxed);
-                let c = json!({"error": {"message": e.to_string(), "type": "server_error"}});
+                let c = json!({"error": {"message": e.to_string(), "type": "server_error"},
+                    "beacon": {"verified": false, "audited": false}});
                 let _ = out_tx.send(Ok(Bytes::from(format!("data: {c}\n\n")))).await;
             }
         }
@@ -527,6 +539,12 @@ async fn chat_inner(
         .header(header::CACHE_CONTROL, "no-cache")
         .body(Body::from_stream(stream))
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response()))
+}
+
+/// One OpenAI `chat.completion.chunk`.
+fn chunk_value(id: &str, created: u64, model: &str, delta: Value, finish: Value) -> Value {
+    json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
 }
 
 fn record(state: &ApiState, o: &crate::dispatch::Outcome) {

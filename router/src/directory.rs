@@ -8,13 +8,25 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use beacon_net::SharedDirectory;
-use beacon_proto::{Digest, PeerId};
+use beacon_proto::{Digest, ModelRef, PeerId, ProviderAdvert};
 use serde::{Deserialize, Serialize};
 
 use crate::placement::ProviderView;
 
 /// Reputation below this quarantines a provider.
 pub const QUARANTINE_BELOW: f64 = 0.3;
+
+/// A provider is on probation until this many of its results passed audits: a new key
+/// buys no trust. On probation it is audited at [`PROBATION_AUDIT_RATE`] at least, gets
+/// at most one request at a time while established providers of its model exist, and
+/// audits others only when no reputable provider can.
+pub const PROBATION_AUDITS: u64 = 3;
+
+/// The lowest audit rate of a provider on probation (unless audits are off).
+pub const PROBATION_AUDIT_RATE: f64 = 0.5;
+
+/// Reputation an auditor needs to be drawn before others.
+pub const REPUTABLE_FROM: f64 = 0.6;
 
 /// What the router remembers about one provider.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -39,6 +51,23 @@ pub struct Stats {
     pub failing_in_a_row: u32,
     #[serde(default)]
     pub open_until_ms: u64,
+    /// Audits this provider ran that the other auditors outvoted.
+    #[serde(default)]
+    pub outvoted: u64,
+    /// Audits of this provider whose auditors split with no majority (no penalty).
+    #[serde(default)]
+    pub audits_inconclusive: u64,
+    /// Most requests of this router it has answered at once (verified): its advertised
+    /// slots count only up to twice this (slow start), so a provider that claims more
+    /// capacity than it has gets no more work than it has shown it can take.
+    #[serde(default)]
+    pub max_concurrent_ok: u32,
+    /// Times its adverts named a pinned model with another digest (penalised at most
+    /// once per period; the last time in `name_conflict_ms`).
+    #[serde(default)]
+    pub name_conflicts: u64,
+    #[serde(default)]
+    pub name_conflict_ms: u64,
 }
 
 impl Default for Stats {
@@ -56,7 +85,31 @@ impl Default for Stats {
             ewma_tps: None,
             failing_in_a_row: 0,
             open_until_ms: 0,
+            outvoted: 0,
+            audits_inconclusive: 0,
+            name_conflicts: 0,
+            name_conflict_ms: 0,
+            max_concurrent_ok: 0,
         }
+    }
+}
+
+/// Tokens/s assumed of a provider the router has not measured yet.
+pub const PRIOR_TPS: f64 = 30.0;
+
+/// The slots the router lets a provider have: twice the most it has served at once, at
+/// least 2 (a new provider starts there and grows as it proves itself), at most 256.
+pub fn measured_slots(s: &Stats) -> u32 {
+    s.max_concurrent_ok.saturating_mul(2).clamp(2, 256)
+}
+
+/// A failed audit: reputation falls, and two in a row quarantine a provider whose
+/// reputation is no longer high.
+fn penalise(s: &mut Stats) {
+    s.failed_in_a_row += 1;
+    s.reputation = (s.reputation - 0.15).max(0.0);
+    if s.failed_in_a_row >= 2 && s.reputation < QUARANTINE_BELOW + 0.3 {
+        s.quarantined_until_ms = now_ms() + 3_600_000;
     }
 }
 
@@ -84,7 +137,66 @@ pub struct ProviderInfo {
     pub stats: Stats,
     pub quarantined: bool,
     pub circuit_open: bool,
+    /// Its advert names a pinned model with another digest: ignored for placement.
+    pub pin_conflict: bool,
 }
+
+/// Model names the operator trusts: reference → manifest digest. When any are set, a name
+/// resolves only through them, and an advert that lists a pinned name with another digest
+/// is ignored (its sender loses reputation).
+#[derive(Clone, Debug, Default)]
+pub struct Pins(BTreeMap<ModelRef, Digest>);
+
+impl Pins {
+    /// Parses `REFERENCE=sha256:HEX` entries.
+    pub fn parse<S: AsRef<str>>(entries: &[S]) -> Result<Pins, String> {
+        let mut pins = BTreeMap::new();
+        for e in entries {
+            let e = e.as_ref().trim();
+            if e.is_empty() {
+                continue;
+            }
+            let (r, d) = e
+                .rsplit_once('=')
+                .ok_or_else(|| format!("model pin {e:?} is not REFERENCE=sha256:DIGEST"))?;
+            let reference = ModelRef::parse(r).map_err(|err| format!("model pin {e:?}: {err}"))?;
+            let digest: Digest = d
+                .parse()
+                .map_err(|err| format!("model pin {e:?}: digest: {err}"))?;
+            pins.insert(reference, digest);
+        }
+        Ok(Pins(pins))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn get(&self, reference: &ModelRef) -> Option<Digest> {
+        self.0.get(reference).copied()
+    }
+
+    /// Whether `advert` names a pinned model with another digest (a name hijack, or a
+    /// provider holding what the tag no longer means).
+    pub fn conflicts(&self, advert: &ProviderAdvert) -> bool {
+        advert.models.iter().any(|m| {
+            m.references.iter().any(|r| {
+                ModelRef::parse(r)
+                    .ok()
+                    .and_then(|r| self.get(&r))
+                    .is_some_and(|d| d != m.digest)
+            })
+        })
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&ModelRef, &Digest)> {
+        self.0.iter()
+    }
+}
+
+/// How often a provider whose adverts conflict with a pin is penalised (once per this
+/// period, so a stale tag costs reputation without an instant quarantine).
+const CONFLICT_PENALTY_EVERY_MS: u64 = 600_000;
 
 /// The directory plus the router's own measurements.
 #[derive(Clone)]
@@ -92,6 +204,7 @@ pub struct RouterDirectory {
     pub live: SharedDirectory,
     stats: Arc<Mutex<HashMap<PeerId, Stats>>>,
     db: Option<sled::Tree>,
+    pins: Arc<Pins>,
     /// Circuit breaker: consecutive failures that open it, and for how long.
     pub breaker_failures: u32,
     pub breaker_open: Duration,
@@ -114,9 +227,50 @@ impl RouterDirectory {
             live,
             stats: Arc::new(Mutex::new(stats)),
             db,
+            pins: Arc::default(),
             breaker_failures: 3,
             breaker_open: Duration::from_secs(10),
         }
+    }
+
+    /// Sets the operator's model pins.
+    pub fn with_pins(mut self, pins: Pins) -> Self {
+        self.pins = Arc::new(pins);
+        self
+    }
+
+    pub fn pins(&self) -> &Pins {
+        &self.pins
+    }
+
+    /// Penalises the providers whose adverts name a pinned model with another digest
+    /// (their adverts are already ignored by placement); at most once per
+    /// [`CONFLICT_PENALTY_EVERY_MS`] each. Returns the offenders seen.
+    pub fn police_pins(&self) -> Vec<PeerId> {
+        if self.pins.is_empty() {
+            return Vec::new();
+        }
+        let offenders: Vec<PeerId> = {
+            let live = self.live.read().unwrap_or_else(|p| p.into_inner());
+            live.entries()
+                .filter(|e| self.pins.conflicts(&e.advert))
+                .map(|e| e.advert.peer_id)
+                .collect()
+        };
+        let now = now_ms();
+        for peer in &offenders {
+            self.with(peer, true, |s| {
+                if s.name_conflict_ms + CONFLICT_PENALTY_EVERY_MS <= now {
+                    s.name_conflict_ms = now;
+                    s.name_conflicts += 1;
+                    s.reputation = (s.reputation - 0.2).max(0.0);
+                    if s.reputation < QUARANTINE_BELOW {
+                        s.quarantined_until_ms = now + 3_600_000;
+                    }
+                }
+            });
+        }
+        offenders
     }
 
     /// Updates a provider's stats; `persist` writes them to sled, which only reputation
@@ -144,16 +298,18 @@ impl RouterDirectory {
             .unwrap_or_default()
     }
 
-    pub fn success(&self, peer: &PeerId, latency_ms: f64, completion_tokens: u32, decode_ms: u32) {
+    /// A verified result, measured by the router's own clock: `latency_ms` from sending
+    /// the request to the verified result, with `concurrent` requests of this router in
+    /// flight to the provider at the time (this one included). Nothing the provider
+    /// reports about its own speed is used.
+    pub fn success(&self, peer: &PeerId, latency_ms: f64, completion_tokens: u32, concurrent: u32) {
         self.with(peer, false, |s| {
             s.successes += 1;
             s.failing_in_a_row = 0;
             s.ewma_latency_ms = ewma(s.ewma_latency_ms, latency_ms);
-            if completion_tokens >= 4 && decode_ms > 0 {
-                s.ewma_tps = ewma(
-                    s.ewma_tps,
-                    completion_tokens as f64 * 1000.0 / decode_ms as f64,
-                );
+            s.max_concurrent_ok = s.max_concurrent_ok.max(concurrent);
+            if completion_tokens >= 4 && latency_ms > 0.0 {
+                s.ewma_tps = ewma(s.ewma_tps, completion_tokens as f64 * 1000.0 / latency_ms);
             }
         });
     }
@@ -182,7 +338,8 @@ impl RouterDirectory {
         self.failure(peer);
     }
 
-    /// An audit outcome. One failure never quarantines; repeated failures do.
+    /// An audit outcome (already agreed by two auditors when it is a failure). One
+    /// failure never quarantines; repeated failures do.
     pub fn audited(&self, peer: &PeerId, passed: bool) {
         self.with(peer, true, |s| {
             if passed {
@@ -191,23 +348,59 @@ impl RouterDirectory {
                 s.reputation = (s.reputation + 0.02).min(1.0);
             } else {
                 s.audits_failed += 1;
-                s.failed_in_a_row += 1;
-                s.reputation = (s.reputation - 0.15).max(0.0);
-                if s.failed_in_a_row >= 2 && s.reputation < QUARANTINE_BELOW + 0.3 {
-                    s.quarantined_until_ms = now_ms() + 3_600_000;
-                }
+                penalise(s);
             }
         });
+    }
+
+    /// An auditor whose verdict the other auditors overruled: the same reputation hit as
+    /// a failed audit, and a second one quarantines it while its reputation is not high
+    /// (passing audits of its own work does not wipe its record as an auditor).
+    pub fn outvoted(&self, auditor: &PeerId) {
+        self.with(auditor, true, |s| {
+            s.outvoted += 1;
+            s.reputation = (s.reputation - 0.15).max(0.0);
+            if s.outvoted >= 2 && s.reputation < QUARANTINE_BELOW + 0.3 {
+                s.quarantined_until_ms = now_ms() + 3_600_000;
+            }
+        });
+    }
+
+    /// An audit whose auditors split with no majority: recorded, nobody penalised.
+    pub fn inconclusive(&self, peer: &PeerId) {
+        self.with(peer, true, |s| s.audits_inconclusive += 1);
+    }
+
+    /// Whether a provider is still on probation (see [`PROBATION_AUDITS`]).
+    pub fn on_probation(&self, peer: &PeerId) -> bool {
+        self.stats(peer).audits_passed < PROBATION_AUDITS
+    }
+
+    /// Whether a provider may be drawn as an auditor before others: past probation, in
+    /// good standing.
+    pub fn reputable(&self, peer: &PeerId) -> bool {
+        let s = self.stats(peer);
+        s.audits_passed >= PROBATION_AUDITS && s.reputation >= REPUTABLE_FROM
     }
 
     pub fn quarantined(&self, peer: &PeerId) -> bool {
         self.stats(peer).quarantined_until_ms > now_ms()
     }
 
-    /// Audit probability for a provider: `base`, higher as reputation falls.
+    /// Audit probability for a provider: `base`, higher as reputation falls, and at least
+    /// [`PROBATION_AUDIT_RATE`] on probation. A base of 0 turns audits off.
     pub fn audit_rate(&self, peer: &PeerId, base: f64) -> f64 {
-        let r = self.stats(peer).reputation;
-        (base * (1.0 + 4.0 * (1.0 - r))).clamp(0.0, 1.0)
+        if base <= 0.0 {
+            return 0.0;
+        }
+        let s = self.stats(peer);
+        let rate = base * (1.0 + 4.0 * (1.0 - s.reputation));
+        let floor = if s.audits_passed < PROBATION_AUDITS {
+            PROBATION_AUDIT_RATE
+        } else {
+            0.0
+        };
+        rate.max(floor).clamp(0.0, 1.0)
     }
 
     /// Placement's view of every live provider.
@@ -215,14 +408,20 @@ impl RouterDirectory {
         let live = self.live.read().unwrap_or_else(|p| p.into_inner());
         let now = now_ms();
         live.entries()
+            // An advert that contradicts a pin is ignored as a whole.
+            .filter(|e| !self.pins.conflicts(&e.advert))
             .filter_map(|e| {
                 let addr = e.advert.data_plane.as_deref()?.parse().ok()?;
                 let s = self.stats(&e.advert.peer_id);
+                // Advertised speed counts only up to what the router measured (end to end,
+                // so a few times that), or a modest prior before any measurement.
+                let tps_cap = s.ewma_tps.map_or(PRIOR_TPS, |m| m * 4.0);
                 let decode_tps: HashMap<Digest, f64> = e
                     .advert
                     .throughput
                     .iter()
-                    .map(|t| (t.model, t.tokens_per_second as f64))
+                    .map(|t| (t.model, f64::from(t.tokens_per_second).min(tps_cap)))
+                    .filter(|(_, t)| t.is_finite() && *t > 0.0)
                     .collect();
                 Some((
                     ProviderView {
@@ -230,15 +429,15 @@ impl RouterDirectory {
                         region: e.advert.region.clone(),
                         models: e.advert.models.iter().map(|m| m.digest).collect(),
                         free_memory: e.advert.host.ram_free,
-                        slots: e.advert.slots.total,
-                        busy: e.advert.slots.busy + e.advert.slots.queued,
+                        slots: e.advert.slots.total.min(measured_slots(&s)),
+                        busy: e.advert.slots.busy.saturating_add(e.advert.slots.queued),
                         rtt_ms: e
                             .rtt
                             .map(|r| r.as_secs_f64() * 1000.0)
                             .or(s.ewma_latency_ms.map(|l| l.min(1000.0) / 10.0))
                             .unwrap_or(50.0),
                         decode_tps,
-                        default_tps: s.ewma_tps.unwrap_or(30.0),
+                        default_tps: s.ewma_tps.unwrap_or(PRIOR_TPS).min(tps_cap),
                         prefill_tps: 500.0,
                         price_per_mtok: e
                             .advert
@@ -270,27 +469,63 @@ impl RouterDirectory {
             .min()
     }
 
-    /// The model digest a reference names on the network (the newest advert wins ties).
+    /// The model digest a request's `model` names. A digest names itself. With pins, a
+    /// name resolves only through them. Without pins (a network the operator has not
+    /// pinned), a name resolves to the digest that the most providers past probation
+    /// advertise under it (any providers when none is past probation): never simply the
+    /// first advert, so one new identity cannot take a name over.
     pub fn resolve_model(&self, reference: &str) -> Option<Digest> {
         if let Ok(d) = reference.parse::<Digest>() {
             return Some(d);
         }
-        let wanted = beacon_proto::ModelRef::parse(reference).ok()?;
+        let wanted = ModelRef::parse(reference).ok()?;
+        if !self.pins.is_empty() {
+            return self.pins.get(&wanted);
+        }
         let live = self.live.read().unwrap_or_else(|p| p.into_inner());
-        live.entries()
-            .flat_map(|e| e.advert.models.iter())
-            .find(|m| {
-                m.references
-                    .iter()
-                    .any(|r| beacon_proto::ModelRef::parse(r).is_ok_and(|r| r == wanted))
-            })
-            .map(|m| m.digest)
+        // (established holders, all holders) per digest.
+        let mut votes: BTreeMap<Digest, (usize, usize)> = BTreeMap::new();
+        for e in live.entries() {
+            let established = !self.on_probation(&e.advert.peer_id);
+            let digests: std::collections::BTreeSet<Digest> = e
+                .advert
+                .models
+                .iter()
+                .filter(|m| {
+                    m.references
+                        .iter()
+                        .any(|r| ModelRef::parse(r).is_ok_and(|r| r == wanted))
+                })
+                .map(|m| m.digest)
+                .collect();
+            for d in digests {
+                let v = votes.entry(d).or_default();
+                v.0 += usize::from(established);
+                v.1 += 1;
+            }
+        }
+        votes
+            .into_iter()
+            .max_by_key(|(_, v)| *v)
+            .map(|(digest, _)| digest)
     }
 
-    /// Model references on the network, with how many providers hold each.
+    /// Model references on the network, with how many providers hold each: the pinned
+    /// names (and who holds their digests) when pins are set.
     pub fn models(&self) -> BTreeMap<String, (Digest, usize)> {
         let live = self.live.read().unwrap_or_else(|p| p.into_inner());
         let mut out: BTreeMap<String, (Digest, usize)> = BTreeMap::new();
+        if !self.pins.is_empty() {
+            for (r, d) in self.pins.iter() {
+                let n = live
+                    .entries()
+                    .filter(|e| !self.pins.conflicts(&e.advert))
+                    .filter(|e| e.advert.models.iter().any(|m| m.digest == *d))
+                    .count();
+                out.insert(r.to_string(), (*d, n));
+            }
+            return out;
+        }
         for e in live.entries() {
             for m in &e.advert.models {
                 for r in &m.references {
@@ -322,6 +557,7 @@ impl RouterDirectory {
                     rtt_ms: e.rtt.map(|r| r.as_secs_f64() * 1000.0),
                     quarantined: s.quarantined_until_ms > now,
                     circuit_open: s.open_until_ms > now,
+                    pin_conflict: self.pins.conflicts(&e.advert),
                     stats: s,
                 }
             })

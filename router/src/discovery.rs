@@ -21,6 +21,9 @@ pub async fn run(network: Network, directory: RouterDirectory, every: Duration) 
     let mut tick = tokio::time::interval(every);
     loop {
         tick.tick().await;
+        for peer in directory.police_pins() {
+            debug!(%peer, "advert names a pinned model with another digest: ignored");
+        }
         let Ok(peers) = network.peers().await else {
             return;
         };

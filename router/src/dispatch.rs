@@ -11,7 +11,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use beacon_net::{CallError, DataClient};
-use beacon_proto::{AuditRequest, Id, InferRequest, InferResult, PeerId, Signed};
+use beacon_proto::{
+    AuditRequest, AuditVerdict, Digest, Id, InferRequest, InferResult, PeerId, Signed,
+};
 use serde::Serialize;
 use tokio::sync::{Semaphore, mpsc};
 use tracing::{debug, info, warn};
@@ -74,6 +76,11 @@ pub struct AuditOutcome {
     pub auditor: String,
     pub passed: bool,
     pub agreement: f64,
+    /// How many auditors voted.
+    pub auditors: usize,
+    /// Why the result failed, when it did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// A verified result and how it was obtained.
@@ -86,6 +93,8 @@ pub struct Outcome {
     pub attempts: usize,
     pub hedged: bool,
     pub latency_ms: f64,
+    /// Whether this result was drawn for an audit (which runs after it is returned).
+    pub audited: bool,
 }
 
 /// Runs subtasks; cheap to clone.
@@ -94,7 +103,8 @@ pub struct Dispatcher {
     pub client: DataClient,
     pub directory: RouterDirectory,
     pub config: DispatchConfig,
-    limits: Arc<Mutex<HashMap<PeerId, Arc<Semaphore>>>>,
+    /// Per provider: the slots its semaphore was made for, and the semaphore.
+    limits: Arc<Mutex<HashMap<PeerId, Limit>>>,
     /// Requests this router has in flight per provider (adverts lag behind).
     in_flight: Arc<Mutex<HashMap<PeerId, u32>>>,
     /// Recent attempts: (milliseconds, milliseconds per generated token).
@@ -103,6 +113,9 @@ pub struct Dispatcher {
     audits: Arc<Mutex<VecDeque<(PeerId, AuditOutcome)>>>,
     audit_counts: Arc<Mutex<(u64, u64)>>,
 }
+
+/// A provider's in-flight bound: the slots it was sized for, and the semaphore.
+type Limit = (u32, Arc<Semaphore>);
 
 /// Audit outcomes kept for lookups (jobs attach theirs when they finish).
 const RECENT_AUDITS: usize = 10_000;
@@ -121,15 +134,20 @@ impl Dispatcher {
         }
     }
 
+    /// The semaphore bounding work in flight to `peer` at its current slots (advertised,
+    /// capped by what the router measured): extra work waits here, where no attempt
+    /// timeout runs, instead of in the provider's queue. When the slots change a new
+    /// semaphore takes over; permits of the old one drain with their requests.
     fn limit(&self, peer: PeerId, slots: u32) -> Arc<Semaphore> {
-        self.limits
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        let slots = slots.clamp(1, 256);
+        let mut limits = self.limits.lock().unwrap_or_else(|p| p.into_inner());
+        let entry = limits
             .entry(peer)
-            // Exactly the advertised slots: extra work waits here, where no attempt timeout
-            // runs, instead of in the provider's queue.
-            .or_insert_with(|| Arc::new(Semaphore::new(slots.clamp(1, 256) as usize)))
-            .clone()
+            .or_insert_with(|| (slots, Arc::new(Semaphore::new(slots as usize))));
+        if entry.0 != slots {
+            *entry = (slots, Arc::new(Semaphore::new(slots as usize)));
+        }
+        entry.1.clone()
     }
 
     /// How long an attempt for `max_tokens` may run before it is hedged: the configured
@@ -198,6 +216,24 @@ impl Dispatcher {
                 v.busy += mine.get(&v.peer).copied().unwrap_or(0);
             }
         }
+        // A new identity gets a small share while established providers of the model
+        // exist: one request at a time until it has passed its probation audits.
+        let model = request.model.digest;
+        let probation: Vec<bool> = views
+            .iter()
+            .map(|(v, _)| self.directory.on_probation(&v.peer))
+            .collect();
+        let established = views
+            .iter()
+            .zip(&probation)
+            .any(|((v, _), p)| !p && !v.quarantined && v.models.contains(&model));
+        if established {
+            for ((v, _), p) in views.iter_mut().zip(&probation) {
+                if *p {
+                    v.slots = v.slots.min(1);
+                }
+            }
+        }
         let subtask = Subtask {
             model: request.model.digest,
             prompt_tokens: request
@@ -252,7 +288,7 @@ impl Dispatcher {
         slots: u32,
         request: &InferRequest,
         deltas: Option<mpsc::UnboundedSender<String>>,
-    ) -> Result<(InferResult, Signed<InferResult>), CallError> {
+    ) -> Result<((InferResult, Signed<InferResult>), u32), CallError> {
         let permit = self.limit(peer, slots).acquire_owned().await;
         let _counted = InFlight::new(self.in_flight.clone(), peer);
         let call = self.client.infer(peer, addr, request, |d| {
@@ -261,7 +297,18 @@ impl Dispatcher {
             }
         });
         let r = match tokio::time::timeout(self.config.attempt_timeout, call).await {
-            Ok(r) => r,
+            Ok(Ok(r)) => {
+                // How many this provider was answering for us at once, for its capacity.
+                let concurrent = self
+                    .in_flight
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(&peer)
+                    .copied()
+                    .unwrap_or(1);
+                Ok((r, concurrent))
+            }
+            Ok(Err(e)) => Err(e),
             Err(_) => Err(CallError::Connect {
                 peer,
                 reason: format!(
@@ -323,17 +370,14 @@ impl Dispatcher {
                 }
             };
             match outcome {
-                Ok(((result, signed), winner, region, hedged)) => {
+                Ok((((result, signed), concurrent), winner, region, hedged)) => {
                     let ms = started.elapsed().as_secs_f64() * 1000.0;
                     self.observe(ms, result.usage.completion_tokens);
-                    self.directory.success(
-                        &winner,
-                        ms,
-                        result.usage.completion_tokens,
-                        result.timings.decode_ms,
-                    );
-                    self.maybe_audit(request, &result, winner, policy);
+                    self.directory
+                        .success(&winner, ms, result.usage.completion_tokens, concurrent);
+                    let audited = self.maybe_audit(request, &result, winner);
                     return Ok(Outcome {
+                        audited,
                         result,
                         signed,
                         provider: winner,
@@ -369,74 +413,177 @@ impl Dispatcher {
         })
     }
 
-    /// Audits a sample of results in the background on another provider with the same
-    /// model digest; only greedy outputs with token ids can be audited this way.
-    fn maybe_audit(
-        &self,
-        request: &InferRequest,
-        result: &InferResult,
-        peer: PeerId,
-        policy: &Policy,
-    ) {
+    /// Decides, after the result is in, whether to audit it: a fresh draw from the
+    /// operating system's CSPRNG against the provider's audit rate (higher on probation
+    /// and as reputation falls), so nothing a provider sees tells it which answers will be
+    /// audited. An audited result is re-scored in the background by auditors drawn at
+    /// random among reputable providers of the same model digest (never by advertised
+    /// speed). A failed audit counts against the provider only when a second, independent
+    /// auditor agrees; an auditor outvoted by the others loses reputation itself.
+    /// Returns whether an audit was scheduled.
+    fn maybe_audit(&self, request: &InferRequest, result: &InferResult, peer: PeerId) -> bool {
         let Some(tokens) = result.token_ids.clone() else {
-            return;
+            return false;
         };
-        if tokens.is_empty() || request.sampling.temperature > 0.0 {
-            return;
-        }
         let rate = self.directory.audit_rate(&peer, self.config.audit_rate);
-        let draw = (request.request_id.0 % 10_000) as f64 / 10_000.0;
-        if draw >= rate {
-            return;
+        if rate <= 0.0 || unit_draw() >= rate {
+            return false;
         }
-        let Ok((auditor, addr, _, _)) = self.choose(request, policy, &[peer]) else {
-            debug!("no second provider to audit with");
-            return;
-        };
         let audit = AuditRequest {
             audit_id: Id::random(),
             model: request.model.clone(),
             messages: request.messages.clone(),
             claimed_tokens: tokens.clone(),
             json_schema: request.json_schema.clone(),
+            stop: request.sampling.stop.clone(),
+            finish_reason: result.finish_reason,
         };
+        if self.auditor(&audit.model.digest, &[peer]).is_none() {
+            debug!("no second provider to audit with");
+            return false;
+        }
         let this = self.clone();
         let request_id = request.request_id;
+        let output = result.output.clone();
+        let greedy = request.sampling.temperature <= 0.0;
         tokio::spawn(async move {
-            match this.client.audit(auditor, addr, &audit).await {
-                Ok(scored) => {
-                    let s = scored.summarize(&tokens, this.config.near_tie);
-                    let agreement =
-                        (s.greedy_matches + s.near_ties) as f64 / s.tokens.max(1) as f64;
-                    let passed = agreement >= this.config.audit_pass;
-                    info!(provider = %peer, %auditor, agreement, passed, "audit");
-                    this.directory.audited(&peer, passed);
-                    {
-                        let mut c = this.audit_counts.lock().unwrap_or_else(|p| p.into_inner());
-                        if passed {
-                            c.0 += 1;
-                        } else {
-                            c.1 += 1;
-                        }
-                    }
-                    let mut log = this.audits.lock().unwrap_or_else(|p| p.into_inner());
-                    if log.len() >= RECENT_AUDITS {
-                        log.pop_front();
-                    }
-                    log.push_back((
-                        peer,
-                        AuditOutcome {
-                            request_id,
-                            auditor: auditor.to_string(),
-                            passed,
-                            agreement,
-                        },
-                    ));
-                }
-                Err(e) => debug!(error = %e, "audit could not run"),
-            }
+            this.run_audit(peer, request_id, audit, tokens, output, greedy)
+                .await;
         });
+        true
     }
+
+    /// A random auditor for `model` outside `exclude`: reputable providers first (past
+    /// probation, not quarantined), anyone not quarantined when there are none.
+    fn auditor(&self, model: &Digest, exclude: &[PeerId]) -> Option<(PeerId, SocketAddr)> {
+        let candidates: Vec<(PeerId, SocketAddr, bool)> = self
+            .directory
+            .views()
+            .into_iter()
+            .filter(|(v, _)| !v.quarantined && v.models.contains(model))
+            .filter(|(v, _)| !exclude.contains(&v.peer))
+            .map(|(v, addr)| (v.peer, addr, self.directory.reputable(&v.peer)))
+            .collect();
+        let reputable: Vec<_> = candidates.iter().filter(|c| c.2).collect();
+        let pool: Vec<_> = if reputable.is_empty() {
+            candidates.iter().collect()
+        } else {
+            reputable
+        };
+        if pool.is_empty() {
+            return None;
+        }
+        let pick = pool[(Id::random().0 % pool.len() as u128) as usize];
+        Some((pick.0, pick.1))
+    }
+
+    /// Runs one audit to a decision: up to three independent auditors, stopping as soon
+    /// as two agree (or the first passes the result).
+    async fn run_audit(
+        &self,
+        peer: PeerId,
+        request_id: Id,
+        audit: AuditRequest,
+        tokens: Vec<u32>,
+        output: String,
+        greedy: bool,
+    ) {
+        let mut votes: Vec<(PeerId, AuditVerdict)> = Vec::new();
+        let mut asked = vec![peer];
+        // Transport failures do not count as votes; a few are tolerated.
+        for _ in 0..6 {
+            let (passes, fails) =
+                votes.iter().fold(
+                    (0, 0),
+                    |(p, f), (_, v)| {
+                        if v.passed { (p + 1, f) } else { (p, f + 1) }
+                    },
+                );
+            if (votes.len() == 1 && passes == 1) || passes >= 2 || fails >= 2 {
+                break;
+            }
+            let Some((auditor, addr)) = self.auditor(&audit.model.digest, &asked) else {
+                break;
+            };
+            asked.push(auditor);
+            let mut request = audit.clone();
+            request.audit_id = Id::random();
+            match self.client.audit(auditor, addr, &request).await {
+                Ok(scored) => {
+                    let v = scored.judge(
+                        &tokens,
+                        &output,
+                        greedy,
+                        self.config.near_tie,
+                        self.config.audit_pass,
+                    );
+                    info!(provider = %peer, %auditor, agreement = v.agreement, passed = v.passed,
+                          reason = v.reason.as_deref().unwrap_or(""), "audit vote");
+                    votes.push((auditor, v));
+                }
+                Err(e) => debug!(%auditor, error = %e, "audit could not run"),
+            }
+        }
+        let passes = votes.iter().filter(|(_, v)| v.passed).count();
+        let fails = votes.len() - passes;
+        let decided = if passes > fails {
+            Some(true)
+        } else if fails > passes && fails >= 2 {
+            Some(false)
+        } else {
+            None
+        };
+        let Some(passed) = decided else {
+            if !votes.is_empty() {
+                info!(provider = %peer, passes, fails, "audit inconclusive: no second auditor agreed");
+                self.directory.inconclusive(&peer);
+            }
+            return;
+        };
+        self.directory.audited(&peer, passed);
+        for (auditor, v) in &votes {
+            if v.passed != passed {
+                warn!(%auditor, provider = %peer, "auditor outvoted");
+                self.directory.outvoted(auditor);
+            }
+        }
+        let first = votes
+            .iter()
+            .find(|(_, v)| v.passed == passed)
+            .map(|(a, v)| (*a, v.clone()));
+        let Some((auditor, verdict)) = first else {
+            return;
+        };
+        info!(provider = %peer, %auditor, passed, auditors = votes.len(), "audit");
+        {
+            let mut c = self.audit_counts.lock().unwrap_or_else(|p| p.into_inner());
+            if passed {
+                c.0 += 1;
+            } else {
+                c.1 += 1;
+            }
+        }
+        let mut log = self.audits.lock().unwrap_or_else(|p| p.into_inner());
+        if log.len() >= RECENT_AUDITS {
+            log.pop_front();
+        }
+        log.push_back((
+            peer,
+            AuditOutcome {
+                request_id,
+                auditor: auditor.to_string(),
+                passed,
+                agreement: verdict.agreement,
+                auditors: votes.len(),
+                reason: if passed { None } else { verdict.reason },
+            },
+        ));
+    }
+}
+
+/// A uniform draw in [0, 1) from the operating system's CSPRNG.
+fn unit_draw() -> f64 {
+    (Id::random().0 >> 75) as f64 / (1u64 << 53) as f64
 }
 
 /// Counts one request in flight to a provider for as long as it lives (also when a hedged

@@ -46,6 +46,8 @@ pub struct RouterConfig {
     /// PEM certificate chain and key: serve HTTPS instead of HTTP.
     pub tls: Option<(PathBuf, PathBuf)>,
     pub minions: minions::http::MinionsConfig,
+    /// Model names the operator trusts (reference → digest); see [`directory::Pins`].
+    pub pins: directory::Pins,
 }
 
 /// Runs the router until `shutdown` resolves.
@@ -68,7 +70,14 @@ pub async fn run(
         Duration::from_secs(10),
     )));
     beacon_net::directory::follow(&network, live.clone());
-    let mut directory = directory::RouterDirectory::new(live, Some(reputation));
+    if config.pins.is_empty() {
+        tracing::warn!(
+            "no --model-pin: model names resolve from adverts (the digest most established \
+             providers hold); pin the names you serve so no peer can claim them"
+        );
+    }
+    let mut directory =
+        directory::RouterDirectory::new(live, Some(reputation)).with_pins(config.pins);
     directory.breaker_failures = config.dispatch.breaker_failures.max(1);
     directory.breaker_open = config.dispatch.breaker_open;
     tokio::spawn(discovery::run(

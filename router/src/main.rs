@@ -101,6 +101,15 @@ struct ServeArgs {
     /// Only place work in these regions (data residency), comma-separated.
     #[arg(long, env = "BEACON_ALLOWED_REGIONS", value_delimiter = ',')]
     allowed_regions: Vec<String>,
+    /// Model names this router trusts, as REFERENCE=sha256:DIGEST, comma-separated (the
+    /// digest `beacon-node model inspect` prints). With pins, names resolve only through
+    /// them and adverts that contradict them are ignored.
+    #[arg(
+        long = "model-pin",
+        env = "BEACON_ROUTER_MODEL_PINS",
+        value_delimiter = ','
+    )]
+    model_pins: Vec<String>,
     /// Base fraction of results audited on a second provider.
     #[arg(long, env = "BEACON_AUDIT_RATE", default_value_t = 0.05)]
     audit_rate: f64,
@@ -164,7 +173,10 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(a) => {
             let a = *a;
+            let pins =
+                beacon_router::directory::Pins::parse(&a.model_pins).map_err(anyhow::Error::msg)?;
             let config = beacon_router::RouterConfig {
+                pins,
                 data_dir: a.data_dir,
                 listen: a.listen,
                 p2p_listen: a.p2p_listen,

@@ -141,7 +141,6 @@ fn main() {
                 "protocol": protocol,
                 "max_rounds": if protocol == "minions" { 2 } else { 3 },
                 "policy": {
-                    "audit_rate": 0.0,
                     "remote_only_baseline": if protocol == "minions" { "run" } else { "estimate" }
                 }
             });

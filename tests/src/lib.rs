@@ -685,6 +685,19 @@ fn sign_jwt(key: &Path, x5c: &str, scope: &str) -> String {
     format!("{signing_input}.{}", b64(&sig))
 }
 
+/// `TEST_MODEL_REF=<digest>`: the pin a router needs to serve the test model by name.
+/// Packaging is deterministic, so the digest is worked out once, in a scratch store.
+pub fn test_model_pin() -> String {
+    static PIN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    PIN.get_or_init(|| {
+        let cli = NodeCli::new();
+        cli.package_test_model();
+        let digest = cli.ok(&["model", "inspect", "--digest", TEST_MODEL_REF]);
+        format!("{TEST_MODEL_REF}={}", digest.trim())
+    })
+    .clone()
+}
+
 /// A running `beacon-node serve` with the test model packaged as `ai/smollm2:test`.
 pub struct NodeServer {
     pub cli: NodeCli,
@@ -893,6 +906,10 @@ impl RouterServer {
         ]);
         if let Some(b) = bootstrap {
             c.args(["--bootstrap", b]);
+        }
+        // Like an operator, the router trusts the test model's name only at its digest.
+        if !extra.contains(&"--model-pin") {
+            c.args(["--model-pin", &test_model_pin()]);
         }
         let log = std::fs::File::create(data.path().join("router.log")).unwrap();
         let child = c

@@ -137,7 +137,7 @@ fn minions_and_minion_jobs_run_on_the_network_with_exact_accounting() {
         "doc_metadata": "Meeting notes of an engineering team",
         "max_rounds": 1,
         "local_model": MODEL,
-        "policy": {"audit_rate": 0.0, "worker_max_tokens": 48, "max_jobs_per_round": 64}
+        "policy": {"worker_max_tokens": 48, "max_jobs_per_round": 64}
     });
     let (status, a) = job(&net.router, &body);
     assert_eq!(status, 200, "{a}\n{}", net.router.log());
@@ -174,6 +174,13 @@ fn minions_and_minion_jobs_run_on_the_network_with_exact_accounting() {
             .all(|j| j["verified"] == true && j["provider"].is_string())
     );
     assert_eq!(a["verification"]["failed_jobs"], 0);
+    // Audited at the router's default rate (new providers on probation: more often); no
+    // honest output fails.
+    assert_eq!(
+        a["verification"]["audits_failed"], 0,
+        "{}",
+        a["verification"]
+    );
     if jobs.len() >= 4 {
         assert_eq!(
             a["regions"].as_object().unwrap().len(),
@@ -197,7 +204,7 @@ fn minions_and_minion_jobs_run_on_the_network_with_exact_accounting() {
             "context": [document()],
             "protocol": "minion",
             "max_rounds": 2,
-            "policy": {"audit_rate": 0.0, "worker_max_tokens": 48}
+            "policy": {"worker_max_tokens": 48}
         }),
     );
     assert_eq!(status, 200, "{m}\n{}", net.router.log());
@@ -365,7 +372,7 @@ fn a_job_whose_provider_dies_is_placed_again() {
         "task": "What is the launch code for Project Heron?",
         "context": [doc],
         "max_rounds": 1,
-        "policy": {"audit_rate": 0.0, "worker_max_tokens": 32, "max_jobs_per_round": 64}
+        "policy": {"worker_max_tokens": 32, "max_jobs_per_round": 64}
     });
     let url = net.router.url("/v1/minions");
     let handle =

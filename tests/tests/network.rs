@@ -276,15 +276,41 @@ async fn data_plane_serves_signed_results_audits_and_refuses_wrong_peers() {
         messages: req.messages.clone(),
         claimed_tokens: tokens.clone(),
         json_schema: None,
+        stop: req.sampling.stop.clone(),
+        finish_reason: result.finish_reason,
     };
     let scored = client.audit(peer, addr, &audit).await.expect("audit runs");
+    // The auditor decodes the tokens to exactly the text the provider signed.
+    let verdict = scored.judge(&tokens, &result.output, true, 0.5, 0.9);
+    assert!(verdict.passed, "{verdict:?}");
+    assert!(!scored.judge(&tokens, "other text", true, 0.5, 0.9).passed);
     let honest = scored.summarize(&tokens, 0.5);
-    assert_eq!(honest.tokens, tokens.len());
+    assert_eq!(
+        honest.tokens,
+        tokens.len() + usize::from(scored.end.is_some())
+    );
+    assert_eq!(
+        scored.end.is_some(),
+        result.finish_reason == beacon_proto::FinishReason::Stop
+    );
     assert_eq!(
         honest.greedy_matches + honest.near_ties,
-        tokens.len(),
+        honest.tokens,
         "{honest:?}"
     );
+
+    // An empty answer that claims the model stopped at once is judged on the auditor's
+    // end-of-generation score: this prompt asks for a word, so it fails.
+    let empty = AuditRequest {
+        audit_id: Id::random(),
+        claimed_tokens: vec![],
+        finish_reason: beacon_proto::FinishReason::Stop,
+        ..audit.clone()
+    };
+    let scored = client.audit(peer, addr, &empty).await.unwrap();
+    assert!(scored.end.is_some());
+    let verdict = scored.judge(&[], "", true, 0.5, 0.9);
+    assert!(!verdict.passed, "an empty answer passed: {verdict:?}");
 
     // A tampered claim (another answer's tokens) does not agree.
     let other_req = request(digest, "zebra");

@@ -452,7 +452,7 @@ fn a_provider_killed_in_every_minions_round_leaves_the_answer_unchanged() {
             "context": [doc],
             "doc_metadata": "Annual report of a harbour authority, 2025",
             "max_rounds": 2,
-            "policy": {"audit_rate": 0.0, "worker_max_tokens": 48, "max_chunk_chars": 1000}
+            "policy": {"worker_max_tokens": 48, "max_chunk_chars": 1000}
         });
         let r = http_within(
             "POST",

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use beacon_proto::{
     AuditRequest, AuditResult, DataError, DataErrorCode, DataFrame, DataRequest, InferRequest,
-    InferResult, Keypair, PeerId, Signed,
+    InferResult, Keypair, PeerId, Signed, Wire,
 };
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use tokio::sync::Semaphore;
@@ -321,17 +321,30 @@ impl DataClient {
         let mut call = self
             .call(peer, addr, &DataRequest::Infer(request.clone()))
             .await?;
+        let invalid = |reason: String| CallError::Invalid { peer, reason };
+        // Every streamed delta is kept (bounded by the largest result) and compared with
+        // the signed output: a provider cannot stream one text and sign another.
+        let mut streamed = String::new();
         loop {
             match call.next().await? {
-                DataFrame::Delta(text) => on_delta(&text),
+                DataFrame::Delta(text) => {
+                    if streamed.len() + text.len() > InferResult::MAX_BYTES {
+                        return Err(invalid("streamed more text than a result may hold".into()));
+                    }
+                    streamed.push_str(&text);
+                    on_delta(&text);
+                }
                 DataFrame::Result(signed) => {
-                    let result =
-                        beacon_proto::verify_result(&signed, &peer, request).map_err(|e| {
-                            CallError::Invalid {
-                                peer,
-                                reason: e.to_string(),
-                            }
-                        })?;
+                    let result = beacon_proto::verify_result(&signed, &peer, request)
+                        .map_err(|e| invalid(e.to_string()))?;
+                    if streamed != result.output {
+                        return Err(invalid(format!(
+                            "the streamed text ({} bytes) differs from the signed output \
+                             ({} bytes)",
+                            streamed.len(),
+                            result.output.len()
+                        )));
+                    }
                     return Ok((result, signed));
                 }
                 DataFrame::Error(error) => {

@@ -146,13 +146,24 @@ pub struct ScoreRequest {
     pub claimed: Vec<u32>,
     /// The constraint the claimed output was generated under.
     pub format: OutputFormat,
+    /// The stop strings the claimed output was generated with.
+    pub stop: Vec<String>,
+    /// The claimed output says the model ended it: unless a stop string explains the end,
+    /// score the end-of-generation after the last claimed token too.
+    pub ended_by_model: bool,
 }
 
-/// Per-token scores of a claimed output.
+/// Per-token scores of a claimed output, and the text its tokens make.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Scored {
     pub prompt_tokens: u32,
     pub scores: Vec<beacon_proto::TokenScore>,
+    /// The claimed tokens as text, exactly as generation would have produced it (pieces
+    /// joined, invalid UTF-8 replaced, cut at the first stop string).
+    pub text: String,
+    /// The score of ending generation after the claimed tokens (the likeliest
+    /// end-of-generation token), when `ended_by_model` and no stop string ended it.
+    pub end: Option<beacon_proto::TokenScore>,
 }
 
 pub(crate) enum Command {

@@ -229,11 +229,28 @@ impl Runner<'_> {
                 limit: self.ctx_per_slot,
             });
         }
+        // The text the claimed tokens make, the way generation makes it.
+        let vocab = self.model.vocab();
+        let mut text = TextStream::new(&request.stop);
+        let mut stopped = false;
+        for t in &request.claimed {
+            if stopped {
+                break;
+            }
+            let piece = vocab.token_to_piece(LlamaToken(*t as i32), false, None);
+            stopped = matches!(text.feed(&piece), Fed::Stop(_));
+        }
+        if !stopped {
+            text.finish();
+        }
+        let score_end = request.ended_by_model && !stopped;
         let mut scored = Scored {
             prompt_tokens: prompt.len() as u32,
             scores: Vec::with_capacity(request.claimed.len()),
+            text: text.text().to_string(),
+            end: None,
         };
-        if request.claimed.is_empty() {
+        if request.claimed.is_empty() && !score_end {
             return Ok(scored);
         }
         let mut grammar = match grammar::for_format(&request.format)? {
@@ -275,15 +292,41 @@ impl Runner<'_> {
                 .min(pos + self.batch_cap)
                 .min(pos.max(first_out) + SCORE_CHUNK);
             batch.clear();
+            // Logits are needed at every position that predicts a claimed token, and at
+            // the last one when the end of generation is scored.
+            let last_out = if score_end { total } else { total - 1 };
             for (p, token) in all.iter().enumerate().take(end).skip(pos) {
-                let out = p >= first_out && p + 1 < total;
+                let out = p >= first_out && p < last_out;
                 batch
                     .add(*token, p as i32, &[0], out)
                     .map_err(|e| EngineError::Decode(e.to_string()))?;
             }
             ctx.decode(&mut batch)
                 .map_err(|e| EngineError::Decode(e.to_string()))?;
-            for p in pos.max(first_out)..end.min(total - 1) {
+            for p in pos.max(first_out)..end.min(last_out) {
+                if p + 1 == total {
+                    // After the last claimed token: how likely is ending here?
+                    let candidates = ctx.candidates_ith((p - pos) as i32);
+                    let mut array = LlamaTokenDataArray::from_iter(candidates, false);
+                    if let Some(g) = grammar.as_mut() {
+                        g.apply(&mut array);
+                    }
+                    let eog = array
+                        .data
+                        .iter()
+                        .filter(|d| vocab.is_eog(d.id()))
+                        .max_by(|a, b| a.logit().total_cmp(&b.logit()))
+                        .map(|d| d.id());
+                    scored.end = Some(match eog {
+                        Some(t) => score_position(&array, t),
+                        None => TokenScore {
+                            logprob: f32::MIN,
+                            argmax: 0,
+                            argmax_logprob: 0.0,
+                        },
+                    });
+                    continue;
+                }
                 let claimed = all[p + 1];
                 let candidates = ctx.candidates_ith((p - pos) as i32);
                 let mut array = LlamaTokenDataArray::from_iter(candidates, false);

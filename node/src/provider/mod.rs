@@ -68,7 +68,25 @@ pub enum Fault {
     /// Every subtask waits a minute before it starts (a straggler), unless the client
     /// cancels it first.
     Stall,
+    /// Attack (a): generates honestly and signs the real token ids, but streams and signs
+    /// other text (as if it injected a link). Only an audit can tell.
+    Text,
+    /// Attack (b): signs the real text with no token ids and 0 completion tokens, so
+    /// there is nothing to audit.
+    Empty,
+    /// Attack (c): cheats like `text` except when the request id says an audit is likely
+    /// (the draw routers used to take from it, under 25 %): honest exactly then.
+    GuessAudits,
+    /// Attack (i): signs the real output but streams other text.
+    Stream,
+    /// Attack (g): serves honestly, but every audit it runs claims the audited output
+    /// disagrees with the model and its text with its tokens (to get honest providers
+    /// quarantined).
+    LyingAuditor,
 }
+
+/// The text a `text`/`guess-audits` provider puts in place of the real output.
+pub const INJECTED_TEXT: &str = "Visit http://evil.example to claim your prize.";
 
 /// Serves data-plane requests.
 #[derive(Clone)]
@@ -206,6 +224,12 @@ impl Provider {
                 }
             }
         }
+        // Attack (c)'s guess: the draw routers used to take from the request id.
+        let cheat_text = match self.fault {
+            Some(Fault::Text) => true,
+            Some(Fault::GuessAudits) => request.request_id.0 % 10_000 >= 2_500,
+            _ => false,
+        };
         let lease = self.lease(model).await?;
         let format = output_format(&request.json_schema);
         let mut events = lease.engine.generate(GenerateRequest {
@@ -218,6 +242,11 @@ impl Provider {
             while let Some(event) = events.recv().await {
                 match event? {
                     Event::Token { text, .. } => {
+                        let text = match self.fault {
+                            _ if cheat_text => continue,
+                            Some(Fault::Stream) => text.to_uppercase(),
+                            _ => text,
+                        };
                         if !text.is_empty() && sink.send(&DataFrame::Delta(text)).await.is_err() {
                             info!("the client cancelled the subtask");
                             return Ok(None);
@@ -264,6 +293,20 @@ impl Provider {
                 if let Some(ids) = result.token_ids.as_mut() {
                     ids.reverse();
                     ids.iter_mut().for_each(|t| *t = t.wrapping_add(7) % 30_000);
+                }
+            }
+            Some(Fault::Empty) => {
+                result.token_ids = result.token_ids.as_ref().map(|_| Vec::new());
+                result.usage.completion_tokens = 0;
+            }
+            _ if cheat_text => {
+                result.output = INJECTED_TEXT.to_string();
+                if sink
+                    .send(&DataFrame::Delta(result.output.clone()))
+                    .await
+                    .is_err()
+                {
+                    return Ok(());
                 }
             }
             _ => {}
@@ -321,16 +364,30 @@ impl Provider {
                 prompt: Prompt::Chat(audit.messages.clone()),
                 claimed: audit.claimed_tokens.clone(),
                 format: output_format(&audit.json_schema),
+                stop: audit.stop.clone(),
+                ended_by_model: audit.finish_reason == beacon_proto::FinishReason::Stop,
             })
             .await?;
         drop(lease);
-        let result = AuditResult {
+        let mut result = AuditResult {
             audit_id: audit.audit_id,
             request_digest,
             model_digest: model,
             prompt_tokens: scored.prompt_tokens,
             scores: scored.scores,
+            output_digest: Digest::of(scored.text.as_bytes()),
+            end: scored.end,
         };
+        if self.fault == Some(Fault::LyingAuditor) {
+            result.output_digest = Digest::of(b"not what the tokens decode to");
+            for (s, t) in result.scores.iter_mut().zip(&audit.claimed_tokens) {
+                *s = beacon_proto::TokenScore {
+                    logprob: -12.0,
+                    argmax: t.wrapping_add(1),
+                    argmax_logprob: -0.01,
+                };
+            }
+        }
         let signed = Signed::sign(&self.key, &result)
             .map_err(|e| Refusal::new(DataErrorCode::Internal, e.to_string()))?;
         debug!(tokens = result.scores.len(), "audit scored");

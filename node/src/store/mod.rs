@@ -157,6 +157,33 @@ struct Inner {
     tags: sled::Tree,
     models: sled::Tree,
     index_lock: Mutex<()>,
+    /// Blobs hashed since this process started, with the file's identity when they were:
+    /// a blob is hashed again only when its size, times, inode or device change.
+    verified: Mutex<std::collections::HashMap<Digest, FileStamp>>,
+}
+
+/// What identifies one version of a file on disk (ctime cannot be set by a user, so a
+/// rewritten file never looks unchanged).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct FileStamp {
+    len: u64,
+    mtime_ns: i128,
+    ctime_ns: i128,
+    ino: u64,
+    dev: u64,
+}
+
+impl FileStamp {
+    fn of(meta: &fs::Metadata) -> FileStamp {
+        use std::os::unix::fs::MetadataExt;
+        FileStamp {
+            len: meta.len(),
+            mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
+            ctime_ns: i128::from(meta.ctime()) * 1_000_000_000 + i128::from(meta.ctime_nsec()),
+            ino: meta.ino(),
+            dev: meta.dev(),
+        }
+    }
 }
 
 impl Store {
@@ -176,6 +203,7 @@ impl Store {
                 tags,
                 models,
                 index_lock: Mutex::new(()),
+                verified: Mutex::default(),
             }),
         })
     }
@@ -497,6 +525,55 @@ impl Store {
             }
         }
         Ok(removed)
+    }
+
+    /// Checks that the blob on disk still hashes to its name before anything loads it: a
+    /// file swapped or corrupted after the pull is refused, never served under the
+    /// digest it no longer has. Hashes once per version of the file (see [`FileStamp`]).
+    /// Blocking: call it off the async runtime.
+    pub fn check_blob(&self, digest: &Digest) -> Result<(), StoreError> {
+        let path = self.blob_path(digest);
+        let io = |source| StoreError::Io {
+            path: path.clone(),
+            source,
+        };
+        let before = FileStamp::of(&fs::metadata(&path).map_err(io)?);
+        let known = self
+            .inner
+            .verified
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(digest)
+            .copied();
+        if known == Some(before) {
+            return Ok(());
+        }
+        let mut file = fs::File::open(&path).map_err(io)?;
+        let mut hasher = Hasher::new();
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = file.read(&mut buf).map_err(io)?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+        }
+        let actual = hasher.finish();
+        let after = FileStamp::of(&file.metadata().map_err(io)?);
+        if actual != *digest {
+            return Err(StoreError::DigestMismatch {
+                expected: *digest,
+                actual,
+            });
+        }
+        if after == before {
+            self.inner
+                .verified
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(*digest, after);
+        }
+        Ok(())
     }
 
     /// Paths of a model's GGUF files in shard order: what the engine loads.

@@ -448,7 +448,21 @@ fn local(
             .clone()
             .unwrap_or_else(|| wan.regions[0].clone()),
     );
-    let dishonest_faults = ["tamper", "wrong-model"];
+    // One dishonest provider per attack (`beacon-node --fault`); the quick run keeps the
+    // two that each stand for a way of being caught (audit, refusal).
+    let dishonest_faults: &[&str] = if a.quick {
+        &["tamper", "wrong-model"]
+    } else {
+        &[
+            "tamper",
+            "wrong-model",
+            "text",
+            "empty",
+            "guess-audits",
+            "stream",
+            "lying-auditor",
+        ]
+    };
     let providers = wan.regions.len() * a.per_region.max(1) + dishonest_faults.len();
     let threads = a
         .threads
@@ -609,11 +623,22 @@ fn local(
             .find(|r| **r != op)
             .cloned()
             .unwrap_or(op.clone());
-        // The tampering provider sits next to the router, where placement favours it.
-        let faults = [
-            (op.as_str(), dishonest_faults[0]),
-            (other.as_str(), dishonest_faults[1]),
-        ];
+        // The tampering provider sits next to the router, where placement favours it; the
+        // others alternate between the far region and the router's.
+        let faults: Vec<(&str, &str)> = dishonest_faults
+            .iter()
+            .enumerate()
+            .map(|(i, f)| {
+                (
+                    if i.is_multiple_of(2) {
+                        op.as_str()
+                    } else {
+                        other.as_str()
+                    },
+                    *f,
+                )
+            })
+            .collect();
         match suite::dishonest(&mut cluster, auditor, &faults, scale, say) {
             Ok(d) => {
                 report.check(

@@ -168,7 +168,7 @@ pub fn run(
             "context": [corpus.text],
             "doc_metadata": corpus.metadata,
             "max_rounds": max_rounds,
-            "policy": {"audit_rate": 0.0, "remote_only_baseline": "run"}
+            "policy": {"remote_only_baseline": "run"}
         });
         if let Some(n) = max_jobs_per_round {
             body["policy"]["max_jobs_per_round"] = json!(n);

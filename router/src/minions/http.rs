@@ -223,8 +223,10 @@ fn resolve(state: &ApiState, r: JobRequest) -> Result<JobSetup, ApiError> {
         policy.allowed_regions = Some(allowed);
     }
     let mut dispatcher = state.dispatcher.clone();
+    // A job may ask for more audits, never fewer: audits are how the network learns
+    // which providers to trust, so no client can turn them off for its jobs.
     if let Some(a) = r.policy.audit_rate {
-        dispatcher.config.audit_rate = a;
+        dispatcher.config.audit_rate = dispatcher.config.audit_rate.max(a);
     }
     let limits = &cfg.limits;
     Ok(JobSetup {

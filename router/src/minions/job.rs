@@ -336,7 +336,7 @@ pub enum Progress {
         chunks: usize,
         tasks: usize,
     },
-    JobFinished(JobRecord),
+    JobFinished(Box<JobRecord>),
     Message {
         round: u32,
         from: &'static str,

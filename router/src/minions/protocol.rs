@@ -568,7 +568,7 @@ async fn execute(
                 rec.error = Some(last_error.clone());
             }
         }
-        ledger.emit(Progress::JobFinished(rec.clone()));
+        ledger.emit(Progress::JobFinished(Box::new(rec.clone())));
         ledger.jobs.push(rec);
         // Audits run in the background; their outcomes are attached at the end.
         ledger.request_ids.push(request_id);
@@ -844,7 +844,7 @@ async fn minion(setup: &JobSetup, ledger: &mut Ledger) -> Result<(String, String
             error: None,
             audit: None,
         };
-        ledger.emit(Progress::JobFinished(rec.clone()));
+        ledger.emit(Progress::JobFinished(Box::new(rec.clone())));
         ledger.jobs.push(rec);
         ledger.request_ids.push(request.request_id);
         ledger.emit(Progress::Message {

@@ -1,0 +1,299 @@
+//! The attack suite: one dishonest `beacon-node` per attack, each started with a hidden
+//! `--fault` mode, next to honest providers, behind a router with the default audit rate
+//! and its model name pinned. Chat traffic runs at the router's default temperature (1.0,
+//! sampled) and greedy, streamed and not. Each attack must be caught (quarantined, refused
+//! or ignored) and no honest provider may be quarantined; what each cost before it was
+//! caught is printed.
+//!
+//! (a) honest tokens, other text; (b) text with no tokens; (c) a cheater that is honest
+//! exactly when the old, predictable audit draw said "audit"; (i) a stream that differs from
+//! the signed output; (g) an auditor that fails everything it audits; (f) a provider that
+//! advertises the pinned name with another model's digest. A model file swapped on disk
+//! after the pull is the last test (load-time integrity).
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use beacon_tests::{
+    NodeCli, NodeServer, RouterServer, TEST_MODEL_REF, http, test_model, wait_until,
+};
+use serde_json::Value;
+
+const INJECTED: &str = "evil.example";
+
+fn body(i: usize, stream: bool) -> String {
+    let topics = [
+        "rivers", "bread", "owls", "winter", "copper", "tea", "maps", "bees",
+    ];
+    // Every other request is greedy; the rest use the router's default temperature.
+    let temperature = if i.is_multiple_of(2) {
+        r#""temperature":0,"#
+    } else {
+        ""
+    };
+    format!(
+        r#"{{"model":"{TEST_MODEL_REF}",{temperature}"max_tokens":12,"stream":{stream},"messages":[{{"role":"user","content":"Write one sentence about {}."}}]}}"#,
+        topics[i % topics.len()]
+    )
+}
+
+/// What one routed request delivered.
+struct Delivered {
+    provider: String,
+    text: String,
+    verified: bool,
+    /// A streamed answer that ended in an error event.
+    stream_error: bool,
+}
+
+fn send(url: &str, i: usize, stream: bool) -> Delivered {
+    let r = http("POST", url, Some(&body(i, stream)), &[]);
+    assert_eq!(r.status, 200, "{r:?}");
+    if !stream {
+        let v = r.json();
+        assert!(v["beacon"]["audited"].is_boolean(), "{v}");
+        return Delivered {
+            provider: v["beacon"]["provider"].as_str().unwrap().to_string(),
+            text: v["choices"][0]["message"]["content"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+            verified: v["beacon"]["verified"] == true,
+            stream_error: false,
+        };
+    }
+    let mut d = Delivered {
+        provider: String::new(),
+        text: String::new(),
+        verified: false,
+        stream_error: false,
+    };
+    for line in r.body.lines().filter_map(|l| l.strip_prefix("data: ")) {
+        if line == "[DONE]" {
+            continue;
+        }
+        let v: Value = serde_json::from_str(line).unwrap();
+        if let Some(t) = v["choices"][0]["delta"]["content"].as_str() {
+            d.text.push_str(t);
+        }
+        if v.get("error").is_some() {
+            assert_eq!(v["beacon"]["verified"], false, "{v}");
+            d.stream_error = true;
+        }
+        if let Some(p) = v["beacon"]["provider"].as_str() {
+            assert!(v["beacon"]["audited"].is_boolean(), "{v}");
+            d.provider = p.to_string();
+            d.verified = v["beacon"]["verified"] == true;
+        }
+    }
+    assert!(
+        d.stream_error || !d.provider.is_empty(),
+        "a stream that ended neither verified nor in an error: {}",
+        r.body
+    );
+    d
+}
+
+fn status(router: &RouterServer, peer: &str) -> Value {
+    let v = http("GET", &router.url("/v1/providers"), None, &[]).json();
+    v["providers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["peer_id"] == peer)
+        .cloned()
+        .unwrap_or(Value::Null)
+}
+
+#[test]
+fn every_attack_on_results_is_caught_and_no_honest_provider_is_quarantined() {
+    // Fewer threads each: nine nodes share two cores.
+    let node = |extra: &[&str]| {
+        let mut args = vec!["--parallel", "2", "--threads", "1"];
+        args.extend_from_slice(extra);
+        NodeServer::start(&args)
+    };
+    let first = node(&["--region", "eu-west"]);
+    let boot = first.bootstrap_addr();
+    let joined = |extra: &[&str]| {
+        let mut args = vec!["--bootstrap", boot.as_str()];
+        args.extend_from_slice(extra);
+        node(&args)
+    };
+    let honest = [first, joined(&[]), joined(&[])];
+    let attackers: Vec<(&str, NodeServer)> = ["text", "empty", "guess-audits", "stream"]
+        .into_iter()
+        .map(|f| (f, joined(&["--fault", f])))
+        .collect();
+    let liar = joined(&["--fault", "lying-auditor"]);
+    // (f): the same weights packaged with another context size (another digest) under the
+    // pinned name.
+    let hijack_store = NodeCli::new();
+    hijack_store.ok(&[
+        "model",
+        "package",
+        "--gguf",
+        test_model().to_str().unwrap(),
+        "--context-size",
+        "1024",
+        TEST_MODEL_REF,
+    ]);
+    let hijacker = NodeServer::start_with_store(
+        hijack_store,
+        &["--bootstrap", &boot, "--parallel", "1", "--threads", "1"],
+    );
+    let router = RouterServer::start(Some(&boot), &[]);
+
+    let honest_ids: Vec<String> = honest.iter().map(NodeServer::peer_id).collect();
+    let attacker_ids: HashMap<String, &str> =
+        attackers.iter().map(|(f, n)| (n.peer_id(), *f)).collect();
+    let liar_id = liar.peer_id();
+    let hijacker_id = hijacker.peer_id();
+    assert_ne!(hijacker.model_digest(), honest[0].model_digest());
+    let everyone: Vec<String> = honest_ids
+        .iter()
+        .chain(attacker_ids.keys())
+        .chain([&liar_id, &hijacker_id])
+        .cloned()
+        .collect();
+    assert!(
+        wait_until(Duration::from_secs(90), || {
+            let p = router.providers();
+            everyone.iter().all(|e| p.contains(e))
+        }),
+        "the router sees {:?} of {everyone:?}",
+        router.providers()
+    );
+
+    let caught = |peer: &str| status(&router, peer)["quarantined"] == true;
+    let mut served: HashMap<String, usize> = HashMap::new();
+    let mut wrong: HashMap<String, usize> = HashMap::new();
+    let mut stream_errors = 0;
+    let mut requests = 0;
+    for round in 0..40 {
+        let all_caught = attacker_ids.keys().all(|p| caught(p)) && caught(&liar_id);
+        if all_caught {
+            break;
+        }
+        let handles: Vec<_> = (0..6)
+            .map(|k| {
+                let (i, url) = (round * 6 + k, router.url("/v1/chat/completions"));
+                std::thread::spawn(move || send(&url, i, k % 3 == 2))
+            })
+            .collect();
+        for h in handles {
+            let d = h.join().unwrap();
+            requests += 1;
+            if d.stream_error {
+                stream_errors += 1;
+                continue;
+            }
+            assert!(d.verified);
+            assert_ne!(d.provider, hijacker_id, "the hijacker was given work");
+            *served.entry(d.provider.clone()).or_default() += 1;
+            if d.text.contains(INJECTED) {
+                *wrong.entry(d.provider.clone()).or_default() += 1;
+            }
+            if d.text.chars().any(char::is_lowercase) {
+                // Streams from the stream attacker are upper case: never delivered as
+                // verified.
+                assert_ne!(attacker_ids.get(&d.provider), Some(&"stream"));
+            }
+        }
+    }
+    eprintln!("{requests} requests, {stream_errors} streams ended in an error event");
+    for (peer, fault) in &attacker_ids {
+        let s = status(&router, peer);
+        eprintln!(
+            "attack {fault}: served {} verified answers, {} wrong ones delivered; stats {}",
+            served.get(peer).unwrap_or(&0),
+            wrong.get(peer).unwrap_or(&0),
+            s["stats"]
+        );
+        assert_eq!(s["quarantined"], true, "attack {fault} not caught: {s}");
+    }
+    // (a) and (c) are caught by audits, (b) and (i) refused on arrival.
+    for (peer, fault) in &attacker_ids {
+        let s = &status(&router, peer)["stats"];
+        match *fault {
+            "text" | "guess-audits" => {
+                assert!(s["audits_failed"].as_u64().unwrap() >= 2, "{fault}: {s}")
+            }
+            _ => {
+                assert!(s["invalid"].as_u64().unwrap() >= 2, "{fault}: {s}");
+                assert_eq!(served.get(peer), None, "{fault} delivered an answer");
+            }
+        }
+    }
+    // Nobody but (a) and (c) delivered injected text.
+    for peer in wrong.keys() {
+        assert!(
+            matches!(attacker_ids.get(peer), Some(&"text" | &"guess-audits")),
+            "{peer} delivered injected text"
+        );
+    }
+    // (g): outvoted by honest auditors until quarantined.
+    let l = status(&router, &liar_id);
+    eprintln!("attack lying-auditor: stats {}", l["stats"]);
+    assert_eq!(l["quarantined"], true, "the lying auditor: {l}");
+    assert!(l["stats"]["outvoted"].as_u64().unwrap() >= 2, "{l}");
+    // (f): ignored, and it lost reputation.
+    let h = status(&router, &hijacker_id);
+    eprintln!("attack hijack: stats {}", h["stats"]);
+    assert_eq!(h["pin_conflict"], true, "{h}");
+    assert!(h["stats"]["name_conflicts"].as_u64().unwrap() >= 1, "{h}");
+    assert!(h["stats"]["reputation"].as_f64().unwrap() < 0.8, "{h}");
+    // The name still means the pinned digest.
+    let models = http("GET", &router.url("/v1/models"), None, &[]).json();
+    assert!(
+        models.to_string().contains(&honest[0].model_digest()),
+        "{models}"
+    );
+    // No honest provider was quarantined, or failed an audit.
+    for peer in &honest_ids {
+        let s = status(&router, peer);
+        assert_eq!(s["quarantined"], false, "honest provider quarantined: {s}");
+        assert_eq!(s["stats"]["audits_failed"], 0, "{s}");
+    }
+}
+
+/// Load-time integrity: a model file changed on disk after the pull (here one byte, as a
+/// cheaper requantisation would be) is refused with a clear error, never served, and
+/// served again once the verified file is back.
+#[test]
+fn a_model_file_swapped_after_the_pull_is_never_served() {
+    let node = NodeServer::start(&["--no-network"]);
+    let blob = node
+        .cli
+        .store()
+        .join("blobs/sha256")
+        .join(beacon_tests::sha256_file(&test_model()));
+    let original = std::fs::read(&blob).unwrap();
+    let mut swapped = original.clone();
+    let mid = swapped.len() / 2;
+    swapped[mid] ^= 0x55;
+    std::fs::write(&blob, &swapped).unwrap();
+    let chat = format!(
+        r#"{{"model":"{TEST_MODEL_REF}","max_tokens":4,"messages":[{{"role":"user","content":"Hi"}}]}}"#
+    );
+    let r = http(
+        "POST",
+        &node.url("/engines/v1/chat/completions"),
+        Some(&chat),
+        &[],
+    );
+    assert!(r.status >= 500, "{r:?}");
+    assert!(
+        r.body.contains("failed verification") && r.body.contains("changed after it was pulled"),
+        "{}",
+        r.body
+    );
+    std::fs::write(&blob, &original).unwrap();
+    let r = http(
+        "POST",
+        &node.url("/engines/v1/chat/completions"),
+        Some(&chat),
+        &[],
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+}
