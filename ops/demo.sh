@@ -52,6 +52,9 @@ for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$port/v2/" >/dev/null && br
 ref="127.0.0.1:$port/ai/smollm2:135M-Q4_1"
 log "packaging $(basename "$model") as $ref and pushing it (publisher store)"
 BEACON_DATA_DIR="$work/publisher" "$node" model package --gguf "$model" --context-size 8192 --push "$ref"
+# The operator pins the name to this digest: the router trusts no advert that says otherwise.
+digest="$(BEACON_DATA_DIR="$work/publisher" "$node" model inspect --digest "$ref")"
+log "pinned for the router: $ref = $digest"
 
 log "pulling it into a fresh provider store (every blob verified against its digest)"
 BEACON_DATA_DIR="$work/provider" "$node" model pull "$ref"
@@ -105,6 +108,7 @@ log "router on 127.0.0.1:$rport joins the network (supervisor: ai/gemma3:270M-Q4
 "$router" serve --data-dir "$work/router" --listen "127.0.0.1:$rport" \
   --p2p-listen /ip4/127.0.0.1/udp/0/quic-v1 --bootstrap "$boot" \
   --remote-base-url "http://127.0.0.1:$sport/engines/v1" --remote-model ai/gemma3:270M-Q4_K_M \
+  --model-pin "$ref=$digest" \
   >"$work/router.log" 2>&1 &
 router_pid=$!
 for _ in $(seq 1 120); do
@@ -122,7 +126,7 @@ import json, sys
 r = json.load(sys.stdin)
 b = r["beacon"]
 text = r["choices"][0]["message"]["content"].strip().replace("\n", " ")[:70]
-print("  %-8s %s... verified=%s %4.0f ms: %s" % (b["region"], b["provider"][:16], b["verified"], b["latency_ms"], text))
+print("  %-8s %s... verified=%s audited=%s %4.0f ms: %s" % (b["region"], b["provider"][:16], b["verified"], b["audited"], b["latency_ms"], text))
 PY
 curl -sf "http://127.0.0.1:$rport/v1/providers" | python3 "$work/providers.py"
 

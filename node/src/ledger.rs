@@ -1,10 +1,11 @@
 //! The served-request ledger: one signed [`Receipt`] per answered data-plane request, in a
 //! sled database of its own (`<data>/ledger`), keyed by finish time so recent receipts and
-//! totals are cheap to read. Accounting between providers and routers starts here.
+//! totals are cheap to read. Beside each receipt the provider keeps the requester's signed
+//! countersignature when it sends one, so both sides hold proof of the work for settlement.
 
 use std::path::Path;
 
-use beacon_proto::{Id, Keypair, Receipt, Signed, Wire};
+use beacon_proto::{Countersignature, Id, Keypair, PeerId, Receipt, Signed, Wire};
 use serde::Serialize;
 
 /// Ledger failures.
@@ -14,12 +15,18 @@ pub enum LedgerError {
     Db(#[from] sled::Error),
     #[error(transparent)]
     Proto(#[from] beacon_proto::ProtoError),
+    #[error("countersignature refused: {0}")]
+    Countersignature(String),
 }
 
 /// Cloneable handle to the ledger.
 #[derive(Clone)]
 pub struct Ledger {
     tree: sled::Tree,
+    /// request id → key of its receipt in `tree`.
+    by_request: sled::Tree,
+    /// request id → the requester's signed [`Countersignature`].
+    countersigned: sled::Tree,
 }
 
 /// Sums over the whole ledger.
@@ -28,6 +35,8 @@ pub struct Totals {
     pub requests: u64,
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
+    /// Receipts the requester countersigned.
+    pub countersigned: u64,
 }
 
 impl Ledger {
@@ -35,17 +44,60 @@ impl Ledger {
         let db = sled::open(dir)?;
         Ok(Ledger {
             tree: db.open_tree("receipts")?,
+            by_request: db.open_tree("receipts_by_request")?,
+            countersigned: db.open_tree("countersigned")?,
         })
     }
 
     /// Signs and stores a receipt.
     pub fn record(&self, key: &Keypair, receipt: &Receipt) -> Result<Signed<Receipt>, LedgerError> {
         let signed = Signed::sign(key, receipt)?;
-        self.tree.insert(
-            Self::key(receipt.finished_ms, receipt.request_id),
-            signed.encode()?,
-        )?;
+        let k = Self::key(receipt.finished_ms, receipt.request_id);
+        self.tree.insert(k.as_slice(), signed.encode()?)?;
+        self.by_request
+            .insert(receipt.request_id.0.to_be_bytes(), k)?;
         Ok(signed)
+    }
+
+    /// Keeps the requester's countersignature of a receipt, after checking that `from`
+    /// signed it, that it names this provider (`me`), and that it matches the receipt of
+    /// the same request: same requester, result, model and usage.
+    pub fn countersign(
+        &self,
+        from: &PeerId,
+        me: &PeerId,
+        signed: &Signed<Countersignature>,
+    ) -> Result<(), LedgerError> {
+        let refuse = |why: &str| LedgerError::Countersignature(why.to_string());
+        let c = signed.verify_from(from)?;
+        if c.provider != *me {
+            return Err(refuse("it names another provider"));
+        }
+        let id = c.request_id.0.to_be_bytes();
+        let key = self
+            .by_request
+            .get(id)?
+            .ok_or_else(|| refuse("no receipt for that request"))?;
+        let bytes = self
+            .tree
+            .get(key)?
+            .ok_or_else(|| refuse("no receipt for that request"))?;
+        let r = Signed::<Receipt>::decode(&bytes)?.verify()?;
+        if r.requester != *from
+            || r.result_digest != c.result_digest
+            || r.model_digest != c.model_digest
+            || r.usage != c.usage
+        {
+            return Err(refuse("it does not match the receipt"));
+        }
+        self.countersigned.insert(id, signed.encode()?)?;
+        Ok(())
+    }
+
+    /// The requester's countersignature of a request's receipt, if it sent one.
+    pub fn countersignature(&self, request: Id) -> Option<Signed<Countersignature>> {
+        let bytes = self.countersigned.get(request.0.to_be_bytes()).ok()??;
+        Signed::<Countersignature>::decode(&bytes).ok()
     }
 
     fn key(ms: u64, id: Id) -> Vec<u8> {
@@ -75,6 +127,7 @@ impl Ledger {
             t.prompt_tokens += r.usage.prompt_tokens as u64;
             t.completion_tokens += r.usage.completion_tokens as u64;
         }
+        t.countersigned = self.countersigned.len() as u64;
         Ok(t)
     }
 
@@ -123,8 +176,72 @@ mod tests {
             Totals {
                 requests: 3,
                 prompt_tokens: 30,
-                completion_tokens: 3
+                completion_tokens: 3,
+                countersigned: 0,
             }
         );
+    }
+
+    /// Only the requester of a receipt can countersign it, only for this provider, and
+    /// only for exactly what the receipt records.
+    #[test]
+    fn countersignatures_must_match_their_receipt() {
+        let dir = tempfile::tempdir().unwrap();
+        let (me, router, other) = (
+            Keypair::generate(),
+            Keypair::generate(),
+            Keypair::generate(),
+        );
+        let ledger = Ledger::open(dir.path()).unwrap();
+        let r = Receipt {
+            request_id: Id(7),
+            job_id: None,
+            requester: router.peer_id(),
+            request_digest: Digest::of(b"req"),
+            result_digest: Digest::of(b"res"),
+            model_digest: Digest::of(b"model"),
+            usage: Usage {
+                prompt_tokens: 10,
+                completion_tokens: 4,
+                cached_prompt_tokens: 0,
+            },
+            timings: Timings::default(),
+            finished_ms: 1000,
+        };
+        ledger.record(&me, &r).unwrap();
+        let c = Countersignature {
+            request_id: Id(7),
+            provider: me.peer_id(),
+            result_digest: r.result_digest,
+            model_digest: r.model_digest,
+            usage: r.usage,
+            verified_ms: 1001,
+        };
+        let by = |k: &Keypair, c: &Countersignature| Signed::sign(k, c).unwrap();
+        // Another peer's, or one claiming more tokens, or for another provider: refused.
+        assert!(
+            ledger
+                .countersign(&other.peer_id(), &me.peer_id(), &by(&other, &c))
+                .is_err()
+        );
+        let mut more = c.clone();
+        more.usage.completion_tokens = 400;
+        assert!(
+            ledger
+                .countersign(&router.peer_id(), &me.peer_id(), &by(&router, &more))
+                .is_err()
+        );
+        assert!(
+            ledger
+                .countersign(&router.peer_id(), &other.peer_id(), &by(&router, &c))
+                .is_err()
+        );
+        assert!(ledger.countersignature(Id(7)).is_none());
+        ledger
+            .countersign(&router.peer_id(), &me.peer_id(), &by(&router, &c))
+            .unwrap();
+        let kept = ledger.countersignature(Id(7)).unwrap();
+        assert_eq!(kept.verify_from(&router.peer_id()).unwrap(), c);
+        assert_eq!(ledger.totals().unwrap().countersigned, 1);
     }
 }

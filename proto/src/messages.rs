@@ -600,6 +600,9 @@ impl AuditResult {
 pub enum DataRequest {
     Infer(InferRequest),
     Audit(AuditRequest),
+    /// The requester's countersignature of a result it verified, for the provider to
+    /// keep beside its receipt.
+    Countersign(Signed<Countersignature>),
 }
 
 impl Wire for DataRequest {
@@ -631,7 +634,7 @@ pub struct DataError {
 }
 
 /// What a provider sends back on a data-plane stream: any number of `Delta`s, then exactly
-/// one of `Result`, `Audit` or `Error`.
+/// one of `Result`, `Audit`, `Stored` or `Error`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum DataFrame {
     /// Newly generated text.
@@ -639,6 +642,8 @@ pub enum DataFrame {
     Result(Signed<InferResult>),
     Audit(Signed<AuditResult>),
     Error(DataError),
+    /// A countersignature was checked and stored.
+    Stored,
 }
 
 impl Wire for DataFrame {
@@ -670,4 +675,26 @@ impl Wire for Receipt {
 }
 impl Domain for Receipt {
     const DOMAIN: &'static str = "beacon/receipt/v1";
+}
+
+/// The requester's half of a receipt: it verified the provider's result (the digest of the
+/// signed result's payload, as in the provider's [`Receipt`]) for this usage. Signed by the
+/// requester and kept by the provider, so both sides hold proof of the work for settlement.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Countersignature {
+    pub request_id: Id,
+    pub provider: PeerId,
+    pub result_digest: Digest,
+    pub model_digest: Digest,
+    pub usage: Usage,
+    /// Milliseconds since the Unix epoch when the requester verified the result.
+    pub verified_ms: u64,
+}
+
+impl Wire for Countersignature {
+    const KIND: &'static str = "countersignature";
+    const MAX_BYTES: usize = 1024;
+}
+impl Domain for Countersignature {
+    const DOMAIN: &'static str = "beacon/countersignature/v1";
 }

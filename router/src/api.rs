@@ -638,7 +638,8 @@ async fn metrics(State(state): State<ApiState>) -> String {
          # TYPE beacon_router_tokens_total counter\nbeacon_router_tokens_total{{kind=\"prompt\"}} {}\nbeacon_router_tokens_total{{kind=\"completion\"}} {}\n\
          # TYPE beacon_router_providers gauge\nbeacon_router_providers {}\n\
          # TYPE beacon_router_quarantined gauge\nbeacon_router_quarantined {}\n\
-         # TYPE beacon_router_audits_total counter\nbeacon_router_audits_total{{result=\"pass\"}} {}\nbeacon_router_audits_total{{result=\"fail\"}} {}\n",
+         # TYPE beacon_router_audits_total counter\nbeacon_router_audits_total{{result=\"pass\"}} {}\nbeacon_router_audits_total{{result=\"fail\"}} {}\n\
+         # TYPE beacon_router_audit_tokens_total counter\nbeacon_router_audit_tokens_total {}\n",
         g(&m.requests),
         g(&m.routed),
         g(&m.fallback),
@@ -653,5 +654,6 @@ async fn metrics(State(state): State<ApiState>) -> String {
         providers.iter().filter(|p| p.quarantined).count(),
         audits_passed,
         audits_failed,
+        state.dispatcher.audit_tokens(),
     )
 }

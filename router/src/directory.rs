@@ -54,6 +54,9 @@ pub struct Stats {
     /// Audits this provider ran that the other auditors outvoted.
     #[serde(default)]
     pub outvoted: u64,
+    /// Decided audits it voted in on the side of the decision.
+    #[serde(default)]
+    pub votes_agreed: u64,
     /// Audits of this provider whose auditors split with no majority (no penalty).
     #[serde(default)]
     pub audits_inconclusive: u64,
@@ -86,6 +89,7 @@ impl Default for Stats {
             failing_in_a_row: 0,
             open_until_ms: 0,
             outvoted: 0,
+            votes_agreed: 0,
             audits_inconclusive: 0,
             name_conflicts: 0,
             name_conflict_ms: 0,
@@ -145,7 +149,7 @@ pub struct ProviderInfo {
 /// resolves only through them, and an advert that lists a pinned name with another digest
 /// is ignored (its sender loses reputation).
 #[derive(Clone, Debug, Default)]
-pub struct Pins(BTreeMap<ModelRef, Digest>);
+pub struct Pins(BTreeMap<ModelRef, (String, Digest)>);
 
 impl Pins {
     /// Parses `REFERENCE=sha256:HEX` entries.
@@ -163,7 +167,7 @@ impl Pins {
             let digest: Digest = d
                 .parse()
                 .map_err(|err| format!("model pin {e:?}: digest: {err}"))?;
-            pins.insert(reference, digest);
+            pins.insert(reference, (r.trim().to_string(), digest));
         }
         Ok(Pins(pins))
     }
@@ -173,7 +177,7 @@ impl Pins {
     }
 
     pub fn get(&self, reference: &ModelRef) -> Option<Digest> {
-        self.0.get(reference).copied()
+        self.0.get(reference).map(|(_, d)| *d)
     }
 
     /// Whether `advert` names a pinned model with another digest (a name hijack, or a
@@ -189,8 +193,9 @@ impl Pins {
         })
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = (&ModelRef, &Digest)> {
-        self.0.iter()
+    /// The pinned names as the operator wrote them, with their digests.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &Digest)> {
+        self.0.values().map(|(name, d)| (name.as_str(), d))
     }
 }
 
@@ -354,16 +359,22 @@ impl RouterDirectory {
     }
 
     /// An auditor whose verdict the other auditors overruled: the same reputation hit as
-    /// a failed audit, and a second one quarantines it while its reputation is not high
-    /// (passing audits of its own work does not wipe its record as an auditor).
+    /// a failed audit, and quarantine once it has been outvoted twice and in more than a
+    /// fifth of the decided audits it voted in (its own work passing audits does not
+    /// excuse lying as an auditor; an honest auditor is outvoted only by rare noise).
     pub fn outvoted(&self, auditor: &PeerId) {
         self.with(auditor, true, |s| {
             s.outvoted += 1;
             s.reputation = (s.reputation - 0.15).max(0.0);
-            if s.outvoted >= 2 && s.reputation < QUARANTINE_BELOW + 0.3 {
+            if s.outvoted >= 2 && s.outvoted * 4 > s.votes_agreed {
                 s.quarantined_until_ms = now_ms() + 3_600_000;
             }
         });
+    }
+
+    /// An auditor whose vote the decision followed.
+    pub fn vote_agreed(&self, auditor: &PeerId) {
+        self.with(auditor, false, |s| s.votes_agreed += 1);
     }
 
     /// An audit whose auditors split with no majority: recorded, nobody penalised.
@@ -562,5 +573,67 @@ impl RouterDirectory {
                 }
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use beacon_proto::{CachedModel, Keypair, Slots};
+
+    fn advert(models: &[(&str, Digest)]) -> ProviderAdvert {
+        ProviderAdvert {
+            peer_id: Keypair::generate().peer_id(),
+            region: "eu-west".into(),
+            listen_addrs: vec![],
+            data_plane: None,
+            version: "1".into(),
+            accelerators: vec![],
+            host: Default::default(),
+            engines: vec![],
+            models: models
+                .iter()
+                .map(|(r, d)| CachedModel {
+                    references: vec![r.to_string()],
+                    digest: *d,
+                    size: 1,
+                    quantization: "Q4_1".into(),
+                    parameters: "135M".into(),
+                    architecture: "llama".into(),
+                    context_size: None,
+                })
+                .collect(),
+            slots: Slots::default(),
+            throughput: vec![],
+            price: None,
+            seq: 1,
+            timestamp_ms: 1,
+        }
+    }
+
+    /// Attack (f) at the level of the decision: a pinned name means its digest, however
+    /// it is spelled, and an advert claiming the name for another digest conflicts.
+    #[test]
+    fn pins_resolve_names_and_spot_hijacks() {
+        let (good, evil) = (Digest::of(b"good"), Digest::of(b"evil"));
+        let pins = Pins::parse(&[format!("ai/smollm2:test={good}")]).unwrap();
+        let full = ModelRef::parse("index.docker.io/ai/smollm2:test").unwrap();
+        assert_eq!(pins.get(&full), Some(good));
+        assert_eq!(pins.iter().next(), Some(("ai/smollm2:test", &good)));
+        assert!(!pins.conflicts(&advert(&[("ai/smollm2:test", good)])));
+        assert!(pins.conflicts(&advert(&[("smollm2:test", evil)])));
+        assert!(!pins.conflicts(&advert(&[("ai/other:1", evil)])));
+        assert!(Pins::parse(&["ai/smollm2:test"]).is_err());
+        assert!(Pins::parse(&["ai/smollm2:test=sha256:zz"]).is_err());
+    }
+
+    #[test]
+    fn measured_slots_start_small_and_grow_with_proof() {
+        let mut s = Stats::default();
+        assert_eq!(measured_slots(&s), 2);
+        s.max_concurrent_ok = 3;
+        assert_eq!(measured_slots(&s), 6);
+        s.max_concurrent_ok = u32::MAX;
+        assert_eq!(measured_slots(&s), 256);
     }
 }

@@ -112,6 +112,8 @@ pub struct Dispatcher {
     /// Recent audit outcomes (bounded) and counts of all of them (passed, failed).
     audits: Arc<Mutex<VecDeque<(PeerId, AuditOutcome)>>>,
     audit_counts: Arc<Mutex<(u64, u64)>>,
+    /// Tokens auditors scored (prompt and claimed output, every vote): the cost of audits.
+    audit_tokens: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// A provider's in-flight bound: the slots it was sized for, and the semaphore.
@@ -131,6 +133,7 @@ impl Dispatcher {
             latencies: Arc::default(),
             audits: Arc::default(),
             audit_counts: Arc::default(),
+            audit_tokens: Arc::default(),
         }
     }
 
@@ -195,6 +198,11 @@ impl Dispatcher {
             .iter()
             .cloned()
             .collect()
+    }
+
+    /// Tokens auditors scored since the router started.
+    pub fn audit_tokens(&self) -> u64 {
+        self.audit_tokens.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Audits passed and failed since the router started.
@@ -348,34 +356,37 @@ impl Dispatcher {
             };
             let primary = self.attempt(peer, addr, slots, request, deltas.clone());
             let outcome = match hedge {
-                None => primary.await.map(|r| (r, peer, region.clone(), false)),
+                None => primary
+                    .await
+                    .map(|r| (r, (peer, addr), region.clone(), false)),
                 Some(after) => {
                     tokio::pin!(primary);
                     tokio::select! {
-                        r = &mut primary => r.map(|r| (r, peer, region.clone(), false)),
+                        r = &mut primary => r.map(|r| (r, (peer, addr), region.clone(), false)),
                         _ = tokio::time::sleep(after) => {
                             match self.choose(request, policy, &[exclude.clone(), vec![peer]].concat()) {
                                 Ok((p2, a2, r2, s2)) => {
                                     info!(first = %peer, second = %p2, "hedging a straggler");
                                     let second = self.attempt(p2, a2, s2, request, None);
                                     tokio::select! {
-                                        r = &mut primary => r.map(|r| (r, peer, region.clone(), true)),
-                                        r = second => r.map(|r| (r, p2, r2, true)),
+                                        r = &mut primary => r.map(|r| (r, (peer, addr), region.clone(), true)),
+                                        r = second => r.map(|r| (r, (p2, a2), r2, true)),
                                     }
                                 }
-                                Err(_) => primary.await.map(|r| (r, peer, region.clone(), false)),
+                                Err(_) => primary.await.map(|r| (r, (peer, addr), region.clone(), false)),
                             }
                         }
                     }
                 }
             };
             match outcome {
-                Ok((((result, signed), concurrent), winner, region, hedged)) => {
+                Ok((((result, signed), concurrent), (winner, winner_addr), region, hedged)) => {
                     let ms = started.elapsed().as_secs_f64() * 1000.0;
                     self.observe(ms, result.usage.completion_tokens);
                     self.directory
                         .success(&winner, ms, result.usage.completion_tokens, concurrent);
                     let audited = self.maybe_audit(request, &result, winner);
+                    self.countersign(winner, winner_addr, &result, &signed);
                     return Ok(Outcome {
                         audited,
                         result,
@@ -411,6 +422,25 @@ impl Dispatcher {
             attempts: exclude.len(),
             last,
         })
+    }
+
+    /// Sends the provider this router's countersignature of a verified result, in the
+    /// background, so its receipt is backed by both sides. The provider's address is the
+    /// one placement used; failures only cost the provider its half of the proof.
+    fn countersign(
+        &self,
+        peer: PeerId,
+        addr: SocketAddr,
+        result: &InferResult,
+        signed: &Signed<InferResult>,
+    ) {
+        let (client, result, signed) = (self.client.clone(), result.clone(), signed.clone());
+        tokio::spawn(async move {
+            let now = crate::directory::now_ms();
+            if let Err(e) = client.countersign(peer, addr, &result, &signed, now).await {
+                debug!(%peer, error = %e, "countersignature not delivered");
+            }
+        });
     }
 
     /// Decides, after the result is in, whether to audit it: a fresh draw from the
@@ -510,6 +540,10 @@ impl Dispatcher {
             request.audit_id = Id::random();
             match self.client.audit(auditor, addr, &request).await {
                 Ok(scored) => {
+                    self.audit_tokens.fetch_add(
+                        u64::from(scored.prompt_tokens) + tokens.len() as u64,
+                        std::sync::atomic::Ordering::Relaxed,
+                    );
                     let v = scored.judge(
                         &tokens,
                         &output,
@@ -545,6 +579,8 @@ impl Dispatcher {
             if v.passed != passed {
                 warn!(%auditor, provider = %peer, "auditor outvoted");
                 self.directory.outvoted(auditor);
+            } else {
+                self.directory.vote_agreed(auditor);
             }
         }
         let first = votes

@@ -249,6 +249,24 @@ fn every_attack_on_results_is_caught_and_no_honest_provider_is_quarantined() {
         models.to_string().contains(&honest[0].model_digest()),
         "{models}"
     );
+    // What the audits cost, against what was served (probation and attacks included).
+    let metrics = http("GET", &router.url("/metrics"), None, &[]).body;
+    let metric = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with(name))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    let (audit, served) = (
+        metric("beacon_router_audit_tokens_total"),
+        metric("beacon_router_tokens_total"),
+    );
+    assert!(audit > 0.0, "{metrics}");
+    eprintln!(
+        "audit tokens {audit}, served tokens {served}: {:.2} of served",
+        audit / served.max(1.0)
+    );
     // No honest provider was quarantined, or failed an audit.
     for peer in &honest_ids {
         let s = status(&router, peer);

@@ -80,6 +80,26 @@ fn routes_chat_to_providers_verifies_pins_and_survives_a_death() {
     assert!(seen.iter().all(|p| *p == pa || *p == pb));
     assert_eq!(seen.len(), 2, "load was not spread: {seen:?}");
 
+    // Receipts both sides hold: every receipt on each provider carries the router's
+    // countersignature of the result it verified.
+    for node in [&a, &b] {
+        let countersigned = wait_until(Duration::from_secs(10), || {
+            let l = http("GET", &node.url("/beacon/ledger"), None, &[]).json();
+            let receipts = l["receipts"].as_array().unwrap().clone();
+            !receipts.is_empty()
+                && receipts.iter().all(|r| {
+                    r["countersigned"]["by"] == r["requester"]
+                        && r["countersigned"]["result_digest"] == r["result_digest"]
+                })
+                && l["totals"]["countersigned"] == l["totals"]["requests"]
+        });
+        assert!(
+            countersigned,
+            "{}",
+            http("GET", &node.url("/beacon/ledger"), None, &[]).body
+        );
+    }
+
     // Streaming: OpenAI chunks that add up to the answer, a usage chunk, [DONE].
     let r = http(
         "POST",

@@ -13,8 +13,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use beacon_proto::{
-    AuditRequest, AuditResult, DataError, DataErrorCode, DataFrame, DataRequest, InferRequest,
-    InferResult, Keypair, PeerId, Signed, Wire,
+    AuditRequest, AuditResult, Countersignature, DataError, DataErrorCode, DataFrame, DataRequest,
+    InferRequest, InferResult, Keypair, PeerId, Signed, Wire,
 };
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use tokio::sync::Semaphore;
@@ -230,6 +230,8 @@ pub struct DataClient {
 struct ClientInner {
     endpoint: quinn::Endpoint,
     id: TlsIdentity,
+    /// Signs countersignatures of verified results.
+    key: Keypair,
     pool: Mutex<HashMap<(PeerId, SocketAddr), quinn::Connection>>,
 }
 
@@ -241,6 +243,7 @@ impl DataClient {
             inner: Arc::new(ClientInner {
                 endpoint,
                 id: TlsIdentity::new(key)?,
+                key: key.clone(),
                 pool: Mutex::new(HashMap::new()),
             }),
         })
@@ -353,11 +356,10 @@ impl DataClient {
                         error: Box::new(error),
                     });
                 }
-                DataFrame::Audit(_) => {
-                    return Err(CallError::Invalid {
-                        peer,
-                        reason: "an audit result answered an inference request".into(),
-                    });
+                DataFrame::Audit(_) | DataFrame::Stored => {
+                    return Err(invalid(
+                        "a frame that does not answer an inference request".into(),
+                    ));
                 }
             }
         }
@@ -399,6 +401,39 @@ impl DataClient {
                 error: Box::new(error),
             }),
             _ => Err(invalid("unexpected frame in answer to an audit".into())),
+        }
+    }
+
+    /// Countersigns a result this client verified and hands it to the provider, which
+    /// keeps it beside its own receipt: both sides then hold proof of the work.
+    pub async fn countersign(
+        &self,
+        peer: PeerId,
+        addr: SocketAddr,
+        result: &InferResult,
+        signed: &Signed<InferResult>,
+        verified_ms: u64,
+    ) -> Result<(), CallError> {
+        let c = Countersignature {
+            request_id: result.request_id,
+            provider: peer,
+            result_digest: signed.payload_digest(),
+            model_digest: result.model_digest,
+            usage: result.usage,
+            verified_ms,
+        };
+        let invalid = |reason: String| CallError::Invalid { peer, reason };
+        let c = Signed::sign(&self.inner.key, &c).map_err(|e| invalid(e.to_string()))?;
+        let mut call = self.call(peer, addr, &DataRequest::Countersign(c)).await?;
+        match call.next().await? {
+            DataFrame::Stored => Ok(()),
+            DataFrame::Error(error) => Err(CallError::Remote {
+                peer,
+                error: Box::new(error),
+            }),
+            _ => Err(invalid(
+                "unexpected frame in answer to a countersignature".into(),
+            )),
         }
     }
 

@@ -143,6 +143,19 @@ pub(super) async fn ledger(
         .iter()
         .filter_map(|s| s.verify().ok())
         .map(|r| {
+            // The requester's half, when it sent one (checked against the receipt when it
+            // was stored).
+            let countersigned = net
+                .ledger
+                .countersignature(r.request_id)
+                .and_then(|c| {
+                    let signer = c.signer_peer_id();
+                    c.verify_from(&signer).ok().map(|v| (signer, v))
+                })
+                .map(|(signer, c)| {
+                    json!({"by": signer.to_string(), "verified_ms": c.verified_ms,
+                           "result_digest": c.result_digest.to_string()})
+                });
             json!({
                 "request_id": r.request_id.to_string(),
                 "requester": r.requester.to_string(),
@@ -150,6 +163,8 @@ pub(super) async fn ledger(
                 "prompt_tokens": r.usage.prompt_tokens,
                 "completion_tokens": r.usage.completion_tokens,
                 "finished_ms": r.finished_ms,
+                "result_digest": r.result_digest.to_string(),
+                "countersigned": countersigned,
             })
         })
         .collect();

@@ -154,6 +154,15 @@ impl DataHandler for Provider {
         let outcome = match request {
             DataRequest::Infer(r) => self.infer(peer, r, sink).await,
             DataRequest::Audit(a) => self.audit(peer, a, sink).await,
+            DataRequest::Countersign(c) => {
+                match self.ledger.countersign(&peer, &self.key.peer_id(), &c) {
+                    Ok(()) => {
+                        let _ = sink.send(&DataFrame::Stored).await;
+                        Ok(())
+                    }
+                    Err(e) => Err(Refusal::new(DataErrorCode::BadRequest, e.to_string())),
+                }
+            }
         };
         if let Err(r) = outcome {
             let _ = sink.error(r.code, r.message, r.retry_after_ms).await;

@@ -203,6 +203,9 @@ pub struct Cluster {
     pub supervisor: Option<Supervisor>,
     config: ClusterConfig,
     bootstrap: Option<String>,
+    /// `MODEL=<digest>`: every router trusts the model's name only at this digest, as an
+    /// operator pins it (set when the first provider packages the model).
+    pin: Option<String>,
     next_port: u16,
     // Declared last: dropped after every process is killed.
     pub wan: Wan,
@@ -219,6 +222,7 @@ impl Cluster {
             supervisor: None,
             config,
             bootstrap: None,
+            pin: None,
             next_port: 12000,
             wan,
         };
@@ -272,6 +276,21 @@ impl Cluster {
                 self.config.model.display(),
                 String::from_utf8_lossy(&out.stderr)
             );
+        }
+        if self.pin.is_none() {
+            let out = self
+                .node_command(data.path())
+                .args(["model", "inspect", "--digest", MODEL])
+                .output()
+                .context("running beacon-node model inspect")?;
+            let digest = String::from_utf8_lossy(&out.stdout).trim().to_string();
+            if !out.status.success() || digest.is_empty() {
+                bail!(
+                    "no digest for {MODEL}: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            self.pin = Some(format!("{MODEL}={digest}"));
         }
         let http_addr = SocketAddr::from((ip, self.port()));
         self.providers.push(Provider {
@@ -404,6 +423,11 @@ impl Cluster {
             .args(["--advert-expiry", "8"]);
         if let Some(b) = &self.bootstrap {
             c.args(["--bootstrap", b]);
+        }
+        if let Some(pin) = &self.pin
+            && !r.args.iter().any(|a| a == "--model-pin")
+        {
+            c.args(["--model-pin", pin]);
         }
         c.args(&r.args)
             .env("BEACON_LOG", log_filter())
