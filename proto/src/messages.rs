@@ -518,6 +518,10 @@ pub struct AuditVerdict {
     pub agreement: f64,
     /// Why it failed, in words.
     pub reason: Option<String>,
+    /// It failed on evidence no hardware difference explains (text that is not what the
+    /// tokens decode to, a token the grammar forbids, unscored tokens), not on argmax
+    /// agreement.
+    pub hard: bool,
 }
 
 impl AuditResult {
@@ -538,6 +542,7 @@ impl AuditResult {
             passed: false,
             agreement,
             reason: Some(reason),
+            hard: true,
         };
         if Digest::of(output.as_bytes()) != self.output_digest {
             return fail(0.0, "the text is not what its tokens decode to".into());
@@ -565,6 +570,7 @@ impl AuditResult {
                 passed: true,
                 agreement: 1.0,
                 reason: None,
+                hard: false,
             };
         }
         let s = self.summarize(claimed, near_tie);
@@ -573,21 +579,17 @@ impl AuditResult {
         } else {
             (s.greedy_matches + s.near_ties) as f64 / s.tokens as f64
         };
-        if agreement >= pass {
-            AuditVerdict {
-                passed: true,
-                agreement,
-                reason: None,
-            }
-        } else {
-            fail(
-                agreement,
+        AuditVerdict {
+            passed: agreement >= pass,
+            agreement,
+            reason: (agreement < pass).then(|| {
                 format!(
                     "{} of {} positions agree with the auditor",
                     s.greedy_matches + s.near_ties,
                     s.tokens
-                ),
-            )
+                )
+            }),
+            hard: false,
         }
     }
 }

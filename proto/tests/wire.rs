@@ -400,7 +400,7 @@ fn audit_fails_text_that_is_not_its_tokens() {
     let ar = audit_of("Paris", vec![agreeing(11), agreeing(12)], None);
     assert!(ar.judge(&[11, 12], "Paris", true, 0.5, 0.9).passed);
     let v = ar.judge(&[11, 12], "Visit evil.example", true, 0.5, 0.9);
-    assert!(!v.passed);
+    assert!(!v.passed && v.hard);
     assert!(v.reason.unwrap().contains("decode"));
     // Sampled outputs are held to their text too.
     assert!(!ar.judge(&[11, 12], "Lyon", false, 0.5, 0.9).passed);
@@ -429,7 +429,7 @@ fn audit_judges_the_end_of_generation() {
             .passed
     );
     let v = audit_of("", vec![], Some(would_go_on)).judge(&[], "", true, 0.5, 0.9);
-    assert!(!v.passed, "{v:?}");
+    assert!(!v.passed && !v.hard, "{v:?}");
     let s = audit_of("", vec![], Some(would_go_on)).summarize(&[], 0.5);
     assert_eq!((s.tokens, s.greedy_matches, s.near_ties), (1, 0, 0));
     // A token the grammar forbids fails even a sampled output.

@@ -343,17 +343,24 @@ impl RouterDirectory {
         self.failure(peer);
     }
 
-    /// An audit outcome (already agreed by two auditors when it is a failure). One
-    /// failure never quarantines; repeated failures do.
-    pub fn audited(&self, peer: &PeerId, passed: bool) {
+    /// An audit outcome (already agreed by two auditors when it is a failure). For an
+    /// established provider one failure on argmax agreement never quarantines (hardware
+    /// noise); repeated failures do. A failure that no noise explains (`hard`: text that
+    /// is not its tokens, a token the grammar forbids) or any agreed failure while on
+    /// probation quarantines at once.
+    pub fn audited(&self, peer: &PeerId, passed: bool, hard: bool) {
         self.with(peer, true, |s| {
             if passed {
                 s.audits_passed += 1;
                 s.failed_in_a_row = 0;
                 s.reputation = (s.reputation + 0.02).min(1.0);
             } else {
+                let on_probation = s.audits_passed < PROBATION_AUDITS;
                 s.audits_failed += 1;
                 penalise(s);
+                if hard || on_probation {
+                    s.quarantined_until_ms = now_ms() + 3_600_000;
+                }
             }
         });
     }

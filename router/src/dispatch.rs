@@ -574,7 +574,9 @@ impl Dispatcher {
             }
             return;
         };
-        self.directory.audited(&peer, passed);
+        // Failed on evidence no hardware noise explains, by every auditor that failed it.
+        let hard = !passed && votes.iter().filter(|(_, v)| !v.passed).all(|(_, v)| v.hard);
+        self.directory.audited(&peer, passed, hard);
         for (auditor, v) in &votes {
             if v.passed != passed {
                 warn!(%auditor, provider = %peer, "auditor outvoted");

@@ -217,7 +217,7 @@ fn every_attack_on_results_is_caught_and_no_honest_provider_is_quarantined() {
         let s = &status(&router, peer)["stats"];
         match *fault {
             "text" | "guess-audits" => {
-                assert!(s["audits_failed"].as_u64().unwrap() >= 2, "{fault}: {s}")
+                assert!(s["audits_failed"].as_u64().unwrap() >= 1, "{fault}: {s}")
             }
             _ => {
                 assert!(s["invalid"].as_u64().unwrap() >= 2, "{fault}: {s}");

@@ -516,7 +516,7 @@ fn verification_and_audits_quarantine_dishonest_providers_only() {
         "tampered outputs not caught by audits: {t}\n{}",
         router.log()
     );
-    assert!(t["stats"]["audits_failed"].as_u64().unwrap() >= 2, "{t}");
+    assert!(t["stats"]["audits_failed"].as_u64().unwrap() >= 1, "{t}");
     for h in [h, h2] {
         assert_eq!(h["quarantined"], false, "honest provider quarantined: {h}");
         assert_eq!(h["stats"]["audits_failed"], 0, "{h}");
