@@ -14,6 +14,7 @@ pub mod identity;
 pub mod messages;
 pub mod plan;
 pub mod reference;
+pub mod sampling;
 pub mod signed;
 
 pub use codec::Wire;

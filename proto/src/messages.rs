@@ -401,9 +401,11 @@ pub struct AuditRequest {
     /// The JSON schema the audited output was constrained by, so the auditor scores under
     /// the same grammar (a constrained argmax differs from the model's raw argmax).
     pub json_schema: Option<String>,
-    /// The stop strings of the audited request: the auditor turns the claimed tokens into
-    /// text exactly as a provider does (stop strings cut), so the text can be compared.
-    pub stop: Vec<String>,
+    /// The audited request's sampling: its stop strings (the auditor turns the claimed
+    /// tokens into text exactly as a provider does, stop strings cut, so the text can be
+    /// compared) and, when it has a temperature, the seed and filters to replay the
+    /// sampling with ([`crate::sampling`]).
+    pub sampling: Sampling,
     /// How the audited result says generation ended. `Stop` without a stop string in the
     /// text means the model chose to end: the auditor scores that end-of-generation too,
     /// so a truncated or empty answer is audited like any other.
@@ -514,7 +516,7 @@ impl AuditResult {
 pub struct AuditVerdict {
     pub passed: bool,
     /// Share of judged positions where the claimed token agrees with the auditor
-    /// (1.0 for a sampled output, whose tokens are not judged by agreement).
+    /// (1.0 when agreement is not judged).
     pub agreement: f64,
     /// Why it failed, in words.
     pub reason: Option<String>,
@@ -527,15 +529,16 @@ pub struct AuditVerdict {
 impl AuditResult {
     /// Judges a result against this audit: the text must be exactly what the claimed
     /// tokens decode to, every claimed token must have been scored, and none may be one
-    /// the output grammar forbids. A greedy result (`greedy`) must also agree with the
-    /// auditor's argmax on at least `pass` of its positions (a claimed token within
-    /// `near_tie` nats of the argmax agrees: hardware breaks near-ties differently).
+    /// the output grammar forbids. With a `tolerance`, at least `pass` of its positions
+    /// must also agree with the auditor: the claimed token is the auditor's choice, or
+    /// within `tolerance` of it (in logits: from the argmax for a greedy result, from the
+    /// replayed seeded choice for a sampled one, see [`crate::sampling`]). Hardware and batch shapes move logits a little, hence the tolerance. Without
+    /// one (a sampled result with no seed to replay) agreement is not judged.
     pub fn judge(
         &self,
         claimed: &[u32],
         output: &str,
-        greedy: bool,
-        near_tie: f32,
+        tolerance: Option<f32>,
         pass: f64,
     ) -> AuditVerdict {
         let fail = |agreement: f64, reason: String| AuditVerdict {
@@ -565,14 +568,14 @@ impl AuditResult {
         {
             return fail(0.0, "a token the output grammar forbids".into());
         }
-        if !greedy {
+        let Some(near_tie) = tolerance else {
             return AuditVerdict {
                 passed: true,
                 agreement: 1.0,
                 reason: None,
                 hard: false,
             };
-        }
+        };
         let s = self.summarize(claimed, near_tie);
         let agreement = if s.tokens == 0 {
             1.0

@@ -121,7 +121,10 @@ fn messages_round_trip() {
         messages: req.messages.clone(),
         claimed_tokens: vec![1, 2, 3],
         json_schema: None,
-        stop: vec!["\n\n".into()],
+        sampling: Sampling {
+            stop: vec!["\n\n".into()],
+            ..Sampling::default()
+        },
         finish_reason: FinishReason::Stop,
     };
     assert_eq!(
@@ -398,15 +401,15 @@ fn agreeing(token: u32) -> TokenScore {
 #[test]
 fn audit_fails_text_that_is_not_its_tokens() {
     let ar = audit_of("Paris", vec![agreeing(11), agreeing(12)], None);
-    assert!(ar.judge(&[11, 12], "Paris", true, 0.5, 0.9).passed);
-    let v = ar.judge(&[11, 12], "Visit evil.example", true, 0.5, 0.9);
+    assert!(ar.judge(&[11, 12], "Paris", Some(0.5), 0.9).passed);
+    let v = ar.judge(&[11, 12], "Visit evil.example", Some(0.5), 0.9);
     assert!(!v.passed && v.hard);
     assert!(v.reason.unwrap().contains("decode"));
     // Sampled outputs are held to their text too.
-    assert!(!ar.judge(&[11, 12], "Lyon", false, 0.5, 0.9).passed);
+    assert!(!ar.judge(&[11, 12], "Lyon", None, 0.9).passed);
     // Fewer scores than claimed tokens never pass.
     let short = audit_of("Paris", vec![agreeing(11)], None);
-    assert!(!short.judge(&[11, 12], "Paris", true, 0.5, 0.9).passed);
+    assert!(!short.judge(&[11, 12], "Paris", Some(0.5), 0.9).passed);
 }
 
 /// Attack (b) with empty text: an answer of no tokens that claims the model stopped is
@@ -425,10 +428,10 @@ fn audit_judges_the_end_of_generation() {
     };
     assert!(
         audit_of("", vec![], Some(stop_here))
-            .judge(&[], "", true, 0.5, 0.9)
+            .judge(&[], "", Some(0.5), 0.9)
             .passed
     );
-    let v = audit_of("", vec![], Some(would_go_on)).judge(&[], "", true, 0.5, 0.9);
+    let v = audit_of("", vec![], Some(would_go_on)).judge(&[], "", Some(0.5), 0.9);
     assert!(!v.passed && !v.hard, "{v:?}");
     let s = audit_of("", vec![], Some(would_go_on)).summarize(&[], 0.5);
     assert_eq!((s.tokens, s.greedy_matches, s.near_ties), (1, 0, 0));
@@ -440,7 +443,7 @@ fn audit_judges_the_end_of_generation() {
     };
     assert!(
         !audit_of("x", vec![forbidden], None)
-            .judge(&[7], "x", false, 0.5, 0.9)
+            .judge(&[7], "x", None, 0.9)
             .passed
     );
 }

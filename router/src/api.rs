@@ -332,7 +332,9 @@ fn to_request(body: &ChatBody, digest: beacon_proto::Digest) -> Result<InferRequ
             temperature,
             top_p: body.top_p.unwrap_or(1.0),
             max_tokens: body.max_tokens.unwrap_or(512).clamp(1, 8192),
-            seed: body.seed,
+            // The router chooses the seed (unless the client asks for one), so a sampled
+            // answer can be replayed by an auditor.
+            seed: Some(body.seed.unwrap_or_else(|| Id::random().0 as u64)),
             stop: match &body.stop {
                 None => vec![],
                 Some(Stop::One(s)) => vec![s.clone()],

@@ -33,8 +33,11 @@ pub struct DispatchConfig {
     pub audit_rate: f64,
     /// A claimed token within this many nats of the auditor's argmax counts as agreeing.
     pub near_tie: f32,
-    /// Fraction of claimed greedy tokens that must agree for an audit to pass.
+    /// Fraction of claimed tokens that must agree for an audit to pass.
     pub audit_pass: f64,
+    /// A sampled token whose key (logit + T · Gumbel noise, replayed from the seed) is
+    /// within this many logits of the replayed choice counts as agreeing.
+    pub sampled_tolerance: f32,
     /// Circuit breaker: this many failures in a row take a provider out of placement...
     pub breaker_failures: u32,
     /// ...for this long.
@@ -50,6 +53,7 @@ impl Default for DispatchConfig {
             audit_rate: 0.05,
             near_tie: 0.5,
             audit_pass: 0.9,
+            sampled_tolerance: 0.5,
             breaker_failures: 3,
             breaker_open: Duration::from_secs(30),
         }
@@ -465,7 +469,7 @@ impl Dispatcher {
             messages: request.messages.clone(),
             claimed_tokens: tokens.clone(),
             json_schema: request.json_schema.clone(),
-            stop: request.sampling.stop.clone(),
+            sampling: request.sampling.clone(),
             finish_reason: result.finish_reason,
         };
         if self.auditor(&audit.model.digest, &[peer]).is_none() {
@@ -475,9 +479,17 @@ impl Dispatcher {
         let this = self.clone();
         let request_id = request.request_id;
         let output = result.output.clone();
-        let greedy = request.sampling.temperature <= 0.0;
+        // Greedy tokens are judged against the argmax, sampled ones by replaying their
+        // seed; a sampled result without a seed only on text, grammar and its end.
+        let tolerance = if request.sampling.temperature <= 0.0 {
+            Some(self.config.near_tie)
+        } else if request.sampling.seed.is_some() {
+            Some(self.config.sampled_tolerance)
+        } else {
+            None
+        };
         tokio::spawn(async move {
-            this.run_audit(peer, request_id, audit, tokens, output, greedy)
+            this.run_audit(peer, request_id, audit, tokens, output, tolerance)
                 .await;
         });
         true
@@ -516,7 +528,7 @@ impl Dispatcher {
         audit: AuditRequest,
         tokens: Vec<u32>,
         output: String,
-        greedy: bool,
+        tolerance: Option<f32>,
     ) {
         let mut votes: Vec<(PeerId, AuditVerdict)> = Vec::new();
         let mut asked = vec![peer];
@@ -544,13 +556,7 @@ impl Dispatcher {
                         u64::from(scored.prompt_tokens) + tokens.len() as u64,
                         std::sync::atomic::Ordering::Relaxed,
                     );
-                    let v = scored.judge(
-                        &tokens,
-                        &output,
-                        greedy,
-                        self.config.near_tie,
-                        self.config.audit_pass,
-                    );
+                    let v = scored.judge(&tokens, &output, tolerance, self.config.audit_pass);
                     info!(provider = %peer, %auditor, agreement = v.agreement, passed = v.passed,
                           reason = v.reason.as_deref().unwrap_or(""), "audit vote");
                     votes.push((auditor, v));

@@ -7,13 +7,19 @@
 //!
 //! (a) honest tokens, other text; (b) text with no tokens; (c) a cheater that is honest
 //! exactly when the old, predictable audit draw said "audit"; (i) a stream that differs from
-//! the signed output; (g) an auditor that fails everything it audits; (f) a provider that
+//! the signed output; (d) sampling with another seed and temperature; (g) an auditor that
+//! fails everything it audits; (f) a provider that
 //! advertises the pinned name with another model's digest. A model file swapped on disk
 //! after the pull is the last test (load-time integrity).
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::time::Duration;
 
+use beacon_net::quic::DataClient;
+use beacon_proto::{
+    AuditRequest, ChatMessage, Digest, Id, InferRequest, Keypair, ModelSpec, PeerId, Role, Sampling,
+};
 use beacon_tests::{
     NodeCli, NodeServer, RouterServer, TEST_MODEL_REF, http, test_model, wait_until,
 };
@@ -107,7 +113,7 @@ fn status(router: &RouterServer, peer: &str) -> Value {
 
 #[test]
 fn every_attack_on_results_is_caught_and_no_honest_provider_is_quarantined() {
-    // Fewer threads each: nine nodes share two cores.
+    // Fewer threads each: ten nodes share two cores.
     let node = |extra: &[&str]| {
         let mut args = vec!["--parallel", "2", "--threads", "1"];
         args.extend_from_slice(extra);
@@ -121,10 +127,11 @@ fn every_attack_on_results_is_caught_and_no_honest_provider_is_quarantined() {
         node(&args)
     };
     let honest = [first, joined(&[]), joined(&[])];
-    let attackers: Vec<(&str, NodeServer)> = ["text", "empty", "guess-audits", "stream"]
-        .into_iter()
-        .map(|f| (f, joined(&["--fault", f])))
-        .collect();
+    let attackers: Vec<(&str, NodeServer)> =
+        ["text", "empty", "guess-audits", "stream", "resample"]
+            .into_iter()
+            .map(|f| (f, joined(&["--fault", f])))
+            .collect();
     let liar = joined(&["--fault", "lying-auditor"]);
     // (f): the same weights packaged with another context size (another digest) under the
     // pinned name.
@@ -216,7 +223,7 @@ fn every_attack_on_results_is_caught_and_no_honest_provider_is_quarantined() {
     for (peer, fault) in &attacker_ids {
         let s = &status(&router, peer)["stats"];
         match *fault {
-            "text" | "guess-audits" => {
+            "text" | "guess-audits" | "resample" => {
                 assert!(s["audits_failed"].as_u64().unwrap() >= 1, "{fault}: {s}")
             }
             _ => {
@@ -314,4 +321,135 @@ fn a_model_file_swapped_after_the_pull_is_never_served() {
         &[],
     );
     assert_eq!(r.status, 200, "{r:?}");
+}
+
+fn sampled_request(digest: Digest, i: usize, temperature: f32) -> InferRequest {
+    let topics = ["harbours", "forests", "trains", "glass", "salt", "clocks"];
+    InferRequest {
+        request_id: Id::random(),
+        job_id: None,
+        model: ModelSpec {
+            reference: TEST_MODEL_REF.into(),
+            digest,
+        },
+        messages: vec![
+            // A shared prefix: later requests reuse its KV cells.
+            ChatMessage {
+                role: Role::System,
+                content: "You are a helpful assistant who writes short, plain sentences.".into(),
+            },
+            ChatMessage {
+                role: Role::User,
+                content: format!("Write two sentences about {}.", topics[i % topics.len()]),
+            },
+        ],
+        sampling: Sampling {
+            temperature,
+            max_tokens: 24,
+            seed: Some(Id::random().0 as u64),
+            ..Sampling::default()
+        },
+        json_schema: None,
+        deadline_ms: None,
+        return_tokens: true,
+    }
+}
+
+/// Sampled answers are audited by replaying their seed (attack (d) at the level of one
+/// audit), calibrated on these CPUs: answers from a provider decoding up to four sequences
+/// at once on two threads, with prefix-cache hits, are audited by a provider decoding one
+/// sequence on one thread, at three temperatures. Every honest answer passes at the router's
+/// defaults (within 0.5 logits of the replayed choice at 90 % of positions); the same tokens
+/// claimed under another seed mostly fail. The figures are printed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sampled_answers_are_audited_by_replaying_their_seed() {
+    let (batched, single) = tokio::task::spawn_blocking(|| {
+        (
+            NodeServer::start(&["--parallel", "4", "--threads", "2"]),
+            NodeServer::start(&["--parallel", "1", "--threads", "1"]),
+        )
+    })
+    .await
+    .unwrap();
+    let peer =
+        |n: &NodeServer| -> (PeerId, SocketAddr) { (n.peer_id().parse().unwrap(), n.data_plane()) };
+    let (pa, aa) = peer(&batched);
+    let (pb, ab) = peer(&single);
+    let digest: Digest = batched.model_digest().parse().unwrap();
+    let client = DataClient::new(&Keypair::generate(), "127.0.0.1:0".parse().unwrap()).unwrap();
+    let dp = beacon_router::dispatch::DispatchConfig::default();
+    let (tolerance, pass) = (dp.sampled_tolerance, dp.audit_pass);
+
+    let mut honest = Vec::new();
+    let mut other_seed_failed = 0;
+    let mut positions = 0;
+    let mut off_positions = 0;
+    let mut worst_miss = 0.0f32;
+    for (round, temperature) in [0.7f32, 1.0, 1.5].into_iter().enumerate() {
+        // Four at once on the batched provider.
+        let calls: Vec<_> = (0..4)
+            .map(|k| {
+                let req = sampled_request(digest, round * 4 + k, temperature);
+                let c = client.clone();
+                tokio::spawn(async move {
+                    let r = c.infer(pa, aa, &req, |_| {}).await;
+                    (req, r)
+                })
+            })
+            .collect();
+        for call in calls {
+            let (req, r) = call.await.unwrap();
+            let (result, _) = r.expect("honest answer");
+            let tokens = result.token_ids.clone().unwrap();
+            let audit = AuditRequest {
+                audit_id: Id::random(),
+                model: req.model.clone(),
+                messages: req.messages.clone(),
+                claimed_tokens: tokens.clone(),
+                json_schema: None,
+                sampling: req.sampling.clone(),
+                finish_reason: result.finish_reason,
+            };
+            let scored = client.audit(pb, ab, &audit).await.expect("audit runs");
+            let v = scored.judge(&tokens, &result.output, Some(tolerance), pass);
+            for s in scored.scores.iter().chain(scored.end.iter()) {
+                positions += 1;
+                if s.logprob < 0.0 {
+                    off_positions += 1;
+                    worst_miss = worst_miss.max(-s.logprob);
+                }
+            }
+            honest.push((temperature, v.agreement, v.passed));
+            // The same claim under another seed: a provider that ignored the seed.
+            let mut forged = audit.clone();
+            forged.audit_id = Id::random();
+            forged.sampling.seed = Some(req.sampling.seed.unwrap() ^ 0x5eed);
+            let scored = client.audit(pb, ab, &forged).await.unwrap();
+            if !scored
+                .judge(&tokens, &result.output, Some(tolerance), pass)
+                .passed
+            {
+                other_seed_failed += 1;
+            }
+        }
+    }
+    let failed: Vec<_> = honest.iter().filter(|h| !h.2).collect();
+    let min = honest.iter().map(|h| h.1).fold(1.0, f64::min);
+    eprintln!(
+        "sampled audits: {} honest answers, {} failed (false positives), lowest agreement {min:.3}; \
+         {off_positions} of {positions} positions off the replayed choice (worst by {worst_miss:.4}); \
+         another seed: {other_seed_failed} of {} failed",
+        honest.len(),
+        failed.len(),
+        honest.len()
+    );
+    assert!(
+        failed.is_empty(),
+        "honest sampled answers failed: {failed:?}"
+    );
+    assert!(
+        other_seed_failed * 2 >= honest.len(),
+        "only {other_seed_failed} of {} answers under another seed failed",
+        honest.len()
+    );
 }

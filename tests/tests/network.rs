@@ -276,14 +276,14 @@ async fn data_plane_serves_signed_results_audits_and_refuses_wrong_peers() {
         messages: req.messages.clone(),
         claimed_tokens: tokens.clone(),
         json_schema: None,
-        stop: req.sampling.stop.clone(),
+        sampling: req.sampling.clone(),
         finish_reason: result.finish_reason,
     };
     let scored = client.audit(peer, addr, &audit).await.expect("audit runs");
     // The auditor decodes the tokens to exactly the text the provider signed.
-    let verdict = scored.judge(&tokens, &result.output, true, 0.5, 0.9);
+    let verdict = scored.judge(&tokens, &result.output, Some(0.5), 0.9);
     assert!(verdict.passed, "{verdict:?}");
-    assert!(!scored.judge(&tokens, "other text", true, 0.5, 0.9).passed);
+    assert!(!scored.judge(&tokens, "other text", Some(0.5), 0.9).passed);
     let honest = scored.summarize(&tokens, 0.5);
     assert_eq!(
         honest.tokens,
@@ -309,7 +309,7 @@ async fn data_plane_serves_signed_results_audits_and_refuses_wrong_peers() {
     };
     let scored = client.audit(peer, addr, &empty).await.unwrap();
     assert!(scored.end.is_some());
-    let verdict = scored.judge(&[], "", true, 0.5, 0.9);
+    let verdict = scored.judge(&[], "", Some(0.5), 0.9);
     assert!(!verdict.passed, "an empty answer passed: {verdict:?}");
 
     // A tampered claim (another answer's tokens) does not agree.

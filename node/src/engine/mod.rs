@@ -148,6 +148,9 @@ pub struct ScoreRequest {
     pub format: OutputFormat,
     /// The stop strings the claimed output was generated with.
     pub stop: Vec<String>,
+    /// A sampled output's sampling (temperature, filters, seed): its tokens are scored by
+    /// replaying the seeded choice (`beacon_proto::sampling`) instead of by argmax.
+    pub sampling: Option<beacon_proto::Sampling>,
     /// The claimed output says the model ended it: unless a stop string explains the end,
     /// score the end-of-generation after the last claimed token too.
     pub ended_by_model: bool,

@@ -28,9 +28,22 @@ use super::{
 
 type Events = tmpsc::UnboundedSender<Result<Event, EngineError>>;
 
+/// How a job picks its tokens.
+enum Sampler {
+    /// llama.cpp's chain: the output grammar (if any), then greedy.
+    Chain(LlamaSampler),
+    /// With a temperature: the grammar, then seeded inverse-CDF sampling
+    /// (`beacon_proto::sampling`), which an auditor can replay from the seed.
+    Seeded {
+        grammar: Option<LlamaSampler>,
+        sampling: beacon_proto::Sampling,
+        seed: u64,
+    },
+}
+
 struct Job {
     events: Events,
-    sampler: LlamaSampler,
+    sampler: Sampler,
     prompt: Vec<LlamaToken>,
     /// Next prompt index to feed.
     fed: usize,
@@ -311,19 +324,37 @@ impl Runner<'_> {
                     if let Some(g) = grammar.as_mut() {
                         g.apply(&mut array);
                     }
-                    let eog = array
+                    let eogs: Vec<LlamaToken> = array
                         .data
                         .iter()
-                        .filter(|d| vocab.is_eog(d.id()))
-                        .max_by(|a, b| a.logit().total_cmp(&b.logit()))
-                        .map(|d| d.id());
-                    scored.end = Some(match eog {
-                        Some(t) => score_position(&array, t),
-                        None => TokenScore {
-                            logprob: f32::MIN,
-                            argmax: 0,
-                            argmax_logprob: 0.0,
-                        },
+                        .filter(|d| vocab.is_eog(d.id()) && d.logit().is_finite())
+                        .map(|d| d.id())
+                        .collect();
+                    let forbidden = TokenScore {
+                        logprob: f32::MIN,
+                        argmax: 0,
+                        argmax_logprob: 0.0,
+                    };
+                    scored.end = Some(match &request.sampling {
+                        _ if eogs.is_empty() => forbidden,
+                        None => {
+                            let best = eogs
+                                .iter()
+                                .copied()
+                                .max_by(|a, b| {
+                                    logit_of(&array, *a).total_cmp(&logit_of(&array, *b))
+                                })
+                                .unwrap_or(eogs[0]);
+                            score_position(&array, best)
+                        }
+                        Some(s) => {
+                            let k = request.claimed.len() as u32;
+                            let best = eogs
+                                .iter()
+                                .map(|t| seeded_score(&array, s, k, *t))
+                                .max_by(|a, b| a.logprob.total_cmp(&b.logprob));
+                            best.unwrap_or(forbidden)
+                        }
                     });
                     continue;
                 }
@@ -333,7 +364,13 @@ impl Runner<'_> {
                 if let Some(g) = grammar.as_mut() {
                     g.apply(&mut array);
                 }
-                let score = score_position(&array, claimed);
+                let score = match &request.sampling {
+                    None => score_position(&array, claimed),
+                    Some(s) => {
+                        let k = (p + 1 - prompt.len()) as u32;
+                        seeded_score(&array, s, k, claimed)
+                    }
+                };
                 // Accepting a token the grammar forbids aborts llama.cpp: a claimed output
                 // that breaks the grammar is scored raw from there on instead.
                 match grammar.as_mut() {
@@ -469,7 +506,7 @@ impl Runner<'_> {
     fn prepare(
         &self,
         request: &GenerateRequest,
-    ) -> Result<(Vec<LlamaToken>, LlamaSampler, usize), EngineError> {
+    ) -> Result<(Vec<LlamaToken>, Sampler, usize), EngineError> {
         let prompt = self.render(&request.prompt)?;
         if prompt.is_empty() {
             return Err(EngineError::InvalidRequest("the prompt is empty".into()));
@@ -483,26 +520,25 @@ impl Runner<'_> {
         let max_tokens =
             (request.sampling.max_tokens as usize).min(self.ctx_per_slot - prompt.len());
         let s = &request.sampling;
-        let mut chain = Vec::new();
-        if let Some(g) = grammar::for_format(&request.format)? {
-            chain.push(
+        let grammar = match grammar::for_format(&request.format)? {
+            Some(g) => Some(
                 LlamaSampler::grammar(self.model, &g, "root")
                     .map_err(|e| EngineError::Grammar(e.to_string()))?,
-            );
-        }
-        if s.temperature <= 0.0 {
+            ),
+            None => None,
+        };
+        let sampler = if s.temperature <= 0.0 {
+            let mut chain: Vec<LlamaSampler> = grammar.into_iter().collect();
             chain.push(LlamaSampler::greedy());
+            Sampler::Chain(LlamaSampler::chain_simple(chain))
         } else {
-            if s.top_k > 0 {
-                chain.push(LlamaSampler::top_k(s.top_k.min(i32::MAX as u32) as i32));
+            Sampler::Seeded {
+                grammar,
+                sampling: s.clone(),
+                seed: s.seed.unwrap_or_else(rand_seed),
             }
-            chain.push(LlamaSampler::top_p(s.top_p.clamp(0.0, 1.0), 1));
-            chain.push(LlamaSampler::min_p(s.min_p.clamp(0.0, 1.0), 1));
-            chain.push(LlamaSampler::temp(s.temperature));
-            let seed = s.seed.map(|x| x as u32).unwrap_or_else(rand_seed);
-            chain.push(LlamaSampler::dist(seed));
-        }
-        Ok((prompt, LlamaSampler::chain_simple(chain), max_tokens))
+        };
+        Ok((prompt, sampler, max_tokens))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -511,7 +547,7 @@ impl Runner<'_> {
         ctx: &mut LlamaContext,
         slot: usize,
         prompt: Vec<LlamaToken>,
-        sampler: LlamaSampler,
+        sampler: Sampler,
         max_tokens: usize,
         request: &GenerateRequest,
         events: Events,
@@ -635,10 +671,31 @@ impl Runner<'_> {
             let Some(at) = self.slots[i].job.as_ref().and_then(|j| j.logits_at) else {
                 continue;
             };
+            let eos = self.model.vocab().eos();
             let token = {
                 let job = self.slots[i].job.as_mut().expect("job present");
                 job.first_token.get_or_insert_with(Instant::now);
-                job.sampler.sample(ctx, at)
+                let position = job.generated.len() as u32;
+                match &mut job.sampler {
+                    Sampler::Chain(chain) => chain.sample(ctx, at),
+                    Sampler::Seeded {
+                        grammar,
+                        sampling,
+                        seed,
+                    } => {
+                        let mut array =
+                            LlamaTokenDataArray::from_iter(ctx.candidates_ith(at), false);
+                        if let Some(g) = grammar.as_mut() {
+                            g.apply(&mut array);
+                        }
+                        let token = seeded_choice_of(&array, sampling, *seed, position)
+                            .map_or(eos, |c| LlamaToken(c.token() as i32));
+                        if let Some(g) = grammar.as_mut() {
+                            g.accept(token);
+                        }
+                        token
+                    }
+                }
             };
             let done = self.sample_done(i, token);
             if let Some(reason) = done {
@@ -760,6 +817,59 @@ fn score_position(array: &LlamaTokenDataArray, claimed: LlamaToken) -> TokenScor
     }
 }
 
+/// The logit of `token` in `array` (−∞ when absent).
+fn logit_of(array: &LlamaTokenDataArray, token: LlamaToken) -> f32 {
+    array
+        .data
+        .iter()
+        .find(|d| d.id() == token)
+        .map_or(f32::NEG_INFINITY, |d| d.logit())
+}
+
+/// How a sampled `claimed` token at generated position `k` agrees with the seeded choice
+/// replayed here: `logprob` is minus how far its key falls short of the replayed choice's,
+/// in logits (0: exactly the replayed choice; −1000 when the filters leave it out),
+/// `argmax` the replayed choice, `argmax_logprob` 0. A token the grammar forbids scores
+/// `f32::MIN`.
+fn seeded_score(
+    array: &LlamaTokenDataArray,
+    sampling: &beacon_proto::Sampling,
+    k: u32,
+    claimed: LlamaToken,
+) -> TokenScore {
+    let allowed = logit_of(array, claimed).is_finite();
+    match seeded_choice_of(array, sampling, sampling.seed.unwrap_or(0), k) {
+        Some(choice) if allowed => TokenScore {
+            logprob: -(choice
+                .shortfall(claimed.0 as u32)
+                .map_or(1000.0, |s| s.min(1000.0)) as f32),
+            argmax: choice.token(),
+            argmax_logprob: 0.0,
+        },
+        _ => TokenScore {
+            logprob: f32::MIN,
+            argmax: 0,
+            argmax_logprob: 0.0,
+        },
+    }
+}
+
+/// The seeded choice (`beacon_proto::sampling`) among `array`, the grammar already applied:
+/// what a provider samples at generated position `position`, and what an auditor replays.
+fn seeded_choice_of(
+    array: &LlamaTokenDataArray,
+    sampling: &beacon_proto::Sampling,
+    seed: u64,
+    position: u32,
+) -> Option<beacon_proto::sampling::Choice> {
+    let candidates: Vec<(u32, f32)> = array
+        .data
+        .iter()
+        .map(|d| (d.id().0 as u32, d.logit()))
+        .collect();
+    beacon_proto::sampling::Choice::new(&candidates, sampling, seed, position)
+}
+
 fn ms(d: std::time::Duration) -> u32 {
     d.as_millis().min(u32::MAX as u128) as u32
 }
@@ -768,6 +878,6 @@ fn common_prefix(a: &[LlamaToken], b: &[LlamaToken]) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 
-fn rand_seed() -> u32 {
-    (beacon_proto::Id::random().0 & 0xffff_ffff) as u32
+fn rand_seed() -> u64 {
+    beacon_proto::Id::random().0 as u64
 }

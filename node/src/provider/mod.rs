@@ -79,6 +79,9 @@ pub enum Fault {
     GuessAudits,
     /// Attack (i): signs the real output but streams other text.
     Stream,
+    /// Attack (d): samples with its own seed and a lower temperature instead of the
+    /// request's (text and tokens agree; only replaying the seed tells).
+    Resample,
     /// Attack (g): serves honestly, but every audit it runs claims the audited output
     /// disagrees with the model and its text with its tokens (to get honest providers
     /// quarantined).
@@ -241,9 +244,14 @@ impl Provider {
         };
         let lease = self.lease(model).await?;
         let format = output_format(&request.json_schema);
+        let mut sampling = request.sampling.clone();
+        if self.fault == Some(Fault::Resample) && sampling.temperature > 0.0 {
+            sampling.seed = Some(beacon_proto::Id::random().0 as u64);
+            sampling.temperature *= 0.7;
+        }
         let mut events = lease.engine.generate(GenerateRequest {
             prompt: Prompt::Chat(request.messages.clone()),
-            sampling: request.sampling.clone(),
+            sampling,
             format,
             return_tokens: request.return_tokens,
         })?;
@@ -373,7 +381,9 @@ impl Provider {
                 prompt: Prompt::Chat(audit.messages.clone()),
                 claimed: audit.claimed_tokens.clone(),
                 format: output_format(&audit.json_schema),
-                stop: audit.stop.clone(),
+                stop: audit.sampling.stop.clone(),
+                sampling: (audit.sampling.temperature > 0.0 && audit.sampling.seed.is_some())
+                    .then(|| audit.sampling.clone()),
                 ended_by_model: audit.finish_reason == beacon_proto::FinishReason::Stop,
             })
             .await?;
