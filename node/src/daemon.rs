@@ -129,6 +129,7 @@ pub async fn run(
                 parallel,
                 interval: p.advert_interval,
                 last: last_advert.clone(),
+                overstate: p.fault == Some(crate::provider::Fault::Capacity),
             }
             .run(),
         );

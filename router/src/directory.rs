@@ -143,6 +143,8 @@ pub struct ProviderInfo {
     pub circuit_open: bool,
     /// Its advert names a pinned model with another digest: ignored for placement.
     pub pin_conflict: bool,
+    /// The slots placement and admission count: advertised, capped by measurement.
+    pub slots_counted: u32,
 }
 
 /// Model names the operator trusts: reference → manifest digest. When any are set, a name
@@ -576,6 +578,7 @@ impl RouterDirectory {
                     quarantined: s.quarantined_until_ms > now,
                     circuit_open: s.open_until_ms > now,
                     pin_conflict: self.pins.conflicts(&e.advert),
+                    slots_counted: e.advert.slots.total.min(measured_slots(&s)),
                     stats: s,
                 }
             })

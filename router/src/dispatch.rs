@@ -532,16 +532,20 @@ impl Dispatcher {
     ) {
         let mut votes: Vec<(PeerId, AuditVerdict)> = Vec::new();
         let mut asked = vec![peer];
+        // On probation one auditor's pass is not enough: a colluding auditor could wave a
+        // new identity through. Two must agree (when a second exists).
+        let passes_needed = if self.directory.on_probation(&peer) {
+            2
+        } else {
+            1
+        };
         // Transport failures do not count as votes; a few are tolerated.
         for _ in 0..6 {
-            let (passes, fails) =
-                votes.iter().fold(
-                    (0, 0),
-                    |(p, f), (_, v)| {
-                        if v.passed { (p + 1, f) } else { (p, f + 1) }
-                    },
-                );
-            if (votes.len() == 1 && passes == 1) || passes >= 2 || fails >= 2 {
+            let passes = votes.iter().filter(|(_, v)| v.passed).count();
+            let fails = votes.len() - passes;
+            // The first auditor passing an established provider settles it; otherwise two
+            // must agree.
+            if (votes.len() == 1 && passes == passes_needed) || passes >= 2 || fails >= 2 {
                 break;
             }
             let Some((auditor, addr)) = self.auditor(&audit.model.digest, &asked) else {

@@ -8,7 +8,8 @@
 //! (a) honest tokens, other text; (b) text with no tokens; (c) a cheater that is honest
 //! exactly when the old, predictable audit draw said "audit"; (i) a stream that differs from
 //! the signed output; (d) sampling with another seed and temperature; (g) an auditor that
-//! fails everything it audits; (f) a provider that
+//! fails everything it audits; (h) a provider that advertises 4096 slots and a million
+//! tokens/s; (f) a provider that
 //! advertises the pinned name with another model's digest. A model file swapped on disk
 //! after the pull is the last test (load-time integrity).
 
@@ -113,7 +114,7 @@ fn status(router: &RouterServer, peer: &str) -> Value {
 
 #[test]
 fn every_attack_on_results_is_caught_and_no_honest_provider_is_quarantined() {
-    // Fewer threads each: ten nodes share two cores.
+    // Fewer threads each: eleven nodes share two cores.
     let node = |extra: &[&str]| {
         let mut args = vec!["--parallel", "2", "--threads", "1"];
         args.extend_from_slice(extra);
@@ -133,6 +134,8 @@ fn every_attack_on_results_is_caught_and_no_honest_provider_is_quarantined() {
             .map(|f| (f, joined(&["--fault", f])))
             .collect();
     let liar = joined(&["--fault", "lying-auditor"]);
+    // (h): honest answers, but 4096 slots and a million tokens/s advertised.
+    let boaster = joined(&["--fault", "capacity"]);
     // (f): the same weights packaged with another context size (another digest) under the
     // pinned name.
     let hijack_store = NodeCli::new();
@@ -155,12 +158,13 @@ fn every_attack_on_results_is_caught_and_no_honest_provider_is_quarantined() {
     let attacker_ids: HashMap<String, &str> =
         attackers.iter().map(|(f, n)| (n.peer_id(), *f)).collect();
     let liar_id = liar.peer_id();
+    let boaster_id = boaster.peer_id();
     let hijacker_id = hijacker.peer_id();
     assert_ne!(hijacker.model_digest(), honest[0].model_digest());
     let everyone: Vec<String> = honest_ids
         .iter()
         .chain(attacker_ids.keys())
-        .chain([&liar_id, &hijacker_id])
+        .chain([&liar_id, &hijacker_id, &boaster_id])
         .cloned()
         .collect();
     assert!(
@@ -244,6 +248,22 @@ fn every_attack_on_results_is_caught_and_no_honest_provider_is_quarantined() {
     eprintln!("attack lying-auditor: stats {}", l["stats"]);
     assert_eq!(l["quarantined"], true, "the lying auditor: {l}");
     assert!(l["stats"]["outvoted"].as_u64().unwrap() >= 2, "{l}");
+    // (h): its claims bought it no more work than an honest provider gets, and placement
+    // and admission count the slots measured, not the 4096 advertised.
+    let b = status(&router, &boaster_id);
+    let most_honest = honest_ids
+        .iter()
+        .map(|p| served.get(p).copied().unwrap_or(0))
+        .max()
+        .unwrap_or(0);
+    let boasted = served.get(&boaster_id).copied().unwrap_or(0);
+    eprintln!(
+        "attack capacity: served {boasted} (the busiest honest provider {most_honest}); {} slots counted of {}",
+        b["slots_counted"], b["slots"]
+    );
+    assert_eq!(b["slots"], 4096, "{b}");
+    assert!(b["slots_counted"].as_u64().unwrap() <= 8, "{b}");
+    assert!(boasted <= most_honest + 2, "{boasted} vs {most_honest}");
     // (f): ignored, and it lost reputation.
     let h = status(&router, &hijacker_id);
     eprintln!("attack hijack: stats {}", h["stats"]);

@@ -27,6 +27,8 @@ pub struct Advertiser {
     pub interval: Duration,
     /// The last advert handed to the network, for `/beacon/node`.
     pub last: LastAdvert,
+    /// Attack (h), for tests: claim 4096 slots and a million tokens/s per model.
+    pub overstate: bool,
 }
 
 /// The advert this node published last (none before the first).
@@ -71,6 +73,18 @@ impl Advertiser {
                 .min(self.parallel),
             queued: running.iter().map(|r| r.queued as u32).sum(),
         };
+        let (slots, speed) = if self.overstate {
+            (
+                Slots {
+                    total: 4096,
+                    busy: 0,
+                    queued: 0,
+                },
+                Some(1e6),
+            )
+        } else {
+            (slots, None)
+        };
         ProviderAdvert {
             peer_id: self.network.peer_id(),
             region: self.region.clone(),
@@ -80,16 +94,25 @@ impl Advertiser {
             accelerators: hardware.accelerators,
             host: hardware.host,
             engines: vec![hardware.backend.to_string()],
-            throughput: self
-                .throughput
-                .all()
-                .into_iter()
-                .filter(|(d, _)| models.iter().any(|m| m.digest == *d))
-                .map(|(model, tokens_per_second)| beacon_proto::Throughput {
-                    model,
-                    tokens_per_second,
-                })
-                .collect(),
+            throughput: match speed {
+                Some(tokens_per_second) => models
+                    .iter()
+                    .map(|m| beacon_proto::Throughput {
+                        model: m.digest,
+                        tokens_per_second,
+                    })
+                    .collect(),
+                None => self
+                    .throughput
+                    .all()
+                    .into_iter()
+                    .filter(|(d, _)| models.iter().any(|m| m.digest == *d))
+                    .map(|(model, tokens_per_second)| beacon_proto::Throughput {
+                        model,
+                        tokens_per_second,
+                    })
+                    .collect(),
+            },
             models,
             slots,
             price: None,

@@ -82,6 +82,9 @@ pub enum Fault {
     /// Attack (d): samples with its own seed and a lower temperature instead of the
     /// request's (text and tokens agree; only replaying the seed tells).
     Resample,
+    /// Attack (h): serves honestly but advertises 4096 slots and a million tokens/s, to
+    /// draw traffic and defeat load shedding.
+    Capacity,
     /// Attack (g): serves honestly, but every audit it runs claims the audited output
     /// disagrees with the model and its text with its tokens (to get honest providers
     /// quarantined).
