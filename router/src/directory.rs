@@ -37,6 +37,9 @@ pub struct Stats {
     pub audits_failed: u64,
     /// Consecutive failed audits (quarantine needs several, never one).
     pub failed_in_a_row: u32,
+    /// The last audits, newest in the lowest bit: 1 for a failure.
+    #[serde(default)]
+    pub recent_audits: u32,
     pub quarantined_until_ms: u64,
     pub successes: u64,
     pub failures: u64,
@@ -60,11 +63,15 @@ pub struct Stats {
     /// Audits of this provider whose auditors split with no majority (no penalty).
     #[serde(default)]
     pub audits_inconclusive: u64,
-    /// Most requests of this router it has answered at once (verified): its advertised
-    /// slots count only up to twice this (slow start), so a provider that claims more
-    /// capacity than it has gets no more work than it has shown it can take.
+    /// Most requests of this router it has answered at once without slowing down (see
+    /// `success`): its advertised slots count only up to one more than this (slow start),
+    /// so a provider that claims more capacity than it has gets no more work than it has
+    /// shown it can take.
     #[serde(default)]
     pub max_concurrent_ok: u32,
+    /// Its fastest answer, in milliseconds per generated token (answers of ≥ 4 tokens).
+    #[serde(default)]
+    pub best_ms_per_token: Option<f64>,
     /// Times its adverts named a pinned model with another digest (penalised at most
     /// once per period; the last time in `name_conflict_ms`).
     #[serde(default)]
@@ -80,6 +87,7 @@ impl Default for Stats {
             audits_passed: 0,
             audits_failed: 0,
             failed_in_a_row: 0,
+            recent_audits: 0,
             quarantined_until_ms: 0,
             successes: 0,
             failures: 0,
@@ -94,6 +102,7 @@ impl Default for Stats {
             name_conflicts: 0,
             name_conflict_ms: 0,
             max_concurrent_ok: 0,
+            best_ms_per_token: None,
         }
     }
 }
@@ -101,10 +110,15 @@ impl Default for Stats {
 /// Tokens/s assumed of a provider the router has not measured yet.
 pub const PRIOR_TPS: f64 = 30.0;
 
-/// The slots the router lets a provider have: twice the most it has served at once, at
-/// least 2 (a new provider starts there and grows as it proves itself), at most 256.
+/// An answer within this factor of a provider's best time per token counts as unhurried
+/// (batching several sequences slows each a little; queueing them slows them a lot).
+pub const UNHURRIED: f64 = 1.5;
+
+/// The slots the router lets a provider have: one more than the most it has answered at
+/// once without slowing down, at least 2 (a new provider starts there and grows as it
+/// proves itself), at most 256.
 pub fn measured_slots(s: &Stats) -> u32 {
-    s.max_concurrent_ok.saturating_mul(2).clamp(2, 256)
+    s.max_concurrent_ok.saturating_add(1).clamp(2, 256)
 }
 
 /// A failed audit: reputation falls, and two in a row quarantine a provider whose
@@ -314,7 +328,20 @@ impl RouterDirectory {
             s.successes += 1;
             s.failing_in_a_row = 0;
             s.ewma_latency_ms = ewma(s.ewma_latency_ms, latency_ms);
-            s.max_concurrent_ok = s.max_concurrent_ok.max(concurrent);
+            // A level of concurrency counts as capacity only when the answer came about as
+            // fast per token as the provider's best: a provider that queues what it claims
+            // to run in parallel gets slower, and earns no more slots.
+            let per_token = latency_ms / (1.0 + f64::from(completion_tokens));
+            if completion_tokens >= 4 {
+                s.best_ms_per_token =
+                    Some(s.best_ms_per_token.map_or(per_token, |b| b.min(per_token)));
+            }
+            let unhurried = s
+                .best_ms_per_token
+                .is_some_and(|b| per_token <= b * UNHURRIED);
+            if concurrent <= s.max_concurrent_ok.max(1) || unhurried {
+                s.max_concurrent_ok = s.max_concurrent_ok.max(concurrent);
+            }
             if completion_tokens >= 4 && latency_ms > 0.0 {
                 s.ewma_tps = ewma(s.ewma_tps, completion_tokens as f64 * 1000.0 / latency_ms);
             }
@@ -352,6 +379,7 @@ impl RouterDirectory {
     /// probation quarantines at once.
     pub fn audited(&self, peer: &PeerId, passed: bool, hard: bool) {
         self.with(peer, true, |s| {
+            s.recent_audits = (s.recent_audits << 1) | u32::from(!passed);
             if passed {
                 s.audits_passed += 1;
                 s.failed_in_a_row = 0;
@@ -360,7 +388,14 @@ impl RouterDirectory {
                 let on_probation = s.audits_passed < PROBATION_AUDITS;
                 s.audits_failed += 1;
                 penalise(s);
-                if hard || on_probation {
+                // Honest on greedy work and cheating on sampled work interleaves passes
+                // with failures: two failures among the last 16 audits count like two in
+                // a row.
+                let recent_failures = (s.recent_audits & 0xffff).count_ones();
+                if hard
+                    || on_probation
+                    || (recent_failures >= 2 && s.reputation < QUARANTINE_BELOW + 0.3)
+                {
                     s.quarantined_until_ms = now_ms() + 3_600_000;
                 }
             }
@@ -433,14 +468,18 @@ impl RouterDirectory {
             .filter_map(|e| {
                 let addr = e.advert.data_plane.as_deref()?.parse().ok()?;
                 let s = self.stats(&e.advert.peer_id);
-                // Advertised speed counts only up to what the router measured (end to end,
-                // so a few times that), or a modest prior before any measurement.
-                let tps_cap = s.ewma_tps.map_or(PRIOR_TPS, |m| m * 4.0);
+                // Speed is what the router measured, end to end, once it has measured any;
+                // before that the advert counts, up to a modest prior. Claims never buy
+                // more than measurement shows.
+                let tps_cap = s.ewma_tps.unwrap_or(PRIOR_TPS);
                 let decode_tps: HashMap<Digest, f64> = e
                     .advert
                     .throughput
                     .iter()
-                    .map(|t| (t.model, f64::from(t.tokens_per_second).min(tps_cap)))
+                    .map(|t| {
+                        let advertised = f64::from(t.tokens_per_second);
+                        (t.model, s.ewma_tps.unwrap_or(advertised.min(tps_cap)))
+                    })
                     .filter(|(_, t)| t.is_finite() && *t > 0.0)
                     .collect();
                 Some((
@@ -642,7 +681,7 @@ mod tests {
         let mut s = Stats::default();
         assert_eq!(measured_slots(&s), 2);
         s.max_concurrent_ok = 3;
-        assert_eq!(measured_slots(&s), 6);
+        assert_eq!(measured_slots(&s), 4);
         s.max_concurrent_ok = u32::MAX;
         assert_eq!(measured_slots(&s), 256);
     }

@@ -224,8 +224,10 @@ impl Dispatcher {
         let mut views = self.directory.views();
         {
             let mine = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+            // Load is what this router has in flight there: an advert's count lags, and a
+            // provider that reports itself idle would otherwise draw the work.
             for (v, _) in views.iter_mut() {
-                v.busy += mine.get(&v.peer).copied().unwrap_or(0);
+                v.busy = mine.get(&v.peer).copied().unwrap_or(0);
             }
         }
         // A new identity gets a small share while established providers of the model

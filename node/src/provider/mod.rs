@@ -79,8 +79,9 @@ pub enum Fault {
     GuessAudits,
     /// Attack (i): signs the real output but streams other text.
     Stream,
-    /// Attack (d): samples with its own seed and a lower temperature instead of the
-    /// request's (text and tokens agree; only replaying the seed tells).
+    /// Attack (d): samples with its own seed and another temperature instead of the
+    /// request's (0.7 for greedy requests, 0.7 × the asked one otherwise): text and tokens
+    /// agree; only the argmax or a replay of the seed tells.
     Resample,
     /// Attack (h): serves honestly but advertises 4096 slots and a million tokens/s, to
     /// draw traffic and defeat load shedding.
@@ -248,9 +249,13 @@ impl Provider {
         let lease = self.lease(model).await?;
         let format = output_format(&request.json_schema);
         let mut sampling = request.sampling.clone();
-        if self.fault == Some(Fault::Resample) && sampling.temperature > 0.0 {
+        if self.fault == Some(Fault::Resample) {
             sampling.seed = Some(beacon_proto::Id::random().0 as u64);
-            sampling.temperature *= 0.7;
+            sampling.temperature = if sampling.temperature > 0.0 {
+                sampling.temperature * 0.7
+            } else {
+                0.7
+            };
         }
         let mut events = lease.engine.generate(GenerateRequest {
             prompt: Prompt::Chat(request.messages.clone()),
