@@ -418,6 +418,20 @@ impl Wire for AuditRequest {
 }
 
 impl AuditRequest {
+    /// The audit of `result` as the answer to `request`, with a fresh audit id: the same
+    /// prompt, grammar and sampling, the claimed tokens and how generation ended.
+    pub fn of(request: &InferRequest, result: &InferResult) -> AuditRequest {
+        AuditRequest {
+            audit_id: Id::random(),
+            model: request.model.clone(),
+            messages: request.messages.clone(),
+            claimed_tokens: result.token_ids.clone().unwrap_or_default(),
+            json_schema: request.json_schema.clone(),
+            sampling: request.sampling.clone(),
+            finish_reason: result.finish_reason,
+        }
+    }
+
     pub fn digest(&self) -> Result<Digest, ProtoError> {
         Ok(Digest::of(&self.encode()?))
     }

@@ -465,15 +465,7 @@ impl Dispatcher {
         if rate <= 0.0 || unit_draw() >= rate {
             return false;
         }
-        let audit = AuditRequest {
-            audit_id: Id::random(),
-            model: request.model.clone(),
-            messages: request.messages.clone(),
-            claimed_tokens: tokens.clone(),
-            json_schema: request.json_schema.clone(),
-            sampling: request.sampling.clone(),
-            finish_reason: result.finish_reason,
-        };
+        let audit = AuditRequest::of(request, result);
         if self.auditor(&audit.model.digest, &[peer]).is_none() {
             debug!("no second provider to audit with");
             return false;

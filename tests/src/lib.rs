@@ -945,6 +945,16 @@ impl RouterServer {
             .collect()
     }
 
+    /// `/v1/providers`' entry for `peer` (null when the router does not list it).
+    pub fn provider(&self, peer: &str) -> serde_json::Value {
+        let v = http("GET", &self.url("/v1/providers"), None, &[]).json();
+        v["providers"]
+            .as_array()
+            .and_then(|ps| ps.iter().find(|p| p["peer_id"] == peer))
+            .cloned()
+            .unwrap_or(serde_json::Value::Null)
+    }
+
     pub fn kill(&mut self) {
         let _ = self.child.0.kill();
         let _ = self.child.0.wait();

@@ -102,14 +102,7 @@ fn send(url: &str, i: usize, stream: bool) -> Delivered {
 }
 
 fn status(router: &RouterServer, peer: &str) -> Value {
-    let v = http("GET", &router.url("/v1/providers"), None, &[]).json();
-    v["providers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["peer_id"] == peer)
-        .cloned()
-        .unwrap_or(Value::Null)
+    router.provider(peer)
 }
 
 #[test]
@@ -430,15 +423,7 @@ async fn sampled_answers_are_audited_by_replaying_their_seed() {
             let (req, r) = call.await.unwrap();
             let (result, _) = r.expect("honest answer");
             let tokens = result.token_ids.clone().unwrap();
-            let audit = AuditRequest {
-                audit_id: Id::random(),
-                model: req.model.clone(),
-                messages: req.messages.clone(),
-                claimed_tokens: tokens.clone(),
-                json_schema: None,
-                sampling: req.sampling.clone(),
-                finish_reason: result.finish_reason,
-            };
+            let audit = AuditRequest::of(&req, &result);
             let scored = client.audit(pb, ab, &audit).await.expect("audit runs");
             let v = scored.judge(&tokens, &result.output, Some(tolerance), pass);
             for s in scored.scores.iter().chain(scored.end.iter()) {

@@ -270,15 +270,7 @@ async fn data_plane_serves_signed_results_audits_and_refuses_wrong_peers() {
     assert!(beacon_proto::verify_result(&signed, &peer, &other).is_err());
 
     // Audit of the honest output: the auditor's argmax agrees (up to near-ties).
-    let audit = AuditRequest {
-        audit_id: Id::random(),
-        model: req.model.clone(),
-        messages: req.messages.clone(),
-        claimed_tokens: tokens.clone(),
-        json_schema: None,
-        sampling: req.sampling.clone(),
-        finish_reason: result.finish_reason,
-    };
+    let audit = AuditRequest::of(&req, &result);
     let scored = client.audit(peer, addr, &audit).await.expect("audit runs");
     // The auditor decodes the tokens to exactly the text the provider signed.
     let verdict = scored.judge(&tokens, &result.output, Some(0.5), 0.9);

@@ -616,12 +616,5 @@ fn serves_https_when_given_a_certificate() {
 }
 
 fn provider_status(router: &RouterServer, peer: &str) -> serde_json::Value {
-    let v = http("GET", &router.url("/v1/providers"), None, &[]).json();
-    v["providers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["peer_id"] == peer)
-        .cloned()
-        .unwrap_or(serde_json::Value::Null)
+    router.provider(peer)
 }
