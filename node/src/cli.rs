@@ -296,6 +296,15 @@ pub enum ModelCommand {
     },
     /// Give a model another tag.
     Tag { source: String, target: String },
+    /// Requantise a GGUF file with llama.cpp's quantiser (tests and benchmarks make
+    /// cheaper stand-ins of a model with it).
+    #[command(hide = true)]
+    Requantize {
+        input: PathBuf,
+        output: PathBuf,
+        #[arg(long, value_enum)]
+        to: crate::engine::quantize::Quantization,
+    },
 }
 
 /// Default data directory: `$XDG_DATA_HOME/beacon` or `~/.local/share/beacon`.
@@ -450,6 +459,15 @@ async fn model(data_dir: &std::path::Path, cmd: ModelCommand) -> anyhow::Result<
             let value: serde_json::Value = serde_json::from_slice(&bytes)?;
             println!("{}", serde_json::to_string_pretty(&value)?);
         }
+        ModelCommand::Requantize { input, output, to } => {
+            let threads = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+            crate::engine::quantize::requantize(&input, &output, to, threads)?;
+            println!(
+                "{} requantised to {to:?}: {}",
+                input.display(),
+                output.display()
+            );
+        }
         ModelCommand::Tag { source, target } => {
             let t = store.tag(&source, &target)?;
             println!("Model {source} tagged as {}", t.familiar());
@@ -565,6 +583,7 @@ async fn serve(data_dir: &std::path::Path, args: ServeArgs) -> anyhow::Result<()
     if let Some(mib) = args.memory_budget_mib {
         scheduler.memory_budget = mib << 20;
     }
+    scheduler.check_blobs = args.network.fault != Some(crate::provider::Fault::Unchecked);
     let config = crate::daemon::NodeConfig {
         data_dir: data_dir.to_path_buf(),
         scheduler,

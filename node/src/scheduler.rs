@@ -77,6 +77,8 @@ pub struct SchedulerConfig {
     pub keep_alive: KeepAlive,
     /// Requests that may wait per model beyond its parallel slots.
     pub max_queue: usize,
+    /// Check each model file's digest before loading it (off only for `--fault unchecked`).
+    pub check_blobs: bool,
 }
 
 impl Default for SchedulerConfig {
@@ -86,6 +88,7 @@ impl Default for SchedulerConfig {
             memory_budget: available_memory() / 10 * 8,
             keep_alive: KeepAlive::For(Duration::from_secs(300)),
             max_queue: 64,
+            check_blobs: true,
         }
     }
 }
@@ -410,9 +413,10 @@ impl Actor {
             .insert(digest, (record, model, estimate, vec![(reply, keep_alive)]));
         let tx = self.tx.clone();
         let store = self.store.clone();
+        let check = self.config.check_blobs;
         tokio::task::spawn_blocking(move || {
             // Load-time integrity: what is loaded is what was pulled and advertised.
-            let checked = blobs.iter().try_for_each(|d| {
+            let checked = blobs.iter().filter(|_| check).try_for_each(|d| {
                 store.check_blob(d).map_err(|e| EngineError::Load {
                     path: store.blob_path(d),
                     reason: format!("{e}; the file changed after it was pulled, so it is not served (pull the model again)"),

@@ -25,6 +25,12 @@ pub const PROBATION_AUDITS: u64 = 3;
 /// The lowest audit rate of a provider on probation (unless audits are off).
 pub const PROBATION_AUDIT_RATE: f64 = 0.5;
 
+/// The share of a model's requests that goes to an idle provider on probation while
+/// established providers of the model exist: enough for a newcomer to be measured and
+/// pass its probation audits under any load, little enough that a bad one costs a
+/// client at most a retry now and then.
+pub const EXPLORE_SHARE: f64 = 0.125;
+
 /// Reputation an auditor needs to be drawn before others.
 pub const REPUTABLE_FROM: f64 = 0.6;
 
@@ -361,11 +367,12 @@ impl RouterDirectory {
     }
 
     /// A result that failed verification: a reputation hit, and it counts as a failure.
+    /// On probation it quarantines at once: a newcomer's first answers are its audition.
     pub fn invalid(&self, peer: &PeerId) {
         self.with(peer, true, |s| {
             s.invalid += 1;
             s.reputation = (s.reputation - 0.2).max(0.0);
-            if s.reputation < QUARANTINE_BELOW {
+            if s.reputation < QUARANTINE_BELOW || s.audits_passed < PROBATION_AUDITS {
                 s.quarantined_until_ms = now_ms() + 3_600_000;
             }
         });

@@ -18,8 +18,8 @@ use serde::Serialize;
 use tokio::sync::{Semaphore, mpsc};
 use tracing::{debug, info, warn};
 
-use crate::directory::RouterDirectory;
-use crate::placement::{Policy, Subtask, place};
+use crate::directory::{EXPLORE_SHARE, RouterDirectory};
+use crate::placement::{Policy, ProviderView, Subtask, eligible, place};
 
 /// How subtasks are run.
 #[derive(Clone, Debug)]
@@ -258,6 +258,24 @@ impl Dispatcher {
             max_tokens: request.sampling.max_tokens,
             exclude: exclude.to_vec(),
         };
+        // Unmeasured, a newcomer ranks last and might never be placed, audited or
+        // established: a small share of requests goes to an idle one on probation.
+        if established && unit_draw() < EXPLORE_SHARE {
+            let policy = Policy {
+                allowed_regions: policy.allowed_regions.clone(),
+                ..Policy::default()
+            };
+            let newcomers: Vec<&(ProviderView, SocketAddr)> = views
+                .iter()
+                .zip(&probation)
+                .filter(|((v, _), p)| **p && v.busy == 0 && eligible(&subtask, v, &policy))
+                .map(|(e, _)| e)
+                .collect();
+            if !newcomers.is_empty() {
+                let (v, addr) = newcomers[(Id::random().0 % newcomers.len() as u128) as usize];
+                return Ok((v.peer, *addr, v.region.clone(), v.slots));
+            }
+        }
         let providers: Vec<_> = views.iter().map(|(v, _)| v.clone()).collect();
         // Each request breaks ties its own way, so equal providers share sequential traffic.
         let policy = Policy {

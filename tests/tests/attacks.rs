@@ -304,6 +304,145 @@ fn every_attack_on_results_is_caught_and_no_honest_provider_is_quarantined() {
     }
 }
 
+/// A store whose model blob was swapped, after the pull, for the model requantised `to`
+/// (`q2_k`, `q3_k_m`) by llama.cpp's quantiser: a cheaper, faster model under the
+/// advertised digest.
+fn swapped_store(to: &str) -> NodeCli {
+    let store = NodeCli::new();
+    let model = test_model();
+    store.ok(&[
+        "model",
+        "package",
+        "--gguf",
+        model.to_str().unwrap(),
+        TEST_MODEL_REF,
+    ]);
+    let blob = store
+        .store()
+        .join("blobs/sha256")
+        .join(beacon_tests::sha256_file(&model));
+    let cheap = store.store().join(format!("cheaper-{to}.gguf"));
+    store.ok(&[
+        "model",
+        "requantize",
+        "--to",
+        to,
+        model.to_str().unwrap(),
+        cheap.to_str().unwrap(),
+    ]);
+    std::fs::rename(&cheap, &blob).unwrap();
+    store
+}
+
+/// Attack (e): Q2_K and Q3_K_M requantisations of the Q4_1 model served under its digest by
+/// nodes that skip the load-time check (`--fault unchecked`): only audits can tell, and
+/// they must, on chat traffic at the router's default audit rate, half of it sampled.
+#[test]
+fn a_cheaper_requantisation_served_under_the_digest_is_caught_by_audits() {
+    let node = |extra: &[&str]| {
+        let mut args = vec!["--parallel", "2", "--threads", "1"];
+        args.extend_from_slice(extra);
+        NodeServer::start(&args)
+    };
+    let first = node(&["--region", "eu-west"]);
+    let boot = first.bootstrap_addr();
+    let honest = [
+        first,
+        node(&["--bootstrap", &boot]),
+        node(&["--bootstrap", &boot]),
+    ];
+    let swappers: Vec<(&str, NodeServer)> = ["q3_k_m", "q2_k"]
+        .into_iter()
+        .map(|to| {
+            let n = NodeServer::start_with_store(
+                swapped_store(to),
+                &[
+                    "--bootstrap",
+                    &boot,
+                    "--parallel",
+                    "2",
+                    "--threads",
+                    "1",
+                    "--fault",
+                    "unchecked",
+                ],
+            );
+            (to, n)
+        })
+        .collect();
+    // Same digest advertised: the swap is invisible to the router.
+    for (_, n) in &swappers {
+        assert_eq!(n.model_digest(), honest[0].model_digest());
+    }
+    let router = RouterServer::start(Some(&boot), &[]);
+    let ids: Vec<(String, &str)> = swappers.iter().map(|(to, n)| (n.peer_id(), *to)).collect();
+    let honest_ids: Vec<String> = honest.iter().map(NodeServer::peer_id).collect();
+    assert!(
+        wait_until(Duration::from_secs(90), || {
+            let p = router.providers();
+            ids.iter().all(|(e, _)| p.contains(e)) && honest_ids.iter().all(|e| p.contains(e))
+        }),
+        "the router sees {:?}",
+        router.providers()
+    );
+    let caught = |peer: &str| status(&router, peer)["quarantined"] == true;
+    let mut served: HashMap<String, usize> = HashMap::new();
+    let mut until: HashMap<String, (usize, u64)> = HashMap::new();
+    let mut requests = 0;
+    for round in 0..30 {
+        if ids.iter().all(|(p, _)| caught(p)) {
+            break;
+        }
+        let handles: Vec<_> = (0..6)
+            .map(|k| {
+                let (i, url) = (round * 6 + k, router.url("/v1/chat/completions"));
+                std::thread::spawn(move || send(&url, i, k % 3 == 2))
+            })
+            .collect();
+        for h in handles {
+            let d = h.join().unwrap();
+            requests += 1;
+            assert!(d.verified);
+            *served.entry(d.provider.clone()).or_default() += 1;
+        }
+        for (p, _) in &ids {
+            if caught(p) && !until.contains_key(p) {
+                let audits = status(&router, p)["stats"]["audits_passed"]
+                    .as_u64()
+                    .unwrap()
+                    + status(&router, p)["stats"]["audits_failed"]
+                        .as_u64()
+                        .unwrap();
+                until.insert(p.clone(), (requests, audits));
+            }
+        }
+    }
+    for (p, to) in &ids {
+        let s = status(&router, p);
+        eprintln!(
+            "attack swap to {to}: quarantined {} after {:?} requests (its audits {:?}), {} of its answers delivered; stats {}",
+            s["quarantined"],
+            until.get(p).map(|u| u.0),
+            until.get(p).map(|u| u.1),
+            served.get(p).unwrap_or(&0),
+            s["stats"]
+        );
+    }
+    for (p, to) in &ids {
+        let s = status(&router, p);
+        assert_eq!(s["quarantined"], true, "swap to {to} not caught: {s}");
+        assert!(
+            s["stats"]["audits_failed"].as_u64().unwrap() >= 1,
+            "{to}: {s}"
+        );
+    }
+    for peer in &honest_ids {
+        let s = status(&router, peer);
+        assert_eq!(s["quarantined"], false, "honest provider quarantined: {s}");
+        assert_eq!(s["stats"]["audits_failed"], 0, "{s}");
+    }
+}
+
 /// Load-time integrity: a model file changed on disk after the pull (here one byte, as a
 /// cheaper requantisation would be) is refused with a clear error, never served, and
 /// served again once the verified file is back.

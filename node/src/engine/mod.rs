@@ -9,6 +9,7 @@
 //! the thread through [`Engine`]: `generate` returns a stream of [`Event`]s.
 
 mod grammar;
+pub mod quantize;
 mod runner;
 pub mod stop;
 

@@ -90,6 +90,10 @@ pub enum Fault {
     /// disagrees with the model and its text with its tokens (to get honest providers
     /// quarantined).
     LyingAuditor,
+    /// Attack (e): loads model files without checking their digests, so a blob swapped in
+    /// its store after the pull (a cheaper Q2_K or Q3_K requantisation, say) is served
+    /// and signed under the advertised digest; only an audit can tell.
+    Unchecked,
 }
 
 /// The text a `text`/`guess-audits` provider puts in place of the real output.

@@ -248,8 +248,9 @@ impl Cluster {
         self.next_port
     }
 
-    /// Starts a provider in `region`, honest or with a `fault` (`tamper`, `wrong-model`,
-    /// `bad-signature`, `stall`); returns its index.
+    /// Starts a provider in `region`, honest or with a `fault`: any of `beacon-node
+    /// --fault`, or `q2-swap`/`q3-swap` (its blob swapped for a Q2_K or Q3_K_M
+    /// requantisation, served by a node that does not check); returns its index.
     pub fn add_provider(&mut self, region: &str, fault: Option<&str>) -> anyhow::Result<usize> {
         let ip = self
             .wan
@@ -276,6 +277,11 @@ impl Cluster {
                 self.config.model.display(),
                 String::from_utf8_lossy(&out.stderr)
             );
+        }
+        // Attack (e): the verified blob swapped for a cheaper requantisation after the
+        // pull, served by a node that skips its load-time check (`--fault unchecked`).
+        if let Some(to) = fault.and_then(swap_target) {
+            self.swap_blob(data.path(), to)?;
         }
         if self.pin.is_none() {
             let out = self
@@ -333,6 +339,11 @@ impl Cluster {
             cmd.args(["--bootstrap", b]);
         }
         if let Some(f) = &p.fault {
+            let f = if swap_target(f).is_some() {
+                "unchecked"
+            } else {
+                f
+            };
             cmd.env("BEACON_FAULT", f);
         }
         let proc = Proc::spawn(&mut cmd, &p.data.path().join("serve.log"))
@@ -361,6 +372,34 @@ impl Cluster {
         let mut c = Command::new(&self.config.bins.node);
         self.node_env(&mut c, data);
         c
+    }
+
+    /// Replaces the model's GGUF blob in the store under `data` with the model
+    /// requantised `to` (llama.cpp's quantiser, through `beacon-node model requantize`).
+    fn swap_blob(&self, data: &Path, to: &str) -> anyhow::Result<()> {
+        let blobs = data.join("models/blobs/sha256");
+        let gguf = std::fs::read_dir(&blobs)
+            .with_context(|| format!("reading {}", blobs.display()))?
+            .filter_map(|e| e.ok())
+            .max_by_key(|e| e.metadata().map(|m| m.len()).unwrap_or(0))
+            .map(|e| e.path())
+            .context("no blobs in the store")?;
+        let cheap = data.join(format!("cheaper-{to}.gguf"));
+        let out = self
+            .node_command(data)
+            .args(["model", "requantize", "--to", to])
+            .arg(&self.config.model)
+            .arg(&cheap)
+            .output()
+            .context("running beacon-node model requantize")?;
+        if !out.status.success() {
+            bail!(
+                "requantising to {to}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::fs::rename(&cheap, &gguf).context("swapping the blob")?;
+        Ok(())
     }
 
     fn node_env(&self, c: &mut Command, data: &Path) {
@@ -577,4 +616,13 @@ fn free_port() -> anyhow::Result<u16> {
 pub fn tail(log: &str, n: usize) -> String {
     let lines: Vec<&str> = log.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// The quantisation a `q2-swap`/`q3-swap` fault swaps the model for.
+fn swap_target(fault: &str) -> Option<&'static str> {
+    match fault {
+        "q2-swap" => Some("q2_k"),
+        "q3-swap" => Some("q3_k_m"),
+        _ => None,
+    }
 }

@@ -460,7 +460,10 @@ fn local(
             "empty",
             "guess-audits",
             "stream",
+            "resample",
             "lying-auditor",
+            "q3-swap",
+            "q2-swap",
         ]
     };
     let providers = wan.regions.len() * a.per_region.max(1) + dishonest_faults.len();
