@@ -589,6 +589,13 @@ impl Dispatcher {
         } else {
             None
         };
+        // A failure only newcomers voted for (no reputable provider existed to ask: two
+        // cheaper models, or two colluders, can agree) convicts nobody; once providers have
+        // a record, auditors are drawn among them and failures are decided by them.
+        let vouched = votes
+            .iter()
+            .any(|(a, v)| !v.passed && self.directory.reputable(a));
+        let decided = decided.filter(|passed| *passed || vouched);
         let Some(passed) = decided else {
             if !votes.is_empty() {
                 info!(provider = %peer, passes, fails, "audit inconclusive: no second auditor agreed");

@@ -51,6 +51,27 @@ pub fn supervisor_model() -> PathBuf {
 /// The name the supervisor model is packaged under by [`NodeServer::supervisor`].
 pub const SUPERVISOR_MODEL_REF: &str = "ai/gemma3:270m";
 
+/// A data-plane request for the test model (`digest`), asking for token ids back.
+pub fn infer_request(
+    digest: beacon_proto::Digest,
+    messages: Vec<beacon_proto::ChatMessage>,
+    sampling: beacon_proto::Sampling,
+) -> beacon_proto::InferRequest {
+    beacon_proto::InferRequest {
+        request_id: beacon_proto::Id::random(),
+        job_id: None,
+        model: beacon_proto::ModelSpec {
+            reference: TEST_MODEL_REF.into(),
+            digest,
+        },
+        messages,
+        sampling,
+        json_schema: None,
+        deadline_ms: None,
+        return_tokens: true,
+    }
+}
+
 /// The SmolLM2-135M-Instruct Q4_1 GGUF that `ops/setup.sh` caches. Tests that need it fail
 /// (never skip) when it is missing.
 pub fn test_model() -> PathBuf {

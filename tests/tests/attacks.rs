@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use beacon_net::quic::DataClient;
 use beacon_proto::{
-    AuditRequest, ChatMessage, Digest, Id, InferRequest, Keypair, ModelSpec, PeerId, Role, Sampling,
+    AuditRequest, ChatMessage, Digest, Id, InferRequest, Keypair, PeerId, Role, Sampling,
 };
 use beacon_tests::{
     NodeCli, NodeServer, RouterServer, TEST_MODEL_REF, http, test_model, wait_until,
@@ -101,6 +101,17 @@ fn send(url: &str, i: usize, stream: bool) -> Delivered {
     d
 }
 
+/// Round `round` of the attack traffic: six requests at once, every third streamed.
+fn six(router: &RouterServer, round: usize) -> Vec<Delivered> {
+    let handles: Vec<_> = (0..6)
+        .map(|k| {
+            let (i, url) = (round * 6 + k, router.url("/v1/chat/completions"));
+            std::thread::spawn(move || send(&url, i, k % 3 == 2))
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
 fn status(router: &RouterServer, peer: &str) -> Value {
     router.provider(peer)
 }
@@ -179,14 +190,7 @@ fn every_attack_on_results_is_caught_and_no_honest_provider_is_quarantined() {
         if all_caught {
             break;
         }
-        let handles: Vec<_> = (0..6)
-            .map(|k| {
-                let (i, url) = (round * 6 + k, router.url("/v1/chat/completions"));
-                std::thread::spawn(move || send(&url, i, k % 3 == 2))
-            })
-            .collect();
-        for h in handles {
-            let d = h.join().unwrap();
+        for d in six(&router, round) {
             requests += 1;
             if d.stream_error {
                 stream_errors += 1;
@@ -224,7 +228,8 @@ fn every_attack_on_results_is_caught_and_no_honest_provider_is_quarantined() {
                 assert!(s["audits_failed"].as_u64().unwrap() >= 1, "{fault}: {s}")
             }
             _ => {
-                assert!(s["invalid"].as_u64().unwrap() >= 2, "{fault}: {s}");
+                // Refused on arrival; on probation the first refusal quarantines.
+                assert!(s["invalid"].as_u64().unwrap() >= 1, "{fault}: {s}");
                 assert_eq!(served.get(peer), None, "{fault} delivered an answer");
             }
         }
@@ -393,14 +398,7 @@ fn a_cheaper_requantisation_served_under_the_digest_is_caught_by_audits() {
         if ids.iter().all(|(p, _)| caught(p)) {
             break;
         }
-        let handles: Vec<_> = (0..6)
-            .map(|k| {
-                let (i, url) = (round * 6 + k, router.url("/v1/chat/completions"));
-                std::thread::spawn(move || send(&url, i, k % 3 == 2))
-            })
-            .collect();
-        for h in handles {
-            let d = h.join().unwrap();
+        for d in six(&router, round) {
             requests += 1;
             assert!(d.verified);
             *served.entry(d.provider.clone()).or_default() += 1;
@@ -431,10 +429,13 @@ fn a_cheaper_requantisation_served_under_the_digest_is_caught_by_audits() {
     for (p, to) in &ids {
         let s = status(&router, p);
         assert_eq!(s["quarantined"], true, "swap to {to} not caught: {s}");
-        assert!(
-            s["stats"]["audits_failed"].as_u64().unwrap() >= 1,
-            "{to}: {s}"
+        // Caught by audits: of its own answers, or of others' when, auditing with the
+        // cheaper model, it was outvoted by honest auditors.
+        let (failed, outvoted) = (
+            s["stats"]["audits_failed"].as_u64().unwrap(),
+            s["stats"]["outvoted"].as_u64().unwrap(),
         );
+        assert!(failed + outvoted >= 1, "{to}: {s}");
     }
     for peer in &honest_ids {
         let s = status(&router, peer);
@@ -486,14 +487,9 @@ fn a_model_file_swapped_after_the_pull_is_never_served() {
 
 fn sampled_request(digest: Digest, i: usize, temperature: f32) -> InferRequest {
     let topics = ["harbours", "forests", "trains", "glass", "salt", "clocks"];
-    InferRequest {
-        request_id: Id::random(),
-        job_id: None,
-        model: ModelSpec {
-            reference: TEST_MODEL_REF.into(),
-            digest,
-        },
-        messages: vec![
+    beacon_tests::infer_request(
+        digest,
+        vec![
             // A shared prefix: later requests reuse its KV cells.
             ChatMessage {
                 role: Role::System,
@@ -504,16 +500,13 @@ fn sampled_request(digest: Digest, i: usize, temperature: f32) -> InferRequest {
                 content: format!("Write two sentences about {}.", topics[i % topics.len()]),
             },
         ],
-        sampling: Sampling {
+        Sampling {
             temperature,
             max_tokens: 24,
             seed: Some(Id::random().0 as u64),
             ..Sampling::default()
         },
-        json_schema: None,
-        deadline_ms: None,
-        return_tokens: true,
-    }
+    )
 }
 
 /// Sampled answers are audited by replaying their seed (attack (d) at the level of one

@@ -9,9 +9,9 @@ use beacon_net::quic::{CallError, DataClient, read_frame};
 use beacon_net::{NetEvent, Network, NetworkConfig};
 use beacon_proto::{
     AuditRequest, ChatMessage, DataErrorCode, DataFrame, DataRequest, Digest, Id, InferRequest,
-    Keypair, ModelSpec, PeerId, Role, Sampling, Signed, Wire,
+    Keypair, PeerId, Role, Sampling, Signed, Wire,
 };
-use beacon_tests::{NodeServer, TEST_MODEL_REF, advert_of, http, now_ms, wait_until};
+use beacon_tests::{NodeServer, advert_of, http, now_ms, wait_until};
 
 fn provider_of(node: &NodeServer) -> (PeerId, SocketAddr, Digest) {
     let peer: PeerId = node.peer_id().parse().unwrap();
@@ -20,25 +20,17 @@ fn provider_of(node: &NodeServer) -> (PeerId, SocketAddr, Digest) {
 }
 
 fn request(digest: Digest, word: &str) -> InferRequest {
-    InferRequest {
-        request_id: Id::random(),
-        job_id: None,
-        model: ModelSpec {
-            reference: TEST_MODEL_REF.into(),
-            digest,
-        },
-        messages: vec![ChatMessage {
+    beacon_tests::infer_request(
+        digest,
+        vec![ChatMessage {
             role: Role::User,
             content: format!("Say the word \"{word}\" and nothing else."),
         }],
-        sampling: Sampling {
+        Sampling {
             max_tokens: 12,
             ..Sampling::default()
         },
-        json_schema: None,
-        deadline_ms: None,
-        return_tokens: true,
-    }
+    )
 }
 
 /// `node`'s directory entry for `peer`.

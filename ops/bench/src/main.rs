@@ -47,8 +47,8 @@ struct RunArgs {
     /// Where the report goes (default: bench-results/<unix time>).
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Workloads to run, comma-separated (engine, chat, minions, placement, dishonest,
-    /// failures).
+    /// Workloads to run, comma-separated (engine, chat, minions, placement, audits,
+    /// dishonest, failures).
     /// With --router: chat unless minions is named.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
@@ -611,6 +611,30 @@ fn local(
         for (_, i) in pinned.into_iter().rev() {
             cluster.remove_router(i);
         }
+    }
+
+    if wants(a, "audits") {
+        // The router's default rate (`--audit-rate` 0.05), stated so the report says it.
+        const DEFAULT_AUDIT_RATE: f64 = 0.05;
+        let rate = DEFAULT_AUDIT_RATE.to_string();
+        let auditing = cluster.add_router(
+            &["--audit-rate", &rate, "--attempt-timeout", &timeout],
+            honest,
+        )?;
+        let c = suite::audit_cost(&cluster, auditing, main, DEFAULT_AUDIT_RATE, scale, say);
+        report.check(
+            "audits cost at most 10 % of served tokens",
+            c.audits > 0.0 && c.cost_share <= 0.10,
+            format!(
+                "{:.0} audits scored {:.0} tokens: {:.1} % of {:.0} served",
+                c.audits,
+                c.audit_tokens,
+                100.0 * c.cost_share,
+                c.served_tokens
+            ),
+        );
+        report.audits = Some(c);
+        cluster.remove_router(auditing);
     }
 
     if wants(a, "dishonest") {

@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use crate::engine::{EngineLevel, EngineResult};
 use crate::minions::MinionsResult;
-use crate::suite::{ChatResult, DishonestResult, FailureResult, PlacementResult, Scale};
+use crate::suite::{AuditCost, ChatResult, DishonestResult, FailureResult, PlacementResult, Scale};
 
 /// Everything one run measured, written as `report.json`.
 #[derive(Debug, Default, Serialize)]
@@ -31,6 +31,8 @@ pub struct Report {
     pub placement: Option<PlacementResult>,
     pub failures: Vec<FailureResult>,
     pub dishonest: Option<DishonestResult>,
+    /// What audits at the default rate cost honest traffic.
+    pub audits: Option<AuditCost>,
     /// What must hold whatever the speed; a failed check fails the run.
     pub checks: Vec<Check>,
     /// Workloads that could not run, and why.
@@ -192,6 +194,9 @@ impl Report {
         }
         if let Some(d) = &self.dishonest {
             dishonest_md(&mut m, d);
+        }
+        if let Some(c) = &self.audits {
+            audits_md(&mut m, c);
         }
         m
     }
@@ -462,13 +467,13 @@ fn dishonest_md(m: &mut String, d: &DishonestResult) {
     );
     let _ = writeln!(
         m,
-        "| provider | fault | quarantined | after requests | after s | audits run by then | its answers delivered |\n|---|---|---|---|---|---|---|"
+        "| provider | fault | quarantined | after requests | after s | audits run by then | audit tokens by then | its answers delivered |\n|---|---|---|---|---|---|---|---|"
     );
     let opt = |v: Option<f64>| v.map(|x| format!("{x:.0}")).unwrap_or_else(|| "-".into());
     for v in &d.providers {
         let _ = writeln!(
             m,
-            "| {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} |",
             v.name,
             v.fault,
             if v.quarantined { "yes" } else { "**no**" },
@@ -477,9 +482,44 @@ fn dishonest_md(m: &mut String, d: &DishonestResult) {
                 .unwrap_or_else(|| "-".into()),
             opt(v.seconds_until),
             opt(v.audits_until),
+            opt(v.audit_tokens_until),
             v.answers_delivered
         );
     }
+}
+
+fn audits_md(m: &mut String, c: &AuditCost) {
+    let _ = writeln!(
+        m,
+        "\n## 6. What audits cost\n\nThe same chat load (concurrency {}, {} alternating rounds \
+         each) through a router auditing at its default rate {:.2} and through one that never \
+         audits, over the same {} honest providers ({} of them past probation at the auditing \
+         router after a warm-up of {} requests).\n",
+        c.concurrency, c.rounds, c.rate, c.honest, c.established, c.warmup_requests
+    );
+    let _ = writeln!(
+        m,
+        "| router | tok/s | p50 / p99 ms | errors |\n|---|---|---|---|\n| auditing | {:.1} | {:.0} / {:.0} | {} |\n| never auditing | {:.1} | {:.0} / {:.0} | {} |",
+        c.audited.tokens_per_second,
+        c.audited.p50_ms,
+        c.audited.p99_ms,
+        c.audited.errors,
+        c.plain.tokens_per_second,
+        c.plain.p50_ms,
+        c.plain.p99_ms,
+        c.plain.errors
+    );
+    let _ = writeln!(
+        m,
+        "\nThroughput with audits **{:.2}x** the plain router's, p50 {:.2}x. {:.0} audits scored \
+         {:.0} tokens during the measurement: **{:.1} %** of the {:.0} tokens served.",
+        c.throughput_ratio,
+        c.p50_ratio,
+        c.audits,
+        c.audit_tokens,
+        100.0 * c.cost_share,
+        c.served_tokens
+    );
 }
 
 type Svg = anyhow::Result<String>;

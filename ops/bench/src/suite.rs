@@ -571,6 +571,8 @@ pub struct Verdict {
     pub seconds_until: Option<f64>,
     /// Audits the router had run (all providers) when it was quarantined.
     pub audits_until: Option<f64>,
+    /// Tokens the auditors had scored (all providers) by then.
+    pub audit_tokens_until: Option<f64>,
     /// Its answers that reached a client (tampered ones only an audit can catch).
     pub answers_delivered: usize,
 }
@@ -634,6 +636,7 @@ pub fn dishonest(
                 v.requests_until = Some(sent);
                 v.seconds_until = Some(start.elapsed().as_secs_f64());
                 v.audits_until = Some(router.metric("beacon_router_audits_total", ""));
+                v.audit_tokens_until = Some(router.metric("beacon_router_audit_tokens_total", ""));
                 say(&format!(
                     "{} ({}) quarantined after {sent} requests, {:.0} audits",
                     v.name,
@@ -669,4 +672,133 @@ pub fn dishonest(
         cluster.kill_provider(i);
     }
     Ok(out)
+}
+
+/// Workload 6: what audits cost honest traffic. The same chat load runs alternately
+/// through a router auditing at its default rate and one that never audits, over the same
+/// honest providers, after a warm-up that takes them past probation at the auditing one.
+#[derive(Debug, Default, Serialize)]
+pub struct AuditCost {
+    /// The auditing router's `--audit-rate`.
+    pub rate: f64,
+    pub concurrency: usize,
+    /// Alternating rounds per router.
+    pub rounds: usize,
+    /// Requests the warm-up took, and providers past probation after it.
+    pub warmup_requests: usize,
+    pub established: usize,
+    pub honest: usize,
+    pub audited: Load,
+    pub plain: Load,
+    /// Audited tokens/s over plain tokens/s (1: audits cost nothing).
+    pub throughput_ratio: f64,
+    /// Audited p50 over plain p50.
+    pub p50_ratio: f64,
+    /// Audits run, tokens the auditors scored, and tokens served (prompt and completion)
+    /// by the auditing router during the measurement.
+    pub audits: f64,
+    pub audit_tokens: f64,
+    pub served_tokens: f64,
+    /// `audit_tokens / served_tokens`.
+    pub cost_share: f64,
+}
+
+/// Runs workload 6 with routers `audited` (default audit rate) and `plain` (rate 0).
+pub fn audit_cost(
+    cluster: &Cluster,
+    audited: usize,
+    plain: usize,
+    rate: f64,
+    scale: &Scale,
+    say: &dyn Fn(&str),
+) -> AuditCost {
+    let (ra, rp) = (&cluster.routers[audited], &cluster.routers[plain]);
+    let target = |r: &crate::cluster::Router, name| Target {
+        name,
+        base: r.url(""),
+        pid: 0,
+    };
+    let (ta, tp) = (target(ra, "auditing router"), target(rp, "plain router"));
+    let c = scale.failure_concurrency;
+    let honest = cluster.providers.iter().filter(|p| p.alive()).count();
+    let past_probation = || {
+        ra.providers()
+            .iter()
+            .filter(|p| p["stats"]["audits_passed"].as_u64().unwrap_or(0) >= 3)
+            .count()
+    };
+    // Warm-up: new identities are audited at half their traffic until 3 audits pass.
+    let mut warmup = 0;
+    while past_probation() < honest && warmup < 30 * honest {
+        warmup += run_load(&ta, c, 2 * c, |i| question(warmup + i), scale.max_tokens).requests;
+    }
+    let _ = run_load(&tp, c, 2 * c, question, scale.max_tokens);
+    let established = past_probation();
+    std::thread::sleep(ADVERT_SETTLE);
+    let counters = || {
+        (
+            ra.metric("beacon_router_audits_total", ""),
+            ra.metric("beacon_router_audit_tokens_total", ""),
+            ra.metric("beacon_router_tokens_total", ""),
+        )
+    };
+    let before = counters();
+    let rounds = 2 * (scale.concurrency.len() / 2).max(1);
+    let n = scale.min_requests.max(scale.per_client * c);
+    let (mut a, mut p) = (Vec::new(), Vec::new());
+    let (mut a_s, mut p_s) = (0.0, 0.0);
+    for k in 0..rounds {
+        // Alternate which goes first, so neither always runs on a warmer machine.
+        let order: [(&Target, bool); 2] = if k % 2 == 0 {
+            [(&ta, true), (&tp, false)]
+        } else {
+            [(&tp, false), (&ta, true)]
+        };
+        for (t, is_audited) in order {
+            let l = run_load(t, c, n, |i| question(k * n + i), scale.max_tokens);
+            if is_audited {
+                a_s += l.seconds;
+                a.extend(l.samples);
+            } else {
+                p_s += l.seconds;
+                p.extend(l.samples);
+            }
+            // Audits of the last answers finish in the background before the next load.
+            std::thread::sleep(ADVERT_SETTLE);
+        }
+    }
+    let after = counters();
+    let (audited_load, plain_load) = (
+        crate::load::summarize(c, a_s, a),
+        crate::load::summarize(c, p_s, p),
+    );
+    let ratio = |x: f64, y: f64| if y > 0.0 { x / y } else { 0.0 };
+    let out = AuditCost {
+        rate,
+        concurrency: c,
+        rounds,
+        warmup_requests: warmup,
+        established,
+        honest,
+        throughput_ratio: ratio(audited_load.tokens_per_second, plain_load.tokens_per_second),
+        p50_ratio: ratio(audited_load.p50_ms, plain_load.p50_ms),
+        audits: after.0 - before.0,
+        audit_tokens: after.1 - before.1,
+        served_tokens: after.2 - before.2,
+        cost_share: ratio(after.1 - before.1, after.2 - before.2),
+        audited: audited_load,
+        plain: plain_load,
+    };
+    say(&format!(
+        "audits at {rate}: {:.1} tok/s audited vs {:.1} plain ({:.2}x), p50 {:.2}x; {:.0} audits scored {:.0} tokens, {:.1} % of the {:.0} served",
+        out.audited.tokens_per_second,
+        out.plain.tokens_per_second,
+        out.throughput_ratio,
+        out.p50_ratio,
+        out.audits,
+        out.audit_tokens,
+        100.0 * out.cost_share,
+        out.served_tokens
+    ));
+    out
 }
