@@ -66,6 +66,12 @@ pub struct Stats {
     /// Decided audits it voted in on the side of the decision.
     #[serde(default)]
     pub votes_agreed: u64,
+    /// Of those, audits decided as passed.
+    #[serde(default)]
+    pub passes_agreed: u64,
+    /// Outvoted when it failed a result the others passed.
+    #[serde(default)]
+    pub false_alarms: u64,
     /// Audits of this provider whose auditors split with no majority (no penalty).
     #[serde(default)]
     pub audits_inconclusive: u64,
@@ -104,6 +110,8 @@ impl Default for Stats {
             open_until_ms: 0,
             outvoted: 0,
             votes_agreed: 0,
+            passes_agreed: 0,
+            false_alarms: 0,
             audits_inconclusive: 0,
             name_conflicts: 0,
             name_conflict_ms: 0,
@@ -409,23 +417,32 @@ impl RouterDirectory {
         });
     }
 
-    /// An auditor whose verdict the other auditors overruled: the same reputation hit as
-    /// a failed audit, and quarantine once it has been outvoted twice and in more than a
-    /// fifth of the decided audits it voted in (its own work passing audits does not
-    /// excuse lying as an auditor; an honest auditor is outvoted only by rare noise).
-    pub fn outvoted(&self, auditor: &PeerId) {
+    /// An auditor whose verdict the other auditors overruled (the audit was decided
+    /// `passed`): the same reputation hit as a failed audit, and quarantine once it has
+    /// been outvoted twice and in more than a fifth of the decided audits it voted in, or
+    /// has failed twice what others passed in more than a fifth of the passes it voted on
+    /// (an auditor that fails everything is right whenever it audits a cheater; an honest
+    /// one fails a good result only by rare noise). Its own work passing audits does not
+    /// excuse lying as an auditor.
+    pub fn outvoted(&self, auditor: &PeerId, passed: bool) {
         self.with(auditor, true, |s| {
             s.outvoted += 1;
+            s.false_alarms += u64::from(passed);
             s.reputation = (s.reputation - 0.15).max(0.0);
-            if s.outvoted >= 2 && s.outvoted * 4 > s.votes_agreed {
+            if (s.outvoted >= 2 && s.outvoted * 4 > s.votes_agreed)
+                || (s.false_alarms >= 2 && s.false_alarms * 4 > s.passes_agreed)
+            {
                 s.quarantined_until_ms = now_ms() + 3_600_000;
             }
         });
     }
 
-    /// An auditor whose vote the decision followed.
-    pub fn vote_agreed(&self, auditor: &PeerId) {
-        self.with(auditor, false, |s| s.votes_agreed += 1);
+    /// An auditor whose vote the decision (`passed`) followed.
+    pub fn vote_agreed(&self, auditor: &PeerId, passed: bool) {
+        self.with(auditor, false, |s| {
+            s.votes_agreed += 1;
+            s.passes_agreed += u64::from(passed);
+        });
     }
 
     /// An audit whose auditors split with no majority: recorded, nobody penalised.

@@ -609,9 +609,9 @@ impl Dispatcher {
         for (auditor, v) in &votes {
             if v.passed != passed {
                 warn!(%auditor, provider = %peer, "auditor outvoted");
-                self.directory.outvoted(auditor);
+                self.directory.outvoted(auditor, passed);
             } else {
-                self.directory.vote_agreed(auditor);
+                self.directory.vote_agreed(auditor, passed);
             }
         }
         let first = votes

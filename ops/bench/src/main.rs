@@ -676,9 +676,9 @@ fn local(
                         d.false_quarantines, d.honest
                     ),
                 );
-                let caught = d.providers.iter().filter(|v| v.quarantined).count();
+                let caught = d.providers.iter().filter(|v| v.caught()).count();
                 report.check(
-                    "dishonest providers quarantined",
+                    "dishonest providers quarantined (a lying auditor: or never given a vote)",
                     caught == d.providers.len(),
                     format!(
                         "{caught} of {} within {} requests",

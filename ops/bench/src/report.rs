@@ -461,9 +461,18 @@ fn failures_md(m: &mut String, f: &[FailureResult]) {
 fn dishonest_md(m: &mut String, d: &DishonestResult) {
     let _ = writeln!(
         m,
-        "\n## 5. Dishonest providers\n\nAudit rate {:.2}; {} requests in {:.0} s; {} honest \
-         providers in the same run, **{} of them quarantined** (false quarantines).\n",
-        d.audit_rate, d.requests, d.seconds, d.honest, d.false_quarantines
+        "\n## 5. Dishonest providers\n\nThe attackers join once the router knows the honest \
+         providers ({} of {} past probation after {} requests). Audit rate {:.2}; {} requests \
+         in {:.0} s; {} honest providers in the same run, **{} of them quarantined** (false \
+         quarantines).\n",
+        d.established,
+        d.honest,
+        d.warmup_requests,
+        d.audit_rate,
+        d.requests,
+        d.seconds,
+        d.honest,
+        d.false_quarantines
     );
     let _ = writeln!(
         m,
@@ -476,7 +485,13 @@ fn dishonest_md(m: &mut String, d: &DishonestResult) {
             "| {} | {} | {} | {} | {} | {} | {} | {} |",
             v.name,
             v.fault,
-            if v.quarantined { "yes" } else { "**no**" },
+            if v.quarantined {
+                "yes"
+            } else if v.caught() {
+                "no: never given a vote"
+            } else {
+                "**no**"
+            },
             v.requests_until
                 .map(|x| x.to_string())
                 .unwrap_or_else(|| "-".into()),

@@ -71,7 +71,7 @@ impl Scale {
             placement_requests: 16,
             failure_requests: 32,
             failure_concurrency: 4,
-            dishonest_budget: 120,
+            dishonest_budget: 240,
             audit_rate: 0.1,
             attempt_timeout: 20,
             minions_chars: usize::MAX,
@@ -559,6 +559,10 @@ pub struct DishonestResult {
     pub false_quarantines: usize,
     pub honest: usize,
     pub seconds: f64,
+    /// Requests the honest providers were sent before the attackers joined, and how many
+    /// of them were past probation then.
+    pub warmup_requests: usize,
+    pub established: usize,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -575,6 +579,16 @@ pub struct Verdict {
     pub audit_tokens_until: Option<f64>,
     /// Its answers that reached a client (tampered ones only an audit can catch).
     pub answers_delivered: usize,
+    /// Audit votes it cast for the router (a lying auditor's only way to do harm).
+    pub votes_cast: u64,
+}
+
+impl Verdict {
+    /// Quarantined, or, for a lying auditor, never trusted with a vote (auditors are drawn
+    /// among providers past probation, and it honestly served too little to get there).
+    pub fn caught(&self) -> bool {
+        self.quarantined || (self.fault == "lying-auditor" && self.votes_cast == 0)
+    }
 }
 
 pub fn dishonest(
@@ -584,6 +598,21 @@ pub fn dishonest(
     scale: &Scale,
     say: &dyn Fn(&str),
 ) -> anyhow::Result<DishonestResult> {
+    // The attackers join a network whose honest providers the router already knows (the
+    // threat a new key poses): the router's record of them is built first.
+    let honest = cluster.providers.iter().filter(|p| p.alive()).count();
+    let (warmup, established) = {
+        let router = &cluster.routers[r];
+        let target = Target {
+            name: "auditing router",
+            base: router.url(""),
+            pid: 0,
+        };
+        establish(router, &target, honest, 4, scale.max_tokens)
+    };
+    say(&format!(
+        "dishonest: {established} of {honest} honest providers past probation after {warmup} requests"
+    ));
     let mut bad = Vec::new();
     for (region, fault) in faults {
         let i = cluster.add_provider(region, Some(fault))?;
@@ -653,13 +682,23 @@ pub fn dishonest(
         .map(|p| p.peer_id.as_str())
         .collect();
     let false_q = honest.iter().filter(|id| quarantined(id)).count();
-    for v in verdicts.iter().filter(|v| !v.quarantined) {
+    let listed = router.providers();
+    for (v, &i) in verdicts.iter_mut().zip(&bad) {
+        let id = cluster.providers[i].peer_id.as_str();
+        if let Some(p) = listed.iter().find(|p| p["peer_id"].as_str() == Some(id)) {
+            let n = |k: &str| p["stats"][k].as_u64().unwrap_or(0);
+            v.votes_cast = n("votes_agreed") + n("outvoted");
+        }
+    }
+    for v in verdicts.iter().filter(|v| !v.caught()) {
         say(&format!(
             "{} ({}) NOT quarantined within {sent} requests",
             v.name, v.fault
         ));
     }
     let out = DishonestResult {
+        warmup_requests: warmup,
+        established,
         audit_rate: scale.audit_rate,
         requests: sent,
         providers: verdicts,
@@ -703,6 +742,37 @@ pub struct AuditCost {
     pub cost_share: f64,
 }
 
+/// Sends chat load through `router` until `providers` of them are past probation there
+/// (new identities are audited at half their traffic until 3 audits pass), within a
+/// bounded number of requests; returns the requests sent and the providers established.
+fn establish(
+    router: &crate::cluster::Router,
+    target: &Target,
+    providers: usize,
+    concurrency: usize,
+    max_tokens: u32,
+) -> (usize, usize) {
+    let past_probation = || {
+        router
+            .providers()
+            .iter()
+            .filter(|p| p["stats"]["audits_passed"].as_u64().unwrap_or(0) >= 3)
+            .count()
+    };
+    let mut sent = 0;
+    while past_probation() < providers && sent < 30 * providers {
+        sent += run_load(
+            target,
+            concurrency,
+            2 * concurrency,
+            |i| question(sent + i),
+            max_tokens,
+        )
+        .requests;
+    }
+    (sent, past_probation())
+}
+
 /// Runs workload 6 with routers `audited` (default audit rate) and `plain` (rate 0).
 pub fn audit_cost(
     cluster: &Cluster,
@@ -721,19 +791,8 @@ pub fn audit_cost(
     let (ta, tp) = (target(ra, "auditing router"), target(rp, "plain router"));
     let c = scale.failure_concurrency;
     let honest = cluster.providers.iter().filter(|p| p.alive()).count();
-    let past_probation = || {
-        ra.providers()
-            .iter()
-            .filter(|p| p["stats"]["audits_passed"].as_u64().unwrap_or(0) >= 3)
-            .count()
-    };
-    // Warm-up: new identities are audited at half their traffic until 3 audits pass.
-    let mut warmup = 0;
-    while past_probation() < honest && warmup < 30 * honest {
-        warmup += run_load(&ta, c, 2 * c, |i| question(warmup + i), scale.max_tokens).requests;
-    }
+    let (warmup, established) = establish(ra, &ta, honest, c, scale.max_tokens);
     let _ = run_load(&tp, c, 2 * c, question, scale.max_tokens);
-    let established = past_probation();
     std::thread::sleep(ADVERT_SETTLE);
     let counters = || {
         (

@@ -60,8 +60,13 @@ fn quick_suite_runs_every_workload_and_its_checks_pass() {
         report["dishonest"]["providers"].as_array().unwrap().len(),
         2
     );
+    // The audit-cost workload measured audits at the default rate on honest traffic.
+    let a = &report["audits"];
+    assert!(a["audits"].as_f64().unwrap() > 0.0, "{a}");
+    assert!(a["served_tokens"].as_f64().unwrap() > 0.0, "{a}");
+    assert!(a["throughput_ratio"].as_f64().unwrap() > 0.0, "{a}");
     let checks = report["checks"].as_array().unwrap();
-    assert!(checks.len() >= 12, "{report}");
+    assert!(checks.len() >= 13, "{report}");
     assert!(checks.iter().all(|c| c["passed"] == true), "{report_md}");
     // The Markdown report and its figures.
     for section in [
@@ -70,6 +75,7 @@ fn quick_suite_runs_every_workload_and_its_checks_pass() {
         "## 3. Placement",
         "## 4. Failure",
         "## 5. Dishonest",
+        "## 6. What audits cost",
     ] {
         assert!(report_md.contains(section), "{report_md}");
     }
