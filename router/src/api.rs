@@ -620,7 +620,15 @@ async fn models(State(state): State<ApiState>) -> axum::Json<Value> {
 }
 
 async fn providers(State(state): State<ApiState>) -> axum::Json<Value> {
-    axum::Json(json!({"providers": state.dispatcher.directory.providers()}))
+    let running = state.dispatcher.in_flight();
+    let mut list = state.dispatcher.directory.providers();
+    for p in &mut list {
+        p.in_flight = running
+            .iter()
+            .find(|(peer, _)| peer.to_string() == p.peer_id)
+            .map_or(0, |(_, n)| *n);
+    }
+    axum::Json(json!({"providers": list}))
 }
 
 async fn metrics(State(state): State<ApiState>) -> String {

@@ -3,7 +3,7 @@
 //! and throughput, failures, and audit reputation. Reputation and quarantine survive
 //! restarts in sled; the rest is rebuilt from traffic.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -173,6 +173,12 @@ pub struct ProviderInfo {
     pub pin_conflict: bool,
     /// The slots placement and admission count: advertised, capped by measurement.
     pub slots_counted: u32,
+    /// On probation (see [`PROBATION_AUDITS`]), and whether the operator vouches for it.
+    pub probation: bool,
+    pub trusted: bool,
+    /// This router's requests running there now (filled in by the API from the
+    /// dispatcher).
+    pub in_flight: u32,
 }
 
 /// Model names the operator trusts: reference → manifest digest. When any are set, a name
@@ -240,6 +246,9 @@ pub struct RouterDirectory {
     stats: Arc<Mutex<HashMap<PeerId, Stats>>>,
     db: Option<sled::Tree>,
     pins: Arc<Pins>,
+    /// Providers the operator vouches for (its own nodes): never on probation, reputable
+    /// from the start, so audits have honest auditors before anyone has a record.
+    trusted: Arc<HashSet<PeerId>>,
     /// Circuit breaker: consecutive failures that open it, and for how long.
     pub breaker_failures: u32,
     pub breaker_open: Duration,
@@ -263,6 +272,7 @@ impl RouterDirectory {
             stats: Arc::new(Mutex::new(stats)),
             db,
             pins: Arc::default(),
+            trusted: Arc::default(),
             breaker_failures: 3,
             breaker_open: Duration::from_secs(10),
         }
@@ -272,6 +282,18 @@ impl RouterDirectory {
     pub fn with_pins(mut self, pins: Pins) -> Self {
         self.pins = Arc::new(pins);
         self
+    }
+
+    /// Sets the providers the operator vouches for (`--trusted-provider`).
+    pub fn with_trusted(mut self, trusted: impl IntoIterator<Item = PeerId>) -> Self {
+        self.trusted = Arc::new(trusted.into_iter().collect());
+        self
+    }
+
+    /// Whether `peer` is still on probation: fewer than [`PROBATION_AUDITS`] passed audits,
+    /// unless the operator vouches for it.
+    fn probation(&self, peer: &PeerId, s: &Stats) -> bool {
+        s.audits_passed < PROBATION_AUDITS && !self.trusted.contains(peer)
     }
 
     pub fn pins(&self) -> &Pins {
@@ -377,10 +399,11 @@ impl RouterDirectory {
     /// A result that failed verification: a reputation hit, and it counts as a failure.
     /// On probation it quarantines at once: a newcomer's first answers are its audition.
     pub fn invalid(&self, peer: &PeerId) {
+        let on_probation = self.on_probation(peer);
         self.with(peer, true, |s| {
             s.invalid += 1;
             s.reputation = (s.reputation - 0.2).max(0.0);
-            if s.reputation < QUARANTINE_BELOW || s.audits_passed < PROBATION_AUDITS {
+            if s.reputation < QUARANTINE_BELOW || on_probation {
                 s.quarantined_until_ms = now_ms() + 3_600_000;
             }
         });
@@ -393,6 +416,7 @@ impl RouterDirectory {
     /// is not its tokens, a token the grammar forbids) or any agreed failure while on
     /// probation quarantines at once.
     pub fn audited(&self, peer: &PeerId, passed: bool, hard: bool) {
+        let on_probation = self.on_probation(peer);
         self.with(peer, true, |s| {
             s.recent_audits = (s.recent_audits << 1) | u32::from(!passed);
             if passed {
@@ -400,7 +424,6 @@ impl RouterDirectory {
                 s.failed_in_a_row = 0;
                 s.reputation = (s.reputation + 0.02).min(1.0);
             } else {
-                let on_probation = s.audits_passed < PROBATION_AUDITS;
                 s.audits_failed += 1;
                 penalise(s);
                 // Honest on greedy work and cheating on sampled work interleaves passes
@@ -452,14 +475,14 @@ impl RouterDirectory {
 
     /// Whether a provider is still on probation (see [`PROBATION_AUDITS`]).
     pub fn on_probation(&self, peer: &PeerId) -> bool {
-        self.stats(peer).audits_passed < PROBATION_AUDITS
+        self.probation(peer, &self.stats(peer))
     }
 
     /// Whether a provider may be drawn as an auditor before others: past probation, in
     /// good standing.
     pub fn reputable(&self, peer: &PeerId) -> bool {
         let s = self.stats(peer);
-        s.audits_passed >= PROBATION_AUDITS && s.reputation >= REPUTABLE_FROM
+        !self.probation(peer, &s) && s.reputation >= REPUTABLE_FROM
     }
 
     pub fn quarantined(&self, peer: &PeerId) -> bool {
@@ -474,7 +497,7 @@ impl RouterDirectory {
         }
         let s = self.stats(peer);
         let rate = base * (1.0 + 4.0 * (1.0 - s.reputation));
-        let floor = if s.audits_passed < PROBATION_AUDITS {
+        let floor = if self.probation(peer, &s) {
             PROBATION_AUDIT_RATE
         } else {
             0.0
@@ -642,6 +665,9 @@ impl RouterDirectory {
                     circuit_open: s.open_until_ms > now,
                     pin_conflict: self.pins.conflicts(&e.advert),
                     slots_counted: e.advert.slots.total.min(measured_slots(&s)),
+                    probation: self.probation(&e.advert.peer_id, &s),
+                    trusted: self.trusted.contains(&e.advert.peer_id),
+                    in_flight: 0,
                     stats: s,
                 }
             })
@@ -698,6 +724,29 @@ mod tests {
         assert!(!pins.conflicts(&advert(&[("ai/other:1", evil)])));
         assert!(Pins::parse(&["ai/smollm2:test"]).is_err());
         assert!(Pins::parse(&["ai/smollm2:test=sha256:zz"]).is_err());
+    }
+
+    /// A provider the operator vouches for is reputable from the start, so two newcomers
+    /// can't be the only auditors; anyone else earns it with passed audits.
+    #[test]
+    fn trusted_providers_skip_probation_and_newcomers_earn_it() {
+        let (anchor, stranger) = (Keypair::generate().peer_id(), Keypair::generate().peer_id());
+        let live = Arc::new(std::sync::RwLock::new(
+            beacon_net::directory::Directory::new(Duration::from_secs(60), Duration::from_secs(10)),
+        ));
+        let d = RouterDirectory::new(live, None).with_trusted([anchor]);
+        assert!(!d.on_probation(&anchor) && d.reputable(&anchor));
+        assert!(d.on_probation(&stranger) && !d.reputable(&stranger));
+        assert!(d.audit_rate(&anchor, 0.05) < PROBATION_AUDIT_RATE);
+        assert_eq!(d.audit_rate(&stranger, 0.05), PROBATION_AUDIT_RATE);
+        for _ in 0..PROBATION_AUDITS {
+            d.audited(&stranger, true, false);
+        }
+        assert!(!d.on_probation(&stranger) && d.reputable(&stranger));
+        // A newcomer's result that fails verification quarantines it at once.
+        let other = Keypair::generate().peer_id();
+        d.invalid(&other);
+        assert!(d.quarantined(&other));
     }
 
     #[test]

@@ -209,6 +209,14 @@ impl Dispatcher {
         self.audit_tokens.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// This router's requests in flight per provider.
+    pub fn in_flight(&self) -> HashMap<PeerId, u32> {
+        self.in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     /// Audits passed and failed since the router started.
     pub fn audit_counts(&self) -> (u64, u64) {
         *self.audit_counts.lock().unwrap_or_else(|p| p.into_inner())

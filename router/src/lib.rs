@@ -48,6 +48,8 @@ pub struct RouterConfig {
     pub minions: minions::http::MinionsConfig,
     /// Model names the operator trusts (reference → digest); see [`directory::Pins`].
     pub pins: directory::Pins,
+    /// Providers the operator vouches for: never on probation, reputable from the start.
+    pub trusted: Vec<beacon_proto::PeerId>,
 }
 
 /// Runs the router until `shutdown` resolves.
@@ -76,8 +78,9 @@ pub async fn run(
              providers hold); pin the names you serve so no peer can claim them"
         );
     }
-    let mut directory =
-        directory::RouterDirectory::new(live, Some(reputation)).with_pins(config.pins);
+    let mut directory = directory::RouterDirectory::new(live, Some(reputation))
+        .with_pins(config.pins)
+        .with_trusted(config.trusted);
     directory.breaker_failures = config.dispatch.breaker_failures.max(1);
     directory.breaker_open = config.dispatch.breaker_open;
     tokio::spawn(discovery::run(

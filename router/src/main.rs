@@ -110,6 +110,15 @@ struct ServeArgs {
         value_delimiter = ','
     )]
     model_pins: Vec<String>,
+    /// Providers (peer ids) the operator vouches for, such as its own nodes: never on
+    /// probation and drawn as auditors from the start, so a network that opens with many
+    /// strangers has honest auditors before anyone has a record.
+    #[arg(
+        long = "trusted-provider",
+        env = "BEACON_ROUTER_TRUSTED_PROVIDERS",
+        value_delimiter = ','
+    )]
+    trusted_providers: Vec<String>,
     /// Base fraction of results audited on a second provider.
     #[arg(long, env = "BEACON_AUDIT_RATE", default_value_t = 0.05)]
     audit_rate: f64,
@@ -175,8 +184,19 @@ async fn main() -> anyhow::Result<()> {
             let a = *a;
             let pins =
                 beacon_router::directory::Pins::parse(&a.model_pins).map_err(anyhow::Error::msg)?;
+            let trusted = a
+                .trusted_providers
+                .iter()
+                .map(|p| p.trim())
+                .filter(|p| !p.is_empty())
+                .map(|p| {
+                    p.parse::<beacon_proto::PeerId>()
+                        .map_err(|e| anyhow::anyhow!("--trusted-provider {p:?}: {e}"))
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
             let config = beacon_router::RouterConfig {
                 pins,
+                trusted,
                 data_dir: a.data_dir,
                 listen: a.listen,
                 p2p_listen: a.p2p_listen,

@@ -16,7 +16,7 @@ fn chat(word: &str, extra: &str) -> String {
 fn routes_chat_to_providers_verifies_pins_and_survives_a_death() {
     let mut a = NodeServer::start(&["--region", "eu-west"]);
     let boot = a.bootstrap_addr();
-    let b = NodeServer::start(&["--region", "us-east", "--bootstrap", &boot]);
+    let mut b = NodeServer::start(&["--region", "us-east", "--bootstrap", &boot]);
     let (pa, pb) = (a.peer_id(), b.peer_id());
     let router = RouterServer::start(Some(&boot), &[]);
     let pinned = RouterServer::start(Some(&boot), &["--allowed-regions", "eu-west"]);
@@ -222,21 +222,39 @@ print("openai client ok")
             std::thread::spawn(move || http("POST", &url, Some(&body), &[]))
         })
         .collect();
-    // Kill A while it is generating for some of them.
-    let busy = wait_until(Duration::from_secs(60), || {
-        http("GET", &a.url("/metrics"), None, &[])
-            .body
-            .lines()
-            .any(|l| l.starts_with("beacon_in_flight{") && !l.ends_with(" 0"))
-    });
-    assert!(busy, "A never got a request");
-    a.kill();
+    // Kill a provider while it is generating for some of them (the router's own count of
+    // requests there: an engine may be busy with an audit instead). Which one gets work
+    // is placement's choice (it measured their speeds); the survivor answers everything.
+    let running = |p: &str| {
+        provider_status(&router, p)["in_flight"]
+            .as_u64()
+            .is_some_and(|n| n > 0)
+    };
+    let start = std::time::Instant::now();
+    let victim = loop {
+        if let Some(p) = [&pa, &pb].into_iter().find(|p| running(p)) {
+            break p.clone();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "no provider got a request\n{}",
+            router.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let survivor = if victim == pa {
+        a.kill();
+        pb.clone()
+    } else {
+        b.kill();
+        pa.clone()
+    };
     let mut retried = 0;
     for h in handles {
         let r = h.join().unwrap();
         assert_eq!(r.status, 200, "{r:?}\n{}", router.log());
         let v = r.json();
-        assert_eq!(v["beacon"]["provider"], pb.as_str(), "{v}");
+        assert_eq!(v["beacon"]["provider"], survivor.as_str(), "{v}");
         if v["beacon"]["attempts"].as_u64().unwrap() > 1 {
             retried += 1;
         }
@@ -251,7 +269,7 @@ print("openai client ok")
         );
         assert_eq!(r.status, 200, "{r:?}\n{}", router.log());
         let v = r.json();
-        assert_eq!(v["beacon"]["provider"], pb.as_str());
+        assert_eq!(v["beacon"]["provider"], survivor.as_str());
         assert!(
             v["choices"][0]["message"]["content"]
                 .as_str()
@@ -261,7 +279,7 @@ print("openai client ok")
         );
     }
     let dropped = wait_until(Duration::from_secs(60), || {
-        !router.providers().contains(&pa)
+        !router.providers().contains(&victim)
     });
     assert!(dropped, "dead provider kept");
     let metrics = http("GET", &router.url("/metrics"), None, &[]).body;
@@ -359,7 +377,7 @@ fn stragglers_are_hedged_and_timeouts_open_the_circuit_breaker() {
             "--hedge-quantile",
             "0",
             "--attempt-timeout",
-            "15",
+            "25",
             "--breaker-failures",
             "2",
             "--breaker-open",
@@ -386,7 +404,7 @@ fn stragglers_are_hedged_and_timeouts_open_the_circuit_breaker() {
             .into_iter()
             .map(|h| {
                 let r = h.join().unwrap();
-                assert_eq!(r.status, 200, "{r:?}");
+                assert_eq!(r.status, 200, "{r:?}\n{}", router.log());
                 r.json()
             })
             .collect()
@@ -420,7 +438,7 @@ fn stragglers_are_hedged_and_timeouts_open_the_circuit_breaker() {
         .log()
         .contains("the client cancelled the subtask while it stalled")));
 
-    // No hedging, a 15 s attempt timeout (far above a normal answer even on a loaded CI
+    // No hedging, a 25 s attempt timeout (far above a normal answer even on a loaded CI
     // machine, far below the staller's minute): subtasks on the staller time out and are
     // retried on the fast provider, until the breaker opens.
     let mut retried = 0;
