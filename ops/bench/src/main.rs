@@ -622,17 +622,21 @@ fn local(
             honest,
         )?;
         let c = suite::audit_cost(&cluster, auditing, main, DEFAULT_AUDIT_RATE, scale, say);
-        report.check(
-            "audits cost at most 10 % of served tokens",
-            c.audits > 0.0 && c.cost_share <= 0.10,
-            format!(
-                "{:.0} audits scored {:.0} tokens: {:.1} % of {:.0} served",
-                c.audits,
-                c.audit_tokens,
-                100.0 * c.cost_share,
-                c.served_tokens
-            ),
-        );
+        // A quick run sends a few dozen requests: at a 5 % rate that is one or two audits,
+        // too few for a share to mean anything, so only the full run checks it.
+        if !a.quick {
+            report.check(
+                "audits cost at most 10 % of served tokens",
+                c.audits > 0.0 && c.cost_share <= 0.10,
+                format!(
+                    "{:.0} audits scored {:.0} tokens: {:.1} % of {:.0} served",
+                    c.audits,
+                    c.audit_tokens,
+                    100.0 * c.cost_share,
+                    c.served_tokens
+                ),
+            );
+        }
         report.audits = Some(c);
         cluster.remove_router(auditing);
     }

@@ -60,13 +60,13 @@ fn quick_suite_runs_every_workload_and_its_checks_pass() {
         report["dishonest"]["providers"].as_array().unwrap().len(),
         2
     );
-    // The audit-cost workload measured audits at the default rate on honest traffic.
+    // The audit-cost workload measured both routers on honest traffic (too few requests
+    // for its share of audit tokens to be checked: the full run checks it).
     let a = &report["audits"];
-    assert!(a["audits"].as_f64().unwrap() > 0.0, "{a}");
     assert!(a["served_tokens"].as_f64().unwrap() > 0.0, "{a}");
     assert!(a["throughput_ratio"].as_f64().unwrap() > 0.0, "{a}");
     let checks = report["checks"].as_array().unwrap();
-    assert!(checks.len() >= 13, "{report}");
+    assert!(checks.len() >= 12, "{report}");
     assert!(checks.iter().all(|c| c["passed"] == true), "{report_md}");
     // The Markdown report and its figures.
     for section in [
