@@ -620,13 +620,15 @@ async fn models(State(state): State<ApiState>) -> axum::Json<Value> {
 }
 
 async fn providers(State(state): State<ApiState>) -> axum::Json<Value> {
-    let running = state.dispatcher.in_flight();
+    let running: std::collections::HashMap<String, u32> = state
+        .dispatcher
+        .in_flight()
+        .into_iter()
+        .map(|(peer, n)| (peer.to_string(), n))
+        .collect();
     let mut list = state.dispatcher.directory.providers();
     for p in &mut list {
-        p.in_flight = running
-            .iter()
-            .find(|(peer, _)| peer.to_string() == p.peer_id)
-            .map_or(0, |(_, n)| *n);
+        p.in_flight = running.get(&p.peer_id).copied().unwrap_or(0);
     }
     axum::Json(json!({"providers": list}))
 }

@@ -112,18 +112,19 @@ fn six(router: &RouterServer, round: usize) -> Vec<Delivered> {
     handles.into_iter().map(|h| h.join().unwrap()).collect()
 }
 
+/// A node with one thread and two sequences: a dozen of them share two cores.
+fn node(extra: &[&str]) -> NodeServer {
+    let mut args = vec!["--parallel", "2", "--threads", "1"];
+    args.extend_from_slice(extra);
+    NodeServer::start(&args)
+}
+
 fn status(router: &RouterServer, peer: &str) -> Value {
     router.provider(peer)
 }
 
 #[test]
 fn every_attack_on_results_is_caught_and_no_honest_provider_is_quarantined() {
-    // Fewer threads each: eleven nodes share two cores.
-    let node = |extra: &[&str]| {
-        let mut args = vec!["--parallel", "2", "--threads", "1"];
-        args.extend_from_slice(extra);
-        NodeServer::start(&args)
-    };
     let first = node(&["--region", "eu-west"]);
     let boot = first.bootstrap_addr();
     let joined = |extra: &[&str]| {
@@ -344,11 +345,6 @@ fn swapped_store(to: &str) -> NodeCli {
 /// they must, on chat traffic at the router's default audit rate, half of it sampled.
 #[test]
 fn a_cheaper_requantisation_served_under_the_digest_is_caught_by_audits() {
-    let node = |extra: &[&str]| {
-        let mut args = vec!["--parallel", "2", "--threads", "1"];
-        args.extend_from_slice(extra);
-        NodeServer::start(&args)
-    };
     let first = node(&["--region", "eu-west"]);
     let boot = first.bootstrap_addr();
     let honest = [
