@@ -90,6 +90,18 @@ pub struct Stats {
     pub name_conflicts: u64,
     #[serde(default)]
     pub name_conflict_ms: u64,
+    /// Reference checks it was given as an auditor: results whose verdict the router
+    /// already knows (good ones two auditors passed, clear cheats two failed), sent like
+    /// any audit (see `Dispatcher::check_an_auditor`).
+    #[serde(default)]
+    pub reference_checks: u64,
+    /// Of those, the ones it judged wrongly: a good result failed (a false alarm) or a
+    /// clear cheat passed.
+    #[serde(default)]
+    pub reference_wrong: u64,
+    /// Clear cheats it passed as an auditor.
+    #[serde(default)]
+    pub cheats_passed: u64,
 }
 
 impl Default for Stats {
@@ -117,6 +129,9 @@ impl Default for Stats {
             name_conflict_ms: 0,
             max_concurrent_ok: 0,
             best_ms_per_token: None,
+            reference_checks: 0,
+            reference_wrong: 0,
+            cheats_passed: 0,
         }
     }
 }
@@ -468,6 +483,31 @@ impl RouterDirectory {
         });
     }
 
+    /// An auditor's verdict (`passed`) on a reference result whose verdict the router
+    /// knows (`good`). Right, it counts as a vote with the decision. Failing a good
+    /// result is a false alarm (see [`RouterDirectory::outvoted`]); passing a clear cheat
+    /// (text that is not its tokens, or most positions wrong, as two auditors found) is
+    /// what a colluding auditor does and no honest one does by noise: twice quarantines.
+    pub fn reference_checked(&self, auditor: &PeerId, passed: bool, good: bool) {
+        let right = passed == good;
+        let cheats_passed = self.with(auditor, false, |s| {
+            s.reference_checks += 1;
+            s.reference_wrong += u64::from(!right);
+            s.cheats_passed += u64::from(passed && !good);
+            s.cheats_passed
+        });
+        if right {
+            self.vote_agreed(auditor, good);
+        } else {
+            self.outvoted(auditor, good);
+            if cheats_passed >= 2 {
+                self.with(auditor, true, |s| {
+                    s.quarantined_until_ms = now_ms() + 3_600_000;
+                });
+            }
+        }
+    }
+
     /// An audit whose auditors split with no majority: recorded, nobody penalised.
     pub fn inconclusive(&self, peer: &PeerId) {
         self.with(peer, true, |s| s.audits_inconclusive += 1);
@@ -747,6 +787,49 @@ mod tests {
         let other = Keypair::generate().peer_id();
         d.invalid(&other);
         assert!(d.quarantined(&other));
+    }
+
+    /// Attack (g) at the level of the decision: an auditor that fails the good results it
+    /// is checked with is quarantined after two, whatever its votes on cheaters agreed
+    /// with; one that passes the clear cheats it is checked with, after two; one that
+    /// judges them right and fails a good result once by noise is not.
+    #[test]
+    fn auditors_judging_reference_results_wrongly_are_quarantined() {
+        let live = Arc::new(std::sync::RwLock::new(
+            beacon_net::directory::Directory::new(Duration::from_secs(60), Duration::from_secs(10)),
+        ));
+        let d = RouterDirectory::new(live, None);
+        let [liar, colluder, honest] = [(); 3].map(|_| Keypair::generate().peer_id());
+        for p in [&liar, &colluder, &honest] {
+            for _ in 0..PROBATION_AUDITS {
+                d.audited(p, true, false);
+            }
+            // All voted with the majority on cheaters and on good results.
+            for _ in 0..4 {
+                d.vote_agreed(p, false);
+                d.vote_agreed(p, true);
+            }
+        }
+        d.reference_checked(&liar, false, true);
+        assert!(!d.quarantined(&liar), "one false alarm can be noise");
+        d.reference_checked(&liar, false, false);
+        d.reference_checked(&liar, false, true);
+        assert!(d.quarantined(&liar));
+        assert_eq!(d.stats(&liar).reference_wrong, 2);
+        d.reference_checked(&colluder, true, true);
+        d.reference_checked(&colluder, true, false);
+        assert!(!d.quarantined(&colluder));
+        d.reference_checked(&colluder, true, false);
+        assert!(d.quarantined(&colluder));
+        assert_eq!(d.stats(&colluder).cheats_passed, 2);
+        d.reference_checked(&honest, true, true);
+        d.reference_checked(&honest, false, true);
+        for _ in 0..8 {
+            d.reference_checked(&honest, true, true);
+            d.reference_checked(&honest, false, false);
+        }
+        assert!(!d.quarantined(&honest));
+        assert_eq!(d.stats(&honest).reference_checks, 18);
     }
 
     #[test]

@@ -118,7 +118,43 @@ pub struct Dispatcher {
     audit_counts: Arc<Mutex<(u64, u64)>>,
     /// Tokens auditors scored (prompt and claimed output, every vote): the cost of audits.
     audit_tokens: Arc<std::sync::atomic::AtomicU64>,
+    /// Results two auditors agreed were good, to test auditors with (bounded).
+    references: Arc<Mutex<VecDeque<Reference>>>,
 }
+
+/// A result whose verdict the router knows, kept to test auditors with: a good one (two
+/// independent auditors passed it) or a clear cheat (two failed it, on its text or on
+/// most of its positions). Sent like any other audit, so an auditor cannot tell the check
+/// from work; judging it wrongly needs no second auditor to say so.
+#[derive(Clone)]
+struct Reference {
+    good: bool,
+    audit: AuditRequest,
+    tokens: Vec<u32>,
+    output: String,
+    tolerance: Option<f32>,
+    /// The provider that produced it and the auditors that passed it: never tested with
+    /// it (they have seen it).
+    involved: Vec<PeerId>,
+}
+
+/// Reference results kept.
+const REFERENCES: usize = 64;
+
+/// Reference checks a provider gets as soon as it is reputable (an auditor drawn before
+/// others): two good results, then two clear cheats (where the router has seen any). An
+/// auditor that fails good results is quarantined before it can outvote anyone (two
+/// false alarms); one that passes cheats, before it can wave many through.
+pub const FIRST_REFERENCE_CHECKS: u64 = 4;
+
+/// After those, the chance per audit that one reputable auditor of the model is checked
+/// again, with a good result or a clear cheat alike: an auditor that passes cheats, or
+/// turns later, is caught too.
+pub const REFERENCE_CHECK_SHARE: f64 = 0.25;
+
+/// A failing vote below this agreement (or on evidence no noise explains) makes a clear
+/// cheat, one no honest auditor passes.
+const CLEAR_CHEAT_BELOW: f64 = 0.5;
 
 /// A provider's in-flight bound: the slots it was sized for, and the semaphore.
 type Limit = (u32, Arc<Semaphore>);
@@ -138,6 +174,7 @@ impl Dispatcher {
             audits: Arc::default(),
             audit_counts: Arc::default(),
             audit_tokens: Arc::default(),
+            references: Arc::default(),
         }
     }
 
@@ -509,10 +546,95 @@ impl Dispatcher {
             None
         };
         tokio::spawn(async move {
+            let model = audit.model.digest;
             this.run_audit(peer, request_id, audit, tokens, output, tolerance)
                 .await;
+            this.check_an_auditor(&model).await;
         });
         true
+    }
+
+    /// Tests one reputable auditor of `model` with a reference result (a good one or a
+    /// clear cheat, see [`Reference`]), sent as an ordinary audit: an auditor reputable
+    /// for the first time is always checked ([`FIRST_REFERENCE_CHECKS`] times), the
+    /// others now and then ([`REFERENCE_CHECK_SHARE`]).
+    async fn check_an_auditor(&self, model: &Digest) {
+        let candidates: Vec<(PeerId, SocketAddr, u64)> = self
+            .directory
+            .views()
+            .into_iter()
+            .filter(|(v, _)| !v.quarantined && v.models.contains(model))
+            .filter(|(v, _)| self.directory.reputable(&v.peer))
+            .map(|(v, addr)| {
+                let checks = self.directory.stats(&v.peer).reference_checks;
+                (v.peer, addr, checks)
+            })
+            .collect();
+        let unchecked: Vec<_> = candidates
+            .iter()
+            .filter(|c| c.2 < FIRST_REFERENCE_CHECKS)
+            .collect();
+        let pool: Vec<_> = if !unchecked.is_empty() {
+            unchecked
+        } else if unit_draw() < REFERENCE_CHECK_SHARE {
+            candidates.iter().collect()
+        } else {
+            return;
+        };
+        if pool.is_empty() {
+            return;
+        }
+        let (target, addr, checks) = *pool[(Id::random().0 % pool.len() as u128) as usize];
+        // Two good results first, then two cheats, later either, evenly.
+        let good = match checks {
+            0 | 1 => true,
+            2 | 3 => false,
+            _ => unit_draw() < 0.5,
+        };
+        let reference = {
+            let refs = self.references.lock().unwrap_or_else(|p| p.into_inner());
+            let fits =
+                |r: &&Reference| r.audit.model.digest == *model && !r.involved.contains(&target);
+            let mut usable: Vec<&Reference> = refs
+                .iter()
+                .filter(fits)
+                .filter(|r| r.good == good)
+                .collect();
+            if usable.is_empty() && !good {
+                usable = refs.iter().filter(fits).collect();
+            }
+            if usable.is_empty() {
+                return;
+            }
+            usable[(Id::random().0 % usable.len() as u128) as usize].clone()
+        };
+        let mut request = reference.audit.clone();
+        request.audit_id = Id::random();
+        match self.client.audit(target, addr, &request).await {
+            Ok(scored) => {
+                self.audit_tokens.fetch_add(
+                    u64::from(scored.prompt_tokens) + reference.tokens.len() as u64,
+                    std::sync::atomic::Ordering::Relaxed,
+                );
+                let v = scored.judge(
+                    &reference.tokens,
+                    &reference.output,
+                    reference.tolerance,
+                    self.config.audit_pass,
+                );
+                if v.passed == reference.good {
+                    info!(auditor = %target, good = reference.good, agreement = v.agreement,
+                          "auditor judged a reference result right");
+                } else {
+                    warn!(auditor = %target, good = reference.good, agreement = v.agreement,
+                          reason = v.reason.as_deref().unwrap_or(""),
+                          "auditor judged a reference result wrongly");
+                }
+                self.directory
+                    .reference_checked(&target, v.passed, reference.good);
+            }
+            Err(e) => debug!(auditor = %target, error = %e, "reference check could not run"),
+        }
     }
 
     /// A random auditor for `model` outside `exclude`: reputable providers first (past
@@ -611,6 +733,27 @@ impl Dispatcher {
             }
             return;
         };
+        let clear_cheat = !passed
+            && votes
+                .iter()
+                .filter(|(_, v)| !v.passed)
+                .all(|(_, v)| v.hard || v.agreement < CLEAR_CHEAT_BELOW);
+        if ((passed && passes >= 2) || clear_cheat) && tolerance.is_some() {
+            let mut involved: Vec<PeerId> = votes.iter().map(|(a, _)| *a).collect();
+            involved.push(peer);
+            let mut refs = self.references.lock().unwrap_or_else(|p| p.into_inner());
+            if refs.len() >= REFERENCES {
+                refs.pop_front();
+            }
+            refs.push_back(Reference {
+                good: passed,
+                audit: audit.clone(),
+                tokens: tokens.clone(),
+                output: output.clone(),
+                tolerance,
+                involved,
+            });
+        }
         // Failed on evidence no hardware noise explains, by every auditor that failed it.
         let hard = !passed && votes.iter().filter(|(_, v)| !v.passed).all(|(_, v)| v.hard);
         self.directory.audited(&peer, passed, hard);

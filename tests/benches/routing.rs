@@ -9,8 +9,8 @@
 
 use std::time::Duration;
 
-use beacon_tests::bench::{Target, run_load};
-use beacon_tests::{NodeServer, RouterServer, wait_until};
+use beacon_tests::bench::{Load, Target, run_load, summarize};
+use beacon_tests::{NodeServer, RouterServer, http, wait_until};
 
 fn question(i: usize) -> serde_json::Value {
     const TOPICS: [&str; 6] = ["rivers", "bread", "trains", "bees", "glass", "music"];
@@ -84,7 +84,12 @@ fn main() {
         "\nThe router adds {:.1} ms at the median (placement, QUIC hop, signing and verification).",
         r.p50_ms - d.p50_ms
     );
-    let report = serde_json::json!({"load": rows, "one_token": {"direct": d, "routed": r}});
+    let audits = audit_cost(&node, max_tokens);
+    let report = serde_json::json!({
+        "load": rows,
+        "one_token": {"direct": d, "routed": r},
+        "audits": audits,
+    });
     let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
     std::fs::create_dir_all(&out).unwrap();
     std::fs::write(
@@ -93,4 +98,121 @@ fn main() {
     )
     .unwrap();
     println!("\nwritten: target/bench/routing.json");
+}
+
+/// The sum of a Prometheus counter at a router (all label sets).
+fn metric(router: &RouterServer, name: &str) -> f64 {
+    http("GET", &router.url("/metrics"), None, &[])
+        .body
+        .lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// What audits cost honest traffic: a second node joins (an auditor needs another
+/// provider of the digest), and the same chat load runs alternately through a router
+/// auditing at its default rate and through one that never audits, over the same two
+/// nodes. Both routers are told to trust both nodes (`--trusted-provider`), so neither
+/// puts them on probation and the auditing one audits at its base rate from the start.
+fn audit_cost(first: &NodeServer, max_tokens: u32) -> serde_json::Value {
+    let second = NodeServer::start(&[
+        "--parallel",
+        "8",
+        "--keep-alive=-1",
+        "--bootstrap",
+        &first.bootstrap_addr(),
+    ]);
+    let trusted = format!("{},{}", first.peer_id(), second.peer_id());
+    let boot = first.bootstrap_addr();
+    let auditing = RouterServer::start(Some(&boot), &["--trusted-provider", &trusted]);
+    let plain = RouterServer::start(
+        Some(&boot),
+        &["--trusted-provider", &trusted, "--audit-rate", "0"],
+    );
+    for r in [&auditing, &plain] {
+        assert!(wait_until(Duration::from_secs(60), || {
+            let p = r.providers();
+            p.contains(&first.peer_id()) && p.contains(&second.peer_id())
+        }));
+    }
+    let targets = [
+        Target {
+            name: "auditing",
+            base: auditing.url(""),
+            pid: 0,
+        },
+        Target {
+            name: "plain",
+            base: plain.url(""),
+            pid: 0,
+        },
+    ];
+    for t in &targets {
+        let _ = run_load(t, 4, 8, question, 8);
+    }
+    let counters = || {
+        (
+            metric(&auditing, "beacon_router_audits_total"),
+            metric(&auditing, "beacon_router_audit_tokens_total"),
+            metric(&auditing, "beacon_router_tokens_total"),
+        )
+    };
+    let before = counters();
+    let (c, n, rounds) = (4usize, 40usize, 6usize);
+    let (mut a, mut p) = (Vec::new(), Vec::new());
+    let (mut a_s, mut p_s) = (0.0, 0.0);
+    for k in 0..rounds {
+        // Alternate which goes first, so neither always runs on a warmer machine.
+        let order = if k % 2 == 0 { [0, 1] } else { [1, 0] };
+        for i in order {
+            let l = run_load(&targets[i], c, n, |j| question(k * n + j), max_tokens);
+            if i == 0 {
+                a_s += l.seconds;
+                a.extend(l.samples);
+            } else {
+                p_s += l.seconds;
+                p.extend(l.samples);
+            }
+            // Audits of the last answers finish before the next load.
+            std::thread::sleep(Duration::from_secs(2));
+        }
+    }
+    let after = counters();
+    let (audited, unaudited): (Load, Load) = (summarize(c, a_s, a), summarize(c, p_s, p));
+    let ratio = audited.tokens_per_second / unaudited.tokens_per_second.max(1e-9);
+    let share = (after.1 - before.1) / (after.2 - before.2).max(1.0);
+    println!(
+        "\n## What audits cost ({c} clients, {rounds} alternating rounds of {n} requests, two nodes)\n"
+    );
+    println!("| router | tok/s | p50 / p99 ms | errors |");
+    println!("|---|---|---|---|");
+    for (name, l) in [
+        ("auditing (rate 0.05)", &audited),
+        ("never audits", &unaudited),
+    ] {
+        println!(
+            "| {name} | {:.1} | {:.0} / {:.0} | {} |",
+            l.tokens_per_second, l.p50_ms, l.p99_ms, l.errors
+        );
+    }
+    println!(
+        "\nAuditing at the default rate: {ratio:.2}x the throughput of never auditing; {:.0} audits scored {:.0} tokens, {:.1} % of the {:.0} served.",
+        after.0 - before.0,
+        after.1 - before.1,
+        100.0 * share,
+        after.2 - before.2
+    );
+    serde_json::json!({
+        "concurrency": c,
+        "rounds": rounds,
+        "requests_per_round": n,
+        "auditing": audited,
+        "plain": unaudited,
+        "throughput_ratio": ratio,
+        "audits": after.0 - before.0,
+        "audit_tokens": after.1 - before.1,
+        "served_tokens": after.2 - before.2,
+        "cost_share": share,
+    })
 }

@@ -112,6 +112,8 @@ pub struct Provider {
     pub http: SocketAddr,
     pub peer_id: String,
     pub fault: Option<String>,
+    /// Its own llama.cpp threads and parallel sequences, where not the cluster's.
+    pub shape: Option<(usize, usize)>,
     data: tempfile::TempDir,
     proc: Option<Proc>,
 }
@@ -252,6 +254,18 @@ impl Cluster {
     /// --fault`, or `q2-swap`/`q3-swap` (its blob swapped for a Q2_K or Q3_K_M
     /// requantisation, served by a node that does not check); returns its index.
     pub fn add_provider(&mut self, region: &str, fault: Option<&str>) -> anyhow::Result<usize> {
+        self.add_provider_shaped(region, fault, None)
+    }
+
+    /// [`Cluster::add_provider`] with its own `(threads, parallel)`: another batch shape
+    /// and thread count than the others (their logits differ a little, as on a real
+    /// network).
+    pub fn add_provider_shaped(
+        &mut self,
+        region: &str,
+        fault: Option<&str>,
+        shape: Option<(usize, usize)>,
+    ) -> anyhow::Result<usize> {
         let ip = self
             .wan
             .address(region)
@@ -305,6 +319,7 @@ impl Cluster {
             http: http_addr,
             peer_id: String::new(),
             fault: fault.map(str::to_string),
+            shape,
             data,
             proc: None,
         });
@@ -330,9 +345,9 @@ impl Cluster {
             .arg(format!("{ip}:0"))
             .args(["--advert-interval", "2", "--keep-alive=-1"])
             .arg("--threads")
-            .arg(self.config.threads.to_string())
+            .arg(p.shape.map_or(self.config.threads, |s| s.0).to_string())
             .arg("--parallel")
-            .arg(self.config.parallel.to_string())
+            .arg(p.shape.map_or(self.config.parallel, |s| s.1).to_string())
             .arg("--ctx-size")
             .arg(self.config.ctx_size.to_string());
         if let Some(b) = &self.bootstrap {

@@ -643,9 +643,17 @@ fn local(
 
     if wants(a, "dishonest") {
         let rate = scale.audit_rate.to_string();
+        // Honest providers differ in thread count and batch shape, as on a real network
+        // (their logits differ a little): one more with two threads and one sequence, in
+        // full runs (a quick run keeps its time).
+        let shaped = if a.quick {
+            None
+        } else {
+            Some(cluster.add_provider_shaped(&op, None, Some((2, 1)))?)
+        };
         let auditor = cluster.add_router(
             &["--audit-rate", &rate, "--attempt-timeout", &timeout],
-            honest,
+            honest + usize::from(shaped.is_some()),
         )?;
         let other = cluster
             .wan
@@ -695,6 +703,9 @@ fn local(
             Err(e) => report.problems.push(format!("dishonest: {e:#}")),
         }
         cluster.remove_router(auditor);
+        if let Some(i) = shaped {
+            cluster.kill_provider(i);
+        }
     }
 
     if wants(a, "failures") {
