@@ -13,6 +13,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::placement::ProviderView;
 
+/// Reputation every provider starts with.
+pub const START_REPUTATION: f64 = 0.8;
+
 /// Reputation below this quarantines a provider.
 pub const QUARANTINE_BELOW: f64 = 0.3;
 
@@ -75,15 +78,12 @@ pub struct Stats {
     /// Audits of this provider whose auditors split with no majority (no penalty).
     #[serde(default)]
     pub audits_inconclusive: u64,
-    /// Most requests of this router it has answered at once without slowing down (see
-    /// `success`): its advertised slots count only up to one more than this (slow start),
-    /// so a provider that claims more capacity than it has gets no more work than it has
-    /// shown it can take.
+    /// Most requests of this router it has answered at once, halved by each refusal or
+    /// timeout (see `success`, `failure`): its advertised slots count only up to one more
+    /// than this (slow start), so a provider that claims more capacity than it has gets no
+    /// more work than it has shown it can take.
     #[serde(default)]
     pub max_concurrent_ok: u32,
-    /// Its fastest answer, in milliseconds per generated token (answers of ≥ 4 tokens).
-    #[serde(default)]
-    pub best_ms_per_token: Option<f64>,
     /// Times its adverts named a pinned model with another digest (penalised at most
     /// once per period; the last time in `name_conflict_ms`).
     #[serde(default)]
@@ -107,7 +107,7 @@ pub struct Stats {
 impl Default for Stats {
     fn default() -> Self {
         Stats {
-            reputation: 0.8,
+            reputation: START_REPUTATION,
             audits_passed: 0,
             audits_failed: 0,
             failed_in_a_row: 0,
@@ -128,7 +128,6 @@ impl Default for Stats {
             name_conflicts: 0,
             name_conflict_ms: 0,
             max_concurrent_ok: 0,
-            best_ms_per_token: None,
             reference_checks: 0,
             reference_wrong: 0,
             cheats_passed: 0,
@@ -139,12 +138,8 @@ impl Default for Stats {
 /// Tokens/s assumed of a provider the router has not measured yet.
 pub const PRIOR_TPS: f64 = 30.0;
 
-/// An answer within this factor of a provider's best time per token counts as unhurried
-/// (batching several sequences slows each a little; queueing them slows them a lot).
-pub const UNHURRIED: f64 = 1.5;
-
 /// The slots the router lets a provider have: one more than the most it has answered at
-/// once without slowing down, at least 2 (a new provider starts there and grows as it
+/// once (halved by refusals and timeouts), at least 2 (a new provider starts there and grows as it
 /// proves itself), at most 256.
 pub fn measured_slots(s: &Stats) -> u32 {
     s.max_concurrent_ok.saturating_add(1).clamp(2, 256)
@@ -382,29 +377,28 @@ impl RouterDirectory {
             // A level of concurrency counts as capacity only when the answer came about as
             // fast per token as the provider's best: a provider that queues what it claims
             // to run in parallel gets slower, and earns no more slots.
-            let per_token = latency_ms / (1.0 + f64::from(completion_tokens));
-            if completion_tokens >= 4 {
-                s.best_ms_per_token =
-                    Some(s.best_ms_per_token.map_or(per_token, |b| b.min(per_token)));
-            }
-            let unhurried = s
-                .best_ms_per_token
-                .is_some_and(|b| per_token <= b * UNHURRIED);
-            if concurrent <= s.max_concurrent_ok.max(1) || unhurried {
-                s.max_concurrent_ok = s.max_concurrent_ok.max(concurrent);
-            }
+            // Slow start: every answer at a level of concurrency earns it (one more slot
+            // than that is then allowed); a refusal or timeout halves it (see `failure`).
+            // Speed is not asked of it: a CPU provider batching 8 sequences answers each
+            // about 5x slower per token than one alone and still serves 1.6x the tokens,
+            // and a provider that queues instead shows it in the latency placement
+            // weighs. (Asking each answer to be as fast per token as the best kept a CPU
+            // node at 3 slots: 0.68x of its direct throughput at 8 clients.)
+            s.max_concurrent_ok = s.max_concurrent_ok.max(concurrent);
             if completion_tokens >= 4 && latency_ms > 0.0 {
                 s.ewma_tps = ewma(s.ewma_tps, completion_tokens as f64 * 1000.0 / latency_ms);
             }
         });
     }
 
-    /// A transport failure or refusal; opens the circuit after several in a row.
+    /// A transport failure or refusal: halves the concurrency it is trusted with, and
+    /// opens the circuit after several in a row.
     pub fn failure(&self, peer: &PeerId) {
         let (n, open) = (self.breaker_failures, self.breaker_open);
         self.with(peer, false, |s| {
             s.failures += 1;
             s.failing_in_a_row += 1;
+            s.max_concurrent_ok /= 2;
             if s.failing_in_a_row >= n {
                 s.open_until_ms = now_ms() + open.as_millis() as u64;
             }
@@ -529,14 +523,18 @@ impl RouterDirectory {
         self.stats(peer).quarantined_until_ms > now_ms()
     }
 
-    /// Audit probability for a provider: `base`, higher as reputation falls, and at least
+    /// Audit probability for a provider: `base`, higher once its reputation falls below
+    /// [`START_REPUTATION`] (2x at 0.6, 3.5x just before quarantine), and at least
     /// [`PROBATION_AUDIT_RATE`] on probation. A base of 0 turns audits off.
     pub fn audit_rate(&self, peer: &PeerId, base: f64) -> f64 {
         if base <= 0.0 {
             return 0.0;
         }
         let s = self.stats(peer);
-        let rate = base * (1.0 + 4.0 * (1.0 - s.reputation));
+        // In good standing (reputation where every provider starts, or above) the base
+        // rate, so honest traffic is audited at the rate the operator set; more below.
+        let lost = (START_REPUTATION - s.reputation).max(0.0);
+        let rate = base * (1.0 + 5.0 * lost);
         let floor = if self.probation(peer, &s) {
             PROBATION_AUDIT_RATE
         } else {
@@ -830,6 +828,28 @@ mod tests {
         }
         assert!(!d.quarantined(&honest));
         assert_eq!(d.stats(&honest).reference_checks, 18);
+    }
+
+    /// Attack (h) at the level of the decision: slots grow one at a time with answers
+    /// given at once, whatever is advertised, and each refusal or timeout halves them.
+    #[test]
+    fn slots_grow_with_answers_and_halve_with_failures() {
+        let live = Arc::new(std::sync::RwLock::new(
+            beacon_net::directory::Directory::new(Duration::from_secs(60), Duration::from_secs(10)),
+        ));
+        let d = RouterDirectory::new(live, None);
+        let p = Keypair::generate().peer_id();
+        assert_eq!(measured_slots(&d.stats(&p)), 2);
+        // A CPU node batching: each answer slower per token as concurrency rises.
+        for c in 1..=8u32 {
+            d.success(&p, 200.0 * f64::from(c), 16, c);
+        }
+        assert_eq!(measured_slots(&d.stats(&p)), 9);
+        d.failure(&p);
+        assert_eq!(measured_slots(&d.stats(&p)), 5);
+        d.failure(&p);
+        d.failure(&p);
+        assert_eq!(measured_slots(&d.stats(&p)), 2);
     }
 
     #[test]

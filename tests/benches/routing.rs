@@ -40,8 +40,10 @@ fn main() {
             pid: 0,
         },
     ];
+    // Warm-up at the highest concurrency measured: the router learns the node's capacity
+    // from answers (slow start), as a router that has been running has.
     for t in &targets {
-        let _ = run_load(t, 2, 6, question, 8);
+        let _ = run_load(t, 8, 24, question, 8);
     }
     let mut rows = Vec::new();
     println!("\n## Routed vs direct chat ({max_tokens} tokens each, same run, same node)\n");
@@ -84,7 +86,10 @@ fn main() {
         "\nThe router adds {:.1} ms at the median (placement, QUIC hop, signing and verification).",
         r.p50_ms - d.p50_ms
     );
-    let audits = audit_cost(&node, max_tokens);
+    // The first node's threads would share the cores with the next two.
+    drop(router);
+    drop(node);
+    let audits = audit_cost(max_tokens);
     let report = serde_json::json!({
         "load": rows,
         "one_token": {"direct": d, "routed": r},
@@ -110,21 +115,25 @@ fn metric(router: &RouterServer, name: &str) -> f64 {
         .sum()
 }
 
-/// What audits cost honest traffic: a second node joins (an auditor needs another
-/// provider of the digest), and the same chat load runs alternately through a router
-/// auditing at its default rate and through one that never audits, over the same two
-/// nodes. Both routers are told to trust both nodes (`--trusted-provider`), so neither
-/// puts them on probation and the auditing one audits at its base rate from the start.
-fn audit_cost(first: &NodeServer, max_tokens: u32) -> serde_json::Value {
+/// What audits cost honest traffic: two nodes of one llama.cpp thread each (an auditor
+/// needs a second provider of the digest; one thread each shares the two cores without
+/// oversubscribing them), and the same chat load alternately through a router auditing
+/// at its default rate and through one that never audits, over those two nodes. Both
+/// routers are told to trust both nodes (`--trusted-provider`), so neither puts them on
+/// probation and the auditing one audits at its base rate from the start.
+fn audit_cost(max_tokens: u32) -> serde_json::Value {
+    let first = NodeServer::start(&["--parallel", "8", "--keep-alive=-1", "--threads", "1"]);
+    let boot = first.bootstrap_addr();
     let second = NodeServer::start(&[
         "--parallel",
         "8",
         "--keep-alive=-1",
+        "--threads",
+        "1",
         "--bootstrap",
-        &first.bootstrap_addr(),
+        &boot,
     ]);
     let trusted = format!("{},{}", first.peer_id(), second.peer_id());
-    let boot = first.bootstrap_addr();
     let auditing = RouterServer::start(Some(&boot), &["--trusted-provider", &trusted]);
     let plain = RouterServer::start(
         Some(&boot),

@@ -554,9 +554,14 @@ fn verification_and_audits_quarantine_dishonest_providers_only() {
     let metrics = http("GET", &router.url("/metrics"), None, &[]).body;
     assert!(metrics.contains("beacon_router_quarantined 2"), "{metrics}");
 
-    // Reputation survives a restart of the router.
+    // Reputation survives a restart of the router. Restarted with the first honest node
+    // vouched for by the operator, it shows that node trusted (never on probation).
     let data = router.stop();
-    let router = RouterServer::start_in(data, Some(&boot), &["--audit-rate", "1"]);
+    let router = RouterServer::start_in(
+        data,
+        Some(&boot),
+        &["--audit-rate", "1", "--trusted-provider", &ph],
+    );
     assert!(wait_until(Duration::from_secs(60), || router
         .providers()
         .len()
@@ -566,6 +571,9 @@ fn verification_and_audits_quarantine_dishonest_providers_only() {
     assert_eq!(status(&ps)["quarantined"], true);
     assert_eq!(status(&ph)["quarantined"], false);
     assert_eq!(status(&ph2)["quarantined"], false);
+    assert_eq!(status(&ph)["trusted"], true);
+    assert_eq!(status(&ph)["probation"], false);
+    assert_eq!(status(&ph2)["trusted"], false);
 }
 
 /// With a certificate, the API is HTTPS only.

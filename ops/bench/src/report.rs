@@ -476,13 +476,13 @@ fn dishonest_md(m: &mut String, d: &DishonestResult) {
     );
     let _ = writeln!(
         m,
-        "| provider | fault | quarantined | after requests | after s | audits run by then | audit tokens by then | its answers delivered |\n|---|---|---|---|---|---|---|---|"
+        "| provider | fault | quarantined | after requests | after s | audits run by then | audit tokens by then | its answers delivered | reference checks judged wrongly / given |\n|---|---|---|---|---|---|---|---|---|"
     );
     let opt = |v: Option<f64>| v.map(|x| format!("{x:.0}")).unwrap_or_else(|| "-".into());
     for v in &d.providers {
         let _ = writeln!(
             m,
-            "| {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} / {} |",
             v.name,
             v.fault,
             if v.quarantined {
@@ -498,7 +498,9 @@ fn dishonest_md(m: &mut String, d: &DishonestResult) {
             opt(v.seconds_until),
             opt(v.audits_until),
             opt(v.audit_tokens_until),
-            v.answers_delivered
+            v.answers_delivered,
+            v.reference_wrong,
+            v.reference_checks
         );
     }
 }

@@ -579,8 +579,13 @@ pub struct Verdict {
     pub audit_tokens_until: Option<f64>,
     /// Its answers that reached a client (tampered ones only an audit can catch).
     pub answers_delivered: usize,
-    /// Audit votes it cast for the router (a lying auditor's only way to do harm).
+    /// Audit votes it cast for the router (a lying auditor's only way to do harm),
+    /// reference checks included.
     pub votes_cast: u64,
+    /// Reference checks it was given as an auditor (results whose verdict the router
+    /// knew), and those it judged wrongly.
+    pub reference_checks: u64,
+    pub reference_wrong: u64,
 }
 
 impl Verdict {
@@ -688,6 +693,8 @@ pub fn dishonest(
         if let Some(p) = listed.iter().find(|p| p["peer_id"].as_str() == Some(id)) {
             let n = |k: &str| p["stats"][k].as_u64().unwrap_or(0);
             v.votes_cast = n("votes_agreed") + n("outvoted");
+            v.reference_checks = n("reference_checks");
+            v.reference_wrong = n("reference_wrong");
         }
     }
     for v in verdicts.iter().filter(|v| !v.caught()) {
