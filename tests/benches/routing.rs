@@ -34,11 +34,7 @@ fn main() {
             base: format!("http://{}", node.addr),
             pid: node.pid(),
         },
-        Target {
-            name: "routed",
-            base: router.url(""),
-            pid: 0,
-        },
+        through("routed", &router),
     ];
     // Warm-up at the highest concurrency measured: the router learns the node's capacity
     // from answers (slow start), as a router that has been running has.
@@ -105,6 +101,15 @@ fn main() {
     println!("\nwritten: target/bench/routing.json");
 }
 
+/// The load target of a router's OpenAI API.
+fn through(name: &'static str, router: &RouterServer) -> Target {
+    Target {
+        name,
+        base: router.url(""),
+        pid: 0,
+    }
+}
+
 /// The sum of a Prometheus counter at a router (all label sets).
 fn metric(router: &RouterServer, name: &str) -> f64 {
     http("GET", &router.url("/metrics"), None, &[])
@@ -145,18 +150,7 @@ fn audit_cost(max_tokens: u32) -> serde_json::Value {
             p.contains(&first.peer_id()) && p.contains(&second.peer_id())
         }));
     }
-    let targets = [
-        Target {
-            name: "auditing",
-            base: auditing.url(""),
-            pid: 0,
-        },
-        Target {
-            name: "plain",
-            base: plain.url(""),
-            pid: 0,
-        },
-    ];
+    let targets = [through("auditing", &auditing), through("plain", &plain)];
     for t in &targets {
         let _ = run_load(t, 4, 8, question, 8);
     }
