@@ -155,13 +155,21 @@ impl ModelRef {
         }
     }
 
-    /// True for `localhost`, `127.x` and `[::1]` registries, which may use plain HTTP.
+    /// True for registries at `localhost` or a loopback IP (`127.0.0.0/8`, `[::1]`), which
+    /// may use plain HTTP. A name that merely starts with `127.` is not one.
     pub fn is_loopback_registry(&self) -> bool {
         let host = match self.registry.rsplit_once(':') {
             Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
             _ => &self.registry,
         };
-        host == "localhost" || host.starts_with("127.") || host == "[::1]"
+        let ip = host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host);
+        host == "localhost"
+            || ip
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|a| a.is_loopback())
     }
 
     /// This reference with a tag (and no digest): what `tag` and `push` store under.
@@ -347,6 +355,27 @@ mod tests {
             norm("a/b__c.d-e---f_g"),
             "index.docker.io/a/b__c.d-e---f_g:latest"
         );
+    }
+
+    /// Issue 19 / review H6: plain HTTP (and with it credentials in the clear) only for a
+    /// registry whose host is a loopback IP or `localhost`, never for a name that merely
+    /// starts with `127.`.
+    #[test]
+    fn only_loopback_addresses_count_as_loopback() {
+        for (r, loopback) in [
+            ("127.0.0.1:5000/a/b:t", true),
+            ("127.8.9.10/a", true),
+            ("[::1]:5000/a", true),
+            ("localhost:5000/a", true),
+            ("127.evil.example:5000/a", false),
+            ("127.0.0.1.nip.io/a", false),
+            ("localhost.evil.example/a", false),
+            ("10.0.0.1:5000/a", false),
+            ("registry.example.net/a", false),
+        ] {
+            let parsed = ModelRef::parse(r).unwrap();
+            assert_eq!(parsed.is_loopback_registry(), loopback, "{r}");
+        }
     }
 
     #[test]
