@@ -45,6 +45,21 @@ impl Digest {
         hex::encode(self.0)
     }
 
+    /// Whether a secret someone presented (an API key, a bearer token) is `expected`,
+    /// in time that depends on neither: both are hashed first (so their lengths and the
+    /// position of the first difference stay hidden) and the digests compared in constant
+    /// time.
+    pub fn secret_eq(given: &[u8], expected: &[u8]) -> bool {
+        use subtle::ConstantTimeEq;
+        bool::from(Digest::of(given).0.ct_eq(&Digest::of(expected).0))
+    }
+
+    /// Whether `given` is any of `keys`, checking every one (no early exit on a match).
+    pub fn secret_in<'a>(given: &[u8], keys: impl IntoIterator<Item = &'a [u8]>) -> bool {
+        keys.into_iter()
+            .fold(false, |found, k| found | Self::secret_eq(given, k))
+    }
+
     /// First 12 hex characters: the short id `docker model ls` shows.
     pub fn short(&self) -> String {
         self.hex()[..12].to_string()
@@ -120,6 +135,22 @@ impl fmt::Debug for Digest {
 
 #[cfg(test)]
 mod tests {
+
+    /// Review L9: API keys and tokens are compared by digest in constant time; different
+    /// lengths and prefixes of a key are simply unequal, and every key is checked.
+    #[test]
+    fn secrets_compare_by_value_only() {
+        assert!(Digest::secret_eq(b"sk-beacon-1", b"sk-beacon-1"));
+        assert!(!Digest::secret_eq(b"sk-beacon-", b"sk-beacon-1"));
+        assert!(!Digest::secret_eq(b"sk-beacon-12", b"sk-beacon-1"));
+        assert!(!Digest::secret_eq(b"", b"sk-beacon-1"));
+        let keys: [&[u8]; 3] = [b"a-key", b"b-key", b"c-key"];
+        assert!(Digest::secret_in(b"b-key", keys));
+        assert!(Digest::secret_in(b"c-key", keys));
+        assert!(!Digest::secret_in(b"d-key", keys));
+        assert!(!Digest::secret_in(b"b-key", []));
+    }
+
     use super::*;
 
     #[test]

@@ -146,7 +146,7 @@ async fn auth(State(state): State<AppState>, req: Request, next: Next) -> Respon
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "));
-        if !given.is_some_and(|g| constant_time_eq(g.as_bytes(), token.as_bytes())) {
+        if !given.is_some_and(|g| beacon_proto::Digest::secret_eq(g.as_bytes(), token.as_bytes())) {
             return ApiError::new(
                 StatusCode::UNAUTHORIZED,
                 "authentication_error",
@@ -156,10 +156,6 @@ async fn auth(State(state): State<AppState>, req: Request, next: Next) -> Respon
         }
     }
     next.run(req).await
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Parses a JSON body; errors name the offending field.
