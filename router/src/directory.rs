@@ -484,22 +484,19 @@ impl RouterDirectory {
     /// what a colluding auditor does and no honest one does by noise: twice quarantines.
     pub fn reference_checked(&self, auditor: &PeerId, passed: bool, good: bool) {
         let right = passed == good;
-        let cheats_passed = self.with(auditor, false, |s| {
-            s.reference_checks += 1;
-            s.reference_wrong += u64::from(!right);
-            s.cheats_passed += u64::from(passed && !good);
-            s.cheats_passed
-        });
         if right {
             self.vote_agreed(auditor, good);
         } else {
             self.outvoted(auditor, good);
-            if cheats_passed >= 2 {
-                self.with(auditor, true, |s| {
-                    s.quarantined_until_ms = now_ms() + 3_600_000;
-                });
-            }
         }
+        self.with(auditor, true, |s| {
+            s.reference_checks += 1;
+            s.reference_wrong += u64::from(!right);
+            s.cheats_passed += u64::from(passed && !good);
+            if s.cheats_passed >= 2 {
+                s.quarantined_until_ms = now_ms() + 3_600_000;
+            }
+        });
     }
 
     /// An audit whose auditors split with no majority: recorded, nobody penalised.

@@ -118,7 +118,7 @@ pub struct Dispatcher {
     audit_counts: Arc<Mutex<(u64, u64)>>,
     /// Tokens auditors scored (prompt and claimed output, every vote): the cost of audits.
     audit_tokens: Arc<std::sync::atomic::AtomicU64>,
-    /// Results two auditors agreed were good, to test auditors with (bounded).
+    /// Results whose verdict the router knows, to test auditors with (bounded).
     references: Arc<Mutex<VecDeque<Reference>>>,
 }
 
@@ -581,10 +581,9 @@ impl Dispatcher {
         } else {
             return;
         };
-        if pool.is_empty() {
+        let Some(&&(target, addr, checks)) = pick(&pool) else {
             return;
-        }
-        let (target, addr, checks) = *pool[(Id::random().0 % pool.len() as u128) as usize];
+        };
         // Two good results first, then two cheats, later either, evenly.
         let good = match checks {
             0 | 1 => true,
@@ -603,10 +602,10 @@ impl Dispatcher {
             if usable.is_empty() && !good {
                 usable = refs.iter().filter(fits).collect();
             }
-            if usable.is_empty() {
+            let Some(r) = pick(&usable) else {
                 return;
-            }
-            usable[(Id::random().0 % usable.len() as u128) as usize].clone()
+            };
+            (*r).clone()
         };
         let mut request = reference.audit.clone();
         request.audit_id = Id::random();
@@ -654,11 +653,7 @@ impl Dispatcher {
         } else {
             reputable
         };
-        if pool.is_empty() {
-            return None;
-        }
-        let pick = pool[(Id::random().0 % pool.len() as u128) as usize];
-        Some((pick.0, pick.1))
+        pick(&pool).map(|p| (p.0, p.1))
     }
 
     /// Runs one audit to a decision: up to three independent auditors, stopping as soon
@@ -797,6 +792,14 @@ impl Dispatcher {
             },
         ));
     }
+}
+
+/// An element drawn uniformly at random (the operating system's CSPRNG), if any.
+fn pick<T>(items: &[T]) -> Option<&T> {
+    if items.is_empty() {
+        return None;
+    }
+    items.get((Id::random().0 % items.len() as u128) as usize)
 }
 
 /// A uniform draw in [0, 1) from the operating system's CSPRNG.

@@ -302,12 +302,18 @@ fn every_attack_on_results_is_caught_and_no_honest_provider_is_quarantined() {
         "audit tokens {audit}, served tokens {served}: {:.2} of served",
         audit / served.max(1.0)
     );
-    // No honest provider was quarantined, or failed an audit.
+    // No honest provider was quarantined, or failed an audit; as auditors they were
+    // checked against results whose verdict the router knew, and judged none wrongly.
+    let mut reference_checks = 0;
     for peer in &honest_ids {
         let s = status(&router, peer);
         assert_eq!(s["quarantined"], false, "honest provider quarantined: {s}");
         assert_eq!(s["stats"]["audits_failed"], 0, "{s}");
+        assert_eq!(s["stats"]["reference_wrong"], 0, "{s}");
+        reference_checks += s["stats"]["reference_checks"].as_u64().unwrap();
     }
+    eprintln!("honest auditors judged {reference_checks} reference checks, all right");
+    assert!(reference_checks >= 1, "no auditor was checked");
 }
 
 /// A store whose model blob was swapped, after the pull, for the model requantised `to`
