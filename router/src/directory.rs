@@ -520,18 +520,19 @@ impl RouterDirectory {
         self.stats(peer).quarantined_until_ms > now_ms()
     }
 
-    /// Audit probability for a provider: `base`, higher once its reputation falls below
-    /// [`START_REPUTATION`] (2x at 0.6, 3.5x just before quarantine), and at least
+    /// Audit probability for a provider: `base` at full reputation, higher as it falls
+    /// (1.8x at the starting [`START_REPUTATION`]), and at least
     /// [`PROBATION_AUDIT_RATE`] on probation. A base of 0 turns audits off.
     pub fn audit_rate(&self, peer: &PeerId, base: f64) -> f64 {
         if base <= 0.0 {
             return 0.0;
         }
         let s = self.stats(peer);
-        // In good standing (reputation where every provider starts, or above) the base
-        // rate, so honest traffic is audited at the rate the operator set; more below.
-        let lost = (START_REPUTATION - s.reputation).max(0.0);
-        let rate = base * (1.0 + 5.0 * lost);
+        // Below full reputation, more than the base: 1.8x at the start (0.8), so a cheat
+        // close to the real model (a Q3_K_M requantisation passes some greedy audits) that
+        // got past probation keeps being audited more until its record is long. (Auditing
+        // at the base rate from 0.8 up let one serve 56 answers uncaught in attacks.rs.)
+        let rate = base * (1.0 + 4.0 * (1.0 - s.reputation));
         let floor = if self.probation(peer, &s) {
             PROBATION_AUDIT_RATE
         } else {
