@@ -60,11 +60,12 @@ impl KeepAlive {
             .parse()
             .map_err(|_| format!("keep_alive {s:?} is not a duration"))?;
         let secs = match unit {
-            "" | "s" => n,
-            "m" => n * 60,
-            "h" => n * 3600,
+            "" | "s" => Some(n),
+            "m" => n.checked_mul(60),
+            "h" => n.checked_mul(3600),
             _ => return Err(format!("keep_alive {s:?}: unit must be s, m or h")),
-        };
+        }
+        .ok_or_else(|| format!("keep_alive {s:?} is too long (use -1 to keep forever)"))?;
         Ok(KeepAlive::For(Duration::from_secs(secs)))
     }
 }
@@ -498,7 +499,7 @@ pub fn estimate_memory(paths: &[PathBuf], config: &EngineConfig) -> Result<u64, 
     let weights: u64 = paths
         .iter()
         .map(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
-        .sum();
+        .fold(0, u64::saturating_add);
     let h = crate::store::package::read_gguf_header(first)?;
     let arch = h.architecture().unwrap_or("llama").to_string();
     let get = |k: &str| h.get(&format!("{arch}.{k}")).and_then(|v| v.as_u64());
@@ -508,13 +509,20 @@ pub fn estimate_memory(paths: &[PathBuf], config: &EngineConfig) -> Result<u64, 
     let n_head_kv = get("attention.head_count_kv").unwrap_or(n_head);
     let head_dim = get("attention.key_length").unwrap_or(n_embd / n_head);
     let n_ctx = u64::from(config.ctx_per_slot) * u64::from(config.parallel.max(1));
-    let kv = 2 * n_layer * n_ctx * n_head_kv * head_dim * 2; // K and V, f16
+    // The header comes from an artifact anyone may publish: every product saturates, so
+    // absurd dimensions make a model that never fits rather than an overflow.
+    let kv = [n_layer, n_ctx, n_head_kv, head_dim, 2] // K and V, f16
+        .into_iter()
+        .fold(2u64, u64::saturating_mul);
     let vocab = h.get("tokenizer.ggml.tokens").map(|v| match v {
         beacon_proto::gguf::Value::Array(a) => a.len() as u64,
         _ => 32_000,
     });
-    let compute = 64 * 1024 * 1024 + vocab.unwrap_or(32_000) * u64::from(config.batch) * 4;
-    Ok(weights + kv + compute)
+    let compute = vocab
+        .unwrap_or(32_000)
+        .saturating_mul(u64::from(config.batch) * 4)
+        .saturating_add(64 * 1024 * 1024);
+    Ok(weights.saturating_add(kv).saturating_add(compute))
 }
 
 #[cfg(test)]
@@ -535,5 +543,35 @@ mod tests {
         );
         assert!(KeepAlive::parse("soon").is_err());
         assert!(KeepAlive::parse("5d").is_err());
+        // Review M7: `n * 3600` overflowed (a panic in debug builds, a wrap in release).
+        let e = KeepAlive::parse("18446744073709551615h").unwrap_err();
+        assert!(e.contains("too long"), "{e}");
+        assert!(KeepAlive::parse("18446744073709551615m").is_err());
+    }
+
+    /// Review M7: a GGUF header from an untrusted artifact with absurd dimensions made the
+    /// memory estimate overflow (a panic of the scheduler actor in debug builds, in release
+    /// a wrap that slipped under the memory budget). It saturates: such a model never fits.
+    #[test]
+    fn absurd_gguf_dimensions_saturate_the_memory_estimate() {
+        use beacon_proto::gguf::{Value, write_header};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("absurd.gguf");
+        let header = write_header(
+            &[
+                ("general.architecture".into(), Value::Str("llama".into())),
+                ("llama.block_count".into(), Value::U64(u64::MAX / 3)),
+                ("llama.attention.head_count".into(), Value::U64(1)),
+                (
+                    "llama.attention.head_count_kv".into(),
+                    Value::U64(u64::MAX / 5),
+                ),
+                ("llama.attention.key_length".into(), Value::U64(u64::MAX)),
+            ],
+            &[],
+        );
+        std::fs::write(&path, header).unwrap();
+        let bytes = estimate_memory(&[path], &EngineConfig::default()).unwrap();
+        assert_eq!(bytes, u64::MAX);
     }
 }

@@ -183,13 +183,13 @@ pub fn validate_advert(
         kind: ProviderAdvert::KIND,
         reason,
     };
-    if advert.timestamp_ms + policy.max_age_ms < now_ms {
+    if advert.timestamp_ms.saturating_add(policy.max_age_ms) < now_ms {
         return Err(outdated(format!(
             "stale: made {} ms ago",
             now_ms.saturating_sub(advert.timestamp_ms)
         )));
     }
-    if advert.timestamp_ms > now_ms + policy.max_skew_ms {
+    if advert.timestamp_ms > now_ms.saturating_add(policy.max_skew_ms) {
         return Err(reject("timestamp is in the future".into()));
     }
     if let Some(last) = last_seq

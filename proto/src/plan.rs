@@ -196,8 +196,14 @@ pub fn validate(plan: &Plan, limits: &Limits) -> Result<(), PlanError> {
             plan.chunking.strategy
         ));
     }
-    if plan.chunking.overlap >= plan.chunking.size {
-        return err("chunking.overlap must be smaller than chunking.size".into());
+    // Windows advance by size - overlap: an overlap near the size multiplies the chunks
+    // (size 50000, overlap 49999 makes one window per character). At most half keeps every
+    // character in at most two chunks.
+    if plan.chunking.overlap > plan.chunking.size / 2 {
+        return err(format!(
+            "chunking.overlap must be at most half of chunking.size ({})",
+            plan.chunking.size / 2
+        ));
     }
     if plan.tasks.is_empty() || plan.tasks.len() > limits.max_tasks {
         return err(format!("tasks must have 1..={} items", limits.max_tasks));
@@ -270,6 +276,18 @@ mod tests {
             ),
             (&GOOD.replace(r#""size":3"#, r#""size":0"#), "chunking.size"),
             (&GOOD.replace(r#""overlap":1"#, r#""overlap":3"#), "overlap"),
+            // The chunk bomb: one window per character of the document.
+            (
+                &GOOD.replace(
+                    r#""strategy":"paragraphs","size":3,"overlap":1"#,
+                    r#""strategy":"chars","size":50000,"overlap":49999"#,
+                ),
+                "at most half",
+            ),
+            (
+                &GOOD.replace(r#""overlap":1"#, r#""overlap":2"#),
+                "at most half",
+            ),
             (&GOOD.replace(r#""id":"t1""#, r#""id":"t 1; drop""#), "id"),
             (
                 &GOOD.replace("Find the total revenue in 2023.", "  "),

@@ -327,6 +327,17 @@ fn advert_validation() {
     );
     let future = Signed::sign(&kp, &advert(&kp, 6, now + policy.max_skew_ms + 1)).unwrap();
     assert!(validate_advert(&future, &kp.peer_id(), now, None, policy).is_err());
+    // Extreme timestamps and clocks (review M7: `timestamp_ms + max_age_ms` overflowed and
+    // panicked the swarm actor in debug builds) are refused, never a panic.
+    let far = Signed::sign(&kp, &advert(&kp, 6, u64::MAX)).unwrap();
+    let e = validate_advert(&far, &kp.peer_id(), now, None, policy).unwrap_err();
+    assert!(e.to_string().contains("future"), "{e}");
+    assert!(validate_advert(&good, &kp.peer_id(), u64::MAX, None, policy).is_err());
+    let wide = AdvertPolicy {
+        max_age_ms: u64::MAX,
+        max_skew_ms: u64::MAX,
+    };
+    assert!(validate_advert(&far, &kp.peer_id(), now, None, wide).is_ok());
     // Forwarded by someone else than the signer.
     let relay = Keypair::generate();
     assert!(matches!(

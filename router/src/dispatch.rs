@@ -156,8 +156,13 @@ pub const REFERENCE_CHECK_SHARE: f64 = 0.25;
 /// cheat, one no honest auditor passes.
 const CLEAR_CHEAT_BELOW: f64 = 0.5;
 
-/// A provider's in-flight bound: the slots it was sized for, and the semaphore.
-type Limit = (u32, Arc<Semaphore>);
+/// A provider's in-flight bound: the slots it is sized for, its semaphore, and the
+/// permits it owes (slots taken away while in use, forgotten as they come back).
+struct Limit {
+    slots: u32,
+    semaphore: Arc<Semaphore>,
+    owed: u32,
+}
 
 /// Audit outcomes kept for lookups (jobs attach theirs when they finish).
 const RECENT_AUDITS: usize = 10_000;
@@ -180,18 +185,51 @@ impl Dispatcher {
 
     /// The semaphore bounding work in flight to `peer` at its current slots (advertised,
     /// capped by what the router measured): extra work waits here, where no attempt
-    /// timeout runs, instead of in the provider's queue. When the slots change a new
-    /// semaphore takes over; permits of the old one drain with their requests.
+    /// timeout runs, instead of in the provider's queue. One semaphore per provider for
+    /// good: growing adds permits; shrinking forgets free ones and, for those in use, owes
+    /// the rest, paid as they come back (see `release`). A new semaphore per change would
+    /// let the old one's holders and the new one's add up past the bound.
     fn limit(&self, peer: PeerId, slots: u32) -> Arc<Semaphore> {
         let slots = slots.clamp(1, 256);
         let mut limits = self.limits.lock().unwrap_or_else(|p| p.into_inner());
-        let entry = limits
-            .entry(peer)
-            .or_insert_with(|| (slots, Arc::new(Semaphore::new(slots as usize))));
-        if entry.0 != slots {
-            *entry = (slots, Arc::new(Semaphore::new(slots as usize)));
+        let l = limits.entry(peer).or_insert_with(|| Limit {
+            slots,
+            semaphore: Arc::new(Semaphore::new(slots as usize)),
+            owed: 0,
+        });
+        if slots > l.slots {
+            let grow = slots - l.slots;
+            let repaid = grow.min(l.owed);
+            l.owed -= repaid;
+            l.semaphore.add_permits((grow - repaid) as usize);
+        } else if slots < l.slots {
+            let shrink = l.slots - slots;
+            let forgotten = l.semaphore.forget_permits(shrink as usize) as u32;
+            l.owed += shrink - forgotten;
         }
-        entry.1.clone()
+        l.slots = slots;
+        l.semaphore.clone()
+    }
+
+    /// Returns a permit taken from `limit`, or forgets it while the semaphore owes one.
+    fn release(&self, peer: PeerId, permit: tokio::sync::OwnedSemaphorePermit) {
+        let mut limits = self.limits.lock().unwrap_or_else(|p| p.into_inner());
+        match limits.get_mut(&peer) {
+            Some(l) if l.owed > 0 && Arc::ptr_eq(&l.semaphore, permit.semaphore()) => {
+                l.owed -= 1;
+                permit.forget();
+            }
+            _ => drop(permit),
+        }
+    }
+
+    /// Permits `peer`'s semaphore has free (for tests).
+    #[cfg(test)]
+    fn free_slots(&self, peer: &PeerId) -> usize {
+        let limits = self.limits.lock().unwrap_or_else(|p| p.into_inner());
+        limits
+            .get(peer)
+            .map_or(0, |l| l.semaphore.available_permits())
     }
 
     /// How long an attempt for `max_tokens` may run before it is hedged: the configured
@@ -394,7 +432,9 @@ impl Dispatcher {
                 ),
             }),
         };
-        drop(permit);
+        if let Ok(permit) = permit {
+            self.release(peer, permit);
+        }
         r
     }
 
@@ -834,5 +874,62 @@ impl Drop for InFlight {
         {
             *n = n.saturating_sub(1);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use beacon_proto::identity::Keypair;
+    use std::time::Duration;
+
+    fn dispatcher() -> Dispatcher {
+        let key = Keypair::generate();
+        let client = DataClient::new(&key, "127.0.0.1:0".parse().unwrap()).unwrap();
+        let live = Arc::new(std::sync::RwLock::new(
+            beacon_net::directory::Directory::new(Duration::from_secs(60), Duration::from_secs(10)),
+        ));
+        Dispatcher::new(
+            client,
+            RouterDirectory::new(live, None),
+            DispatchConfig::default(),
+        )
+    }
+
+    /// Attack (h)'s other half: slots that change while work is in flight never let more
+    /// than the current slots run at once. Shrinking below what is in use is paid back as
+    /// permits return; growing again first cancels what is still owed.
+    #[tokio::test]
+    async fn slots_that_change_in_flight_never_exceed_the_bound() {
+        let d = dispatcher();
+        let p = Keypair::generate().peer_id();
+        let take = |slots| {
+            d.limit(p, slots)
+                .try_acquire_owned()
+                .expect("a free permit")
+        };
+        let held: Vec<_> = (0..4).map(|_| take(4)).collect();
+        assert!(d.limit(p, 4).try_acquire_owned().is_err());
+        // Down to 2 with 4 in use: owes 2. Up to 3: one of those is cancelled, none added.
+        let _ = d.limit(p, 2);
+        let _ = d.limit(p, 3);
+        assert_eq!(d.free_slots(&p), 0);
+        // The first return is forgotten (owed), the next ones come back: 3 slots, 2 in use.
+        let mut held = held.into_iter();
+        d.release(p, held.next().unwrap());
+        assert_eq!(d.free_slots(&p), 0);
+        d.release(p, held.next().unwrap());
+        assert_eq!(d.free_slots(&p), 1);
+        // Down to 1 with 2 in use: the free one is forgotten and one more owed.
+        let _ = d.limit(p, 1);
+        assert_eq!(d.free_slots(&p), 0);
+        d.release(p, held.next().unwrap());
+        assert_eq!(d.free_slots(&p), 0);
+        // Up to 5 with 1 in use: 4 free, and 5 once it is back.
+        let _ = d.limit(p, 5);
+        assert_eq!(d.free_slots(&p), 4);
+        d.release(p, held.next().unwrap());
+        assert_eq!(d.free_slots(&p), 5);
+        let _ = take(5);
     }
 }

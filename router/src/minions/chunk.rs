@@ -61,6 +61,66 @@ pub fn chunk(docs: &[String], c: &Chunking) -> Vec<Chunk> {
     out
 }
 
+/// About how many chunks `chunk` then `cap` give, worked out from lengths alone: no
+/// chunk is built, so a plan whose windows would number in the millions costs a count.
+/// Each window counts as its length divided by `max_chars`, rounded up (`cap` cuts at
+/// whitespace, so it may give a few more or fewer); whitespace-only windows count too.
+pub fn estimate(docs: &[String], c: &Chunking, max_chars: usize) -> usize {
+    let size = c.size.max(1) as usize;
+    let overlap = (c.overlap as usize).min(size - 1);
+    let max_chars = max_chars.max(1);
+    let mut total = 0usize;
+    for text in docs {
+        // Each item's length in characters (none for single characters), the separator
+        // `chunk` joins items with, and the window it uses.
+        let (lens, sep, size, overlap): (Option<Vec<usize>>, usize, usize, usize) = match c.strategy
+        {
+            Strategy::Chars => (None, 0, size, overlap),
+            Strategy::Paragraphs | Strategy::Pages => {
+                let by = if c.strategy == Strategy::Pages {
+                    "\x0c"
+                } else {
+                    "\n\n"
+                };
+                let lens = text
+                    .split(by)
+                    .map(str::trim)
+                    .filter(|p| !p.is_empty())
+                    .map(|p| p.chars().count())
+                    .collect();
+                (Some(lens), 2, size, overlap)
+            }
+            Strategy::Tokens => {
+                let lens = text.split_whitespace().map(|w| w.chars().count()).collect();
+                let w = (size * 3 / 4).max(1);
+                (Some(lens), 1, w, (overlap * 3 / 4).min(w - 1))
+            }
+        };
+        let (n, prefix) = match lens {
+            None => (text.chars().count(), None),
+            Some(lens) => {
+                let mut prefix = Vec::with_capacity(lens.len() + 1);
+                let mut sum = 0usize;
+                prefix.push(0);
+                for l in &lens {
+                    sum += l;
+                    prefix.push(sum);
+                }
+                (lens.len(), Some(prefix))
+            }
+        };
+        for start in window_starts(n, size, overlap) {
+            let end = (start + size).min(n);
+            let chars = match &prefix {
+                None => end - start,
+                Some(p) => p[end] - p[start] + sep * (end - start - 1),
+            };
+            total = total.saturating_add(chars.div_ceil(max_chars).max(1));
+        }
+    }
+    total
+}
+
 /// Splits every chunk longer than `max_chars` characters into pieces of at most that many,
 /// cut at whitespace where there is some, so no local call gets more than a small model
 /// can read; chunks are renumbered within each document.
@@ -98,12 +158,16 @@ pub fn cap(chunks: Vec<Chunk>, max_chars: usize) -> Vec<Chunk> {
 /// Windows of `size` items advancing by `size - overlap`, the last one possibly shorter;
 /// together they cover every item.
 fn windows<T>(items: &[T], size: usize, overlap: usize) -> impl Iterator<Item = &[T]> {
-    let step = (size - overlap).max(1);
     let n = items.len();
+    window_starts(n, size, overlap).map(move |start| &items[start..(start + size).min(n)])
+}
+
+/// Where the windows over `n` items start.
+fn window_starts(n: usize, size: usize, overlap: usize) -> impl Iterator<Item = usize> {
+    let step = size.saturating_sub(overlap).max(1);
     (0..)
         .map(move |k| k * step)
         .take_while(move |&start| start < n && (start == 0 || start + overlap < n))
-        .map(move |start| &items[start..(start + size).min(n)])
 }
 
 #[cfg(test)]
@@ -187,5 +251,47 @@ mod tests {
             prop_assert!(words.iter().all(|w| seen.contains(w.as_str())));
             prop_assert_eq!(chunk(std::slice::from_ref(&text), &plan(Strategy::Tokens, size, size / 10)), c);
         }
+
+        /// The estimate sizes are chosen on matches what is then built: exactly, where no
+        /// window is cut at whitespace or dropped as blank.
+        #[test]
+        fn estimates_match_what_is_built(
+            paras in prop::collection::vec("[a-z]{1,40}", 0..60),
+            strategy in prop::sample::select(vec![Strategy::Chars, Strategy::Paragraphs, Strategy::Pages, Strategy::Tokens]),
+            size in 1u32..300,
+            overlap in 0u32..300,
+            max_chars in 1usize..5000,
+        ) {
+            let overlap = overlap % size;
+            let sep = match strategy {
+                Strategy::Pages => "\x0c",
+                Strategy::Tokens => " ",
+                Strategy::Chars => "",
+                Strategy::Paragraphs => "\n\n",
+            };
+            let docs = vec![paras.join(sep), String::new()];
+            let c = plan(strategy, size, overlap);
+            let built = chunk(&docs, &c);
+            prop_assert_eq!(estimate(&docs, &c, usize::MAX), built.len());
+            // Cut pieces: at least as many as the estimate, since no piece is longer than
+            // max_chars and the text has no whitespace to cut earlier at (chars only).
+            if strategy == Strategy::Chars {
+                prop_assert_eq!(estimate(&docs, &c, max_chars), cap(built, max_chars).len());
+            }
+        }
+    }
+
+    /// The plan bomb of the security review (H7): 4 MiB, one window per character. Its
+    /// count is had without building any of the four million 50,000-character windows
+    /// (about 200 GB of text).
+    #[test]
+    fn a_plan_bomb_is_counted_not_built() {
+        let doc = "x".repeat(4 << 20);
+        let n = estimate(
+            std::slice::from_ref(&doc),
+            &plan(Strategy::Chars, 50_000, 49_999),
+            1 << 20,
+        );
+        assert_eq!(n, (4 << 20) - 49_999);
     }
 }

@@ -23,7 +23,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
-use super::chunk::{Chunk, cap, chunk};
+use super::chunk::{Chunk, cap, chunk, estimate};
 use super::job::{
     Baseline, JobAnswer, JobRecord, LocalUsage, Progress, Protocol, RemoteOnly, RemoteUsage,
     Timing, Usage, Verification,
@@ -432,23 +432,27 @@ async fn minions(setup: &JobSetup, ledger: &mut Ledger) -> Result<(String, Strin
 
 /// Chunks for a plan. When its chunks are so small that the jobs exceed the round's budget,
 /// the chunk size is doubled (within the strategy's bounds) until they fit: a plan that is
-/// right apart from its granularity is repaired rather than refused.
+/// right apart from its granularity is repaired rather than refused. Sizes are chosen on
+/// estimated counts (`chunk::estimate`), so chunks are built once, for the size chosen.
 fn fit_chunks(setup: &JobSetup, p: &mut Plan) -> Vec<Chunk> {
     let per_chunk = p.tasks.len() * p.samples_per_task as usize;
     let budget = setup.max_jobs_per_round as usize;
-    let mut chunks = cap(chunk(&setup.context, &p.chunking), setup.max_chunk_chars);
+    let jobs = |c: &plan::Chunking| {
+        estimate(&setup.context, c, setup.max_chunk_chars).saturating_mul(per_chunk)
+    };
     let (_, hi) = plan::size_bounds(p.chunking.strategy);
-    while chunks.len() * per_chunk > budget && p.chunking.size < hi {
+    let mut now = jobs(&p.chunking);
+    while now > budget && p.chunking.size < hi {
         let mut c = p.chunking.clone();
         c.size = (c.size.saturating_mul(2)).min(hi);
-        let bigger = cap(chunk(&setup.context, &c), setup.max_chunk_chars);
-        if bigger.len() >= chunks.len() {
+        let bigger = jobs(&c);
+        if bigger >= now {
             break; // capped by max_chunk_chars: larger sizes do not help
         }
         p.chunking = c;
-        chunks = bigger;
+        now = bigger;
     }
-    chunks
+    cap(chunk(&setup.context, &p.chunking), setup.max_chunk_chars)
 }
 
 fn floor_char_boundary(s: &str, at: usize) -> usize {
