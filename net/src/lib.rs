@@ -11,6 +11,7 @@
 //! I/O.
 
 pub mod directory;
+pub mod identity;
 pub mod p2p;
 pub mod quic;
 
@@ -43,4 +44,6 @@ pub enum NetError {
     Write(#[from] quinn::WriteError),
     #[error("the network task has stopped")]
     Stopped,
+    #[error("identity: {0}")]
+    Identity(String),
 }

@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, bail};
+use beacon_proto::Secret;
 use clap::{Args, Parser, Subcommand};
 
 use crate::store::package::{PackageOptions, package};
@@ -125,7 +126,7 @@ pub struct ServeArgs {
     pub listen: std::net::SocketAddr,
     /// Require this bearer token on every request but /healthz.
     #[arg(long, env = "BEACON_API_TOKEN", hide_env_values = true)]
-    pub api_token: Option<String>,
+    pub api_token: Option<Secret>,
     /// Unload a model after it has been idle this long (`-1` never, `0` at once; s/m/h).
     #[arg(long, env = "BEACON_KEEP_ALIVE", default_value = "5m")]
     pub keep_alive: String,
@@ -216,7 +217,11 @@ pub struct RegistryArgs {
     pub username: Option<String>,
     /// Registry password; prefer the environment variable over the flag.
     #[arg(long, env = "BEACON_REGISTRY_PASSWORD", hide_env_values = true)]
-    pub password: Option<String>,
+    pub password: Option<Secret>,
+    /// The registry (`host:port`) --username and --password are for: they are sent to no
+    /// other. Required with them on `serve`, whose API callers name the registries.
+    #[arg(long, env = "BEACON_REGISTRY_HOST")]
+    pub registry_host: Option<String>,
 }
 
 impl RegistryArgs {
@@ -225,6 +230,7 @@ impl RegistryArgs {
             insecure: self.insecure.clone(),
             username: self.username.clone(),
             password: self.password.clone(),
+            credentials_for: self.registry_host.clone(),
         })
     }
 }
@@ -524,7 +530,7 @@ async fn healthcheck(url: Option<String>) -> anyhow::Result<()> {
 }
 
 fn info(data_dir: &std::path::Path) -> anyhow::Result<()> {
-    let key = crate::identity::load_or_create(&data_dir.join("identity.key"))?;
+    let key = beacon_net::identity::load_or_create(&data_dir.join("identity.key"))?;
     let hw = crate::hardware::detect();
     println!("Peer ID:    {}", key.peer_id());
     println!("Data dir:   {}", data_dir.display());
@@ -573,6 +579,16 @@ fn info(data_dir: &std::path::Path) -> anyhow::Result<()> {
 
 async fn serve(data_dir: &std::path::Path, args: ServeArgs) -> anyhow::Result<()> {
     use crate::scheduler::{KeepAlive, SchedulerConfig};
+    // API callers name the registries `/models/create` pulls from: credentials bound to
+    // no registry would go to theirs (review H6).
+    if (args.registry.username.is_some() || args.registry.password.is_some())
+        && args.registry.registry_host.is_none()
+    {
+        bail!(
+            "--username/--password on serve need --registry-host (BEACON_REGISTRY_HOST): \
+             the one registry they may be sent to"
+        );
+    }
     let keep_alive = KeepAlive::parse(&args.keep_alive).map_err(anyhow::Error::msg)?;
     let mut scheduler = SchedulerConfig {
         engine: args.engine.config(),
@@ -695,4 +711,34 @@ async fn run_chat(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Review L2: the parsed flags derive `Debug`; neither the API token nor a registry
+    /// password may show in it.
+    #[test]
+    fn secrets_never_show_in_debug_output() {
+        let cli = Cli::try_parse_from([
+            "beacon-node",
+            "serve",
+            "--api-token",
+            "tok-secret-one",
+            "--username",
+            "u",
+            "--password",
+            "pw-secret-two",
+            "--registry-host",
+            "registry.example:443",
+        ])
+        .unwrap();
+        let shown = format!("{cli:?}");
+        assert!(
+            !shown.contains("secret-one") && !shown.contains("secret-two"),
+            "{shown}"
+        );
+        assert!(shown.contains("[redacted]"), "{shown}");
+    }
 }

@@ -57,7 +57,7 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let store = Store::open(config.data_dir.join("models"))
         .with_context(|| format!("opening the store in {}", config.data_dir.display()))?;
-    let key = Arc::new(crate::identity::load_or_create(
+    let key = Arc::new(beacon_net::identity::load_or_create(
         &config.data_dir.join("identity.key"),
     )?);
     let parallel = config.scheduler.engine.parallel;

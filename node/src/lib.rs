@@ -14,7 +14,6 @@ pub mod cli;
 pub mod daemon;
 pub mod engine;
 pub mod hardware;
-pub mod identity;
 pub mod ledger;
 pub mod provider;
 pub mod scheduler;

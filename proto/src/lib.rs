@@ -15,6 +15,7 @@ pub mod messages;
 pub mod plan;
 pub mod reference;
 pub mod sampling;
+pub mod secret;
 pub mod signed;
 
 pub use codec::Wire;
@@ -23,6 +24,7 @@ pub use error::ProtoError;
 pub use identity::{Keypair, PeerId, PublicKey};
 pub use messages::*;
 pub use reference::ModelRef;
+pub use secret::Secret;
 pub use signed::{Domain, Signed};
 
 /// The Beacon protocol version carried in adverts and used in protocol ids.

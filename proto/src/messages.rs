@@ -261,6 +261,67 @@ impl Default for Sampling {
     }
 }
 
+/// Most stop strings in one request.
+pub const MAX_STOPS: usize = 16;
+/// Longest stop string, in bytes (each is searched for after every token).
+pub const MAX_STOP_BYTES: usize = 256;
+/// Most tokens one request may ask for.
+pub const MAX_COMPLETION_TOKENS: u32 = 32_768;
+/// Most messages in one request.
+pub const MAX_MESSAGES: usize = 4096;
+
+/// A request field out of bounds: the field, and what it must be.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FieldError {
+    pub field: &'static str,
+    pub reason: String,
+}
+
+impl std::fmt::Display for FieldError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.field, self.reason)
+    }
+}
+
+impl Sampling {
+    /// The one check of sampling parameters, applied by every receiver: a node's HTTP API,
+    /// its data plane (where any peer may send a request) and the router. NaN and
+    /// infinities fail every range.
+    pub fn check(&self) -> Result<(), FieldError> {
+        let bad = |field, reason: &str| {
+            Err(FieldError {
+                field,
+                reason: reason.to_string(),
+            })
+        };
+        if !(0.0..=2.0).contains(&self.temperature) {
+            return bad("temperature", "must be between 0 and 2");
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return bad("top_p", "must be in (0, 1]");
+        }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return bad("min_p", "must be between 0 and 1");
+        }
+        if self.max_tokens == 0 || self.max_tokens > MAX_COMPLETION_TOKENS {
+            return bad(
+                "max_tokens",
+                &format!("must be 1..={MAX_COMPLETION_TOKENS}"),
+            );
+        }
+        if self.stop.len() > MAX_STOPS {
+            return bad("stop", &format!("must have at most {MAX_STOPS} strings"));
+        }
+        if self.stop.iter().any(|s| s.len() > MAX_STOP_BYTES) {
+            return bad(
+                "stop",
+                &format!("strings must be at most {MAX_STOP_BYTES} bytes each"),
+            );
+        }
+        Ok(())
+    }
+}
+
 /// One subtask for a provider.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct InferRequest {
@@ -283,6 +344,17 @@ impl Wire for InferRequest {
 }
 
 impl InferRequest {
+    /// Bounds a provider checks before any work: its sampling and message count.
+    pub fn check(&self) -> Result<(), FieldError> {
+        if self.messages.len() > MAX_MESSAGES {
+            return Err(FieldError {
+                field: "messages",
+                reason: format!("must be at most {MAX_MESSAGES}"),
+            });
+        }
+        self.sampling.check()
+    }
+
     /// Digest of the canonical encoding: what a result must name to answer this request.
     pub fn digest(&self) -> Result<Digest, ProtoError> {
         Ok(Digest::of(&self.encode()?))
@@ -418,6 +490,24 @@ impl Wire for AuditRequest {
 }
 
 impl AuditRequest {
+    /// The bounds of the request it audits, and no more claimed tokens than one may ask
+    /// for.
+    pub fn check(&self) -> Result<(), FieldError> {
+        if self.messages.len() > MAX_MESSAGES {
+            return Err(FieldError {
+                field: "messages",
+                reason: format!("must be at most {MAX_MESSAGES}"),
+            });
+        }
+        if self.claimed_tokens.len() > MAX_COMPLETION_TOKENS as usize {
+            return Err(FieldError {
+                field: "claimed_tokens",
+                reason: format!("must be at most {MAX_COMPLETION_TOKENS}"),
+            });
+        }
+        self.sampling.check()
+    }
+
     /// The audit of `result` as the answer to `request`, with a fresh audit id: the same
     /// prompt, grammar and sampling, the claimed tokens and how generation ended.
     pub fn of(request: &InferRequest, result: &InferResult) -> AuditRequest {

@@ -555,3 +555,116 @@ proptest! {
         let _ = InferRequest::decode(&bytes);
     }
 }
+
+/// Review M3: the data plane applied none of the HTTP API's input limits. One check now
+/// serves every receiver; NaN, infinities and oversized stop lists fail it.
+#[test]
+fn sampling_and_requests_are_bounded_alike_everywhere() {
+    let ok = Sampling {
+        temperature: 0.7,
+        top_p: 0.9,
+        min_p: 0.05,
+        max_tokens: 64,
+        stop: vec!["\n\n".into()],
+        ..Sampling::default()
+    };
+    assert_eq!(ok.check(), Ok(()));
+    let cases: Vec<(Sampling, &str)> = vec![
+        (
+            Sampling {
+                temperature: f32::NAN,
+                ..ok.clone()
+            },
+            "temperature",
+        ),
+        (
+            Sampling {
+                temperature: f32::INFINITY,
+                ..ok.clone()
+            },
+            "temperature",
+        ),
+        (
+            Sampling {
+                temperature: 2.5,
+                ..ok.clone()
+            },
+            "temperature",
+        ),
+        (
+            Sampling {
+                top_p: f32::NAN,
+                ..ok.clone()
+            },
+            "top_p",
+        ),
+        (
+            Sampling {
+                top_p: 0.0,
+                ..ok.clone()
+            },
+            "top_p",
+        ),
+        (
+            Sampling {
+                min_p: -1.0,
+                ..ok.clone()
+            },
+            "min_p",
+        ),
+        (
+            Sampling {
+                min_p: f32::NAN,
+                ..ok.clone()
+            },
+            "min_p",
+        ),
+        (
+            Sampling {
+                max_tokens: 0,
+                ..ok.clone()
+            },
+            "max_tokens",
+        ),
+        (
+            Sampling {
+                max_tokens: u32::MAX,
+                ..ok.clone()
+            },
+            "max_tokens",
+        ),
+        (
+            Sampling {
+                stop: vec!["x".into(); MAX_STOPS + 1],
+                ..ok.clone()
+            },
+            "stop",
+        ),
+        (
+            Sampling {
+                stop: vec!["x".repeat(MAX_STOP_BYTES + 1)],
+                ..ok.clone()
+            },
+            "stop",
+        ),
+    ];
+    for (s, field) in cases {
+        assert_eq!(s.check().unwrap_err().field, field, "{s:?}");
+    }
+    let mut r = request("hi");
+    r.sampling = ok;
+    assert_eq!(r.check(), Ok(()));
+    r.sampling.stop = vec!["y".repeat(8 << 20)];
+    assert_eq!(r.check().unwrap_err().field, "stop");
+    r.sampling.stop.clear();
+    r.messages = vec![r.messages[0].clone(); MAX_MESSAGES + 1];
+    assert_eq!(r.check().unwrap_err().field, "messages");
+    let hi = request("hi");
+    let mut a = AuditRequest::of(&hi, &result_for(&hi));
+    assert_eq!(a.check(), Ok(()));
+    a.claimed_tokens = vec![1; MAX_COMPLETION_TOKENS as usize + 1];
+    assert_eq!(a.check().unwrap_err().field, "claimed_tokens");
+    a.claimed_tokens.clear();
+    a.sampling.temperature = f32::NAN;
+    assert_eq!(a.check().unwrap_err().field, "temperature");
+}

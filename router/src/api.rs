@@ -17,7 +17,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use beacon_proto::{ChatMessage, Digest, Id, InferRequest, ModelSpec, Role, Sampling};
+use beacon_proto::{ChatMessage, Digest, Id, InferRequest, ModelSpec, Role, Sampling, Secret};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
@@ -26,21 +26,12 @@ use crate::dispatch::{DispatchError, Dispatcher};
 use crate::placement::Policy;
 
 /// The remote (supervisor / fallback) OpenAI-compatible API.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct Remote {
     /// e.g. `https://api.openai.com/v1`
     pub base_url: String,
-    pub api_key: Option<String>,
-}
-
-impl std::fmt::Debug for Remote {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // The key never reaches a log.
-        f.debug_struct("Remote")
-            .field("base_url", &self.base_url)
-            .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
-            .finish()
-    }
+    /// Never printed (`Secret`).
+    pub api_key: Option<Secret>,
 }
 
 /// Shared state of the API.
@@ -49,7 +40,7 @@ pub struct ApiState {
     pub dispatcher: Dispatcher,
     pub remote: Option<Remote>,
     pub http: reqwest::Client,
-    pub keys: Arc<Vec<String>>,
+    pub keys: Arc<Vec<Secret>>,
     pub rate_per_minute: u32,
     pub policy: Policy,
     /// Defaults and limits for `/v1/minions`.
@@ -80,7 +71,7 @@ impl ApiState {
     pub fn new(
         dispatcher: Dispatcher,
         remote: Option<Remote>,
-        keys: Vec<String>,
+        keys: Vec<Secret>,
         rate_per_minute: u32,
         policy: Policy,
     ) -> Self {
@@ -168,7 +159,10 @@ async fn auth(State(state): State<ApiState>, req: Request, next: Next) -> Respon
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::to_string);
     let Some(key) = given.filter(|g| {
-        beacon_proto::Digest::secret_in(g.as_bytes(), state.keys.iter().map(|k| k.as_bytes()))
+        beacon_proto::Digest::secret_in(
+            g.as_bytes(),
+            state.keys.iter().map(|k| k.expose().as_bytes()),
+        )
     }) else {
         return ApiError::new(
             StatusCode::UNAUTHORIZED,
@@ -318,7 +312,7 @@ fn to_request(body: &ChatBody, digest: beacon_proto::Digest) -> Result<InferRequ
             }
         },
     };
-    Ok(InferRequest {
+    let request = InferRequest {
         request_id: Id::random(),
         job_id: None,
         model: ModelSpec {
@@ -343,7 +337,12 @@ fn to_request(body: &ChatBody, digest: beacon_proto::Digest) -> Result<InferRequ
         json_schema,
         deadline_ms: None,
         return_tokens: true,
-    })
+    };
+    // The check providers apply: refused here with a 400 rather than by every provider.
+    request
+        .check()
+        .map_err(|e| ApiError::bad(e.field, e.to_string()))?;
+    Ok(request)
 }
 
 /// A chat request counted against its model's queue until it is answered (or its stream
@@ -585,7 +584,7 @@ async fn fallback(state: &ApiState, raw: Value, reason: &str) -> Result<Response
     let url = format!("{}/chat/completions", remote.base_url.trim_end_matches('/'));
     let mut req = state.http.post(url).json(&raw);
     if let Some(k) = &remote.api_key {
-        req = req.bearer_auth(k);
+        req = req.bearer_auth(k.expose());
     }
     let resp = req.send().await.map_err(|e| {
         ApiError::new(

@@ -32,7 +32,7 @@ pub struct RouterConfig {
     pub listen: SocketAddr,
     pub p2p_listen: Vec<libp2p::Multiaddr>,
     pub bootstrap: Vec<libp2p::Multiaddr>,
-    pub api_keys: Vec<String>,
+    pub api_keys: Vec<beacon_proto::Secret>,
     pub rate_per_minute: u32,
     pub remote: Option<api::Remote>,
     pub dispatch: dispatch::DispatchConfig,
@@ -59,7 +59,7 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating {}", config.data_dir.display()))?;
-    let key = load_or_create_key(&config.data_dir.join("identity.key"))?;
+    let key = beacon_net::identity::load_or_create(&config.data_dir.join("identity.key"))?;
     let db = sled::open(config.data_dir.join("router.db")).context("opening router.db")?;
     let reputation = db.open_tree("reputation")?;
 
@@ -127,23 +127,4 @@ pub async fn run(
     network.shutdown().await;
     db.flush()?;
     Ok(())
-}
-
-/// The router's identity key (mode 0600), created on first start.
-fn load_or_create_key(path: &std::path::Path) -> anyhow::Result<beacon_proto::Keypair> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    if let Ok(bytes) = std::fs::read(path) {
-        return beacon_proto::Keypair::from_secret_bytes(&bytes)
-            .with_context(|| format!("{} is not a Beacon key", path.display()));
-    }
-    let key = beacon_proto::Keypair::generate();
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("creating {}", path.display()))?;
-    f.write_all(&key.secret_bytes()[..])?;
-    Ok(key)
 }

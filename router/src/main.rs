@@ -1,6 +1,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use beacon_proto::Secret;
 use clap::{Args, Parser, Subcommand};
 
 /// Beacon hybrid router: routes chat and MinionS jobs onto the provider network.
@@ -31,7 +32,7 @@ struct MinionsArgs {
     router: String,
     /// Bearer key for the router.
     #[arg(long, env = "BEACON_API_KEY", hide_env_values = true)]
-    api_key: Option<String>,
+    api_key: Option<Secret>,
     /// The question or task.
     #[arg(long)]
     task: String,
@@ -67,9 +68,13 @@ struct ServeArgs {
     /// Data directory: identity key and reputation database.
     #[arg(long, env = "BEACON_ROUTER_DATA_DIR", default_value = ".beacon-router")]
     data_dir: PathBuf,
-    /// HTTP API address.
+    /// HTTP API address. Beyond loopback it needs --api-key (or --open).
     #[arg(long, env = "BEACON_ROUTER_LISTEN", default_value = "127.0.0.1:8080")]
     listen: std::net::SocketAddr,
+    /// Serve beyond loopback without API keys: anyone who reaches the port may spend the
+    /// remote key and the network's capacity. For a port only trusted hosts reach.
+    #[arg(long, env = "BEACON_ROUTER_OPEN")]
+    open: bool,
     /// libp2p listen addresses.
     #[arg(
         long,
@@ -88,7 +93,7 @@ struct ServeArgs {
         value_delimiter = ',',
         hide_env_values = true
     )]
-    api_key: Vec<String>,
+    api_key: Vec<Secret>,
     /// Requests per minute per API key (0: unlimited).
     #[arg(long, env = "BEACON_ROUTER_RATE_LIMIT", default_value_t = 0)]
     rate_limit: u32,
@@ -97,7 +102,7 @@ struct ServeArgs {
     remote_base_url: Option<String>,
     /// Key for the remote API; prefer the environment variable.
     #[arg(long, env = "BEACON_REMOTE_API_KEY", hide_env_values = true)]
-    remote_api_key: Option<String>,
+    remote_api_key: Option<Secret>,
     /// Only place work in these regions (data residency), comma-separated.
     #[arg(long, env = "BEACON_ALLOWED_REGIONS", value_delimiter = ',')]
     allowed_regions: Vec<String>,
@@ -182,6 +187,16 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(a) => {
             let a = *a;
+            // An open router beyond loopback spends its operator's remote key for anyone
+            // who finds it (review H8): keys, or an explicit --open.
+            if !a.listen.ip().is_loopback() && a.api_key.is_empty() && !a.open {
+                anyhow::bail!(
+                    "listening on {} (beyond loopback) needs API keys: --api-key \
+                     (BEACON_ROUTER_API_KEYS), or --open (BEACON_ROUTER_OPEN=1) when only \
+                     trusted hosts reach the port",
+                    a.listen
+                );
+            }
             let pins =
                 beacon_router::directory::Pins::parse(&a.model_pins).map_err(anyhow::Error::msg)?;
             let trusted = a
@@ -268,5 +283,40 @@ async fn shutdown() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Review L2: the parsed flags derive `Debug`; no key may show in it.
+    #[test]
+    fn keys_never_show_in_debug_output() {
+        let serve = Cli::try_parse_from([
+            "beacon-router",
+            "serve",
+            "--api-key",
+            "sk-client-one,sk-client-two",
+            "--remote-api-key",
+            "sk-remote-three",
+        ])
+        .unwrap();
+        let minions = Cli::try_parse_from([
+            "beacon-router",
+            "minions",
+            "--api-key",
+            "sk-client-four",
+            "--task",
+            "t",
+            "--context",
+            "doc.txt",
+        ])
+        .unwrap();
+        let shown = format!("{serve:?} {minions:?}");
+        for key in ["one", "two", "three", "four"] {
+            assert!(!shown.contains(&format!("-{key}")), "{shown}");
+        }
+        assert!(shown.contains("[redacted]"));
     }
 }

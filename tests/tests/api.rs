@@ -338,6 +338,54 @@ fn bearer_token_auth() {
     assert_eq!(http("GET", &node.url("/healthz"), None, &[]).status, 200);
 }
 
+/// Review H5: a web page in the provider's browser could POST `/models/create` to the
+/// loopback API (CSRF: a form or no-cors fetch needs no preflight), and by DNS rebinding
+/// (its own name resolving to 127.0.0.1) read the answers. Cross-origin requests, foreign
+/// Host names and non-JSON bodies are refused; the node's own clients are unaffected.
+#[test]
+fn browsers_cannot_reach_the_loopback_api() {
+    let node = NodeServer::start(&["--no-network"]);
+    let create = node.url("/models/create");
+    let body = r#"{"from":"attacker.example/ai/x:y"}"#;
+    let r = http(
+        "POST",
+        &create,
+        Some(body),
+        &["Origin: http://attacker.example"],
+    );
+    assert_eq!(r.status, 403, "{}", r.body);
+    assert!(r.body.contains("cross-origin"), "{}", r.body);
+    let r = http(
+        "GET",
+        &node.url("/v1/models"),
+        None,
+        &["Host: rebound.attacker.example:12434"],
+    );
+    assert_eq!(r.status, 403, "{}", r.body);
+    // A text body, as a form or a no-cors fetch sends it.
+    let out = std::process::Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}"])
+        .args([
+            "-H",
+            "Content-Type: text/plain",
+            "--data-binary",
+            body,
+            &create,
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "415");
+    // Its own origin and loopback names pass.
+    for headers in [
+        &["Origin: http://localhost:12434"][..],
+        &["Host: localhost"][..],
+        &[][..],
+    ] {
+        let r = http("GET", &node.url("/v1/models"), None, headers);
+        assert_eq!(r.status, 200, "{headers:?}: {}", r.body);
+    }
+}
+
 #[test]
 fn model_management_and_idle_unload() {
     let registry = Registry::start();

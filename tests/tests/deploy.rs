@@ -819,6 +819,8 @@ assert cm["BEACON_BOOTSTRAP"].startswith("/dns4/beacon-router-p2p.")
 assert any(e.get("configMapRef", {}).get("name") == "beacon-network" for e in c["envFrom"])
 dep = docs[("Deployment", "beacon-router")]["spec"]["template"]
 assert dep["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
+keys = [e for e in dep["spec"]["containers"][0]["env"] if e["name"] == "BEACON_ROUTER_API_KEYS"]
+assert keys and not keys[0]["valueFrom"]["secretKeyRef"].get("optional"), "router without keys"
 svc = docs[("Service", "beacon-router")]
 assert all(dep["metadata"]["labels"].get(k) == v for k, v in svc["spec"]["selector"].items())
 p2p = docs[("Service", "beacon-router-p2p")]

@@ -325,6 +325,36 @@ async fn data_plane_serves_signed_results_audits_and_refuses_wrong_peers() {
         other => panic!("expected a refusal, got {other:?}"),
     }
 
+    // The HTTP API's input limits hold on the data plane too (review M3: 8 MiB of stop
+    // strings were searched after every token, and NaN sampling went to the sampler).
+    for bad in [
+        Sampling {
+            stop: vec!["x".repeat(300); 4],
+            ..Sampling::default()
+        },
+        Sampling {
+            stop: vec!["x".into(); 17],
+            ..Sampling::default()
+        },
+        Sampling {
+            temperature: f32::NAN,
+            ..Sampling::default()
+        },
+        Sampling {
+            top_p: f32::INFINITY,
+            ..Sampling::default()
+        },
+    ] {
+        let mut r = request(digest, "bounds");
+        r.sampling = bad;
+        match client.infer(peer, addr, &r, |_| {}).await {
+            Err(CallError::Remote { error, .. }) => {
+                assert_eq!(error.code, DataErrorCode::BadRequest, "{}", error.message)
+            }
+            other => panic!("expected a refusal of {:?}, got {other:?}", r.sampling),
+        }
+    }
+
     // A deadline that has passed is refused before any work.
     let mut late = request(digest, "late");
     late.deadline_ms = Some(now_ms() - 1);

@@ -378,6 +378,24 @@ fn registry_auth_from_flags_and_docker_config() {
         "--password",
         "s3cret-pass",
     ]);
+    // Credentials bound to another registry are not sent to this one (review H6: flag
+    // credentials went to every registry, including one an API caller names), and a
+    // server, whose API callers name registries, refuses credentials bound to none.
+    let err = publisher.fails(&[
+        "model",
+        "push",
+        &reference,
+        "--username",
+        "beacon",
+        "--password",
+        "s3cret-pass",
+        "--registry-host",
+        "registry.example:443",
+    ]);
+    assert!(err.contains("refused the credentials"), "{err}");
+    let err = publisher.fails(&["serve", "--username", "beacon", "--password", "s3cret-pass"]);
+    assert!(err.contains("--registry-host"), "{err}");
+    assert!(!err.contains("s3cret-pass"), "{err}");
 
     let node = NodeCli::new();
     let err = node.fails(&["model", "pull", &reference]);

@@ -20,6 +20,7 @@ use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use beacon_proto::Secret;
 use serde::de::DeserializeOwned;
 use tokio::net::TcpListener;
 
@@ -35,7 +36,7 @@ use crate::store::registry::Registry;
 pub struct ApiConfig {
     pub listen: SocketAddr,
     /// Required `Authorization: Bearer` token, if any.
-    pub token: Option<String>,
+    pub token: Option<Secret>,
     /// Largest request body in bytes.
     pub max_body: usize,
 }
@@ -58,7 +59,7 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// The provider's network side, when the node is on a network.
     pub net: Option<Arc<NetState>>,
-    token: Option<Arc<str>>,
+    token: Option<Secret>,
 }
 
 /// What the API shows of the network.
@@ -76,7 +77,7 @@ impl AppState {
         store: Store,
         scheduler: Scheduler,
         registry: Registry,
-        token: Option<String>,
+        token: Option<Secret>,
     ) -> Self {
         AppState {
             store,
@@ -84,7 +85,7 @@ impl AppState {
             registry,
             metrics: Arc::new(Metrics::default()),
             net: None,
-            token: token.map(Into::into),
+            token,
         }
     }
 }
@@ -132,7 +133,10 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let listener = TcpListener::bind(config.listen).await?;
     let _ = bound.send(listener.local_addr()?);
-    axum::serve(listener, router(state, config.max_body))
+    let loopback = config.listen.ip().is_loopback();
+    let app = router(state, config.max_body)
+        .layer(middleware::from_fn_with_state(loopback, browser_guard));
+    axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
 }
@@ -146,7 +150,9 @@ async fn auth(State(state): State<AppState>, req: Request, next: Next) -> Respon
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "));
-        if !given.is_some_and(|g| beacon_proto::Digest::secret_eq(g.as_bytes(), token.as_bytes())) {
+        if !given.is_some_and(|g| {
+            beacon_proto::Digest::secret_eq(g.as_bytes(), token.expose().as_bytes())
+        }) {
             return ApiError::new(
                 StatusCode::UNAUTHORIZED,
                 "authentication_error",
@@ -156,6 +162,81 @@ async fn auth(State(state): State<AppState>, req: Request, next: Next) -> Respon
         }
     }
     next.run(req).await
+}
+
+/// Refuses what only a web page would send (review H5). A cross-origin request: an
+/// `Origin` naming neither this node's host nor a loopback name (CSRF: a page POSTing
+/// `/models/create` to 127.0.0.1). On a loopback listener, a `Host` that is not a loopback
+/// name (DNS rebinding: a page whose own name resolves to 127.0.0.1 reading answers). And
+/// a body that is not JSON (form and text bodies are what a page can send without the
+/// browser asking first).
+async fn browser_guard(State(loopback): State<bool>, req: Request, next: Next) -> Response {
+    match browser_refusal(loopback, &req) {
+        Some(refused) => refused,
+        None => next.run(req).await,
+    }
+}
+
+fn browser_refusal(loopback: bool, req: &Request) -> Option<Response> {
+    let header = |name| {
+        req.headers()
+            .get(name)
+            .and_then(|v: &axum::http::HeaderValue| v.to_str().ok())
+    };
+    let forbidden = |message: String| {
+        Some(ApiError::new(StatusCode::FORBIDDEN, "permission_error", message).into_response())
+    };
+    let host = header(header::HOST).map(host_name);
+    if loopback && let Some(h) = host.filter(|h| !is_loopback_name(h)) {
+        return forbidden(format!(
+            "Host {h:?} is not a loopback name: this node serves localhost only"
+        ));
+    }
+    if let Some(origin) = header(header::ORIGIN) {
+        let o = host_name(origin.split_once("://").map_or(origin, |(_, rest)| rest));
+        if !(is_loopback_name(o) || Some(o) == host) {
+            return forbidden(format!(
+                "cross-origin requests are refused (Origin {origin:?})"
+            ));
+        }
+    }
+    let has_body = header(header::CONTENT_LENGTH).is_some_and(|l| l != "0")
+        || req.headers().contains_key(header::TRANSFER_ENCODING);
+    let json = header(header::CONTENT_TYPE).is_some_and(|t| {
+        t.split(';')
+            .next()
+            .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"))
+    });
+    if has_body && !json && req.method() != axum::http::Method::GET {
+        return Some(
+            ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "invalid_request_error",
+                "send the body as JSON (Content-Type: application/json)",
+            )
+            .into_response(),
+        );
+    }
+    None
+}
+
+/// The host of a `Host` header or an origin's authority, without port or brackets.
+fn host_name(authority: &str) -> &str {
+    let authority = authority.split('/').next().unwrap_or(authority);
+    if let Some(v6) = authority.strip_prefix('[') {
+        return v6.split(']').next().unwrap_or(v6);
+    }
+    match authority.rsplit_once(':') {
+        Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => authority,
+    }
+}
+
+fn is_loopback_name(host: &str) -> bool {
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// Parses a JSON body; errors name the offending field.

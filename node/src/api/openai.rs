@@ -10,7 +10,9 @@ use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
 use axum::response::sse::{Event as SseEvent, KeepAlive as SseKeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use beacon_proto::{ChatMessage, FinishReason, Role, Sampling};
+use beacon_proto::{
+    ChatMessage, FinishReason, MAX_COMPLETION_TOKENS, MAX_MESSAGES, Role, Sampling,
+};
 use futures::{Stream, StreamExt};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -104,57 +106,30 @@ enum PromptField {
     Many(Vec<String>),
 }
 
-/// Largest number of tokens one request may ask for.
-const MAX_TOKENS_LIMIT: u32 = 32_768;
-/// Most messages in one chat request.
-const MAX_MESSAGES: usize = 4096;
-
 impl Params {
     fn sampling(&self) -> Result<Sampling, ApiError> {
-        let temperature = self.temperature.unwrap_or(0.8);
-        if !(0.0..=2.0).contains(&temperature) {
-            return Err(ApiError::bad_request(
-                "temperature",
-                "temperature must be between 0 and 2",
-            ));
-        }
-        let top_p = self.top_p.unwrap_or(1.0);
-        if !(0.0..=1.0).contains(&top_p) || top_p == 0.0 {
-            return Err(ApiError::bad_request("top_p", "top_p must be in (0, 1]"));
-        }
-        let min_p = self.min_p.unwrap_or(0.05);
-        if !(0.0..=1.0).contains(&min_p) {
-            return Err(ApiError::bad_request(
-                "min_p",
-                "min_p must be between 0 and 1",
-            ));
-        }
-        let max_tokens = self.max_completion_tokens.or(self.max_tokens);
-        if let Some(m) = max_tokens
-            && (m == 0 || m > MAX_TOKENS_LIMIT)
-        {
-            return Err(ApiError::bad_request(
-                "max_tokens",
-                format!("max_tokens must be 1..={MAX_TOKENS_LIMIT}"),
-            ));
-        }
         let stop = match &self.stop {
             None => Vec::new(),
             Some(StopField::One(s)) => vec![s.clone()],
-            Some(StopField::Many(v)) if v.len() <= 16 => v.clone(),
-            Some(StopField::Many(_)) => {
-                return Err(ApiError::bad_request("stop", "at most 16 stop strings"));
-            }
+            Some(StopField::Many(v)) => v.clone(),
         };
-        Ok(Sampling {
-            temperature,
-            top_p,
+        let sampling = Sampling {
+            temperature: self.temperature.unwrap_or(0.8),
+            top_p: self.top_p.unwrap_or(1.0),
             top_k: self.top_k.unwrap_or(40),
-            min_p,
-            max_tokens: max_tokens.unwrap_or(MAX_TOKENS_LIMIT),
+            min_p: self.min_p.unwrap_or(0.05),
+            max_tokens: self
+                .max_completion_tokens
+                .or(self.max_tokens)
+                .unwrap_or(MAX_COMPLETION_TOKENS),
             seed: self.seed,
             stop,
-        })
+        };
+        // The same check as the data plane's (`Sampling::check`).
+        sampling
+            .check()
+            .map_err(|e| ApiError::bad_request(e.field, e.to_string()))?;
+        Ok(sampling)
     }
 
     fn format(&self) -> Result<OutputFormat, ApiError> {

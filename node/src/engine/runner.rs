@@ -474,33 +474,64 @@ impl Runner<'_> {
             .map(|(i, _)| i)
     }
 
-    /// The prompt's tokens, rendered through the chat template for chat prompts.
+    /// The prompt's tokens, rendered through the chat template for chat prompts. Only the
+    /// template's own markup may become special tokens: message text (a user's, or a
+    /// document's in a MinionS job) is tokenised as plain text, so `<|im_start|>system`
+    /// inside it stays text (review M12).
     fn render(&self, prompt: &Prompt) -> Result<Vec<LlamaToken>, EngineError> {
-        let text = match prompt {
-            Prompt::Text(t) => t.clone(),
-            Prompt::Chat(messages) => {
-                let template = self
-                    .template
-                    .as_ref()
-                    .map_err(|e| EngineError::Template(e.clone()))?;
-                let chat = messages
-                    .iter()
-                    .map(|m| {
-                        let role = match m.role {
-                            Role::System => "system",
-                            Role::User => "user",
-                            Role::Assistant => "assistant",
-                        };
-                        LlamaChatMessage::new(role.into(), m.content.clone())
-                            .map_err(|e| EngineError::InvalidRequest(format!("message: {e}")))
-                    })
-                    .collect::<Result<Vec<_>, _>>()?;
-                self.model
-                    .apply_chat_template(template, &chat, true)
-                    .map_err(|e| EngineError::Template(e.to_string()))?
-            }
+        let vocab = self.model.vocab();
+        let messages = match prompt {
+            Prompt::Text(t) => return Ok(vocab.tokenize(t.as_bytes(), true, true)),
+            Prompt::Chat(messages) => messages,
         };
-        Ok(self.model.vocab().tokenize(text.as_bytes(), true, true))
+        let template = self
+            .template
+            .as_ref()
+            .map_err(|e| EngineError::Template(e.clone()))?;
+        // The template is rendered with a marker in place of each message's text, where
+        // the text is then put back as plain tokens. A second rendering with the markers
+        // padded by spaces tells which texts the template trims (Gemma's trims the user's
+        // and not the system's), so the text put back is what the template would show.
+        let marker = |i: usize| format!("\u{E000}{i}\u{E001}");
+        let render = |pad: &str| {
+            let chat = messages
+                .iter()
+                .enumerate()
+                .map(|(i, m)| {
+                    let role = match m.role {
+                        Role::System => "system",
+                        Role::User => "user",
+                        Role::Assistant => "assistant",
+                    };
+                    LlamaChatMessage::new(role.into(), format!("{pad}{}{pad}", marker(i)))
+                        .map_err(|e| EngineError::InvalidRequest(format!("message: {e}")))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            self.model
+                .apply_chat_template(template, &chat, true)
+                .map_err(|e| EngineError::Template(e.to_string()))
+        };
+        let rendered = render("")?;
+        let padded = render(" ")?;
+        let mut tokens = Vec::new();
+        let mut rest = rendered.as_str();
+        let mut first = true;
+        for (i, m) in messages.iter().enumerate() {
+            let mark = marker(i);
+            let Some(at) = rest.find(&mark) else {
+                return Err(EngineError::Template(format!(
+                    "the chat template drops or reorders message {i}"
+                )));
+            };
+            tokens.extend(vocab.tokenize(&rest.as_bytes()[..at], first, true));
+            first = false;
+            let trims = !padded.contains(&format!(" {mark} "));
+            let text = if trims { m.content.trim() } else { &m.content };
+            tokens.extend(vocab.tokenize(text.as_bytes(), false, false));
+            rest = &rest[at + mark.len()..];
+        }
+        tokens.extend(vocab.tokenize(rest.as_bytes(), first, true));
+        Ok(tokens)
     }
 
     fn prepare(

@@ -65,8 +65,8 @@ pub enum Fault {
     /// Results are validly signed but their token ids are not what the model generated
     /// (as if a cheaper model had run); only an audit can tell.
     Tamper,
-    /// Every subtask waits a minute before it starts (a straggler), unless the client
-    /// cancels it first.
+    /// Every subtask waits ten minutes before it starts (a straggler that stalls until the
+    /// client gives up), unless the client cancels it first.
     Stall,
     /// Attack (a): generates honestly and signs the real token ids, but streams and signs
     /// other text (as if it injected a link). Only an audit can tell.
@@ -204,6 +204,10 @@ impl Provider {
     ) -> Result<(), Refusal> {
         let started = now_ms();
         let model = request.model.digest;
+        // The HTTP API's limits, here where any peer may send a request (review M3).
+        request
+            .check()
+            .map_err(|e| Refusal::new(DataErrorCode::BadRequest, e.to_string()))?;
         // A deadline that has passed, or that the measured speed cannot meet, is refused
         // before any work starts, so the caller can place the subtask elsewhere at once.
         let deadline = match request.deadline_ms {
@@ -237,7 +241,7 @@ impl Provider {
             .map_err(|e| Refusal::new(DataErrorCode::BadRequest, e.to_string()))?;
         if self.fault == Some(Fault::Stall) {
             tokio::select! {
-                _ = tokio::time::sleep(Duration::from_secs(60)) => {}
+                _ = tokio::time::sleep(Duration::from_secs(600)) => {}
                 _ = sink.stopped() => {
                     info!("the client cancelled the subtask while it stalled");
                     return Ok(());
@@ -383,6 +387,9 @@ impl Provider {
         sink: &mut FrameSink,
     ) -> Result<(), Refusal> {
         let model = audit.model.digest;
+        audit
+            .check()
+            .map_err(|e| Refusal::new(DataErrorCode::BadRequest, e.to_string()))?;
         let request_digest = audit
             .digest()
             .map_err(|e| Refusal::new(DataErrorCode::BadRequest, e.to_string()))?;

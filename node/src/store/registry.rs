@@ -10,7 +10,7 @@
 use std::time::Duration;
 
 use beacon_proto::digest::Hasher;
-use beacon_proto::{Digest, ModelRef};
+use beacon_proto::{Digest, ModelRef, Secret};
 use futures::StreamExt;
 use oci_client::client::{BlobResponse, ClientConfig, ClientProtocol};
 use oci_client::errors::{OciDistributionError, OciErrorCode};
@@ -31,7 +31,10 @@ pub struct RegistryOptions {
     /// Registries (`host:port`) that may be reached over plain HTTP. Loopback always may.
     pub insecure: Vec<String>,
     pub username: Option<String>,
-    pub password: Option<String>,
+    pub password: Option<Secret>,
+    /// The registry (`host:port`) `username`/`password` belong to; `None`: whichever one
+    /// an operator's own command names (never on a server, where callers name registries).
+    pub credentials_for: Option<String>,
 }
 
 /// Talks to OCI registries on behalf of a [`Store`].
@@ -74,11 +77,22 @@ impl Registry {
         r: &ModelRef,
         op: RegistryOperation,
     ) -> Result<(RegistryAuth, bool), StoreError> {
-        let creds = auth::resolve(
-            &r.registry,
-            self.opts.username.as_deref(),
-            self.opts.password.as_deref(),
-        )?;
+        // Flag credentials go to their own registry only: an API caller that names
+        // another one must not receive them (review H6).
+        let own = self
+            .opts
+            .credentials_for
+            .as_ref()
+            .is_none_or(|h| h == &r.registry);
+        let creds = if own {
+            auth::resolve(
+                &r.registry,
+                self.opts.username.as_deref(),
+                self.opts.password.as_ref().map(Secret::expose),
+            )?
+        } else {
+            auth::resolve(&r.registry, None, None)?
+        };
         Ok(match creds {
             Credentials::Anonymous => (RegistryAuth::Anonymous, false),
             Credentials::Basic { username, password } => {

@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 #[derive(Debug, Clone)]
 pub struct ClientArgs {
     pub router: String,
-    pub api_key: Option<String>,
+    pub api_key: Option<beacon_proto::Secret>,
     pub task: String,
     pub context: Vec<PathBuf>,
     pub doc_metadata: Option<String>,
@@ -61,7 +61,7 @@ pub async fn run(args: ClientArgs, out: &mut impl Write) -> anyhow::Result<()> {
     let url = format!("{}/v1/minions", args.router.trim_end_matches('/'));
     let mut req = reqwest::Client::new().post(&url).json(&body);
     if let Some(k) = &args.api_key {
-        req = req.bearer_auth(k);
+        req = req.bearer_auth(k.expose());
     }
     let mut resp = req
         .send()

@@ -35,7 +35,7 @@ pub enum Baseline {
 pub struct RemoteSpec {
     pub base_url: Option<String>,
     pub model: Option<String>,
-    pub api_key: Option<String>,
+    pub api_key: Option<beacon_proto::Secret>,
 }
 
 /// Per-job policy; anything left out takes the router's setting.

@@ -136,7 +136,7 @@ impl Supervisor {
         );
         let mut req = self.http.post(&url).timeout(self.timeout).json(&body);
         if let Some(k) = &self.remote.api_key {
-            req = req.bearer_auth(k);
+            req = req.bearer_auth(k.expose());
         }
         let unreachable = |e: reqwest::Error| RemoteError::Unreachable {
             url: url.clone(),
