@@ -21,10 +21,17 @@ pub struct Entry {
     pub rtt: Option<Duration>,
 }
 
+/// Providers kept at most (review H3: identities are free; honest networks are far
+/// smaller). When full, adverts of new providers are dropped until some expire; known
+/// providers keep updating, so a flood cannot push them out.
+pub const MAX_PROVIDERS: usize = 10_000;
+
 /// Providers by peer id.
 #[derive(Debug)]
 pub struct Directory {
     entries: HashMap<PeerId, Entry>,
+    /// Providers kept at most ([`MAX_PROVIDERS`] unless set).
+    pub max_entries: usize,
     /// Without a new advert for this long, a provider is gone.
     pub expire_after: Duration,
     /// Disconnected for this long, a provider is gone.
@@ -35,13 +42,23 @@ impl Directory {
     pub fn new(expire_after: Duration, disconnect_grace: Duration) -> Self {
         Directory {
             entries: HashMap::new(),
+            max_entries: MAX_PROVIDERS,
             expire_after,
             disconnect_grace,
         }
     }
 
-    /// Records a validated advert (the caller validated it).
-    pub fn insert(&mut self, advert: ProviderAdvert, signed: Signed<ProviderAdvert>, now: Instant) {
+    /// Records a validated advert (the caller validated it); false when the table is full
+    /// and the provider is not in it.
+    pub fn insert(
+        &mut self,
+        advert: ProviderAdvert,
+        signed: Signed<ProviderAdvert>,
+        now: Instant,
+    ) -> bool {
+        if !self.entries.contains_key(&advert.peer_id) && self.entries.len() >= self.max_entries {
+            return false;
+        }
         let rtt = self.entries.get(&advert.peer_id).and_then(|e| e.rtt);
         self.entries.insert(
             advert.peer_id,
@@ -53,13 +70,16 @@ impl Directory {
                 rtt,
             },
         );
+        true
     }
 
     /// Applies a network event.
     pub fn apply(&mut self, event: &NetEvent, now: Instant) {
         match event {
             NetEvent::Advert { advert, signed, .. } => {
-                self.insert((**advert).clone(), (**signed).clone(), now)
+                if !self.insert((**advert).clone(), (**signed).clone(), now) {
+                    tracing::debug!(peer = %advert.peer_id, "directory full: advert dropped");
+                }
             }
             NetEvent::Disconnected(peer) => {
                 if let Some(e) = self.entries.get_mut(peer) {
@@ -204,5 +224,32 @@ mod tests {
         assert!(d.expire(t0 + Duration::from_secs(20)).is_empty());
         assert_eq!(d.expire(t0 + Duration::from_secs(31)), vec![a.peer_id()]);
         assert!(d.get(&b.peer_id()).is_some());
+    }
+
+    /// Review H3: the table grew with every identity a flooder made up. Full, it drops
+    /// newcomers and keeps updating the providers it has; expiry makes room again.
+    #[test]
+    fn a_full_directory_keeps_its_providers_and_drops_newcomers() {
+        let mut d = Directory::new(Duration::from_secs(60), Duration::from_secs(10));
+        d.max_entries = 3;
+        let t0 = Instant::now();
+        let known: Vec<Keypair> = (0..3).map(|_| Keypair::generate()).collect();
+        for k in &known {
+            let (a, s) = advert(k);
+            assert!(d.insert(a, s, t0));
+        }
+        let flooder = Keypair::generate();
+        let (a, s) = advert(&flooder);
+        assert!(!d.insert(a.clone(), s.clone(), t0));
+        assert!(d.get(&flooder.peer_id()).is_none());
+        let (mut a2, _) = advert(&known[0]);
+        a2.seq = 2;
+        let s2 = Signed::sign(&known[0], &a2).unwrap();
+        assert!(d.insert(a2, s2, t0 + Duration::from_secs(50)));
+        assert_eq!(d.get(&known[0].peer_id()).unwrap().advert.seq, 2);
+        // The two that went quiet expire; the newcomer then fits.
+        assert_eq!(d.expire(t0 + Duration::from_secs(61)).len(), 2);
+        assert!(d.insert(a, s, t0 + Duration::from_secs(61)));
+        assert_eq!(d.len(), 2);
     }
 }

@@ -192,7 +192,7 @@ async fn main() -> anyhow::Result<()> {
             if !a.listen.ip().is_loopback() && a.api_key.is_empty() && !a.open {
                 anyhow::bail!(
                     "listening on {} (beyond loopback) needs API keys: --api-key \
-                     (BEACON_ROUTER_API_KEYS), or --open (BEACON_ROUTER_OPEN=1) when only \
+                     (BEACON_ROUTER_API_KEYS), or --open (BEACON_ROUTER_OPEN=true) when only \
                      trusted hosts reach the port",
                     a.listen
                 );

@@ -9,6 +9,7 @@
 //! rejected, which costs their sender peer score; stale or replayed ones are ignored.
 
 mod behaviour;
+mod seqs;
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -147,7 +148,7 @@ impl Network {
             events: events.clone(),
             policy: config.advert_policy,
             bootstrap: config.bootstrap.clone(),
-            last_seq: HashMap::new(),
+            seqs: seqs::SeqTable::new(config.advert_policy, seqs::MAX_SOURCES),
             advert: None,
             seq: 0,
             publish_pending: false,
@@ -247,7 +248,7 @@ struct Actor {
     events: broadcast::Sender<NetEvent>,
     policy: AdvertPolicy,
     bootstrap: Vec<Multiaddr>,
-    last_seq: HashMap<PeerId, u64>,
+    seqs: seqs::SeqTable,
     advert: Option<Box<ProviderAdvert>>,
     seq: u64,
     publish_pending: bool,
@@ -588,10 +589,17 @@ impl Actor {
             Ok(s) => s,
             Err(e) => return reject(Some(source), e.to_string(), MessageAcceptance::Reject),
         };
-        let last = self.last_seq.get(&source).copied();
-        match validate_advert(&signed, &source, now_ms(), last, self.policy) {
+        let now = now_ms();
+        let last = self.seqs.last(&source, now);
+        match validate_advert(&signed, &source, now, last, self.policy) {
             Ok(advert) => {
-                self.last_seq.insert(source, advert.seq);
+                if !self.seqs.record(source, advert.seq, now) {
+                    return reject(
+                        Some(source),
+                        "too many advertisers: new sources wait until some go quiet".into(),
+                        MessageAcceptance::Ignore,
+                    );
+                }
                 (
                     MessageAcceptance::Accept,
                     NetEvent::Advert {
