@@ -155,6 +155,11 @@ case "$gpus" in auto|all|none) ;; *) die "--gpus must be auto, all or none" ;; e
 [[ "$p2p_port" =~ ^[0-9]+$ && "$dp_port" =~ ^[0-9]+$ ]] || die "ports must be numbers"
 [[ "$region" =~ ^[A-Za-z0-9._-]{1,64}$ ]] || die "--region must be 1-64 letters, digits, '.', '_' or '-'"
 [[ "$name" =~ ^[A-Za-z0-9][A-Za-z0-9_.-]*$ ]] || die "--name must be a plain name"
+# A model reference goes into JSON, unit files and command lines: only the characters a
+# reference can have (review L6: a quote in it rewrote the /models/create body).
+for m in ${models[@]+"${models[@]}"}; do
+  [[ "$m" =~ ^[A-Za-z0-9][A-Za-z0-9._/:@-]{0,254}$ ]] || die "--model '$m' is not a model reference"
+done
 prefix="${prefix:-$default_prefix}"
 data_dir="${data_dir:-$default_data}"
 state_dir="${state_dir:-$default_state}"

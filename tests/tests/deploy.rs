@@ -212,6 +212,18 @@ fn dry_run_on_a_cpu_host_prints_every_action_and_changes_nothing() {
         state.to_str().unwrap(),
     ];
 
+    // Review L6: a reference with a quote rewrote the JSON body of /models/create.
+    let out = onboard(
+        &["--dry-run", "--model", r#"x","from":"evil.example/a:b"#],
+        None,
+    );
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("is not a model reference"),
+        "{}",
+        text(&out)
+    );
+
     // Bare metal, as a systemd unit (printed, not written: there is no systemd here).
     let mut args = common.to_vec();
     args.extend(dirs);
