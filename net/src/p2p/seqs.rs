@@ -15,6 +15,9 @@ pub(crate) struct SeqTable {
     /// How long a sequence number is remembered: an advert's maximum age plus clock skew.
     keep_ms: u64,
     max: usize,
+    /// When the table was last swept for quiet sources: at most once a second, so a
+    /// flood against a full table costs a lookup per advert, not a sweep.
+    swept_ms: u64,
 }
 
 /// Sources remembered at most (a network's honest providers are far fewer).
@@ -26,6 +29,7 @@ impl SeqTable {
             seen: HashMap::new(),
             keep_ms: policy.max_age_ms.saturating_add(policy.max_skew_ms),
             max,
+            swept_ms: 0,
         }
     }
 
@@ -41,9 +45,12 @@ impl SeqTable {
     /// `source` is not one of them.
     pub(crate) fn record(&mut self, source: PeerId, seq: u64, now_ms: u64) -> bool {
         if !self.seen.contains_key(&source) && self.seen.len() >= self.max {
-            let keep = self.keep_ms;
-            self.seen
-                .retain(|_, (_, at)| now_ms.saturating_sub(*at) <= keep);
+            if now_ms.saturating_sub(self.swept_ms) >= 1_000 {
+                self.swept_ms = now_ms;
+                let keep = self.keep_ms;
+                self.seen
+                    .retain(|_, (_, at)| now_ms.saturating_sub(*at) <= keep);
+            }
             if self.seen.len() >= self.max {
                 return false;
             }
