@@ -27,7 +27,11 @@
 #   --name NAME            container / unit name (default beacon-node)
 #   --state-dir DIR        where onboarding records what it installed (default /etc/beacon,
 #                          ~/.config/beacon when not root)
-#   --api-listen ADDR      the node's local HTTP API (default 127.0.0.1:12434)
+#   --api-listen ADDR      the node's local HTTP API (default 127.0.0.1:12434); beyond
+#                          loopback it requires a token, made on first start and kept in
+#                          the data directory (api-token)
+#   --allow-routers IDS    serve work only for these router peer ids (comma-separated;
+#                          default: any router of the open network)
 #   --p2p-port PORT        libp2p port, TCP and QUIC (default 4001)
 #   --data-plane-port PORT QUIC data-plane port (default 4433)
 #   --public-host HOST     address others reach this host at (behind NAT or port forwarding)
@@ -47,6 +51,8 @@ bootstrap=""
 models=()
 mode=auto
 service=auto
+service_user=beacon
+created_user=""
 image=""
 binary=""
 prefix=""
@@ -55,6 +61,7 @@ volume=beacon-data
 name=beacon-node
 state_dir=""
 api_listen=127.0.0.1:12434
+allow_routers=""
 p2p_port=4001
 dp_port=4433
 public_host=""
@@ -134,6 +141,7 @@ while [ $# -gt 0 ]; do
     --name) name="$2"; shift 2 ;;
     --state-dir) state_dir="$2"; shift 2 ;;
     --api-listen) api_listen="$2"; shift 2 ;;
+    --allow-routers) allow_routers="$2"; shift 2 ;;
     --p2p-port) p2p_port="$2"; shift 2 ;;
     --data-plane-port) dp_port="$2"; shift 2 ;;
     --public-host) public_host="$2"; shift 2 ;;
@@ -173,9 +181,28 @@ health_url="http://$api_host:$api_port"
 docker_ok() { command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1; }
 # A node already serving here holds its store: identity and pulls then go through its API.
 node_up() { curl -sf --max-time 3 "$health_url/healthz" >/dev/null 2>&1; }
-# pull_via_api REF: the running node pulls REF itself (`/models/create`).
+# api_token: the running node's API token, when it keeps one (an API beyond loopback).
+api_token() {
+  if [ "$mode" = container ]; then
+    docker exec "$name" cat /var/lib/beacon/api-token 2>/dev/null || true
+  else
+    cat "$data_dir/api-token" 2>/dev/null || true
+  fi
+}
+# api_get PATH: GET from the running node's API, with its token when it keeps one.
+api_get() {
+  local token
+  token="$(api_token)"
+  curl -sf -K <(if [ -n "$token" ]; then printf 'header = "Authorization: Bearer %s"\n' "$token"; fi) \
+    "$health_url$1"
+}
+# pull_via_api REF: the running node pulls REF itself (`/models/create`). The token goes
+# through a file descriptor, never on a command line or in this script's output.
 pull_via_api() {
+  local token
+  token="$(api_token)"
   run curl -sf --max-time 3600 -o /dev/null -X POST "$health_url/models/create" \
+    -K <(if [ -n "$token" ]; then printf 'header = "Authorization: Bearer %s"\n' "$token"; fi) \
     -H 'Content-Type: application/json' -d "{\"from\":\"$1\"}"
 }
 have_systemd() { [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; }
@@ -183,7 +210,7 @@ have_systemd() { [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2
 # ---------------------------------------------------------------- uninstall
 if [ "$uninstall" = 1 ]; then
   step "uninstalling $name"
-  recorded_mode="" recorded_binary="" recorded_unit="" recorded_volume="" recorded_data=""
+  recorded_mode="" recorded_binary="" recorded_unit="" recorded_volume="" recorded_data="" recorded_user=""
   if [ -f "$state_file" ]; then
     # The state file holds KEY=VALUE lines written by this script; read them as data.
     while IFS='=' read -r key value; do
@@ -193,6 +220,7 @@ if [ "$uninstall" = 1 ]; then
         unit) recorded_unit="$value" ;;
         volume) recorded_volume="$value" ;;
         data_dir) recorded_data="$value" ;;
+        user) recorded_user="$value" ;;
       esac
     done <"$state_file"
     say "  onboarded in ${recorded_mode:-?} mode (record: $state_file)"
@@ -213,6 +241,10 @@ if [ "$uninstall" = 1 ]; then
   fi
   if [ -n "$recorded_binary" ] && [ -f "$recorded_binary" ]; then
     run rm -f "$recorded_binary"
+  fi
+  # The system user the unit ran as, when onboarding made it.
+  if [ -n "$recorded_user" ] && id -u "$recorded_user" >/dev/null 2>&1; then
+    run userdel "$recorded_user"
   fi
   if [ "$purge" = 1 ]; then
     vol="${recorded_volume:-$volume}"
@@ -361,6 +393,23 @@ if [ -n "$public_host" ]; then
   env_args+=("BEACON_P2P_ADVERTISE=/$proto/$public_host/udp/$p2p_port/quic-v1,/$proto/$public_host/tcp/$p2p_port")
   env_args+=("BEACON_DATA_PLANE_ADVERTISE=$public_host:$dp_port")
 fi
+# An API beyond loopback requires a token (the node refuses to start without one): it is
+# made on first start and kept in the data directory. On loopback, local tools need none.
+case "${api_listen%:*}" in
+  127.* | localhost | '[::1]' | ::1) api_loopback=1 ;;
+  *) api_loopback=0 ;;
+esac
+if [ "$api_loopback" = 1 ]; then
+  [ "$mode" = container ] && env_args+=("BEACON_API_TOKEN_FILE=")
+elif [ "$mode" = container ]; then
+  env_args+=("BEACON_API_TOKEN_FILE=/var/lib/beacon/api-token")
+else
+  env_args+=("BEACON_API_TOKEN_FILE=$data_dir/api-token")
+fi
+if [ -n "$allow_routers" ]; then
+  [[ "$allow_routers" =~ ^[1-9A-HJ-NP-Za-km-z,]+$ ]] || die "--allow-routers takes peer ids (base58), comma-separated"
+  env_args+=("BEACON_DATA_PLANE_ALLOW=$allow_routers")
+fi
 [ "$use_gpu" = 1 ] && env_args+=("BEACON_GPU_LAYERS=999")
 [ "${#insecure[@]}" -gt 0 ] && env_args+=("BEACON_INSECURE_REGISTRIES=$(IFS=,; echo "${insecure[*]}")")
 
@@ -386,7 +435,7 @@ record_state() {
 mode=$mode
 name=$name
 region=$region
-$(if [ "$mode" = container ]; then printf 'image=%s\nvolume=%s' "$image" "$volume"; else printf 'binary=%s\ndata_dir=%s\nunit=%s' "$installed_binary" "$data_dir" "$unit_path"; fi)
+$(if [ "$mode" = container ]; then printf 'image=%s\nvolume=%s' "$image" "$volume"; else printf 'binary=%s\ndata_dir=%s\nunit=%s\nuser=%s' "$installed_binary" "$data_dir" "$unit_path" "$created_user"; fi)
 EOF
 }
 
@@ -461,12 +510,40 @@ else
   unit_path=""
   if [ "$service" = systemd ]; then
     unit_path="$unit_dir/$name.service"
+    sandbox=""
+    if [ "$(id -u)" -eq 0 ]; then
+      # The node parses GGUF files from registries with llama.cpp: as root it runs as its
+      # own system user, in a sandbox that leaves it its data directory only.
+      if ! id -u "$service_user" >/dev/null 2>&1; then
+        run useradd --system --user-group --no-create-home --home-dir "$data_dir" \
+          --shell /usr/sbin/nologin "$service_user"
+        created_user="$service_user"
+      fi
+      run chown -R "$service_user:$service_user" "$data_dir"
+      mem_max=$((mem_kb * 9 / 10 / 1024))M
+      sandbox="User=$service_user
+Group=$service_user
+NoNewPrivileges=yes
+ProtectSystem=strict
+ReadWritePaths=$data_dir
+ProtectHome=yes
+PrivateTmp=yes
+CapabilityBoundingSet=
+AmbientCapabilities=
+RestrictSUIDSGID=yes
+ProtectKernelTunables=yes
+ProtectKernelModules=yes
+ProtectControlGroups=yes
+LockPersonality=yes
+MemoryMax=$mem_max
+"
+    fi
     {
       printf '[Unit]\nDescription=Beacon provider node (%s)\nWants=network-online.target\nAfter=network-online.target\n\n' "$region"
       printf '[Service]\nEnvironment=BEACON_DATA_DIR=%s\n' "$data_dir"
       for e in "${env_args[@]}"; do printf 'Environment="%s"\n' "$e"; done
       printf 'ExecStart=%s serve\nRestart=on-failure\nRestartSec=5\nLimitNOFILE=65536\n' "$node_bin"
-      [ "$(id -u)" -eq 0 ] && printf 'NoNewPrivileges=true\nProtectSystem=full\nReadWritePaths=%s\n' "$data_dir"
+      printf '%s' "$sandbox"
       printf '\n[Install]\nWantedBy=%s\n' "$([ "$(id -u)" -eq 0 ] && echo multi-user.target || echo default.target)"
     } | write_file "$unit_path" 0644
     run systemctl "${systemctl_scope[@]}" daemon-reload
@@ -508,7 +585,7 @@ done
 # The first advert follows shortly after the API is up: wait for it (bounded).
 info=""
 for _ in $(seq 1 30); do
-  info="$(curl -sf "$health_url/beacon/node" || true)"
+  info="$(api_get /beacon/node || true)"
   case "$info" in *'"advert":{'*) break ;; esac
   sleep 1
 done

@@ -1,5 +1,6 @@
 //! A persistent identity: an ed25519 key in a file of mode 0600, created on first use. Its
-//! public half is the node's or router's libp2p `PeerId`. One implementation for both.
+//! public half is the node's or router's libp2p `PeerId`. One implementation for both, and
+//! for the other private files they keep (a generated API token).
 
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -9,10 +10,21 @@ use beacon_proto::Keypair;
 
 use crate::NetError;
 
-/// Loads the key at `path`, or creates it if there is none. Creating never follows or
-/// reuses a file someone placed there (the temporary file is created exclusively), and a
-/// key that others may read is refused on load: it may already have leaked.
+/// Loads the key at `path`, or creates it if there is none (see [`load_or_create_private`]).
 pub fn load_or_create(path: &Path) -> Result<Keypair, NetError> {
+    let bytes = load_or_create_private(path, || Keypair::generate().secret_bytes().to_vec())?;
+    Keypair::from_secret_bytes(&bytes)
+        .map_err(|e| NetError::Identity(format!("{} is not an identity key: {e}", path.display())))
+}
+
+/// The contents of the private file at `path` (a key, a token), or `make()`'s, written
+/// there first when there is no file. Creating never follows or reuses a file someone placed
+/// there (the temporary file is created exclusively, mode 0600), and a file that others may
+/// read is refused on load: what it holds may already have leaked.
+pub fn load_or_create_private(
+    path: &Path,
+    make: impl FnOnce() -> Vec<u8>,
+) -> Result<Vec<u8>, NetError> {
     let fail = |what: &str, e: &dyn std::fmt::Display| {
         NetError::Identity(format!("{what} {}: {e}", path.display()))
     };
@@ -21,20 +33,21 @@ pub fn load_or_create(path: &Path) -> Result<Keypair, NetError> {
             let mode = meta.permissions().mode() & 0o777;
             if mode & 0o077 != 0 {
                 return Err(NetError::Identity(format!(
-                    "{} has mode {mode:o}: others may read the key; `chmod 600` it \
-                     (or delete it for a new identity)",
+                    "{} has mode {mode:o}: others may read it; `chmod 600` it \
+                     (or delete it to have a new one made)",
                     path.display()
                 )));
             }
-            let bytes = std::fs::read(path).map_err(|e| fail("reading", &e))?;
-            Keypair::from_secret_bytes(&bytes).map_err(|e| fail("not an identity key:", &e))
+            std::fs::read(path).map_err(|e| fail("reading", &e))
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             if let Some(dir) = path.parent() {
                 std::fs::create_dir_all(dir).map_err(|e| fail("creating the folder of", &e))?;
             }
-            let key = Keypair::generate();
-            let tmp = path.with_extension("key.tmp");
+            let bytes = make();
+            let mut tmp = path.as_os_str().to_owned();
+            tmp.push(".tmp");
+            let tmp = std::path::PathBuf::from(tmp);
             // A leftover (or planted) temporary file or link is removed, never written
             // through: `create_new` fails on anything that exists, links included.
             match std::fs::remove_file(&tmp) {
@@ -48,11 +61,11 @@ pub fn load_or_create(path: &Path) -> Result<Keypair, NetError> {
                 .mode(0o600)
                 .open(&tmp)
                 .map_err(|e| fail("creating", &e))?;
-            f.write_all(&key.secret_bytes()[..])
+            f.write_all(&bytes)
                 .and_then(|()| f.sync_all())
                 .map_err(|e| fail("writing", &e))?;
             std::fs::rename(&tmp, path).map_err(|e| fail("writing", &e))?;
-            Ok(key)
+            Ok(bytes)
         }
         Err(e) => Err(fail("reading", &e)),
     }

@@ -44,6 +44,8 @@ pub enum NetError {
     Write(#[from] quinn::WriteError),
     #[error("the network task has stopped")]
     Stopped,
+    #[error("the peer took nothing we sent for {0:?}")]
+    Stalled(std::time::Duration),
     #[error("identity: {0}")]
     Identity(String),
 }

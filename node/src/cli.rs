@@ -49,7 +49,7 @@ pub enum Command {
     },
     /// Serve the local OpenAI / Docker Model Runner API and join the Beacon network as a
     /// provider (p2p control plane, QUIC data plane).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Chat with a model from the terminal: one answer for PROMPT, or a conversation.
     Run {
         model: String,
@@ -127,6 +127,14 @@ pub struct ServeArgs {
     /// Require this bearer token on every request but /healthz.
     #[arg(long, env = "BEACON_API_TOKEN", hide_env_values = true)]
     pub api_token: Option<Secret>,
+    /// Keep the bearer token in this file (mode 0600): read when it exists, a new random
+    /// one written there when not. `--api-token` wins over it; empty means none.
+    #[arg(long, env = "BEACON_API_TOKEN_FILE")]
+    pub api_token_file: Option<String>,
+    /// Serve the API beyond loopback without a token: only where a private network guards
+    /// the port (a Compose network whose port is not published).
+    #[arg(long, env = "BEACON_API_OPEN")]
+    pub api_open: bool,
     /// Unload a model after it has been idle this long (`-1` never, `0` at once; s/m/h).
     #[arg(long, env = "BEACON_KEEP_ALIVE", default_value = "5m")]
     pub keep_alive: String,
@@ -177,6 +185,10 @@ pub struct NetworkArgs {
     /// Data-plane address to advertise (`host:port`) when others must use a different one.
     #[arg(long, env = "BEACON_DATA_PLANE_ADVERTISE")]
     pub data_plane_advertise: Option<String>,
+    /// Serve work only for these router identities (peer ids, comma-separated); without
+    /// it any peer may submit work, as an open network wants.
+    #[arg(long, env = "BEACON_DATA_PLANE_ALLOW", value_delimiter = ',')]
+    pub data_plane_allow: Vec<beacon_proto::PeerId>,
     /// Seconds between adverts.
     #[arg(long, env = "BEACON_ADVERT_INTERVAL", default_value_t = 10)]
     pub advert_interval: u64,
@@ -194,6 +206,8 @@ impl NetworkArgs {
             p2p_advertise: self.p2p_advertise.clone(),
             data_plane: self.data_plane,
             data_plane_advertise: self.data_plane_advertise.clone(),
+            data_plane_allow: (!self.data_plane_allow.is_empty())
+                .then(|| self.data_plane_allow.clone()),
             advert_interval: std::time::Duration::from_secs(self.advert_interval.max(1)),
             fault: self.fault,
         })
@@ -330,7 +344,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Model(cmd) => model(&data_dir, cmd).await,
         Command::Info => info(&data_dir),
         Command::Healthcheck { url } => healthcheck(url).await,
-        Command::Serve(args) => serve(&data_dir, args).await,
+        Command::Serve(args) => serve(&data_dir, *args).await,
         Command::Run {
             model,
             prompt,
@@ -589,6 +603,7 @@ async fn serve(data_dir: &std::path::Path, args: ServeArgs) -> anyhow::Result<()
              the one registry they may be sent to"
         );
     }
+    let token = api_token(&args)?;
     let keep_alive = KeepAlive::parse(&args.keep_alive).map_err(anyhow::Error::msg)?;
     let mut scheduler = SchedulerConfig {
         engine: args.engine.config(),
@@ -605,13 +620,51 @@ async fn serve(data_dir: &std::path::Path, args: ServeArgs) -> anyhow::Result<()
         scheduler,
         api: crate::api::ApiConfig {
             listen: args.listen,
-            token: args.api_token,
+            token,
             max_body: args.max_body_mib << 20,
         },
         registry: args.registry.registry(),
         provider: args.network.config(),
     };
     crate::daemon::run(config, shutdown_signal()).await
+}
+
+/// The API's bearer token: the flag's, or the token file's (made when missing). Beyond
+/// loopback there must be one, unless told `--api-open` (review H5): whoever reaches an
+/// open API pulls from any registry, deletes models and uses the machine.
+fn api_token(args: &ServeArgs) -> anyhow::Result<Option<Secret>> {
+    let file = args
+        .api_token_file
+        .as_deref()
+        .filter(|p| !p.is_empty())
+        .map(std::path::Path::new);
+    let token = match (&args.api_token, file) {
+        (Some(t), _) => Some(t.clone()),
+        (None, Some(path)) => {
+            let bytes = beacon_net::identity::load_or_create_private(path, || {
+                let (a, b) = (beacon_proto::Id::random(), beacon_proto::Id::random());
+                format!("{:032x}{:032x}\n", a.0, b.0).into_bytes()
+            })?;
+            let token = String::from_utf8(bytes)
+                .ok()
+                .map(|t| t.trim().to_string())
+                .filter(|t| !t.is_empty())
+                .with_context(|| format!("{} holds no token", path.display()))?;
+            tracing::info!(file = %path.display(), "the API requires the token in this file");
+            Some(Secret::new(token))
+        }
+        (None, None) => None,
+    };
+    if token.is_none() && !args.listen.ip().is_loopback() && !args.api_open {
+        bail!(
+            "the API would listen on {} without a token, and anyone who reaches it could pull \
+             and delete models and use this machine: set --api-token or --api-token-file \
+             (BEACON_API_TOKEN, BEACON_API_TOKEN_FILE), listen on loopback, or pass \
+             --api-open where a private network guards the port",
+            args.listen
+        );
+    }
+    Ok(token)
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

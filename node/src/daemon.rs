@@ -35,6 +35,8 @@ pub struct ProviderConfig {
     pub data_plane: SocketAddr,
     /// What to advertise as the data-plane address (default: derived from `data_plane`).
     pub data_plane_advertise: Option<String>,
+    /// `None`: any peer may submit work; otherwise only these.
+    pub data_plane_allow: Option<Vec<beacon_proto::PeerId>>,
     pub advert_interval: Duration,
     /// Deliberate misbehaviour (tests and benchmarks only).
     pub fault: Option<crate::provider::Fault>,
@@ -99,9 +101,20 @@ pub async fn run(
         if let Some(f) = p.fault {
             tracing::warn!(fault = ?f, "FAULT INJECTION: this provider misbehaves on purpose");
         }
+        let policy = match &p.data_plane_allow {
+            Some(peers) => {
+                info!(
+                    peers = peers.len(),
+                    "the data plane serves only its allow-list"
+                );
+                beacon_net::quic::ServePolicy::allow_only(peers.iter().copied())
+            }
+            None => beacon_net::quic::ServePolicy::default(),
+        };
         data_plane = Some(tokio::spawn(beacon_net::quic::serve(
             endpoint,
             provider,
+            policy,
             stopped(),
         )));
         info!(%bound, %advertised, "data plane listening");

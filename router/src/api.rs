@@ -4,11 +4,11 @@
 //! /v1/providers`, `/metrics`, `/healthz`. Bearer API keys with a per-key rate limit, a body
 //! limit, and OpenAI-shaped errors.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::{Body, Bytes};
@@ -34,11 +34,38 @@ pub struct Remote {
     pub api_key: Option<Secret>,
 }
 
+/// What may go to the remote API when no provider serves a chat request (reviews H8,
+/// M2): the remote is the operator's paid account, and it runs outside the network's
+/// regions.
+#[derive(Clone, Debug)]
+pub struct FallbackPolicy {
+    /// Models the remote may be asked for; `None`: any.
+    pub models: Option<BTreeSet<String>>,
+    /// The most completion tokens a forwarded request may ask for (and what it asks for
+    /// when it names no limit).
+    pub max_tokens: u64,
+    /// The region the remote runs in, as its operator declares it. With
+    /// `--allowed-regions`, nothing is forwarded unless it is one of them.
+    pub region: Option<String>,
+}
+
+impl Default for FallbackPolicy {
+    /// Nothing is forwarded until the operator names the models.
+    fn default() -> Self {
+        FallbackPolicy {
+            models: Some(BTreeSet::new()),
+            max_tokens: 4096,
+            region: None,
+        }
+    }
+}
+
 /// Shared state of the API.
 #[derive(Clone)]
 pub struct ApiState {
     pub dispatcher: Dispatcher,
     pub remote: Option<Remote>,
+    pub fallback: FallbackPolicy,
     pub http: reqwest::Client,
     pub keys: Arc<Vec<Secret>>,
     pub rate_per_minute: u32,
@@ -78,7 +105,8 @@ impl ApiState {
         ApiState {
             dispatcher,
             remote,
-            http: reqwest::Client::new(),
+            fallback: FallbackPolicy::default(),
+            http: remote_client(),
             keys: Arc::new(keys),
             rate_per_minute,
             policy,
@@ -89,6 +117,17 @@ impl ApiState {
             metrics: Arc::default(),
         }
     }
+}
+
+/// The client for the remote API: bounded connect and read times, and no redirects (a
+/// redirect would carry the operator's key, or a job's, somewhere nobody chose: L1).
+fn remote_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(10))
+        .read_timeout(Duration::from_secs(900))
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap_or_default()
 }
 
 /// An OpenAI-shaped error.
@@ -431,7 +470,8 @@ async fn chat_inner(
     let (body, raw) = parse(&bytes)?;
     let digest = state.dispatcher.directory.resolve_model(&body.model);
     let Some(digest) = digest else {
-        return fallback(state, raw, &format!("no provider serves {}", body.model)).await;
+        let reason = format!("no provider serves {}", body.model);
+        return fallback(state, &body.model, raw, &reason).await;
     };
     let request = to_request(&body, digest)?;
     let admitted = admit(state, digest)?;
@@ -441,7 +481,9 @@ async fn chat_inner(
     if !body.stream {
         let outcome = match state.dispatcher.run(&request, &state.policy, None).await {
             Ok(o) => o,
-            Err(DispatchError::NoProvider(reason)) => return fallback(state, raw, &reason).await,
+            Err(DispatchError::NoProvider(reason)) => {
+                return fallback(state, &body.model, raw, &reason).await;
+            }
             Err(e) => return Err(dispatch_error(e)),
         };
         record(state, &outcome);
@@ -571,8 +613,55 @@ fn dispatch_error(e: DispatchError) -> ApiError {
     }
 }
 
-/// Sends the request unchanged to the remote API, or explains why it cannot be served.
-async fn fallback(state: &ApiState, raw: Value, reason: &str) -> Result<Response, ApiError> {
+/// Why a request may not go to the remote API, if it may not.
+fn fallback_refusal(state: &ApiState, model: &str) -> Option<String> {
+    let policy = &state.fallback;
+    if let Some(allowed) = &state.policy.allowed_regions
+        && !policy.region.as_ref().is_some_and(|r| allowed.contains(r))
+    {
+        return Some(format!(
+            "this router keeps data in {}, and its remote API is not declared in one of \
+             them (--remote-region)",
+            allowed.iter().cloned().collect::<Vec<_>>().join(", ")
+        ));
+    }
+    if policy.models.as_ref().is_some_and(|m| !m.contains(model)) {
+        return Some(format!(
+            "its remote API is not offered for {model:?} (--fallback-models)"
+        ));
+    }
+    None
+}
+
+/// The client's request as the remote API gets it: what the operator allows, within the
+/// token limit the operator set (a client asking for a huge completion, or many, on the
+/// operator's key gets the limit).
+fn forwarded(mut raw: Value, max_tokens: u64) -> Value {
+    let Some(body) = raw.as_object_mut() else {
+        return raw;
+    };
+    let mut limited = false;
+    for field in ["max_tokens", "max_completion_tokens"] {
+        if let Some(v) = body.get_mut(field) {
+            *v = json!(v.as_u64().unwrap_or(max_tokens).min(max_tokens));
+            limited = true;
+        }
+    }
+    if !limited {
+        body.insert("max_tokens".into(), json!(max_tokens));
+    }
+    body.insert("n".into(), json!(1));
+    raw
+}
+
+/// Sends the request to the remote API, within the operator's fallback policy, or explains
+/// why it cannot be served.
+async fn fallback(
+    state: &ApiState,
+    model: &str,
+    raw: Value,
+    reason: &str,
+) -> Result<Response, ApiError> {
     let Some(remote) = &state.remote else {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
@@ -580,8 +669,16 @@ async fn fallback(state: &ApiState, raw: Value, reason: &str) -> Result<Response
             format!("{reason}, and no remote API is configured"),
         ));
     };
+    if let Some(refusal) = fallback_refusal(state, model) {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "model_not_found",
+            format!("{reason}, and {refusal}"),
+        ));
+    }
     state.metrics.fallback.fetch_add(1, Ordering::Relaxed);
     let url = format!("{}/chat/completions", remote.base_url.trim_end_matches('/'));
+    let raw = forwarded(raw, state.fallback.max_tokens);
     let mut req = state.http.post(url).json(&raw);
     if let Some(k) = &remote.api_key {
         req = req.bearer_auth(k.expose());

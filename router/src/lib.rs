@@ -35,6 +35,8 @@ pub struct RouterConfig {
     pub api_keys: Vec<beacon_proto::Secret>,
     pub rate_per_minute: u32,
     pub remote: Option<api::Remote>,
+    /// What may be forwarded to the remote when no provider serves a chat request.
+    pub fallback: api::FallbackPolicy,
     pub dispatch: dispatch::DispatchConfig,
     pub policy: placement::Policy,
     pub max_body: usize,
@@ -97,6 +99,7 @@ pub async fn run(
         config.rate_per_minute,
         config.policy,
     );
+    state.fallback = config.fallback;
     state.minions = Arc::new(config.minions);
     state.max_queue = config.max_queue;
     let listener = tokio::net::TcpListener::bind(config.listen)

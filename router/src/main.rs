@@ -100,6 +100,17 @@ struct ServeArgs {
     /// Remote OpenAI-compatible API for requests the network cannot serve (e.g. https://api.openai.com/v1).
     #[arg(long, env = "BEACON_REMOTE_BASE_URL")]
     remote_base_url: Option<String>,
+    /// Models requests may be forwarded to the remote API for when no provider serves
+    /// them, comma-separated (`*`: any). Default: --remote-model only.
+    #[arg(long, env = "BEACON_FALLBACK_MODELS", value_delimiter = ',')]
+    fallback_models: Vec<String>,
+    /// The most completion tokens a request forwarded to the remote API may ask for.
+    #[arg(long, env = "BEACON_FALLBACK_MAX_TOKENS", default_value_t = 4096)]
+    fallback_max_tokens: u64,
+    /// The region the remote API runs in. With --allowed-regions, requests go to it only
+    /// when this is one of them.
+    #[arg(long, env = "BEACON_REMOTE_REGION")]
+    remote_region: Option<String>,
     /// Key for the remote API; prefer the environment variable.
     #[arg(long, env = "BEACON_REMOTE_API_KEY", hide_env_values = true)]
     remote_api_key: Option<Secret>,
@@ -224,6 +235,22 @@ async fn main() -> anyhow::Result<()> {
                         base_url,
                         api_key: a.remote_api_key,
                     }),
+                fallback: beacon_router::api::FallbackPolicy {
+                    models: if a.fallback_models.iter().any(|m| m == "*") {
+                        None
+                    } else {
+                        Some(
+                            a.fallback_models
+                                .iter()
+                                .map(|m| m.trim().to_string())
+                                .filter(|m| !m.is_empty())
+                                .chain(a.remote_model.clone())
+                                .collect(),
+                        )
+                    },
+                    max_tokens: a.fallback_max_tokens.max(1),
+                    region: a.remote_region,
+                },
                 dispatch: beacon_router::dispatch::DispatchConfig {
                     attempt_timeout: Duration::from_secs(a.attempt_timeout.max(1)),
                     audit_rate: a.audit_rate.clamp(0.0, 1.0),

@@ -2,7 +2,8 @@
 //! Python client: chat (JSON and SSE), JSON-schema output, concurrency, Docker Model Runner
 //! endpoints, idle unload and reload, queue-full behaviour, and every kind of bad input.
 
-use std::process::Command;
+use std::os::unix::fs::PermissionsExt;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use beacon_tests::*;
@@ -338,6 +339,63 @@ fn bearer_token_auth() {
     assert_eq!(http("GET", &node.url("/healthz"), None, &[]).status, 200);
 }
 
+/// Review H5: the image's API listened on every address without a token, so whoever
+/// reached a provider pulled, deleted and ran models. Beyond loopback the node now refuses
+/// to start without a token; a token file is made once, private, and then required.
+#[test]
+fn an_api_beyond_loopback_requires_a_token() {
+    let cli = NodeCli::new();
+    let listen = format!("0.0.0.0:{}", free_port());
+    let out = cli
+        .command()
+        .args(["serve", "--no-network", "--listen", &listen])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("without a token"), "{err}");
+
+    let token_file = cli.data.path().join("api-token");
+    let serve = |port: u16| {
+        let child = cli
+            .command()
+            .args(["serve", "--no-network", "--listen"])
+            .arg(format!("0.0.0.0:{port}"))
+            .arg("--api-token-file")
+            .arg(&token_file)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let guard = ChildGuard(child);
+        wait_for_http(
+            ([127, 0, 0, 1], port).into(),
+            "/healthz",
+            Duration::from_secs(30),
+        );
+        guard
+    };
+    let port = free_port();
+    let node = serve(port);
+    let mode = std::fs::metadata(&token_file).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let token = std::fs::read_to_string(&token_file)
+        .unwrap()
+        .trim()
+        .to_string();
+    assert_eq!(token.len(), 64, "{token:?}");
+    let bearer = format!("Authorization: Bearer {token}");
+    let url = format!("http://127.0.0.1:{port}/v1/models");
+    assert_eq!(http("GET", &url, None, &[]).status, 401);
+    assert_eq!(http("GET", &url, None, &[&bearer]).status, 200);
+    // A restart reads the same token; it is never replaced.
+    drop(node);
+    let port = free_port();
+    let _node = serve(port);
+    let url = format!("http://127.0.0.1:{port}/v1/models");
+    assert_eq!(http("GET", &url, None, &[&bearer]).status, 200);
+}
+
 /// Review H5: a web page in the provider's browser could POST `/models/create` to the
 /// loopback API (CSRF: a form or no-cors fetch needs no preflight), and by DNS rebinding
 /// (its own name resolving to 127.0.0.1) read the answers. Cross-origin requests, foreign
@@ -519,13 +577,15 @@ fn full_queue_answers_503_with_retry_after() {
         .status,
         200
     );
+    // Long enough that the queue is seen, short enough for a loaded CI machine (where
+    // 150 tokens each for the running and the queued request once took over 120 s).
     let handles: Vec<_> = (0..6)
         .map(|_| {
             let (url, body) = (
                 url.clone(),
-                chat_body("Write a long story about a dragon.", r#","max_tokens":150"#),
+                chat_body("Write a long story about a dragon.", r#","max_tokens":64"#),
             );
-            std::thread::spawn(move || http("POST", &url, Some(&body), &[]))
+            std::thread::spawn(move || http_within("POST", &url, Some(&body), &[], 600))
         })
         .collect();
     // While one request runs, another waits: the queue-depth gauge shows it.

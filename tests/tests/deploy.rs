@@ -242,6 +242,53 @@ fn dry_run_on_a_cpu_host_prints_every_action_and_changes_nothing() {
     assert!(t.contains("systemctl daemon-reload"), "{t}");
     assert!(!t.contains("BEACON_GPU_LAYERS"), "{t}");
     assert!(t.contains("nothing was changed"), "{t}");
+    // Review M10: as root, the unit runs as its own user in a sandbox, not as root.
+    if is_root() {
+        for line in [
+            "User=beacon",
+            "ProtectSystem=strict",
+            "ProtectHome=yes",
+            "PrivateTmp=yes",
+            "CapabilityBoundingSet=\n",
+            "NoNewPrivileges=yes",
+            "MemoryMax=",
+        ] {
+            assert!(t.contains(line), "the unit lacks {line:?}: {t}");
+        }
+        assert!(
+            t.contains(&format!("chown -R beacon:beacon {}", data.display())),
+            "{t}"
+        );
+    }
+    // On loopback the API keeps no token; beyond it, the node makes one in its data dir
+    // (review H5: it refuses to listen beyond loopback without one).
+    assert!(!t.contains("BEACON_API_TOKEN_FILE"), "{t}");
+    let mut args = common.to_vec();
+    args.extend(dirs);
+    args.extend([
+        "--mode",
+        "bare-metal",
+        "--service",
+        "systemd",
+        "--api-listen",
+        "0.0.0.0:12434",
+        "--allow-routers",
+        "12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN",
+    ]);
+    let out = onboard(&args, None);
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    assert!(
+        t.contains(&format!(
+            "Environment=\"BEACON_API_TOKEN_FILE={}/api-token\"",
+            data.display()
+        )),
+        "{t}"
+    );
+    assert!(
+        t.contains("BEACON_DATA_PLANE_ALLOW=12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN"),
+        "{t}"
+    );
 
     // Bare metal in the foreground.
     let mut args = common.to_vec();
@@ -826,6 +873,14 @@ assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
 assert ds["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
 assert any(v["name"] == "store" and "hostPath" in v for v in ds["spec"]["volumes"])
 assert ds["spec"]["securityContext"]["runAsNonRoot"] is True
+# Review M11: the store is handed to the image's user before anything writes to it.
+init = ds["spec"]["initContainers"]
+assert init[0]["name"] == "prepare-store" and "chown 10001:10001 /var/lib/beacon" in init[0]["command"][-1]
+assert init[0]["securityContext"]["capabilities"]["add"] == ["CHOWN", "FOWNER"]
+# Review H5: the API listens beyond loopback, with a token from a Secret (or the node's own).
+env = {e["name"]: e for e in c["env"]}
+assert env["BEACON_LISTEN"]["value"].startswith("0.0.0.0:")
+assert env["BEACON_API_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "beacon-node-api"
 cm = docs[("ConfigMap", "beacon-network")]["data"]
 assert cm["BEACON_BOOTSTRAP"].startswith("/dns4/beacon-router-p2p.")
 assert any(e.get("configMapRef", {}).get("name") == "beacon-network" for e in c["envFrom"])
@@ -843,4 +898,11 @@ print("ok", len(docs))
     args.extend(files.iter().map(String::as_str));
     let out = sh("python3", &args);
     assert!(out.status.success(), "{}", text(&out));
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
 }

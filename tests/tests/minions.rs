@@ -275,7 +275,12 @@ fn minions_and_minion_jobs_run_on_the_network_with_exact_accounting() {
     );
     bad(
         json!({"task": "q", "context": ["x"], "remote": {"base_url": "http://127.0.0.1:1/v1"}}),
-        "remote.base_url",
+        "remote",
+    );
+    // Review H8: nor may a client pick the supervisor model the operator pays for.
+    bad(
+        json!({"task": "q", "context": ["x"], "remote": {"model": "o1-pro"}}),
+        "remote",
     );
     let r = http("POST", &net.router.url("/v1/minions"), Some("{oops"), &[]);
     assert_eq!(r.status, 400);

@@ -3,9 +3,13 @@
 //! SmolLM2 model; forged adverts and hostile data-plane clients.
 
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use beacon_net::quic::{CallError, DataClient, read_frame};
+use beacon_net::quic::{
+    CallError, DataClient, MAX_CONNECTIONS_PER_IP, MAX_CONNECTIONS_PER_PEER, TlsIdentity, quinn,
+    read_frame, tls, write_frame,
+};
 use beacon_net::{NetEvent, Network, NetworkConfig};
 use beacon_proto::{
     AuditRequest, ChatMessage, DataErrorCode, DataFrame, DataRequest, Digest, Id, InferRequest,
@@ -476,4 +480,224 @@ async fn garbage_and_vanishing_clients_do_not_hurt_the_provider() {
         .expect("still serving");
     assert!(result.output.to_lowercase().contains("banana"));
     assert_eq!(http("GET", &node.url("/healthz"), None, &[]).status, 200);
+}
+
+/// A QUIC connection to a provider made by hand from `endpoint`, with the transport settings
+/// a hostile client chooses (`DataClient` keeps them sane).
+async fn raw_connect(
+    endpoint: &quinn::Endpoint,
+    key: &Keypair,
+    peer: PeerId,
+    addr: SocketAddr,
+    transport: quinn::TransportConfig,
+) -> Result<quinn::Connection, String> {
+    let id = TlsIdentity::new(key).unwrap();
+    let crypto =
+        quinn::crypto::rustls::QuicClientConfig::try_from(tls::client_config(&id, peer).unwrap())
+            .unwrap();
+    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+    config.transport_config(Arc::new(transport));
+    endpoint
+        .connect_with(config, addr, "beacon")
+        .map_err(|e| e.to_string())?
+        .await
+        .map_err(|e| e.to_string())
+}
+
+fn keep_alive_transport() -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    t.keep_alive_interval(Some(Duration::from_secs(1)));
+    t
+}
+
+/// Whether the provider serves streams on `conn`: garbage gets a BadRequest frame on a
+/// connection it serves, and a closed connection's reason otherwise.
+async fn served(conn: &quinn::Connection) -> Result<(), String> {
+    let why = |e: &dyn std::fmt::Display| {
+        conn.close_reason()
+            .map_or_else(|| e.to_string(), |r| r.to_string())
+    };
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| why(&e))?;
+    send.write_all(&8u32.to_be_bytes())
+        .await
+        .map_err(|e| why(&e))?;
+    send.write_all(&[0xff; 8]).await.map_err(|e| why(&e))?;
+    let _ = send.finish();
+    match read_frame::<DataFrame, _>(&mut recv).await {
+        Ok(Some(DataFrame::Error(e))) if e.code == DataErrorCode::BadRequest => Ok(()),
+        Ok(other) => panic!("garbage got {other:?}"),
+        Err(e) => Err(why(&e)),
+    }
+}
+
+/// Review H4 (lease pinning): a client that opens streams and never reads its answers held
+/// the provider's slot and queue for as long as it liked, and every router was told Busy.
+/// A frame the client does not take within the write timeout now ends its request.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_stops_reading_loses_its_slot_not_the_provider() {
+    let node =
+        tokio::task::spawn_blocking(|| NodeServer::start(&["--parallel", "1", "--max-queue", "1"]))
+            .await
+            .unwrap();
+    let (peer, addr, digest) = provider_of(&node);
+    let (_, honest) = new_client();
+    honest
+        .infer(peer, addr, &request(digest, "warm"), |_| {})
+        .await
+        .expect("the model loads");
+
+    // The attacker's receive window takes 8 bytes, and it never reads.
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let mut tiny = keep_alive_transport();
+    tiny.stream_receive_window(8u32.into());
+    tiny.receive_window(64u32.into());
+    let conn = raw_connect(&endpoint, &Keypair::generate(), peer, addr, tiny)
+        .await
+        .unwrap();
+    let mut stalled = Vec::new();
+    for _ in 0..3 {
+        let mut long = request(digest, "river");
+        long.messages[0].content = "Write a long story about a river.".into();
+        long.sampling.max_tokens = 400;
+        let (mut send, recv) = conn.open_bi().await.unwrap();
+        write_frame(&mut send, &DataRequest::Infer(long))
+            .await
+            .unwrap();
+        send.finish().unwrap();
+        stalled.push((send, recv));
+    }
+    // The attack takes hold: one stalled request holds the slot, another waits in the queue.
+    let metrics = node.url("/metrics");
+    let held = tokio::task::spawn_blocking(move || {
+        wait_until(Duration::from_secs(30), || {
+            http("GET", &metrics, None, &[])
+                .body
+                .lines()
+                .any(|l| l == "beacon_queue_depth 1")
+        })
+    })
+    .await
+    .unwrap();
+    assert!(
+        held,
+        "the stalled streams never took the slot and the queue"
+    );
+
+    // An honest request is told Busy for a while at most, then served.
+    let start = Instant::now();
+    let mut busy = 0;
+    let result = loop {
+        match honest
+            .infer(peer, addr, &request(digest, "banana"), |_| {})
+            .await
+        {
+            Ok((r, _)) => break r,
+            Err(CallError::Remote { error, .. })
+                if error.code == DataErrorCode::Busy
+                    && start.elapsed() < Duration::from_secs(180) =>
+            {
+                busy += 1;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => panic!("after {busy} Busy answers: {e}"),
+        }
+    };
+    assert!(
+        result.output.to_lowercase().contains("banana"),
+        "{result:?}"
+    );
+    drop(stalled);
+    endpoint.close(0u32.into(), b"done");
+}
+
+/// Review H4 (connection slots): one host opened every connection the provider accepts
+/// (1024) and kept them alive, and every router after it was refused. Now one address and
+/// one identity hold a few each, and an honest client still connects.
+#[tokio::test(flavor = "multi_thread")]
+async fn one_host_cannot_take_every_data_plane_connection() {
+    let node = tokio::task::spawn_blocking(|| NodeServer::start(&[]))
+        .await
+        .unwrap();
+    let (peer, addr, digest) = provider_of(&node);
+
+    // One identity: MAX_CONNECTIONS_PER_PEER connections are served, the next is closed.
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let key = Keypair::generate();
+    let mut same_key = Vec::new();
+    for _ in 0..MAX_CONNECTIONS_PER_PEER {
+        let conn = raw_connect(&endpoint, &key, peer, addr, keep_alive_transport())
+            .await
+            .unwrap();
+        served(&conn).await.expect("within the per-peer limit");
+        same_key.push(conn);
+    }
+    let extra = raw_connect(&endpoint, &key, peer, addr, keep_alive_transport())
+        .await
+        .unwrap();
+    let refused = served(&extra).await.expect_err("one connection too many");
+    assert!(refused.contains("too many connections"), "{refused}");
+    drop(same_key);
+
+    // One address (127.0.0.2), a fresh identity per connection, until the provider refuses:
+    // that must come long before the provider's 1024 connections are gone.
+    let flood = quinn::Endpoint::client("127.0.0.2:0".parse().unwrap()).unwrap();
+    let mut held = Vec::new();
+    let refused = loop {
+        match raw_connect(
+            &flood,
+            &Keypair::generate(),
+            peer,
+            addr,
+            keep_alive_transport(),
+        )
+        .await
+        {
+            Ok(conn) if held.len() <= beacon_net::quic::MAX_CONNECTIONS => held.push(conn),
+            Ok(_) => panic!("the provider never refused one address"),
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(
+        held.len(),
+        MAX_CONNECTIONS_PER_IP,
+        "one address held {} connections before the refusal ({refused})",
+        held.len()
+    );
+    // The flood's connections stay open, and honest traffic from elsewhere is served.
+    let (_, honest) = new_client();
+    let (result, _) = honest
+        .infer(peer, addr, &request(digest, "banana"), |_| {})
+        .await
+        .expect("an honest client is served during the flood");
+    assert!(result.output.to_lowercase().contains("banana"));
+    for conn in &held[..3] {
+        served(conn)
+            .await
+            .expect("the flood's own connections live");
+    }
+    flood.close(0u32.into(), b"done");
+}
+
+/// Review H4 (free compute): a provider may serve only the routers it works for.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_allow_listed_provider_serves_only_its_routers() {
+    let router_key = Keypair::generate();
+    let allowed = router_key.peer_id().to_string();
+    let node =
+        tokio::task::spawn_blocking(move || NodeServer::start(&["--data-plane-allow", &allowed]))
+            .await
+            .unwrap();
+    let (peer, addr, digest) = provider_of(&node);
+    let router = DataClient::new(&router_key, "127.0.0.1:0".parse().unwrap()).unwrap();
+    let (result, _) = router
+        .infer(peer, addr, &request(digest, "banana"), |_| {})
+        .await
+        .expect("the allowed router is served");
+    assert!(result.output.to_lowercase().contains("banana"));
+    let (_, stranger) = new_client();
+    let refused = stranger
+        .infer(peer, addr, &request(digest, "banana"), |_| {})
+        .await
+        .expect_err("a stranger is refused");
+    assert!(refused.to_string().contains("allow-list"), "{refused}");
 }

@@ -304,11 +304,77 @@ fn falls_back_to_the_remote_api_with_keys_and_rate_limits() {
     // The "remote" is a Beacon node serving the same OpenAI API; the router has no
     // providers at all, so everything goes there.
     let remote = NodeServer::start(&["--no-network"]);
+    let remote_url = remote.url("/v1");
+    let remote_calls = || {
+        let m = http("GET", &remote.url("/metrics"), None, &[]).body;
+        m.lines()
+            .find_map(|l| l.strip_prefix("beacon_requests_total{endpoint=\"chat\"} "))
+            .map_or(0, |n| n.trim().parse::<u64>().unwrap())
+    };
+
+    // Review H8 and M2, on open routers (no keys needed to attack them):
+    // a model the operator did not offer is not forwarded on its key;
+    let open = RouterServer::start(None, &["--remote-base-url", &remote_url]);
+    let open_url = open.url("/v1/chat/completions");
+    let r = http("POST", &open_url, Some(&chat("apple", "")), &[]);
+    assert_eq!(r.status, 404, "{r:?}");
+    assert!(r.body.contains("--fallback-models"), "{}", r.body);
+    assert_eq!(remote_calls(), 0, "the remote was called");
+    drop(open);
+    // a request for a huge completion gets the operator's limit;
+    let capped = RouterServer::start(
+        None,
+        &[
+            "--remote-base-url",
+            &remote_url,
+            "--fallback-models",
+            "ai/smollm2:test",
+            "--fallback-max-tokens",
+            "3",
+        ],
+    );
+    let long = r#"{"model":"ai/smollm2:test","temperature":0,"max_tokens":100000,"n":4,"messages":[{"role":"user","content":"Write a long story about a dragon."}]}"#;
+    let r = http("POST", &capped.url("/v1/chat/completions"), Some(long), &[]);
+    assert_eq!(r.status, 200, "{r:?}");
+    let v = r.json();
+    assert_eq!(v["usage"]["completion_tokens"], 3, "{v}");
+    assert_eq!(v["choices"].as_array().unwrap().len(), 1, "{v}");
+    drop(capped);
+    // and data kept in a region never leaves for a remote not declared in it.
+    for (declared, status) in [(None, 404), (Some("us-east"), 404), (Some("eu-west"), 200)] {
+        let mut args = vec![
+            "--remote-base-url",
+            &remote_url,
+            "--fallback-models",
+            "*",
+            "--allowed-regions",
+            "eu-west",
+        ];
+        if let Some(region) = declared {
+            args.extend(["--remote-region", region]);
+        }
+        let resident = RouterServer::start(None, &args);
+        let before = remote_calls();
+        let r = http(
+            "POST",
+            &resident.url("/v1/chat/completions"),
+            Some(&chat("apple", "")),
+            &[],
+        );
+        assert_eq!(r.status, status, "remote in {declared:?}: {r:?}");
+        if status == 404 {
+            assert!(r.body.contains("--remote-region"), "{}", r.body);
+            assert_eq!(remote_calls(), before, "the remote was called");
+        }
+    }
+
     let router = RouterServer::start(
         None,
         &[
             "--remote-base-url",
-            &remote.url("/v1"),
+            &remote_url,
+            "--fallback-models",
+            "ai/smollm2:test",
             "--api-key",
             "k-one,k-two",
             "--rate-limit",

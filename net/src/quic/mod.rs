@@ -6,9 +6,9 @@
 pub mod frame;
 pub mod tls;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -21,6 +21,9 @@ use tokio::sync::Semaphore;
 use tracing::{debug, warn};
 
 pub use frame::{read_frame, write_frame};
+/// The QUIC implementation, for callers that build their own endpoints (tests of hostile
+/// clients, tools).
+pub use quinn;
 pub use tls::TlsIdentity;
 
 use crate::NetError;
@@ -29,8 +32,119 @@ use crate::NetError;
 pub const MAX_STREAMS_PER_CONNECTION: u32 = 64;
 /// Connections a provider accepts at once.
 pub const MAX_CONNECTIONS: usize = 1024;
+/// Connections a provider accepts at once from one IPv4 address or IPv6 /64.
+pub const MAX_CONNECTIONS_PER_IP: usize = 32;
+/// Connections a provider accepts at once from one identity (a router pools one; a few
+/// more cover a reconnect while the old connection times out).
+pub const MAX_CONNECTIONS_PER_PEER: usize = 4;
 /// How long a client may take to send its request after opening a stream.
 pub const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a provider waits for a client to take one frame of its answer. A client that
+/// stops reading loses its request after this, and the slot it held goes to others.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Unread bytes a provider buffers per connection (a request is at most 12 MiB).
+const SERVER_RECEIVE_WINDOW: u32 = 16 << 20;
+
+/// Application close codes a provider sends when it turns a connection away.
+pub mod close_code {
+    /// The peer is not on this provider's allow-list.
+    pub const NOT_ALLOWED: u32 = 2;
+    /// The peer or its address already holds as many connections as it may.
+    pub const TOO_MANY: u32 = 3;
+    /// (A stream reset) the client took nothing for [`super::WRITE_TIMEOUT`].
+    pub const STALLED: u32 = 4;
+}
+
+/// Who may submit work on a provider's data plane, and how many connections one source may
+/// hold (review H4).
+#[derive(Clone, Debug)]
+pub struct ServePolicy {
+    /// `None`: any authenticated peer, as an open network wants; otherwise only these
+    /// identities (the routers this provider works for).
+    pub allow: Option<Arc<HashSet<PeerId>>>,
+    pub max_connections: usize,
+    pub max_connections_per_ip: usize,
+    pub max_connections_per_peer: usize,
+}
+
+impl Default for ServePolicy {
+    fn default() -> Self {
+        ServePolicy {
+            allow: None,
+            max_connections: MAX_CONNECTIONS,
+            max_connections_per_ip: MAX_CONNECTIONS_PER_IP,
+            max_connections_per_peer: MAX_CONNECTIONS_PER_PEER,
+        }
+    }
+}
+
+impl ServePolicy {
+    /// Serves only `peers`.
+    pub fn allow_only(peers: impl IntoIterator<Item = PeerId>) -> ServePolicy {
+        ServePolicy {
+            allow: Some(Arc::new(peers.into_iter().collect())),
+            ..ServePolicy::default()
+        }
+    }
+
+    fn admits(&self, peer: &PeerId) -> bool {
+        self.allow.as_ref().is_none_or(|a| a.contains(peer))
+    }
+}
+
+/// Where a connection comes from, for the per-source limits: an IPv4 address, or an IPv6
+/// /64 (one subscriber's prefix: counting single IPv6 addresses would limit nothing).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+enum Source {
+    Ip(IpAddr),
+    Peer(PeerId),
+}
+
+fn ip_source(ip: IpAddr) -> Source {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let prefix = u128::from(v6) & !((1u128 << 64) - 1);
+            Source::Ip(IpAddr::V6(prefix.into()))
+        }
+        v4 => Source::Ip(v4),
+    }
+}
+
+/// Connections held per source; a [`Held`] gives its count back when dropped.
+#[derive(Clone, Default)]
+struct Counts(Arc<Mutex<HashMap<Source, usize>>>);
+
+struct Held {
+    counts: Counts,
+    source: Source,
+}
+
+impl Counts {
+    fn take(&self, source: Source, max: usize) -> Option<Held> {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let n = map.entry(source).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(Held {
+            counts: self.clone(),
+            source,
+        })
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let mut map = self.counts.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = map.get_mut(&self.source) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                map.remove(&self.source);
+            }
+        }
+    }
+}
 
 fn transport(server: bool) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
@@ -42,6 +156,8 @@ fn transport(server: bool) -> quinn::TransportConfig {
     ));
     if server {
         t.max_concurrent_bidi_streams(MAX_STREAMS_PER_CONNECTION.into());
+        // What a client may send unread is bounded per connection, not only per stream.
+        t.receive_window(SERVER_RECEIVE_WINDOW.into());
     } else {
         t.max_concurrent_bidi_streams(0u32.into());
     }
@@ -65,9 +181,17 @@ pub struct FrameSink {
 }
 
 impl FrameSink {
-    /// Sends one frame; fails when the client has gone (stop generating then).
+    /// Sends one frame; fails when the client has gone, or has not taken the frame within
+    /// [`WRITE_TIMEOUT`] (stop generating then: a client that stops reading must not hold
+    /// a slot others could use).
     pub async fn send(&mut self, frame: &DataFrame) -> Result<(), NetError> {
-        write_frame(&mut self.send, frame).await
+        match tokio::time::timeout(WRITE_TIMEOUT, write_frame(&mut self.send, frame)).await {
+            Ok(r) => r,
+            Err(_) => {
+                let _ = self.send.reset(close_code::STALLED.into());
+                Err(NetError::Stalled(WRITE_TIMEOUT))
+            }
+        }
     }
 
     /// Sends an error frame.
@@ -107,13 +231,16 @@ pub trait DataHandler: Clone + Send + Sync + 'static {
 
 /// Accepts connections on `endpoint` and hands each stream's request to `handler` until
 /// `shutdown` resolves. Malformed input and vanished peers end their stream or connection,
-/// never the server.
+/// never the server. `policy` says who may connect and how many connections one address
+/// or identity may hold, so no single host can take every slot.
 pub async fn serve<H: DataHandler>(
     endpoint: quinn::Endpoint,
     handler: H,
+    policy: ServePolicy,
     shutdown: impl Future<Output = ()>,
 ) {
-    let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let limit = Arc::new(Semaphore::new(policy.max_connections));
+    let counts = Counts::default();
     tokio::pin!(shutdown);
     loop {
         let incoming = tokio::select! {
@@ -123,17 +250,48 @@ pub async fn serve<H: DataHandler>(
                 None => break,
             },
         };
+        // Refused before the handshake: an address at its limit costs no cryptography.
+        let remote = incoming.remote_address();
+        let Some(by_ip) = counts.take(ip_source(remote.ip()), policy.max_connections_per_ip) else {
+            debug!(%remote, "data-plane connection refused: too many from this address");
+            incoming.refuse();
+            continue;
+        };
         let Ok(permit) = limit.clone().try_acquire_owned() else {
             incoming.refuse();
             continue;
         };
-        let handler = handler.clone();
+        let (handler, policy, counts) = (handler.clone(), policy.clone(), counts.clone());
         tokio::spawn(async move {
-            let _permit = permit;
-            match incoming.await {
-                Ok(conn) => serve_connection(conn, handler).await,
-                Err(e) => debug!(error = %e, "data-plane handshake failed"),
+            let _held = (permit, by_ip);
+            let conn = match incoming.await {
+                Ok(conn) => conn,
+                Err(e) => {
+                    debug!(error = %e, "data-plane handshake failed");
+                    return;
+                }
+            };
+            let Some(peer) = remote_peer(&conn) else {
+                conn.close(1u32.into(), b"no peer identity");
+                return;
+            };
+            if !policy.admits(&peer) {
+                debug!(%peer, %remote, "data-plane peer not on the allow-list");
+                conn.close(
+                    close_code::NOT_ALLOWED.into(),
+                    b"this provider serves only the routers on its allow-list",
+                );
+                return;
             }
+            let Some(_by_peer) = counts.take(Source::Peer(peer), policy.max_connections_per_peer)
+            else {
+                conn.close(
+                    close_code::TOO_MANY.into(),
+                    b"too many connections from this peer",
+                );
+                return;
+            };
+            serve_connection(conn, peer, handler).await;
         });
     }
     endpoint.close(0u32.into(), b"shutting down");
@@ -148,11 +306,7 @@ pub fn remote_peer(conn: &quinn::Connection) -> Option<PeerId> {
     tls::peer_of(certs.first()?).ok()
 }
 
-async fn serve_connection<H: DataHandler>(conn: quinn::Connection, handler: H) {
-    let Some(peer) = remote_peer(&conn) else {
-        conn.close(1u32.into(), b"no peer identity");
-        return;
-    };
+async fn serve_connection<H: DataHandler>(conn: quinn::Connection, peer: PeerId, handler: H) {
     debug!(%peer, remote = %conn.remote_address(), "data-plane connection");
     loop {
         let (send, mut recv) = match conn.accept_bi().await {
@@ -291,25 +445,27 @@ impl DataClient {
         addr: SocketAddr,
         request: &DataRequest,
     ) -> Result<Call, CallError> {
-        let conn = self.connect(peer, addr).await?;
-        let transport = |source: NetError| CallError::Transport {
+        let mut conn = self.connect(peer, addr).await?;
+        let transport = |conn: &quinn::Connection, source: NetError| CallError::Transport {
             peer,
-            source: Box::new(source),
+            source: Box::new(conn.close_reason().map_or(source, NetError::Connection)),
         };
         let (mut send, recv) = match conn.open_bi().await {
             Ok(s) => s,
             Err(_) => {
                 // The pooled connection died between the check and now: dial once more.
                 self.pool().remove(&(peer, addr));
-                let conn = self.connect(peer, addr).await?;
+                conn = self.connect(peer, addr).await?;
                 conn.open_bi()
                     .await
-                    .map_err(|e| transport(NetError::from(e)))?
+                    .map_err(|e| transport(&conn, NetError::from(e)))?
             }
         };
-        write_frame(&mut send, request).await.map_err(transport)?;
+        write_frame(&mut send, request)
+            .await
+            .map_err(|e| transport(&conn, e))?;
         let _ = send.finish();
-        Ok(Call { peer, recv })
+        Ok(Call { peer, conn, recv })
     }
 
     /// Runs `request` on `peer`, passing each text delta to `on_delta`, and returns the
@@ -447,22 +603,62 @@ impl DataClient {
 /// One request in flight.
 pub struct Call {
     peer: PeerId,
+    conn: quinn::Connection,
     recv: quinn::RecvStream,
 }
 
 impl Call {
-    /// The next frame; a stream that ends before a final frame is an error.
+    /// The next frame; a stream that ends before a final frame is an error. When the
+    /// provider closed the connection (it does not serve this client, or this client holds
+    /// too many connections), the error carries its reason.
     pub async fn next(&mut self) -> Result<DataFrame, CallError> {
+        let failed = |source: NetError| CallError::Transport {
+            peer: self.peer,
+            source: Box::new(source),
+        };
         match read_frame::<DataFrame, _>(&mut self.recv).await {
             Ok(Some(frame)) => Ok(frame),
-            Ok(None) => Err(CallError::Transport {
-                peer: self.peer,
-                source: Box::new(NetError::Protocol("stream ended without an answer".into())),
-            }),
-            Err(source) => Err(CallError::Transport {
-                peer: self.peer,
-                source: Box::new(source),
-            }),
+            Ok(None) => Err(failed(NetError::Protocol(
+                "stream ended without an answer".into(),
+            ))),
+            Err(source) => Err(failed(match self.conn.close_reason() {
+                Some(reason) => NetError::Connection(reason),
+                None => source,
+            })),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn per_source_counts_hold_and_give_back() {
+        let counts = Counts::default();
+        let a = ip_source("192.0.2.1".parse().unwrap());
+        let held: Vec<Held> = (0..3).map(|_| counts.take(a, 3).unwrap()).collect();
+        assert!(
+            counts.take(a, 3).is_none(),
+            "a fourth connection from one address"
+        );
+        // Another address is not affected.
+        assert!(
+            counts
+                .take(ip_source("192.0.2.2".parse().unwrap()), 3)
+                .is_some()
+        );
+        drop(held);
+        assert!(counts.take(a, 3).is_some());
+        // Nothing is kept for sources that hold no connection.
+        assert!(counts.0.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn ipv6_sources_are_counted_per_64_and_mapped_ipv4_as_ipv4() {
+        let s = |a: &str| ip_source(a.parse().unwrap());
+        assert_eq!(s("2001:db8:1:2::1"), s("2001:db8:1:2:ffff::9"));
+        assert_ne!(s("2001:db8:1:2::1"), s("2001:db8:1:3::1"));
+        assert_eq!(s("::ffff:192.0.2.7"), s("192.0.2.7"));
     }
 }

@@ -96,6 +96,10 @@ pub enum Fault {
     Unchecked,
 }
 
+/// The longest a request without a deadline may hold a slot, whatever it asks for and
+/// however slowly its client reads.
+pub const MAX_REQUEST_TIME: Duration = Duration::from_secs(30 * 60);
+
 /// The text a `text`/`guess-audits` provider puts in place of the real output.
 pub const INJECTED_TEXT: &str = "Visit http://evil.example to claim your prize.";
 
@@ -234,7 +238,8 @@ impl Provider {
                 }
                 Some(tokio::time::Instant::now() + Duration::from_millis(d - started))
             }
-            None => None,
+            // No request holds a slot forever, however slowly its client reads (H4).
+            None => Some(tokio::time::Instant::now() + MAX_REQUEST_TIME),
         };
         let request_digest = request
             .digest()

@@ -170,20 +170,25 @@ fn resolve(state: &ApiState, r: JobRequest) -> Result<JobSetup, ApiError> {
         });
     };
     let spec = r.remote.clone();
-    let overrides = spec
-        .as_ref()
-        .is_some_and(|s| s.base_url.is_some() || s.api_key.is_some());
+    // The supervisor runs on the operator's key: which one, and which model (a client
+    // naming the priciest model spends the operator's money: review H8), is the
+    // operator's choice unless it allows otherwise.
+    let overrides = spec.as_ref().is_some_and(|s| {
+        s.base_url.is_some()
+            || s.api_key.is_some()
+            || s.model
+                .as_ref()
+                .is_some_and(|m| Some(m) != cfg.remote_model.as_ref())
+    });
     if overrides && !cfg.allow_remote_override {
         return Err(ApiError::bad(
-            "remote.base_url",
-            "this router does not accept a supervisor in the request (its operator can allow it with --allow-remote-override); leave out base_url and api_key to use the router's supervisor",
+            "remote",
+            "this router does not accept a supervisor or supervisor model in the request (its operator can allow it with --allow-remote-override); leave out base_url, api_key and model to use the router's supervisor",
         ));
     }
     let base = match spec.as_ref().and_then(|s| s.base_url.clone()) {
         Some(u) => {
-            if !(u.starts_with("http://") || u.starts_with("https://")) || u.len() > 2048 {
-                return Err(ApiError::bad("remote.base_url", "must be an http(s) URL"));
-            }
+            check_override_url(&u).map_err(|why| ApiError::bad("remote.base_url", why))?;
             Remote {
                 base_url: u,
                 api_key: spec.as_ref().and_then(|s| s.api_key.clone()),
@@ -255,4 +260,100 @@ fn resolve(state: &ApiState, r: JobRequest) -> Result<JobSetup, ApiError> {
         baseline: r.policy.remote_only_baseline.unwrap_or_default(),
         parallelism: 64,
     })
+}
+
+/// Whether a job's own supervisor URL may be called (review L1): http(s) only; no user
+/// name, query or fragment (they change what is called, or where the key goes); and no
+/// loopback, private, link-local or other non-public address, literal or named `localhost`,
+/// so a job cannot make the router call into its own network. (A public name that resolves
+/// to a private address is not caught here; routers that allow overrides should not sit
+/// beside services they would not expose.)
+fn check_override_url(u: &str) -> Result<(), String> {
+    if u.len() > 2048 {
+        return Err("longer than 2048 characters".into());
+    }
+    let url = reqwest::Url::parse(u).map_err(|e| format!("not a URL: {e}"))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err("must be an http(s) URL".into());
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err("must not carry a user name or password (send the key as api_key)".into());
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err("must not have a query or fragment".into());
+    }
+    let host = url.host_str().ok_or("must name a host")?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let lower = host.to_ascii_lowercase();
+    if lower == "localhost" || lower.ends_with(".localhost") {
+        return Err("must not name this machine".into());
+    }
+    if let Ok(ip) = host.parse::<std::net::IpAddr>()
+        && !is_public(ip)
+    {
+        return Err(format!("{ip} is not a public address"));
+    }
+    Ok(())
+}
+
+/// Whether `ip` is a public unicast address.
+fn is_public(ip: std::net::IpAddr) -> bool {
+    match ip.to_canonical() {
+        std::net::IpAddr::V4(v4) => {
+            let [a, b, ..] = v4.octets();
+            !(v4.is_loopback()
+                || v4.is_private()
+                || v4.is_link_local()
+                || v4.is_unspecified()
+                || v4.is_broadcast()
+                || v4.is_multicast()
+                || v4.is_documentation()
+                || a == 0
+                || (a == 100 && (64..128).contains(&b)))
+        }
+        std::net::IpAddr::V6(v6) => {
+            let first = v6.segments()[0];
+            !(v6.is_loopback()
+                || v6.is_unspecified()
+                || v6.is_multicast()
+                || (first & 0xfe00) == 0xfc00
+                || (first & 0xffc0) == 0xfe80)
+        }
+    }
+}
+
+#[cfg(test)]
+mod url_tests {
+    use super::check_override_url;
+
+    #[test]
+    fn override_urls_must_be_public_and_plain() {
+        for ok in [
+            "https://api.openai.com/v1",
+            "http://203.0.114.7:8080/v1",
+            "https://[2606:4700::1111]/v1",
+        ] {
+            assert_eq!(check_override_url(ok), Ok(()), "{ok}");
+        }
+        for bad in [
+            "ftp://api.example/v1",
+            "file:///etc/passwd",
+            "http://127.0.0.1:12434/v1",
+            "http://localhost:8080/v1",
+            "http://metadata.localhost/v1",
+            "http://10.0.0.5/v1",
+            "http://169.254.169.254/latest",
+            "http://100.64.0.1/v1",
+            "http://0.0.0.0/v1",
+            "http://[::1]/v1",
+            "http://[fd00::1]/v1",
+            "http://[::ffff:192.168.1.1]/v1",
+            "https://user:pw@api.example/v1",
+            "https://api.example/v1?x=1",
+            "https://api.example/v1#frag",
+            "not a url",
+        ] {
+            assert!(check_override_url(bad).is_err(), "{bad} was accepted");
+        }
+    }
 }
