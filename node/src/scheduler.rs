@@ -161,6 +161,13 @@ enum Cmd {
         digest: Digest,
         result: Result<Engine, EngineError>,
     },
+    /// A model's header and template were read: paths, memory estimate, template.
+    Prepared {
+        digest: Digest,
+        record: Box<ModelRecord>,
+        model: String,
+        result: Result<(Vec<PathBuf>, u64, Option<String>), SchedError>,
+    },
     Ps {
         reply: oneshot::Sender<Vec<RunningModel>>,
     },
@@ -184,6 +191,7 @@ impl Scheduler {
             config,
             loaded: HashMap::new(),
             loading: HashMap::new(),
+            preparing: HashMap::new(),
             tx: tx.clone(),
         };
         tokio::spawn(actor.run(rx));
@@ -236,6 +244,8 @@ struct Actor {
     config: SchedulerConfig,
     loaded: HashMap<Digest, Loaded>,
     loading: HashMap<Digest, (ModelRecord, String, u64, Vec<Waiter>)>,
+    /// Models whose header is being read before they load, and who waits for them.
+    preparing: HashMap<Digest, Vec<Waiter>>,
     tx: mpsc::Sender<Cmd>,
 }
 
@@ -261,6 +271,12 @@ impl Actor {
                 reply,
             } => self.acquire(model, keep_alive, reply),
             Cmd::Loaded { digest, result } => self.loaded(digest, result),
+            Cmd::Prepared {
+                digest,
+                record,
+                model,
+                result,
+            } => self.prepared(digest, *record, model, result),
             Cmd::Ps { reply } => {
                 let list = self
                     .loaded
@@ -354,21 +370,65 @@ impl Actor {
             waiters.push((reply, keep_alive));
             return;
         }
-        let paths = self.store.gguf_paths(&record);
-        let estimate = match estimate_memory(&paths, &self.config.engine) {
-            Ok(e) => e,
-            Err(e) => {
+        if let Some(waiters) = self.preparing.get_mut(&digest) {
+            waiters.push((reply, keep_alive));
+            return;
+        }
+        // The GGUF header and the chat template are read off the actor (review L7: a large
+        // header stalled every other request while it was read), bounded, and the load
+        // goes on when they are in.
+        self.preparing.insert(digest, vec![(reply, keep_alive)]);
+        let (tx, store, engine) = (
+            self.tx.clone(),
+            self.store.clone(),
+            self.config.engine.clone(),
+        );
+        tokio::task::spawn_blocking(move || {
+            let paths = store.gguf_paths(&record);
+            let result = estimate_memory(&paths, &engine)
+                .map(|estimate| (paths, estimate, chat_template(&store, &record)));
+            let _ = tx.blocking_send(Cmd::Prepared {
+                digest,
+                record: Box::new(record),
+                model,
+                result,
+            });
+        });
+    }
+
+    /// The header is read: check the memory budget, make room, and load.
+    fn prepared(
+        &mut self,
+        digest: Digest,
+        record: ModelRecord,
+        model: String,
+        result: Result<(Vec<PathBuf>, u64, Option<String>), SchedError>,
+    ) {
+        let Some(waiters) = self.preparing.remove(&digest) else {
+            return;
+        };
+        // The first waiter gets the error itself, any others its message.
+        let fail = |waiters: Vec<Waiter>, e: SchedError| {
+            let message = e.to_string();
+            let mut e = Some(e);
+            for (reply, _) in waiters {
+                let e = e
+                    .take()
+                    .unwrap_or_else(|| SchedError::Store(StoreError::Manifest(message.clone())));
                 let _ = reply.send(Err(e));
-                return;
             }
         };
+        let (paths, estimate, template) = match result {
+            Ok(r) => r,
+            Err(e) => return fail(waiters, e),
+        };
         if estimate > self.config.memory_budget {
-            let _ = reply.send(Err(SchedError::TooLarge {
+            let e = SchedError::TooLarge {
                 model,
                 need: estimate >> 20,
                 budget: self.config.memory_budget >> 20,
-            }));
-            return;
+            };
+            return fail(waiters, e);
         }
         // Evict idle models, least recently used first, until the new one fits.
         let in_use = |a: &Actor| {
@@ -389,21 +449,17 @@ impl Actor {
                     }
                 }
                 None => {
-                    let _ = reply.send(Err(SchedError::Busy(
-                        "memory is taken by models in use".into(),
-                    )));
-                    return;
+                    let e = SchedError::Busy("memory is taken by models in use".into());
+                    return fail(waiters, e);
                 }
             }
         }
         let Some(path) = paths.first().cloned() else {
-            let _ = reply.send(Err(SchedError::Store(StoreError::Manifest(
-                "model has no GGUF file".into(),
-            ))));
-            return;
+            let e = SchedError::Store(StoreError::Manifest("model has no GGUF file".into()));
+            return fail(waiters, e);
         };
         let mut engine_config = self.config.engine.clone();
-        engine_config.chat_template = chat_template(&self.store, &record);
+        engine_config.chat_template = template;
         let blobs: Vec<Digest> = record
             .files
             .iter()
@@ -411,7 +467,7 @@ impl Actor {
             .map(|f| f.digest)
             .collect();
         self.loading
-            .insert(digest, (record, model, estimate, vec![(reply, keep_alive)]));
+            .insert(digest, (record, model, estimate, waiters));
         let tx = self.tx.clone();
         let store = self.store.clone();
         let check = self.config.check_blobs;
@@ -482,13 +538,23 @@ impl Actor {
     }
 }
 
-/// A `.jinja` chat template shipped in the artifact, if any.
+/// Largest chat template read (real ones are a few KiB).
+const MAX_TEMPLATE_BYTES: u64 = 1 << 20;
+/// Largest GGUF header read to estimate memory (a 256k-token vocabulary is a few MiB).
+const MAX_ESTIMATE_HEADER: u64 = 64 << 20;
+
+/// A `.jinja` chat template shipped in the artifact, if any and not over the bound.
 fn chat_template(store: &Store, record: &ModelRecord) -> Option<String> {
     let f = record
         .files
         .iter()
         .find(|f| f.kind == crate::store::artifact::FileKind::ChatTemplate)?;
-    std::fs::read_to_string(store.blob_path(&f.digest)).ok()
+    let path = store.blob_path(&f.digest);
+    if std::fs::metadata(&path).ok()?.len() > MAX_TEMPLATE_BYTES {
+        warn!(template = %path.display(), "chat template over 1 MiB: not used");
+        return None;
+    }
+    std::fs::read_to_string(path).ok()
 }
 
 /// Weights + KV cache + compute buffers, estimated from the GGUF header before loading.
@@ -500,7 +566,7 @@ pub fn estimate_memory(paths: &[PathBuf], config: &EngineConfig) -> Result<u64, 
         .iter()
         .map(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
         .fold(0, u64::saturating_add);
-    let h = crate::store::package::read_gguf_header(first)?;
+    let h = crate::store::package::read_gguf_header_within(first, MAX_ESTIMATE_HEADER)?;
     let arch = h.architecture().unwrap_or("llama").to_string();
     let get = |k: &str| h.get(&format!("{arch}.{k}")).and_then(|v| v.as_u64());
     let n_layer = get("block_count").unwrap_or(32);
@@ -573,5 +639,30 @@ mod tests {
         std::fs::write(&path, header).unwrap();
         let bytes = estimate_memory(&[path], &EngineConfig::default()).unwrap();
         assert_eq!(bytes, u64::MAX);
+    }
+
+    /// Review L7: the header read to estimate memory had no bound below 512 MiB, and it
+    /// ran on the actor. It runs beside it now, and reads at most `MAX_ESTIMATE_HEADER`.
+    #[test]
+    fn the_estimate_reads_a_bounded_header() {
+        use beacon_proto::gguf::{Value, write_header};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bloated.gguf");
+        // Five 15 MiB strings (one string may have 16 MiB): a 75 MiB header.
+        let mut keys = vec![("general.architecture".into(), Value::Str("llama".into()))];
+        for i in 0..5 {
+            keys.push((
+                format!("general.padding{i}"),
+                Value::Str("x".repeat(15 << 20)),
+            ));
+        }
+        let header = write_header(&keys, &[]);
+        std::fs::write(&path, header).unwrap();
+        let e = estimate_memory(std::slice::from_ref(&path), &EngineConfig::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("truncated"), "{e}");
+        // Packaging, which reads once and off any actor, still takes it.
+        assert!(crate::store::package::read_gguf_header(&path).is_ok());
     }
 }

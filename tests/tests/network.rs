@@ -701,3 +701,40 @@ async fn an_allow_listed_provider_serves_only_its_routers() {
         .expect_err("a stranger is refused");
     assert!(refused.to_string().contains("allow-list"), "{refused}");
 }
+
+/// Review M8: the libp2p side took every connection it was offered. A node now holds at
+/// most `max_incoming` connections from others; more are denied, and it keeps those it has.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_holds_no_more_p2p_connections_than_its_limit() {
+    let tcp: libp2p::Multiaddr = "/ip4/127.0.0.1/tcp/0".parse().unwrap();
+    let mut config = NetworkConfig::new(Keypair::generate());
+    config.listen = vec![tcp.clone()];
+    config.max_incoming = 2;
+    let hub = Network::start(config).await.unwrap();
+    let mut addr = Vec::new();
+    for _ in 0..50 {
+        addr = hub.listen_addrs().await.unwrap();
+        if !addr.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut others = Vec::new();
+    for _ in 0..5 {
+        let mut c = NetworkConfig::new(Keypair::generate());
+        c.listen = vec![tcp.clone()];
+        c.bootstrap = vec![addr[0].clone()];
+        others.push(Network::start(c).await.unwrap());
+    }
+    // Everyone has dialled (and is redialling) the hub; it holds two of them.
+    let mut most = 0;
+    for _ in 0..40 {
+        most = most.max(hub.peers().await.unwrap().len());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(most, 2, "the hub held {most} connections with a limit of 2");
+    for n in &others {
+        n.shutdown().await;
+    }
+    hub.shutdown().await;
+}

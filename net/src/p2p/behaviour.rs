@@ -10,7 +10,7 @@ use libp2p::gossipsub::{
 };
 use libp2p::kad::{self, store::MemoryStore};
 use libp2p::swarm::NetworkBehaviour;
-use libp2p::{StreamProtocol, Swarm, identify, noise, ping, tcp, yamux};
+use libp2p::{StreamProtocol, Swarm, connection_limits, identify, noise, ping, tcp, yamux};
 
 use super::NetworkConfig;
 use crate::NetError;
@@ -19,6 +19,8 @@ type Gossip = gossipsub::Behaviour<IdentityTransform, WhitelistSubscriptionFilte
 
 #[derive(NetworkBehaviour)]
 pub(super) struct Behaviour {
+    /// First: it denies connections over the limits before the others see them.
+    pub limits: connection_limits::Behaviour,
     pub identify: identify::Behaviour,
     pub ping: ping::Behaviour,
     pub kad: kad::Behaviour<MemoryStore>,
@@ -88,6 +90,10 @@ fn gossip(keypair: &libp2p::identity::Keypair) -> Result<Gossip, NetError> {
 pub(super) fn build_swarm(config: &NetworkConfig) -> Result<Swarm<Behaviour>, NetError> {
     let keypair = config.keypair.to_libp2p();
     let provider_ttl = config.provider_ttl;
+    let limits = connection_limits::ConnectionLimits::default()
+        .with_max_established_incoming(Some(config.max_incoming))
+        .with_max_pending_incoming(Some(config.max_incoming.div_ceil(2)))
+        .with_max_established_per_peer(Some(config.max_per_peer));
     let swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
         .with_tcp(
@@ -124,6 +130,7 @@ pub(super) fn build_swarm(config: &NetworkConfig) -> Result<Swarm<Behaviour>, Ne
             kad.set_mode(Some(kad::Mode::Server));
             let gossipsub = gossip(key).map_err(Box::new)?;
             Ok(Behaviour {
+                limits: connection_limits::Behaviour::new(limits),
                 identify,
                 ping,
                 kad,

@@ -45,6 +45,11 @@ pub struct NetworkConfig {
     pub advert_policy: AdvertPolicy,
     /// How long a kademlia provider record lives; republished at half of it.
     pub provider_ttl: Duration,
+    /// Connections others may open to us at once (established; half as many may be in
+    /// their handshake), so a flood of dials cannot exhaust the process (review M8).
+    pub max_incoming: u32,
+    /// Connections one peer may hold with us at once (QUIC and TCP, a redial).
+    pub max_per_peer: u32,
 }
 
 impl NetworkConfig {
@@ -62,6 +67,8 @@ impl NetworkConfig {
             external: Vec::new(),
             advert_policy: AdvertPolicy::default(),
             provider_ttl: Duration::from_secs(300),
+            max_incoming: 1024,
+            max_per_peer: 4,
         }
     }
 }

@@ -26,11 +26,16 @@ const MAX_HEADER_READ: u64 = 512 << 20;
 
 /// Reads and parses the GGUF header at the start of `path`, reading more as needed.
 pub fn read_gguf_header(path: &Path) -> Result<GgufHeader, StoreError> {
+    read_gguf_header_within(path, MAX_HEADER_READ)
+}
+
+/// [`read_gguf_header`], reading at most `max_read` bytes.
+pub fn read_gguf_header_within(path: &Path, max_read: u64) -> Result<GgufHeader, StoreError> {
     use std::io::Read;
     let file_len = std::fs::metadata(path).map_err(StoreError::io(path))?.len();
-    let mut want: u64 = 4 << 20;
+    let mut want: u64 = (4 << 20).min(max_read);
     loop {
-        let n = want.min(file_len);
+        let n = want.min(file_len).min(max_read);
         let mut buf = Vec::with_capacity(n as usize);
         std::fs::File::open(path)
             .map_err(StoreError::io(path))?
@@ -39,11 +44,7 @@ pub fn read_gguf_header(path: &Path) -> Result<GgufHeader, StoreError> {
             .map_err(StoreError::io(path))?;
         match GgufHeader::parse(&buf) {
             Ok(h) => return Ok(h),
-            Err(e)
-                if e.to_string().contains("truncated")
-                    && n < file_len
-                    && want < MAX_HEADER_READ =>
-            {
+            Err(e) if e.to_string().contains("truncated") && n < file_len && want < max_read => {
                 want *= 4;
             }
             Err(e) => return Err(StoreError::Package(format!("{}: {e}", path.display()))),
