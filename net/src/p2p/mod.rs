@@ -600,12 +600,25 @@ impl Actor {
         let last = self.seqs.last(&source, now);
         match validate_advert(&signed, &source, now, last, self.policy) {
             Ok(advert) => {
-                if !self.seqs.record(source, advert.seq, now) {
-                    return reject(
-                        Some(source),
-                        "too many advertisers: new sources wait until some go quiet".into(),
-                        MessageAcceptance::Ignore,
-                    );
+                match self.seqs.record(source, advert.seq, now) {
+                    Ok(()) => {}
+                    Err(seqs::Refused::Full) => {
+                        return reject(
+                            Some(source),
+                            "too many advertisers: new sources wait until some go quiet".into(),
+                            MessageAcceptance::Ignore,
+                        );
+                    }
+                    Err(seqs::Refused::TooSoon) => {
+                        return reject(
+                            Some(source),
+                            format!(
+                                "adverts from one source at most every {} ms",
+                                seqs::MIN_INTERVAL_MS
+                            ),
+                            MessageAcceptance::Ignore,
+                        );
+                    }
                 }
                 (
                     MessageAcceptance::Accept,

@@ -22,6 +22,19 @@ pub(crate) struct SeqTable {
 
 /// Sources remembered at most (a network's honest providers are far fewer).
 pub(crate) const MAX_SOURCES: usize = 50_000;
+/// The soonest a source's next advert is accepted after its last one (honest providers
+/// advertise every second at most): a source that signs a new sequence number for every
+/// message cannot make the network carry more than this many a second (review H3).
+pub(crate) const MIN_INTERVAL_MS: u64 = 500;
+
+/// Why an advert that validated is not taken.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Refused {
+    /// The table is full of fresh sources and this one is new.
+    Full,
+    /// The source's last advert came less than [`MIN_INTERVAL_MS`] ago.
+    TooSoon,
+}
 
 impl SeqTable {
     pub(crate) fn new(policy: AdvertPolicy, max: usize) -> SeqTable {
@@ -41,9 +54,15 @@ impl SeqTable {
             .map(|(seq, _)| *seq)
     }
 
-    /// Records an accepted advert; false when the table is full of fresh sources and
-    /// `source` is not one of them.
-    pub(crate) fn record(&mut self, source: PeerId, seq: u64, now_ms: u64) -> bool {
+    /// Records an accepted advert, unless the table is full of fresh sources and `source`
+    /// is not one of them, or `source` advertised less than [`MIN_INTERVAL_MS`] ago.
+    pub(crate) fn record(&mut self, source: PeerId, seq: u64, now_ms: u64) -> Result<(), Refused> {
+        if let Some((_, at)) = self.seen.get(&source)
+            && now_ms.saturating_sub(*at) < MIN_INTERVAL_MS
+            && now_ms >= *at
+        {
+            return Err(Refused::TooSoon);
+        }
         if !self.seen.contains_key(&source) && self.seen.len() >= self.max {
             if now_ms.saturating_sub(self.swept_ms) >= 1_000 {
                 self.swept_ms = now_ms;
@@ -52,11 +71,11 @@ impl SeqTable {
                     .retain(|_, (_, at)| now_ms.saturating_sub(*at) <= keep);
             }
             if self.seen.len() >= self.max {
-                return false;
+                return Err(Refused::Full);
             }
         }
         self.seen.insert(source, (seq, now_ms));
-        true
+        Ok(())
     }
 
     #[cfg(test)]
@@ -83,7 +102,7 @@ mod tests {
     fn a_sequence_is_forgotten_once_its_advert_would_be_stale() {
         let mut t = SeqTable::new(policy(), 10);
         let p = Keypair::generate().peer_id();
-        assert!(t.record(p, u64::MAX / 2, 1_000));
+        assert!(t.record(p, u64::MAX / 2, 1_000).is_ok());
         assert_eq!(t.last(&p, 1_000 + 150_000), Some(u64::MAX / 2));
         assert_eq!(t.last(&p, 1_000 + 150_001), None);
     }
@@ -95,15 +114,37 @@ mod tests {
     fn a_flood_of_identities_is_bounded_and_known_sources_keep_updating() {
         let mut t = SeqTable::new(policy(), 100);
         let honest = Keypair::generate().peer_id();
-        assert!(t.record(honest, 1, 0));
+        assert!(t.record(honest, 1, 0).is_ok());
         let flood: Vec<PeerId> = (0..200).map(|_| Keypair::generate().peer_id()).collect();
-        let accepted = flood.iter().filter(|p| t.record(**p, 1, 1_000)).count();
+        let accepted = flood
+            .iter()
+            .filter(|p| t.record(**p, 1, 1_000).is_ok())
+            .count();
         assert_eq!(accepted, 99);
         assert_eq!(t.len(), 100);
-        assert!(t.record(honest, 2, 2_000));
+        assert!(t.record(honest, 2, 2_000).is_ok());
         assert_eq!(t.last(&honest, 2_000), Some(2));
         // The flood goes quiet: past the keep time its entries make room.
-        assert!(t.record(flood[150], 1, 1_000 + 150_001));
+        assert!(t.record(flood[150], 1, 1_000 + 150_001).is_ok());
         assert_eq!(t.len(), 2);
+        assert_eq!(t.record(flood[151], 1, 1_000), Ok(()), "room again");
+    }
+
+    /// Review H3: a source could sign a new sequence number for every message and have
+    /// the network carry all of them. Its next advert waits `MIN_INTERVAL_MS`.
+    #[test]
+    fn a_source_advertises_at_most_twice_a_second() {
+        let mut t = SeqTable::new(policy(), 10);
+        let spammer = Keypair::generate().peer_id();
+        let accepted = (0..1_000u64)
+            .filter(|i| t.record(spammer, i + 1, 10_000 + i).is_ok())
+            .count();
+        assert_eq!(accepted, 2, "1,000 adverts in a second");
+        assert_eq!(t.record(spammer, 2_000, 10_999), Err(Refused::TooSoon));
+        // An honest provider's adverts, seconds apart, all pass.
+        let honest = Keypair::generate().peer_id();
+        for i in 0..10u64 {
+            assert_eq!(t.record(honest, i + 1, 20_000 + i * 2_000), Ok(()));
+        }
     }
 }
