@@ -72,6 +72,11 @@ pub struct ApiState {
     pub policy: Policy,
     /// Defaults and limits for `/v1/minions`.
     pub minions: Arc<crate::minions::http::MinionsConfig>,
+    /// MinionS jobs that may run at once (each makes supervisor calls on the operator's
+    /// key and may fill the network): more wait for none, they are refused with 503.
+    pub minion_jobs: Arc<tokio::sync::Semaphore>,
+    /// The most jobs `minion_jobs` started with (for the gauge).
+    pub max_minion_jobs: usize,
     /// Chat requests that may wait beyond the advertised slots (then 503).
     pub max_queue: u64,
     /// Chat requests being served or waiting, per model.
@@ -111,6 +116,8 @@ impl ApiState {
             rate_per_minute,
             policy,
             minions: Arc::default(),
+            minion_jobs: Arc::new(tokio::sync::Semaphore::new(DEFAULT_MINION_JOBS)),
+            max_minion_jobs: DEFAULT_MINION_JOBS,
             max_queue: 64,
             pending: Arc::default(),
             buckets: Arc::default(),
@@ -118,6 +125,9 @@ impl ApiState {
         }
     }
 }
+
+/// MinionS jobs a router runs at once unless told otherwise.
+pub const DEFAULT_MINION_JOBS: usize = 4;
 
 /// The client for the remote API: bounded connect and read times, and no redirects (a
 /// redirect would carry the operator's key, or a job's, somewhere nobody chose: L1).
@@ -187,34 +197,71 @@ pub fn router(state: ApiState, max_body: usize) -> Router {
         .with_state(state)
 }
 
+/// The address a request came from (`axum`'s connect info, for plain and TLS listeners).
+#[derive(Clone, Copy, Debug)]
+pub struct ClientAddr(pub std::net::SocketAddr);
+
+impl
+    axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, tokio::net::TcpListener>>
+    for ClientAddr
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, tokio::net::TcpListener>) -> Self {
+        ClientAddr(*stream.remote_addr())
+    }
+}
+
+/// What a rate-limit bucket counts for an open router: one IPv4 address, or one IPv6 /64.
+fn client_bucket(ip: std::net::IpAddr) -> String {
+    match ip.to_canonical() {
+        std::net::IpAddr::V6(v6) => {
+            let s = v6.segments();
+            format!("ip:{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+        }
+        v4 => format!("ip:{v4}"),
+    }
+}
+
+/// Buckets kept at most; past it, those that have refilled (idle clients) are dropped.
+const MAX_BUCKETS: usize = 100_000;
+
 async fn auth(State(state): State<ApiState>, req: Request, next: Next) -> Response {
-    if req.uri().path() == "/healthz" || state.keys.is_empty() {
+    if req.uri().path() == "/healthz" {
         return next.run(req).await;
     }
-    let given = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::to_string);
-    let Some(key) = given.filter(|g| {
-        beacon_proto::Digest::secret_in(
-            g.as_bytes(),
-            state.keys.iter().map(|k| k.expose().as_bytes()),
-        )
-    }) else {
-        return ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "authentication_error",
-            "missing or unknown API key",
-        )
-        .into_response();
+    // An open router limits each client address, a keyed one each key (review H8).
+    let bucket = if state.keys.is_empty() {
+        let client = req
+            .extensions()
+            .get::<axum::extract::ConnectInfo<ClientAddr>>()
+            .map(|c| c.0.0.ip());
+        match client {
+            Some(ip) if state.rate_per_minute > 0 => client_bucket(ip),
+            _ => return next.run(req).await,
+        }
+    } else {
+        match authorised_key(&state, &req) {
+            Some(key) => key,
+            None => {
+                return ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "authentication_error",
+                    "missing or unknown API key",
+                )
+                .into_response();
+            }
+        }
     };
     if state.rate_per_minute > 0 {
-        // Token bucket per key: `rate_per_minute` capacity, refilled continuously.
+        // Token bucket per key or address: `rate_per_minute` capacity, refilled
+        // continuously.
         let cap = state.rate_per_minute as f64;
         let mut buckets = state.buckets.lock().unwrap_or_else(|p| p.into_inner());
-        let (tokens, at) = buckets.entry(key).or_insert((cap, Instant::now()));
+        if buckets.len() >= MAX_BUCKETS && !buckets.contains_key(&bucket) {
+            buckets
+                .retain(|_, (tokens, at)| *tokens + at.elapsed().as_secs_f64() * cap / 60.0 < cap);
+        }
+        let by_address = bucket.starts_with("ip:");
+        let (tokens, at) = buckets.entry(bucket).or_insert((cap, Instant::now()));
         *tokens = (*tokens + at.elapsed().as_secs_f64() * cap / 60.0).min(cap);
         *at = Instant::now();
         if *tokens < 1.0 {
@@ -225,7 +272,11 @@ async fn auth(State(state): State<ApiState>, req: Request, next: Next) -> Respon
                 ..ApiError::new(
                     StatusCode::TOO_MANY_REQUESTS,
                     "rate_limit_error",
-                    "rate limit reached for this key",
+                    if by_address {
+                        "rate limit reached for this address"
+                    } else {
+                        "rate limit reached for this key"
+                    },
                 )
             }
             .into_response();
@@ -233,6 +284,22 @@ async fn auth(State(state): State<ApiState>, req: Request, next: Next) -> Respon
         *tokens -= 1.0;
     }
     next.run(req).await
+}
+
+/// The key a request presents, when it is one of the router's.
+fn authorised_key(state: &ApiState, req: &Request) -> Option<String> {
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::to_string);
+    given.filter(|g| {
+        beacon_proto::Digest::secret_in(
+            g.as_bytes(),
+            state.keys.iter().map(|k| k.expose().as_bytes()),
+        )
+    })
 }
 
 #[derive(Deserialize)]
@@ -745,7 +812,8 @@ async fn metrics(State(state): State<ApiState>) -> String {
          # TYPE beacon_router_providers gauge\nbeacon_router_providers {}\n\
          # TYPE beacon_router_quarantined gauge\nbeacon_router_quarantined {}\n\
          # TYPE beacon_router_audits_total counter\nbeacon_router_audits_total{{result=\"pass\"}} {}\nbeacon_router_audits_total{{result=\"fail\"}} {}\n\
-         # TYPE beacon_router_audit_tokens_total counter\nbeacon_router_audit_tokens_total {}\n",
+         # TYPE beacon_router_audit_tokens_total counter\nbeacon_router_audit_tokens_total {}\n\
+         # TYPE beacon_router_minions_jobs gauge\nbeacon_router_minions_jobs {}\n",
         g(&m.requests),
         g(&m.routed),
         g(&m.fallback),
@@ -761,5 +829,8 @@ async fn metrics(State(state): State<ApiState>) -> String {
         audits_passed,
         audits_failed,
         state.dispatcher.audit_tokens(),
+        state
+            .max_minion_jobs
+            .saturating_sub(state.minion_jobs.available_permits()),
     )
 }

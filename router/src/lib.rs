@@ -48,6 +48,8 @@ pub struct RouterConfig {
     /// PEM certificate chain and key: serve HTTPS instead of HTTP.
     pub tls: Option<(PathBuf, PathBuf)>,
     pub minions: minions::http::MinionsConfig,
+    /// MinionS jobs that may run at once; more are refused with 503 and `Retry-After`.
+    pub max_minion_jobs: usize,
     /// Model names the operator trusts (reference → digest); see [`directory::Pins`].
     pub pins: directory::Pins,
     /// Providers the operator vouches for: never on probation, reputable from the start.
@@ -100,6 +102,8 @@ pub async fn run(
         config.policy,
     );
     state.fallback = config.fallback;
+    state.minion_jobs = Arc::new(tokio::sync::Semaphore::new(config.max_minion_jobs));
+    state.max_minion_jobs = config.max_minion_jobs;
     state.minions = Arc::new(config.minions);
     state.max_queue = config.max_queue;
     let listener = tokio::net::TcpListener::bind(config.listen)
@@ -115,15 +119,21 @@ pub async fn run(
                 "beacon-router API on https://{addr}, peer {}",
                 key.peer_id()
             );
-            axum::serve(tls::TlsListener::new(listener, acceptor)?, app)
-                .with_graceful_shutdown(shutdown)
-                .await?;
+            axum::serve(
+                tls::TlsListener::new(listener, acceptor)?,
+                app.into_make_service_with_connect_info::<api::ClientAddr>(),
+            )
+            .with_graceful_shutdown(shutdown)
+            .await?;
         }
         None => {
             eprintln!("beacon-router API on http://{addr}, peer {}", key.peer_id());
-            axum::serve(listener, app)
-                .with_graceful_shutdown(shutdown)
-                .await?;
+            axum::serve(
+                listener,
+                app.into_make_service_with_connect_info::<api::ClientAddr>(),
+            )
+            .with_graceful_shutdown(shutdown)
+            .await?;
         }
     }
     client.close();

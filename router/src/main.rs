@@ -170,6 +170,10 @@ struct ServeArgs {
     /// Supervisor model for MinionS jobs on the remote API.
     #[arg(long, env = "BEACON_REMOTE_MODEL")]
     remote_model: Option<String>,
+    /// MinionS jobs that may run at once (each calls the supervisor on the remote key);
+    /// more are refused with 503 and Retry-After.
+    #[arg(long, env = "BEACON_MAX_MINIONS_JOBS", default_value_t = beacon_router::api::DEFAULT_MINION_JOBS)]
+    max_minions_jobs: usize,
     /// Local model for MinionS jobs that name none.
     #[arg(long, env = "BEACON_MINIONS_LOCAL_MODEL")]
     minions_local_model: Option<String>,
@@ -268,6 +272,7 @@ async fn main() -> anyhow::Result<()> {
                 max_queue: a.max_queue,
                 advert_expiry: Duration::from_secs(a.advert_expiry.max(3)),
                 tls: a.tls_cert.zip(a.tls_key),
+                max_minion_jobs: a.max_minions_jobs,
                 minions: beacon_router::minions::http::MinionsConfig {
                     local_model: a.minions_local_model,
                     remote_model: a.remote_model,

@@ -295,7 +295,8 @@ fn invalid_plans_are_sent_back_and_retried_a_bounded_number_of_times() {
     let sup = NodeServer::supervisor();
     let a = NodeServer::start(&[]);
     let boot = a.bootstrap_addr();
-    let router = RouterServer::with_supervisor(Some(&boot), &sup, &[]);
+    // One MinionS job at a time on this router (review H8: jobs skipped admission).
+    let router = RouterServer::with_supervisor(Some(&boot), &sup, &["--max-minions-jobs", "1"]);
     assert!(wait_until(Duration::from_secs(60), || !router
         .providers()
         .is_empty()));
@@ -310,13 +311,20 @@ fn invalid_plans_are_sent_back_and_retried_a_bounded_number_of_times() {
         "stream": true,
         "policy": {"max_jobs_per_round": 1, "plan_retries": 2}
     });
-    let r = http_within(
-        "POST",
-        &router.url("/v1/minions"),
-        Some(&body.to_string()),
-        &[],
-        900,
-    );
+    let url = router.url("/v1/minions");
+    let first = {
+        let (url, body) = (url.clone(), body.to_string());
+        std::thread::spawn(move || http_within("POST", &url, Some(&body), &[], 900))
+    };
+    let running = wait_until(Duration::from_secs(60), || {
+        metric(&router.url("/metrics"), "beacon_router_minions_jobs ") == 1
+    });
+    assert!(running, "the first job never showed as running");
+    let second = http("POST", &url, Some(&body.to_string()), &[]);
+    assert_eq!(second.status, 503, "{second:?}");
+    assert_eq!(second.json()["error"]["type"], "overloaded");
+    assert!(second.header("retry-after").is_some(), "{second:?}");
+    let r = first.join().unwrap();
     assert_eq!(r.status, 200);
     let rejected = r.body.matches("event: plan_rejected\n").count();
     assert_eq!(rejected, 3, "{}", r.body);

@@ -314,12 +314,19 @@ fn falls_back_to_the_remote_api_with_keys_and_rate_limits() {
 
     // Review H8 and M2, on open routers (no keys needed to attack them):
     // a model the operator did not offer is not forwarded on its key;
-    let open = RouterServer::start(None, &["--remote-base-url", &remote_url]);
+    let open = RouterServer::start(
+        None,
+        &["--remote-base-url", &remote_url, "--rate-limit", "1"],
+    );
     let open_url = open.url("/v1/chat/completions");
     let r = http("POST", &open_url, Some(&chat("apple", "")), &[]);
     assert_eq!(r.status, 404, "{r:?}");
     assert!(r.body.contains("--fallback-models"), "{}", r.body);
     assert_eq!(remote_calls(), 0, "the remote was called");
+    // an open router limits each client address (it had no limit without keys);
+    let r = http("POST", &open_url, Some(&chat("apple", "")), &[]);
+    assert_eq!(r.status, 429, "{r:?}");
+    assert!(r.body.contains("for this address"), "{}", r.body);
     drop(open);
     // a request for a huge completion gets the operator's limit;
     let capped = RouterServer::start(

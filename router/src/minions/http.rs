@@ -82,13 +82,32 @@ async fn job_inner(
         .map_err(|e| ApiError::bad(&e.param, e.message))?;
     let stream = request.stream;
     let setup = resolve(state, request)?;
+    // Admission (review H8): a job runs only while the router has room for one; the
+    // permit goes with the job and ends with it (or with the client that leaves).
+    let permit = state
+        .minion_jobs
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| ApiError {
+            retry_after: Some(30),
+            ..ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "overloaded",
+                format!(
+                    "this router runs {} MinionS jobs at once and all are taken",
+                    state.max_minion_jobs
+                ),
+            )
+        })?;
     if !stream {
         let answer = run(setup, None).await.map_err(job_error)?;
+        drop(permit);
         return Ok(axum::Json(answer).into_response());
     }
     let (tx, mut rx) = mpsc::unbounded_channel::<Progress>();
     let (out_tx, out_rx) = mpsc::channel::<Result<Bytes, Infallible>>(64);
     tokio::spawn(async move {
+        let _permit = permit;
         let job = run(setup, Some(tx));
         tokio::pin!(job);
         let outcome = loop {
