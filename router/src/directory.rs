@@ -262,6 +262,8 @@ pub struct RouterDirectory {
     /// Circuit breaker: consecutive failures that open it, and for how long.
     pub breaker_failures: u32,
     pub breaker_open: Duration,
+    /// Place work on providers whose data plane is at a private or loopback address.
+    pub dial_private: bool,
 }
 
 impl RouterDirectory {
@@ -285,6 +287,7 @@ impl RouterDirectory {
             trusted: Arc::default(),
             breaker_failures: 3,
             breaker_open: Duration::from_secs(10),
+            dial_private: true,
         }
     }
 
@@ -549,7 +552,10 @@ impl RouterDirectory {
             // An advert that contradicts a pin is ignored as a whole.
             .filter(|e| !self.pins.conflicts(&e.advert))
             .filter_map(|e| {
-                let addr = e.advert.data_plane.as_deref()?.parse().ok()?;
+                let addr: std::net::SocketAddr = e.advert.data_plane.as_deref()?.parse().ok()?;
+                if !self.dial_private && !crate::addr::is_public(addr.ip()) {
+                    return None;
+                }
                 let s = self.stats(&e.advert.peer_id);
                 // Speed is what the router measured, end to end, once it has measured any;
                 // before that the advert counts, up to a modest prior. Claims never buy

@@ -17,6 +17,7 @@ use crate::directory::RouterDirectory;
 
 /// Runs until the network stops.
 pub async fn run(network: Network, directory: RouterDirectory, every: Duration) {
+    let dial_private = directory.dial_private;
     let me = network.peer_id();
     let mut tick = tokio::time::interval(every);
     loop {
@@ -39,7 +40,7 @@ pub async fn run(network: Network, directory: RouterDirectory, every: Duration) 
             if *peer == me || connected.contains(&peer.to_string()) {
                 continue;
             }
-            if let Some(addr) = dialable(addrs, *peer) {
+            if let Some(addr) = dialable(addrs, *peer, dial_private) {
                 debug!(%peer, %addr, "dialling a provider known from its advert");
                 let _ = network.dial(addr).await;
             }
@@ -61,10 +62,16 @@ pub async fn run(network: Network, directory: RouterDirectory, every: Duration) 
     }
 }
 
-/// The first advertised address that names a concrete host, with `/p2p/<peer>` appended.
-fn dialable(addrs: &[String], peer: PeerId) -> Option<Multiaddr> {
+/// The first advertised address that names a concrete host (a public one unless
+/// `private` allows others: review M9), with `/p2p/<peer>` appended.
+fn dialable(addrs: &[String], peer: PeerId, private: bool) -> Option<Multiaddr> {
     addrs.iter().find_map(|a| {
         let addr: Multiaddr = a.parse().ok()?;
+        if !private
+            && crate::addr::multiaddr_ip(&addr).is_some_and(|ip| !crate::addr::is_public(ip))
+        {
+            return None;
+        }
         let unspecified = addr.iter().any(|p| match p {
             Protocol::Ip4(ip) => ip.is_unspecified(),
             Protocol::Ip6(ip) => ip.is_unspecified(),
@@ -94,11 +101,19 @@ mod tests {
             "not an address".to_string(),
             "/ip4/10.1.2.3/udp/4001/quic-v1".to_string(),
         ];
-        let a = dialable(&addrs, peer).unwrap();
+        let a = dialable(&addrs, peer, true).unwrap();
         assert_eq!(
             a.to_string(),
             format!("/ip4/10.1.2.3/udp/4001/quic-v1/p2p/{peer}")
         );
-        assert!(dialable(&addrs[..2], peer).is_none());
+        assert!(dialable(&addrs[..2], peer, true).is_none());
+        // Review M9: a router on the internet dials no private address a peer names.
+        assert!(dialable(&addrs, peer, false).is_none());
+        let public = vec![
+            "/ip4/127.0.0.1/udp/4001/quic-v1".to_string(),
+            "/ip4/203.0.114.9/udp/4001/quic-v1".to_string(),
+        ];
+        let a = dialable(&public, peer, false).unwrap();
+        assert!(a.to_string().starts_with("/ip4/203.0.114.9/"), "{a}");
     }
 }

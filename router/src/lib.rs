@@ -5,6 +5,7 @@
 //! MinionS and Minion jobs ([`minions`]) run their local work on the network through the
 //! same placement, dispatch and verification, at `POST /v1/minions`.
 
+pub mod addr;
 pub mod api;
 pub mod directory;
 pub mod discovery;
@@ -54,6 +55,10 @@ pub struct RouterConfig {
     pub pins: directory::Pins,
     /// Providers the operator vouches for: never on probation, reputable from the start.
     pub trusted: Vec<beacon_proto::PeerId>,
+    /// Dial providers whose adverts name private, loopback or link-local addresses (a
+    /// router on a private network); otherwise peers cannot point the router at its own
+    /// network (review M9).
+    pub dial_private: bool,
 }
 
 /// Runs the router until `shutdown` resolves.
@@ -85,6 +90,10 @@ pub async fn run(
     let mut directory = directory::RouterDirectory::new(live, Some(reputation))
         .with_pins(config.pins)
         .with_trusted(config.trusted);
+    directory.dial_private = config.dial_private;
+    if !config.dial_private {
+        tracing::info!("providers at private or loopback addresses are not dialled");
+    }
     directory.breaker_failures = config.dispatch.breaker_failures.max(1);
     directory.breaker_open = config.dispatch.breaker_open;
     tokio::spawn(discovery::run(

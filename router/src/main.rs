@@ -174,6 +174,11 @@ struct ServeArgs {
     /// more are refused with 503 and Retry-After.
     #[arg(long, env = "BEACON_MAX_MINIONS_JOBS", default_value_t = beacon_router::api::DEFAULT_MINION_JOBS)]
     max_minions_jobs: usize,
+    /// Dial providers at private, loopback or link-local addresses (true for a router on
+    /// a private network). Default: true when a bootstrap peer is at such an address,
+    /// else false, so peers cannot point an internet router at its own network.
+    #[arg(long, env = "BEACON_ROUTER_DIAL_PRIVATE")]
+    dial_private: Option<bool>,
     /// Local model for MinionS jobs that name none.
     #[arg(long, env = "BEACON_MINIONS_LOCAL_MODEL")]
     minions_local_model: Option<String>,
@@ -224,6 +229,13 @@ async fn main() -> anyhow::Result<()> {
                         .map_err(|e| anyhow::anyhow!("--trusted-provider {p:?}: {e}"))
                 })
                 .collect::<anyhow::Result<Vec<_>>>()?;
+            // A router bootstrapped at a private address is on a private network.
+            let dial_private = a.dial_private.unwrap_or_else(|| {
+                a.bootstrap.iter().any(|b| {
+                    beacon_router::addr::multiaddr_ip(b)
+                        .is_some_and(|ip| !beacon_router::addr::is_public(ip))
+                })
+            });
             let config = beacon_router::RouterConfig {
                 pins,
                 trusted,
@@ -272,6 +284,7 @@ async fn main() -> anyhow::Result<()> {
                 max_queue: a.max_queue,
                 advert_expiry: Duration::from_secs(a.advert_expiry.max(3)),
                 tls: a.tls_cert.zip(a.tls_key),
+                dial_private,
                 max_minion_jobs: a.max_minions_jobs,
                 minions: beacon_router::minions::http::MinionsConfig {
                     local_model: a.minions_local_model,

@@ -731,3 +731,40 @@ fn serves_https_when_given_a_certificate() {
 fn provider_status(router: &RouterServer, peer: &str) -> serde_json::Value {
     router.provider(peer)
 }
+
+/// Review M9: a router dialled whatever addresses adverts named, loopback and private ones
+/// included, so any peer could point it into the router's own network. A router on the
+/// internet (`--dial-private false`) places no work on a provider at such an address; one on
+/// a private network (bootstrapped at a private address, the default there) does.
+#[test]
+fn a_router_on_the_internet_dials_no_private_address_from_an_advert() {
+    let a = NodeServer::start(&[]);
+    let boot = a.bootstrap_addr();
+    let pa = a.peer_id();
+    let internet = RouterServer::start(Some(&boot), &["--dial-private", "false"]);
+    let private = RouterServer::start(Some(&boot), &[]);
+    // Both hear the provider's advert over the bootstrap connection their operator chose.
+    assert!(wait_until(Duration::from_secs(60), || {
+        internet.providers().contains(&pa) && private.providers().contains(&pa)
+    }));
+    let r = http(
+        "POST",
+        &private.url("/v1/chat/completions"),
+        Some(&chat("apple", "")),
+        &[],
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    let r = http(
+        "POST",
+        &internet.url("/v1/chat/completions"),
+        Some(&chat("apple", "")),
+        &[],
+    );
+    assert_ne!(r.status, 200, "work went to a loopback address: {r:?}");
+    assert_eq!(
+        a.log().matches("subtask served").count(),
+        1,
+        "{}",
+        a.log()
+    );
+}

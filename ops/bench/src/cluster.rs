@@ -474,7 +474,9 @@ impl Cluster {
                 "/ip4/{}/udp/0/quic-v1",
                 self.wan.operator_address()
             ))
-            .args(["--advert-expiry", "8"]);
+            .args(["--advert-expiry", "8"])
+            // The bench's regions are network namespaces on private addresses.
+            .args(["--dial-private", "true"]);
         if let Some(b) = &self.bootstrap {
             c.args(["--bootstrap", b]);
         }

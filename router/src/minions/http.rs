@@ -308,37 +308,11 @@ fn check_override_url(u: &str) -> Result<(), String> {
         return Err("must not name this machine".into());
     }
     if let Ok(ip) = host.parse::<std::net::IpAddr>()
-        && !is_public(ip)
+        && !crate::addr::is_public(ip)
     {
         return Err(format!("{ip} is not a public address"));
     }
     Ok(())
-}
-
-/// Whether `ip` is a public unicast address.
-fn is_public(ip: std::net::IpAddr) -> bool {
-    match ip.to_canonical() {
-        std::net::IpAddr::V4(v4) => {
-            let [a, b, ..] = v4.octets();
-            !(v4.is_loopback()
-                || v4.is_private()
-                || v4.is_link_local()
-                || v4.is_unspecified()
-                || v4.is_broadcast()
-                || v4.is_multicast()
-                || v4.is_documentation()
-                || a == 0
-                || (a == 100 && (64..128).contains(&b)))
-        }
-        std::net::IpAddr::V6(v6) => {
-            let first = v6.segments()[0];
-            !(v6.is_loopback()
-                || v6.is_unspecified()
-                || v6.is_multicast()
-                || (first & 0xfe00) == 0xfc00
-                || (first & 0xffc0) == 0xfe80)
-        }
-    }
 }
 
 #[cfg(test)]
