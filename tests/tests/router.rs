@@ -761,10 +761,5 @@ fn a_router_on_the_internet_dials_no_private_address_from_an_advert() {
         &[],
     );
     assert_ne!(r.status, 200, "work went to a loopback address: {r:?}");
-    assert_eq!(
-        a.log().matches("subtask served").count(),
-        1,
-        "{}",
-        a.log()
-    );
+    assert_eq!(a.log().matches("subtask served").count(), 1, "{}", a.log());
 }
