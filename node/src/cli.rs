@@ -236,6 +236,10 @@ pub struct RegistryArgs {
     /// other. Required with them on `serve`, whose API callers name the registries.
     #[arg(long, env = "BEACON_REGISTRY_HOST")]
     pub registry_host: Option<String>,
+    /// The most the model store may take on disk, in GiB: a pull past it is refused before
+    /// it downloads anything.
+    #[arg(long, env = "BEACON_STORE_BUDGET_GIB")]
+    pub store_budget_gib: Option<u64>,
 }
 
 impl RegistryArgs {
@@ -245,6 +249,7 @@ impl RegistryArgs {
             username: self.username.clone(),
             password: self.password.clone(),
             credentials_for: self.registry_host.clone(),
+            store_budget: self.store_budget_gib.map(|g| g.saturating_mul(1 << 30)),
         })
     }
 }

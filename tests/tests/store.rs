@@ -49,7 +49,17 @@ fn package_push_pull_round_trip() {
     publish(&publisher, &reference);
 
     let node = NodeCli::new();
-    let out = node.ok(&["model", "pull", &reference]);
+    // Review M5: a pull had no disk budget. Past it, the pull is refused before it
+    // downloads anything.
+    let err = node.fails(&["model", "pull", "--store-budget-gib", "0", &reference]);
+    assert!(err.contains("--store-budget-gib"), "{err}");
+    let blobs = node.store().join("blobs/sha256");
+    assert_eq!(
+        std::fs::read_dir(&blobs).unwrap().count(),
+        0,
+        "downloaded anyway"
+    );
+    let out = node.ok(&["model", "pull", "--store-budget-gib", "1", &reference]);
     assert!(out.contains("Model pulled"), "{out}");
 
     // ls: id, tag, parameters, quantization, size.

@@ -68,6 +68,11 @@ impl From<StoreError> for ApiError {
             | StoreError::SizeMismatch { .. } => {
                 ApiError::new(StatusCode::BAD_GATEWAY, "registry_error", e.to_string())
             }
+            StoreError::NoRoom(_) => ApiError::new(
+                StatusCode::INSUFFICIENT_STORAGE,
+                "insufficient_storage",
+                e.to_string(),
+            ),
             StoreError::UnsupportedMediaType { .. } | StoreError::Manifest(_) => ApiError::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "unsupported_model",

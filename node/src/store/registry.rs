@@ -35,12 +35,26 @@ pub struct RegistryOptions {
     /// The registry (`host:port`) `username`/`password` belong to; `None`: whichever one
     /// an operator's own command names (never on a server, where callers name registries).
     pub credentials_for: Option<String>,
+    /// The most bytes the store may take on disk; a pull that would go past it is refused
+    /// before it downloads anything.
+    pub store_budget: Option<u64>,
 }
 
+/// Pulls one process runs at once; more wait their turn (review M5: pulls started through
+/// the API outlive their clients, so nothing else bounded them).
+pub const MAX_CONCURRENT_PULLS: usize = 2;
+
 /// Talks to OCI registries on behalf of a [`Store`].
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct Registry {
     opts: RegistryOptions,
+    pulls: std::sync::Arc<tokio::sync::Semaphore>,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Registry::new(RegistryOptions::default())
+    }
 }
 
 /// Retries of one blob download before the pull fails (each continues where it stopped).
@@ -49,7 +63,10 @@ const BLOB_ATTEMPTS: u32 = 4;
 impl Registry {
     pub fn new(opts: RegistryOptions) -> Self {
         crate::tls::install_crypto_provider();
-        Registry { opts }
+        Registry {
+            opts,
+            pulls: std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_PULLS)),
+        }
     }
 
     fn client_for(&self, r: &ModelRef) -> Client {
@@ -131,6 +148,11 @@ impl Registry {
         progress: ProgressSink,
     ) -> Result<ModelRecord, StoreError> {
         let r = ModelRef::parse(reference)?;
+        let _turn = self
+            .pulls
+            .acquire()
+            .await
+            .map_err(|_| StoreError::Manifest("the pull queue is closed".into()))?;
         let client = self.client_for(&r);
         let (image, auth, had_creds) = self
             .authenticate(&client, &r, RegistryOperation::Pull)
@@ -162,6 +184,25 @@ impl Registry {
 
         if manifest.config.size > MAX_METADATA_BYTES as u64 {
             return Err(StoreError::Manifest("model config is too large".into()));
+        }
+        if let Some(budget) = self.opts.store_budget {
+            // What the manifest says it will add (each download is held to its size).
+            let new = std::iter::once(&manifest.config)
+                .chain(&manifest.layers)
+                .filter(|d| d.digest.parse().map_or(true, |d| !store.has_blob(&d)))
+                .map(|d| d.size)
+                .fold(0, u64::saturating_add);
+            let used = store.disk_usage();
+            if used.saturating_add(new) > budget {
+                return Err(StoreError::NoRoom(format!(
+                    "{} needs {} more on disk; the store uses {} of its {} budget \
+                     (--store-budget-gib): remove models or raise the budget",
+                    r.familiar(),
+                    beacon_proto::gguf::format_bytes(new),
+                    beacon_proto::gguf::format_bytes(used),
+                    beacon_proto::gguf::format_bytes(budget)
+                )));
+            }
         }
         let pull = BlobPull {
             client: &client,
@@ -300,7 +341,9 @@ impl BlobPull<'_> {
             let oci_desc = OciDescriptor {
                 media_type: desc.media_type.clone(),
                 digest: desc.digest.clone(),
-                size: desc.size as i64,
+                size: i64::try_from(desc.size).map_err(|_| {
+                    StoreError::Manifest(format!("blob {} claims {} bytes", desc.digest, desc.size))
+                })?,
                 ..Default::default()
             };
             let mut stream = if have > 0 {
