@@ -396,10 +396,11 @@ fn a_cheaper_requantisation_served_under_the_digest_is_caught_by_audits() {
     let mut served: HashMap<String, usize> = HashMap::new();
     let mut until: HashMap<String, (usize, u64)> = HashMap::new();
     let mut requests = 0;
-    // Up to 300 requests: a Q3_K_M swap is close enough to the real model to pass some
-    // audits, and with the four attack tests sharing two cores it was caught after 138 of
-    // 180 here once (and once not within 180); the loop ends as soon as both are caught.
-    for round in 0..50 {
+    // Up to 600 requests: a Q3_K_M swap is close enough to the real model to pass most
+    // audits (about one in ten fails), and with the four attack tests sharing two cores it
+    // was caught after 138 of 180 here once, and once not within 300; the loop ends as
+    // soon as both are caught.
+    for round in 0..100 {
         if ids.iter().all(|(p, _)| caught(p)) {
             break;
         }

@@ -344,6 +344,8 @@ impl Cluster {
             .arg("--data-plane")
             .arg(format!("{ip}:0"))
             .args(["--advert-interval", "2", "--keep-alive=-1"])
+            // The API listens in the region's namespace, which only this bench reaches.
+            .arg("--api-open")
             .arg("--threads")
             .arg(p.shape.map_or(self.config.threads, |s| s.0).to_string())
             .arg("--parallel")
