@@ -11,7 +11,9 @@
 //! I/O.
 
 pub mod directory;
+pub mod http;
 pub mod identity;
+mod limits;
 pub mod p2p;
 pub mod quic;
 

@@ -144,6 +144,10 @@ pub struct ServeArgs {
     /// Memory the loaded models may use, in MiB (default: 80% of available memory).
     #[arg(long, env = "BEACON_MEMORY_BUDGET_MIB")]
     pub memory_budget_mib: Option<u64>,
+    /// Seconds a client may take to send a request's headers (then the connection is
+    /// closed: a client that trickles them holds nothing).
+    #[arg(long, env = "BEACON_HTTP_HEADER_TIMEOUT", default_value_t = 30)]
+    pub http_header_timeout: u64,
     /// Largest request body, in MiB.
     #[arg(long, env = "BEACON_MAX_BODY_MIB", default_value_t = 16)]
     pub max_body_mib: usize,
@@ -627,6 +631,7 @@ async fn serve(data_dir: &std::path::Path, args: ServeArgs) -> anyhow::Result<()
             listen: args.listen,
             token,
             max_body: args.max_body_mib << 20,
+            header_timeout: std::time::Duration::from_secs(args.http_header_timeout.max(1)),
         },
         registry: args.registry.registry(),
         provider: args.network.config(),

@@ -197,19 +197,6 @@ pub fn router(state: ApiState, max_body: usize) -> Router {
         .with_state(state)
 }
 
-/// The address a request came from (`axum`'s connect info, for plain and TLS listeners).
-#[derive(Clone, Copy, Debug)]
-pub struct ClientAddr(pub std::net::SocketAddr);
-
-impl
-    axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, tokio::net::TcpListener>>
-    for ClientAddr
-{
-    fn connect_info(stream: axum::serve::IncomingStream<'_, tokio::net::TcpListener>) -> Self {
-        ClientAddr(*stream.remote_addr())
-    }
-}
-
 /// What a rate-limit bucket counts for an open router: one IPv4 address, or one IPv6 /64.
 fn client_bucket(ip: std::net::IpAddr) -> String {
     match ip.to_canonical() {
@@ -232,8 +219,8 @@ async fn auth(State(state): State<ApiState>, req: Request, next: Next) -> Respon
     let bucket = if state.keys.is_empty() {
         let client = req
             .extensions()
-            .get::<axum::extract::ConnectInfo<ClientAddr>>()
-            .map(|c| c.0.0.ip());
+            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+            .map(|c| c.0.ip());
         match client {
             Some(ip) if state.rate_per_minute > 0 => client_bucket(ip),
             _ => return next.run(req).await,

@@ -55,6 +55,9 @@ pub struct RouterConfig {
     pub pins: directory::Pins,
     /// Providers the operator vouches for: never on probation, reputable from the start.
     pub trusted: Vec<beacon_proto::PeerId>,
+    /// How long a client may take to send a request's headers, and how many connections
+    /// it may hold.
+    pub http: beacon_net::http::HttpLimits,
     /// Dial providers whose adverts name private, loopback or link-local addresses (a
     /// router on a private network); otherwise peers cannot point the router at its own
     /// network (review M9).
@@ -120,6 +123,7 @@ pub async fn run(
         .with_context(|| format!("listening on {}", config.listen))?;
     let addr = listener.local_addr()?;
     let app = api::router(state, config.max_body);
+    let http_limits = config.http;
     tracing::info!(%addr, peer = %key.peer_id(), "router listening");
     match &config.tls {
         Some((cert, key_path)) => {
@@ -128,21 +132,17 @@ pub async fn run(
                 "beacon-router API on https://{addr}, peer {}",
                 key.peer_id()
             );
-            axum::serve(
+            beacon_net::http::serve(
                 tls::TlsListener::new(listener, acceptor)?,
-                app.into_make_service_with_connect_info::<api::ClientAddr>(),
+                app,
+                http_limits,
+                shutdown,
             )
-            .with_graceful_shutdown(shutdown)
-            .await?;
+            .await;
         }
         None => {
             eprintln!("beacon-router API on http://{addr}, peer {}", key.peer_id());
-            axum::serve(
-                listener,
-                app.into_make_service_with_connect_info::<api::ClientAddr>(),
-            )
-            .with_graceful_shutdown(shutdown)
-            .await?;
+            beacon_net::http::serve(listener, app, http_limits, shutdown).await;
         }
     }
     client.close();

@@ -151,6 +151,14 @@ struct ServeArgs {
     /// Seconds an open circuit breaker keeps a provider out of placement.
     #[arg(long, env = "BEACON_BREAKER_OPEN", default_value_t = 30)]
     breaker_open: u64,
+    /// Seconds a client may take to send a request's headers (then the connection is
+    /// closed: a client that trickles them holds nothing).
+    #[arg(long, env = "BEACON_HTTP_HEADER_TIMEOUT", default_value_t = 30)]
+    http_header_timeout: u64,
+    /// HTTP connections one client address may hold at once (raise it behind a proxy,
+    /// where every client shares the proxy's address).
+    #[arg(long, env = "BEACON_HTTP_MAX_PER_ADDRESS", default_value_t = 256)]
+    http_max_per_address: usize,
     /// Largest request body, MiB.
     #[arg(long, env = "BEACON_MAX_BODY_MIB", default_value_t = 16)]
     max_body_mib: usize,
@@ -285,6 +293,11 @@ async fn main() -> anyhow::Result<()> {
                 advert_expiry: Duration::from_secs(a.advert_expiry.max(3)),
                 tls: a.tls_cert.zip(a.tls_key),
                 dial_private,
+                http: beacon_net::http::HttpLimits {
+                    header_timeout: Duration::from_secs(a.http_header_timeout.max(1)),
+                    max_per_address: a.http_max_per_address.max(1),
+                    ..Default::default()
+                },
                 max_minion_jobs: a.max_minions_jobs,
                 minions: beacon_router::minions::http::MinionsConfig {
                     local_model: a.minions_local_model,

@@ -93,11 +93,3 @@ impl axum::serve::Listener for TlsListener {
         Ok(self.local)
     }
 }
-
-impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, TlsListener>>
-    for crate::api::ClientAddr
-{
-    fn connect_info(stream: axum::serve::IncomingStream<'_, TlsListener>) -> Self {
-        crate::api::ClientAddr(*stream.remote_addr())
-    }
-}

@@ -396,6 +396,46 @@ fn an_api_beyond_loopback_requires_a_token() {
     assert_eq!(http("GET", &url, None, &[&bearer]).status, 200);
 }
 
+/// Review M8: `axum::serve` set no time limit on request headers, so a client sending them
+/// a byte at a time held its connection (and with enough of them every descriptor) as long
+/// as it liked. Headers must now arrive within `--http-header-timeout`.
+#[test]
+fn a_client_that_trickles_its_headers_is_cut_off() {
+    use std::io::{Read, Write};
+    let node = NodeServer::start(&["--no-network", "--http-header-timeout", "2"]);
+    let mut s = std::net::TcpStream::connect(node.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+        .unwrap();
+    // A byte every half second, for up to 20 s: the node must close well before.
+    let mut closed = false;
+    for _ in 0..40 {
+        if s.write_all(b"a").is_err() {
+            closed = true;
+            break;
+        }
+        let mut buf = [0u8; 512];
+        match s.read(&mut buf) {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            // End of stream, an error, or a 408 before the close.
+            _ => {
+                closed = true;
+                break;
+            }
+        }
+    }
+    assert!(
+        closed,
+        "the connection was still open after 20 s of trickled headers"
+    );
+    assert_eq!(http("GET", &node.url("/healthz"), None, &[]).status, 200);
+}
+
 /// Review H5: a web page in the provider's browser could POST `/models/create` to the
 /// loopback API (CSRF: a form or no-cors fetch needs no preflight), and by DNS rebinding
 /// (its own name resolving to 127.0.0.1) read the answers. Cross-origin requests, foreign

@@ -8,7 +8,7 @@ pub mod tls;
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -27,6 +27,7 @@ pub use quinn;
 pub use tls::TlsIdentity;
 
 use crate::NetError;
+use crate::limits::{Counts, Source, ip_source};
 
 /// Streams a provider serves at once on one connection.
 pub const MAX_STREAMS_PER_CONNECTION: u32 = 64;
@@ -89,60 +90,6 @@ impl ServePolicy {
 
     fn admits(&self, peer: &PeerId) -> bool {
         self.allow.as_ref().is_none_or(|a| a.contains(peer))
-    }
-}
-
-/// Where a connection comes from, for the per-source limits: an IPv4 address, or an IPv6
-/// /64 (one subscriber's prefix: counting single IPv6 addresses would limit nothing).
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
-enum Source {
-    Ip(IpAddr),
-    Peer(PeerId),
-}
-
-fn ip_source(ip: IpAddr) -> Source {
-    match ip.to_canonical() {
-        IpAddr::V6(v6) => {
-            let prefix = u128::from(v6) & !((1u128 << 64) - 1);
-            Source::Ip(IpAddr::V6(prefix.into()))
-        }
-        v4 => Source::Ip(v4),
-    }
-}
-
-/// Connections held per source; a [`Held`] gives its count back when dropped.
-#[derive(Clone, Default)]
-struct Counts(Arc<Mutex<HashMap<Source, usize>>>);
-
-struct Held {
-    counts: Counts,
-    source: Source,
-}
-
-impl Counts {
-    fn take(&self, source: Source, max: usize) -> Option<Held> {
-        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let n = map.entry(source).or_insert(0);
-        if *n >= max {
-            return None;
-        }
-        *n += 1;
-        Some(Held {
-            counts: self.clone(),
-            source,
-        })
-    }
-}
-
-impl Drop for Held {
-    fn drop(&mut self) {
-        let mut map = self.counts.0.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = map.get_mut(&self.source) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                map.remove(&self.source);
-            }
-        }
     }
 }
 
@@ -626,39 +573,5 @@ impl Call {
                 None => source,
             })),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn per_source_counts_hold_and_give_back() {
-        let counts = Counts::default();
-        let a = ip_source("192.0.2.1".parse().unwrap());
-        let held: Vec<Held> = (0..3).map(|_| counts.take(a, 3).unwrap()).collect();
-        assert!(
-            counts.take(a, 3).is_none(),
-            "a fourth connection from one address"
-        );
-        // Another address is not affected.
-        assert!(
-            counts
-                .take(ip_source("192.0.2.2".parse().unwrap()), 3)
-                .is_some()
-        );
-        drop(held);
-        assert!(counts.take(a, 3).is_some());
-        // Nothing is kept for sources that hold no connection.
-        assert!(counts.0.lock().unwrap().is_empty());
-    }
-
-    #[test]
-    fn ipv6_sources_are_counted_per_64_and_mapped_ipv4_as_ipv4() {
-        let s = |a: &str| ip_source(a.parse().unwrap());
-        assert_eq!(s("2001:db8:1:2::1"), s("2001:db8:1:2:ffff::9"));
-        assert_ne!(s("2001:db8:1:2::1"), s("2001:db8:1:3::1"));
-        assert_eq!(s("::ffff:192.0.2.7"), s("192.0.2.7"));
     }
 }

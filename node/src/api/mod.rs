@@ -39,6 +39,8 @@ pub struct ApiConfig {
     pub token: Option<Secret>,
     /// Largest request body in bytes.
     pub max_body: usize,
+    /// How long a client may take to send a request's headers.
+    pub header_timeout: std::time::Duration,
 }
 
 impl Default for ApiConfig {
@@ -47,6 +49,7 @@ impl Default for ApiConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 12434)),
             token: None,
             max_body: 16 << 20,
+            header_timeout: std::time::Duration::from_secs(30),
         }
     }
 }
@@ -136,9 +139,12 @@ pub async fn serve(
     let loopback = config.listen.ip().is_loopback();
     let app = router(state, config.max_body)
         .layer(middleware::from_fn_with_state(loopback, browser_guard));
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
+    let limits = beacon_net::http::HttpLimits {
+        header_timeout: config.header_timeout,
+        ..Default::default()
+    };
+    beacon_net::http::serve(listener, app, limits, shutdown).await;
+    Ok(())
 }
 
 async fn auth(State(state): State<AppState>, req: Request, next: Next) -> Response {
