@@ -69,8 +69,10 @@ pub async fn serve<L>(
             debug!(%remote, "HTTP connection refused: too many from this address");
             continue;
         };
-        let service =
-            TowerToHyperService::new(app.clone().layer(axum::Extension(ConnectInfo(remote))));
+        let service = TowerToHyperService::new(WithAddress {
+            app: app.clone(),
+            remote,
+        });
         let mut close = close_rx.clone();
         connections.spawn(async move {
             let _held = (permit, held);
@@ -98,4 +100,33 @@ pub async fn serve<L>(
     }
     let _ = close_tx.send(true);
     while connections.join_next().await.is_some() {}
+}
+
+/// The router, with each request's client address put in its extensions (no router is
+/// rebuilt per connection, as `Router::layer` would).
+#[derive(Clone)]
+struct WithAddress {
+    app: axum::Router,
+    remote: SocketAddr,
+}
+
+impl<B> tower_service::Service<axum::http::Request<B>> for WithAddress
+where
+    axum::Router: tower_service::Service<axum::http::Request<B>>,
+{
+    type Response = <axum::Router as tower_service::Service<axum::http::Request<B>>>::Response;
+    type Error = <axum::Router as tower_service::Service<axum::http::Request<B>>>::Error;
+    type Future = <axum::Router as tower_service::Service<axum::http::Request<B>>>::Future;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.app.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: axum::http::Request<B>) -> Self::Future {
+        req.extensions_mut().insert(ConnectInfo(self.remote));
+        self.app.call(req)
+    }
 }

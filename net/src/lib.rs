@@ -13,7 +13,7 @@
 pub mod directory;
 pub mod http;
 pub mod identity;
-mod limits;
+pub mod limits;
 pub mod p2p;
 pub mod quic;
 

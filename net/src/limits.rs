@@ -16,12 +16,16 @@ pub(crate) enum Source {
 }
 
 pub(crate) fn ip_source(ip: IpAddr) -> Source {
+    Source::Ip(address_group(ip))
+}
+
+/// The address a per-client limit counts: an IPv4 address as it is (IPv4-mapped IPv6
+/// too), an IPv6 address as its /64, one subscriber's prefix (counting single IPv6
+/// addresses would limit nothing).
+pub fn address_group(ip: IpAddr) -> IpAddr {
     match ip.to_canonical() {
-        IpAddr::V6(v6) => {
-            let prefix = u128::from(v6) & !((1u128 << 64) - 1);
-            Source::Ip(IpAddr::V6(prefix.into()))
-        }
-        v4 => Source::Ip(v4),
+        IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
+        v4 => v4,
     }
 }
 

@@ -226,28 +226,32 @@ mod tests {
     use super::*;
     use beacon_proto::{Digest, Timings, Usage};
 
+    /// Receipt `i`, for a fresh requester, finished at `1000 + i` ms.
+    fn receipt(i: u64, prompt_tokens: u32, completion_tokens: u32) -> Receipt {
+        Receipt {
+            request_id: Id(i as u128),
+            job_id: None,
+            requester: Keypair::generate().peer_id(),
+            request_digest: Digest::of(b"req"),
+            result_digest: Digest::of(b"res"),
+            model_digest: Digest::of(b"model"),
+            usage: Usage {
+                prompt_tokens,
+                completion_tokens,
+                cached_prompt_tokens: 0,
+            },
+            timings: Timings::default(),
+            finished_ms: 1000 + i,
+        }
+    }
+
     #[test]
     fn receipts_are_signed_ordered_and_summed() {
         let dir = tempfile::tempdir().unwrap();
         let key = Keypair::generate();
         let ledger = Ledger::open(dir.path()).unwrap();
         for i in 0..3u64 {
-            let r = Receipt {
-                request_id: Id(i as u128),
-                job_id: None,
-                requester: Keypair::generate().peer_id(),
-                request_digest: Digest::of(b"req"),
-                result_digest: Digest::of(b"res"),
-                model_digest: Digest::of(b"model"),
-                usage: Usage {
-                    prompt_tokens: 10,
-                    completion_tokens: i as u32,
-                    cached_prompt_tokens: 0,
-                },
-                timings: Timings::default(),
-                finished_ms: 1000 + i,
-            };
-            ledger.record(&key, &r).unwrap();
+            ledger.record(&key, &receipt(i, 10, i as u32)).unwrap();
         }
         let recent = ledger.recent(2).unwrap();
         assert_eq!(recent.len(), 2);
@@ -276,22 +280,7 @@ mod tests {
         let key = Keypair::generate();
         let ledger = Ledger::open_keeping(dir.path(), 10).unwrap();
         for i in 0..25u64 {
-            let r = Receipt {
-                request_id: Id(i as u128),
-                job_id: None,
-                requester: Keypair::generate().peer_id(),
-                request_digest: Digest::of(b"req"),
-                result_digest: Digest::of(b"res"),
-                model_digest: Digest::of(b"model"),
-                usage: Usage {
-                    prompt_tokens: 2,
-                    completion_tokens: 1,
-                    cached_prompt_tokens: 0,
-                },
-                timings: Timings::default(),
-                finished_ms: 1000 + i,
-            };
-            ledger.record(&key, &r).unwrap();
+            ledger.record(&key, &receipt(i, 2, 1)).unwrap();
         }
         let t = ledger.totals().unwrap();
         assert_eq!((t.requests, t.prompt_tokens, t.kept), (25, 50, 10));

@@ -197,17 +197,6 @@ pub fn router(state: ApiState, max_body: usize) -> Router {
         .with_state(state)
 }
 
-/// What a rate-limit bucket counts for an open router: one IPv4 address, or one IPv6 /64.
-fn client_bucket(ip: std::net::IpAddr) -> String {
-    match ip.to_canonical() {
-        std::net::IpAddr::V6(v6) => {
-            let s = v6.segments();
-            format!("ip:{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
-        }
-        v4 => format!("ip:{v4}"),
-    }
-}
-
 /// Buckets kept at most; past it, those that have refilled (idle clients) are dropped.
 const MAX_BUCKETS: usize = 100_000;
 
@@ -222,7 +211,9 @@ async fn auth(State(state): State<ApiState>, req: Request, next: Next) -> Respon
             .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
             .map(|c| c.0.ip());
         match client {
-            Some(ip) if state.rate_per_minute > 0 => client_bucket(ip),
+            Some(ip) if state.rate_per_minute > 0 => {
+                format!("ip:{}", beacon_net::limits::address_group(ip))
+            }
             _ => return next.run(req).await,
         }
     } else {

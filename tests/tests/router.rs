@@ -747,19 +747,13 @@ fn a_router_on_the_internet_dials_no_private_address_from_an_advert() {
     assert!(wait_until(Duration::from_secs(60), || {
         internet.providers().contains(&pa) && private.providers().contains(&pa)
     }));
-    let r = http(
-        "POST",
-        &private.url("/v1/chat/completions"),
-        Some(&chat("apple", "")),
-        &[],
-    );
+    let ask = |router: &RouterServer| {
+        let url = router.url("/v1/chat/completions");
+        http("POST", &url, Some(&chat("apple", "")), &[])
+    };
+    let r = ask(&private);
     assert_eq!(r.status, 200, "{r:?}");
-    let r = http(
-        "POST",
-        &internet.url("/v1/chat/completions"),
-        Some(&chat("apple", "")),
-        &[],
-    );
+    let r = ask(&internet);
     assert_ne!(r.status, 200, "work went to a loopback address: {r:?}");
     assert_eq!(a.log().matches("subtask served").count(), 1, "{}", a.log());
 }
