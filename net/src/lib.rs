@@ -10,6 +10,7 @@
 //! (calling) need it, and they must not depend on each other; `beacon-proto` stays free of
 //! I/O.
 
+pub mod addr;
 pub mod directory;
 pub mod http;
 pub mod identity;

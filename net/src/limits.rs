@@ -2,6 +2,7 @@
 //! limits of the data plane and the HTTP APIs: no single host takes every slot.
 
 use std::collections::HashMap;
+use std::hash::Hash;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
@@ -29,37 +30,51 @@ pub fn address_group(ip: IpAddr) -> IpAddr {
     }
 }
 
-/// Connections held per source; a [`Held`] gives its count back when dropped.
-#[derive(Clone, Default)]
-pub(crate) struct Counts(Arc<Mutex<HashMap<Source, usize>>>);
+/// Things held per key (connections per source, audits per peer); a [`Held`] gives its
+/// count back when dropped, and keys that hold nothing take no memory.
+pub struct Counts<K>(Arc<Mutex<HashMap<K, usize>>>);
 
-pub(crate) struct Held {
-    counts: Counts,
-    source: Source,
+impl<K> Clone for Counts<K> {
+    fn clone(&self) -> Self {
+        Counts(self.0.clone())
+    }
 }
 
-impl Counts {
-    pub(crate) fn take(&self, source: Source, max: usize) -> Option<Held> {
+impl<K> Default for Counts<K> {
+    fn default() -> Self {
+        Counts(Arc::default())
+    }
+}
+
+/// One unit held under a key in [`Counts`].
+pub struct Held<K: Eq + Hash + Clone> {
+    counts: Counts<K>,
+    key: K,
+}
+
+impl<K: Eq + Hash + Clone> Counts<K> {
+    /// Takes one unit under `key`, or `None` when `key` already holds `max`.
+    pub fn take(&self, key: K, max: usize) -> Option<Held<K>> {
         let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let n = map.entry(source).or_insert(0);
+        let n = map.entry(key.clone()).or_insert(0);
         if *n >= max {
             return None;
         }
         *n += 1;
         Some(Held {
             counts: self.clone(),
-            source,
+            key,
         })
     }
 }
 
-impl Drop for Held {
+impl<K: Eq + Hash + Clone> Drop for Held<K> {
     fn drop(&mut self) {
         let mut map = self.counts.0.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = map.get_mut(&self.source) {
+        if let Some(n) = map.get_mut(&self.key) {
             *n = n.saturating_sub(1);
             if *n == 0 {
-                map.remove(&self.source);
+                map.remove(&self.key);
             }
         }
     }
@@ -73,7 +88,7 @@ mod tests {
     fn per_source_counts_hold_and_give_back() {
         let counts = Counts::default();
         let a = ip_source("192.0.2.1".parse().unwrap());
-        let held: Vec<Held> = (0..3).map(|_| counts.take(a, 3).unwrap()).collect();
+        let held: Vec<Held<Source>> = (0..3).map(|_| counts.take(a, 3).unwrap()).collect();
         assert!(
             counts.take(a, 3).is_none(),
             "a fourth connection from one address"

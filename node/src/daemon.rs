@@ -97,6 +97,7 @@ pub async fn run(
             ledger: ledger.clone(),
             throughput: throughput.clone(),
             fault: p.fault,
+            audits: Default::default(),
         };
         if let Some(f) = p.fault {
             tracing::warn!(fault = ?f, "FAULT INJECTION: this provider misbehaves on purpose");

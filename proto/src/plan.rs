@@ -52,12 +52,16 @@ pub struct Plan {
     pub samples_per_task: u32,
 }
 
-/// Bounds a plan must respect.
+/// Bounds a plan must respect. The schema the supervisor is given ([`schema`]) and the
+/// validator ([`validate`]) both read them, with [`size_bounds`], [`MAX_ID_CHARS`] and
+/// [`ID_CHARS`]: one source, so the supervisor is never held to one rule and judged by
+/// another.
 #[derive(Clone, Debug)]
 pub struct Limits {
     pub max_tasks: usize,
     pub max_samples: u32,
     pub max_instruction_chars: usize,
+    pub max_advice_chars: usize,
 }
 
 impl Default for Limits {
@@ -65,15 +69,44 @@ impl Default for Limits {
         Limits {
             max_tasks: 8,
             max_samples: 4,
-            max_instruction_chars: 2000,
+            max_instruction_chars: 400,
+            max_advice_chars: 300,
         }
     }
 }
+
+/// Longest task id.
+pub const MAX_ID_CHARS: usize = 32;
+/// What a task id is made of, as a JSON-schema pattern (with [`MAX_ID_CHARS`]: the
+/// grammar llama.cpp makes from a pattern ignores `maxLength`).
+pub const ID_PATTERN: &str = "^[A-Za-z0-9_-]{1,32}$";
+/// Characters a task id may use (what [`ID_PATTERN`] says).
+pub const ID_CHARS: fn(char) -> bool = |c| c.is_ascii_alphanumeric() || c == '_' || c == '-';
 
 /// Why a plan was refused; the text is sent back to the supervisor.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("invalid plan: {0}")]
 pub struct PlanError(pub String);
+
+/// Every strategy.
+pub const STRATEGIES: [Strategy; 4] = [
+    Strategy::Chars,
+    Strategy::Paragraphs,
+    Strategy::Pages,
+    Strategy::Tokens,
+];
+
+impl Strategy {
+    /// The name plans use.
+    pub fn name(self) -> &'static str {
+        match self {
+            Strategy::Chars => "chars",
+            Strategy::Paragraphs => "paragraphs",
+            Strategy::Pages => "pages",
+            Strategy::Tokens => "tokens",
+        }
+    }
+}
 
 /// Allowed chunk sizes per strategy.
 pub fn size_bounds(s: Strategy) -> (u32, u32) {
@@ -85,31 +118,44 @@ pub fn size_bounds(s: Strategy) -> (u32, u32) {
     }
 }
 
-/// The JSON schema of a plan, for the supervisor's `response_format`.
+/// The JSON schema of a plan, for the supervisor's `response_format`, made from the same
+/// bounds [`validate`] checks.
 pub fn schema(limits: &Limits) -> Value {
+    // One branch per strategy, with its own sizes; what no schema can say (an overlap of
+    // at most half the size, task ids that differ) the validator checks, and `normalize`
+    // repairs repeated ids.
+    let chunking: Vec<Value> = STRATEGIES
+        .iter()
+        .map(|s| {
+            let (lo, hi) = size_bounds(*s);
+            json!({
+                "type": "object", "additionalProperties": false,
+                "required": ["strategy", "size", "overlap"],
+                "properties": {
+                    "strategy": {"const": s.name()},
+                    "size": {"type": "integer", "minimum": lo, "maximum": hi},
+                    "overlap": {"type": "integer", "minimum": 0, "maximum": hi / 2}
+                }
+            })
+        })
+        .collect();
     json!({
         "type": "object",
         "additionalProperties": false,
         "required": ["chunking", "tasks", "samples_per_task"],
         "properties": {
-            "chunking": {
-                "type": "object", "additionalProperties": false,
-                "required": ["strategy", "size", "overlap"],
-                "properties": {
-                    "strategy": {"enum": ["chars", "paragraphs", "pages", "tokens"]},
-                    "size": {"type": "integer", "minimum": 1},
-                    "overlap": {"type": "integer", "minimum": 0}
-                }
-            },
+            "chunking": {"anyOf": chunking},
             "tasks": {
                 "type": "array", "minItems": 1, "maxItems": limits.max_tasks,
                 "items": {
                     "type": "object", "additionalProperties": false,
                     "required": ["id", "instruction", "advice"],
                     "properties": {
-                        "id": {"type": "string", "minLength": 1, "maxLength": 32},
-                        "instruction": {"type": "string", "minLength": 1, "maxLength": 400},
-                        "advice": {"type": "string", "maxLength": 300}
+                        "id": {"type": "string", "minLength": 1, "maxLength": MAX_ID_CHARS,
+                               "pattern": ID_PATTERN},
+                        "instruction": {"type": "string", "minLength": 1,
+                                        "maxLength": limits.max_instruction_chars},
+                        "advice": {"type": "string", "maxLength": limits.max_advice_chars}
                     }
                 }
             },
@@ -175,9 +221,12 @@ pub fn normalize(plan: &mut Plan) {
             ids.insert(t.id.clone());
             continue;
         }
-        let base: String = t.id.chars().take(60).collect();
         if let Some(free) = (2..)
-            .map(|n| format!("{base}-{n}"))
+            .map(|n| {
+                let suffix = format!("-{n}");
+                let keep = MAX_ID_CHARS.saturating_sub(suffix.len());
+                format!("{}{suffix}", t.id.chars().take(keep).collect::<String>())
+            })
             .find(|c| !ids.contains(c))
         {
             t.id = free.clone();
@@ -216,13 +265,12 @@ pub fn validate(plan: &Plan, limits: &Limits) -> Result<(), PlanError> {
     }
     let mut ids = HashSet::new();
     for (i, t) in plan.tasks.iter().enumerate() {
-        let valid_id = !t.id.is_empty()
-            && t.id.len() <= 64
-            && t.id
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+        let valid_id =
+            !t.id.is_empty() && t.id.chars().count() <= MAX_ID_CHARS && t.id.chars().all(ID_CHARS);
         if !valid_id {
-            return err(format!("tasks[{i}].id must be 1-64 of [A-Za-z0-9_-]"));
+            return err(format!(
+                "tasks[{i}].id must be 1-{MAX_ID_CHARS} of [A-Za-z0-9_-]"
+            ));
         }
         if !ids.insert(t.id.as_str()) {
             return err(format!("tasks[{i}].id {:?} is repeated", t.id));
@@ -230,12 +278,16 @@ pub fn validate(plan: &Plan, limits: &Limits) -> Result<(), PlanError> {
         if t.instruction.trim().is_empty() {
             return err(format!("tasks[{i}].instruction is empty"));
         }
-        if t.instruction.chars().count() > limits.max_instruction_chars
-            || t.advice.chars().count() > limits.max_instruction_chars
-        {
+        if t.instruction.chars().count() > limits.max_instruction_chars {
             return err(format!(
-                "tasks[{i}] is longer than {} characters",
+                "tasks[{i}].instruction is longer than {} characters",
                 limits.max_instruction_chars
+            ));
+        }
+        if t.advice.chars().count() > limits.max_advice_chars {
+            return err(format!(
+                "tasks[{i}].advice is longer than {} characters",
+                limits.max_advice_chars
             ));
         }
     }
@@ -338,6 +390,107 @@ mod tests {
         ] {
             assert!(s.contains(f));
         }
+    }
+
+    /// One source of truth: every bound the schema states is the validator's bound, at the
+    /// bound accepted and one past it refused.
+    #[test]
+    fn the_schema_and_the_validator_hold_the_same_bounds() {
+        let l = Limits::default();
+        let s = schema(&l);
+        let p = &s["properties"];
+        let task = &p["tasks"]["items"]["properties"];
+        let n = |v: &Value| v.as_u64().unwrap() as usize;
+        let base: Plan = serde_json::from_str(GOOD).unwrap();
+        let check = |what: &str, at: Plan, past: Plan| {
+            assert!(validate(&at, &l).is_ok(), "{what} at the schema's bound");
+            assert!(
+                validate(&past, &l).is_err(),
+                "{what} past the schema's bound"
+            );
+        };
+        let with_task = |f: &dyn Fn(&mut TaskSpec)| {
+            let mut p = base.clone();
+            f(&mut p.tasks[0]);
+            p
+        };
+        let max_id = n(&task["id"]["maxLength"]);
+        check(
+            "id",
+            with_task(&|t| t.id = "a".repeat(max_id)),
+            with_task(&|t| t.id = "a".repeat(max_id + 1)),
+        );
+        assert_eq!(task["id"]["pattern"], ID_PATTERN);
+        assert!(ID_PATTERN.contains(&format!("{{1,{MAX_ID_CHARS}}}")));
+        assert!(validate(&with_task(&|t| t.id = "a.b".into()), &l).is_err());
+        let max_instr = n(&task["instruction"]["maxLength"]);
+        check(
+            "instruction",
+            with_task(&|t| t.instruction = "x".repeat(max_instr)),
+            with_task(&|t| t.instruction = "x".repeat(max_instr + 1)),
+        );
+        let max_advice = n(&task["advice"]["maxLength"]);
+        check(
+            "advice",
+            with_task(&|t| t.advice = "x".repeat(max_advice)),
+            with_task(&|t| t.advice = "x".repeat(max_advice + 1)),
+        );
+        let tasks = |k: usize| {
+            let mut p = base.clone();
+            p.tasks = (0..k)
+                .map(|i| TaskSpec {
+                    id: format!("t{i}"),
+                    instruction: format!("Find fact {i}."),
+                    advice: String::new(),
+                })
+                .collect();
+            p
+        };
+        check(
+            "tasks",
+            tasks(n(&p["tasks"]["maxItems"])),
+            tasks(n(&p["tasks"]["maxItems"]) + 1),
+        );
+        assert!(validate(&tasks(n(&p["tasks"]["minItems"]) - 1), &l).is_err());
+        let samples = |k: usize| Plan {
+            samples_per_task: k as u32,
+            ..base.clone()
+        };
+        let max_samples = n(&p["samples_per_task"]["maximum"]);
+        check("samples", samples(max_samples), samples(max_samples + 1));
+        assert!(validate(&samples(n(&p["samples_per_task"]["minimum"]) - 1), &l).is_err());
+        // Sizes: one branch per strategy, with that strategy's bounds.
+        let chunk = |strategy, size, overlap| Plan {
+            chunking: Chunking {
+                strategy,
+                size: size as u32,
+                overlap: overlap as u32,
+            },
+            ..base.clone()
+        };
+        let branches = p["chunking"]["anyOf"].as_array().unwrap();
+        assert_eq!(branches.len(), STRATEGIES.len());
+        for b in branches {
+            let b = &b["properties"];
+            let strategy: Strategy =
+                serde_json::from_value(b["strategy"]["const"].clone()).unwrap();
+            let (lo, hi) = (n(&b["size"]["minimum"]), n(&b["size"]["maximum"]));
+            let max_overlap = n(&b["overlap"]["maximum"]);
+            check(
+                "size",
+                chunk(strategy, hi, max_overlap),
+                chunk(strategy, hi + 1, 0),
+            );
+            check("size", chunk(strategy, lo, 0), chunk(strategy, lo - 1, 0));
+            assert!(validate(&chunk(strategy, hi, max_overlap + 1), &l).is_err());
+        }
+        // A renamed repeated id stays within the bound.
+        let mut twice = tasks(2);
+        twice.tasks[1].id = "a".repeat(max_id);
+        twice.tasks[0].id = "a".repeat(max_id);
+        twice.tasks[1].instruction = "Another.".into();
+        normalize(&mut twice);
+        assert!(validate(&twice, &l).is_ok(), "{:?}", twice.tasks);
     }
 
     proptest! {

@@ -77,6 +77,8 @@ pub struct ApiState {
     pub minion_jobs: Arc<tokio::sync::Semaphore>,
     /// The most jobs `minion_jobs` started with (for the gauge).
     pub max_minion_jobs: usize,
+    /// Supervisor tokens each client may spend on MinionS per window.
+    pub minion_budgets: crate::minions::budget::Budgets,
     /// Chat requests that may wait beyond the advertised slots (then 503).
     pub max_queue: u64,
     /// Chat requests being served or waiting, per model.
@@ -118,6 +120,7 @@ impl ApiState {
             minions: Arc::default(),
             minion_jobs: Arc::new(tokio::sync::Semaphore::new(DEFAULT_MINION_JOBS)),
             max_minion_jobs: DEFAULT_MINION_JOBS,
+            minion_budgets: crate::minions::budget::Budgets::new(0, Duration::from_secs(3600)),
             max_queue: 64,
             pending: Arc::default(),
             buckets: Arc::default(),
@@ -200,7 +203,12 @@ pub fn router(state: ApiState, max_body: usize) -> Router {
 /// Buckets kept at most; past it, those that have refilled (idle clients) are dropped.
 const MAX_BUCKETS: usize = 100_000;
 
-async fn auth(State(state): State<ApiState>, req: Request, next: Next) -> Response {
+/// Who a request counts against, for rate limits and budgets: `key:` and the digest of its
+/// API key, or on an open router `ip:` and its address (an IPv6 /64).
+#[derive(Clone, Debug)]
+pub struct Client(pub String);
+
+async fn auth(State(state): State<ApiState>, mut req: Request, next: Next) -> Response {
     if req.uri().path() == "/healthz" {
         return next.run(req).await;
     }
@@ -211,14 +219,12 @@ async fn auth(State(state): State<ApiState>, req: Request, next: Next) -> Respon
             .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
             .map(|c| c.0.ip());
         match client {
-            Some(ip) if state.rate_per_minute > 0 => {
-                format!("ip:{}", beacon_net::limits::address_group(ip))
-            }
-            _ => return next.run(req).await,
+            Some(ip) => format!("ip:{}", beacon_net::limits::address_group(ip)),
+            None => return next.run(req).await,
         }
     } else {
         match authorised_key(&state, &req) {
-            Some(key) => key,
+            Some(key) => format!("key:{}", Digest::of(key.as_bytes()).hex()),
             None => {
                 return ApiError::new(
                     StatusCode::UNAUTHORIZED,
@@ -229,6 +235,7 @@ async fn auth(State(state): State<ApiState>, req: Request, next: Next) -> Respon
             }
         }
     };
+    req.extensions_mut().insert(Client(bucket.clone()));
     if state.rate_per_minute > 0 {
         // Token bucket per key or address: `rate_per_minute` capacity, refilled
         // continuously.

@@ -553,7 +553,7 @@ impl RouterDirectory {
             .filter(|e| !self.pins.conflicts(&e.advert))
             .filter_map(|e| {
                 let addr: std::net::SocketAddr = e.advert.data_plane.as_deref()?.parse().ok()?;
-                if !self.dial_private && !crate::addr::is_public(addr.ip()) {
+                if !self.dial_private && !beacon_net::addr::is_public(addr.ip()) {
                     return None;
                 }
                 let s = self.stats(&e.advert.peer_id);

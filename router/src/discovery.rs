@@ -68,7 +68,8 @@ fn dialable(addrs: &[String], peer: PeerId, private: bool) -> Option<Multiaddr> 
     addrs.iter().find_map(|a| {
         let addr: Multiaddr = a.parse().ok()?;
         if !private
-            && crate::addr::multiaddr_ip(&addr).is_some_and(|ip| !crate::addr::is_public(ip))
+            && beacon_net::addr::multiaddr_ip(&addr)
+                .is_some_and(|ip| !beacon_net::addr::is_public(ip))
         {
             return None;
         }

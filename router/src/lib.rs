@@ -5,7 +5,6 @@
 //! MinionS and Minion jobs ([`minions`]) run their local work on the network through the
 //! same placement, dispatch and verification, at `POST /v1/minions`.
 
-pub mod addr;
 pub mod api;
 pub mod directory;
 pub mod discovery;
@@ -51,6 +50,9 @@ pub struct RouterConfig {
     pub minions: minions::http::MinionsConfig,
     /// MinionS jobs that may run at once; more are refused with 503 and `Retry-After`.
     pub max_minion_jobs: usize,
+    /// Supervisor tokens each client (API key, or address on an open router) may spend
+    /// on MinionS per hour; 0 for no budget.
+    pub minions_token_budget: u64,
     /// Model names the operator trusts (reference → digest); see [`directory::Pins`].
     pub pins: directory::Pins,
     /// Providers the operator vouches for: never on probation, reputable from the start.
@@ -78,6 +80,12 @@ pub async fn run(
     let mut net_config = NetworkConfig::new(key.clone());
     net_config.listen = config.p2p_listen.clone();
     net_config.bootstrap = config.bootstrap.clone();
+    // The swarm itself dials no private address unless allowed: addresses that adverts,
+    // kademlia or identify name are all refused at the transport (review M9).
+    net_config.dial_private = config.dial_private;
+    // A router maps no model: past 80% of the machine's memory, a flood of connections is
+    // the likelier cause, and new ones wait.
+    net_config.max_memory_fraction = Some(0.8);
     let network = Network::start(net_config).await?;
     let live = Arc::new(RwLock::new(Directory::new(
         config.advert_expiry,
@@ -116,6 +124,8 @@ pub async fn run(
     state.fallback = config.fallback;
     state.minion_jobs = Arc::new(tokio::sync::Semaphore::new(config.max_minion_jobs));
     state.max_minion_jobs = config.max_minion_jobs;
+    state.minion_budgets =
+        minions::budget::Budgets::new(config.minions_token_budget, Duration::from_secs(3600));
     state.minions = Arc::new(config.minions);
     state.max_queue = config.max_queue;
     let listener = tokio::net::TcpListener::bind(config.listen)

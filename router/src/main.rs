@@ -182,6 +182,11 @@ struct ServeArgs {
     /// more are refused with 503 and Retry-After.
     #[arg(long, env = "BEACON_MAX_MINIONS_JOBS", default_value_t = beacon_router::api::DEFAULT_MINION_JOBS)]
     max_minions_jobs: usize,
+    /// Supervisor tokens each client (API key, or address on an open router) may spend on
+    /// MinionS jobs per hour, the remote-only baseline included; 0 for no budget. A job
+    /// that finds its client's budget spent ends with 429 and Retry-After.
+    #[arg(long, env = "BEACON_MINIONS_TOKEN_BUDGET", default_value_t = 2_000_000)]
+    minions_token_budget: u64,
     /// Dial providers at private, loopback or link-local addresses (true for a router on
     /// a private network). Default: true when a bootstrap peer is at such an address,
     /// else false, so peers cannot point an internet router at its own network.
@@ -240,8 +245,8 @@ async fn main() -> anyhow::Result<()> {
             // A router bootstrapped at a private address is on a private network.
             let dial_private = a.dial_private.unwrap_or_else(|| {
                 a.bootstrap.iter().any(|b| {
-                    beacon_router::addr::multiaddr_ip(b)
-                        .is_some_and(|ip| !beacon_router::addr::is_public(ip))
+                    beacon_net::addr::multiaddr_ip(b)
+                        .is_some_and(|ip| !beacon_net::addr::is_public(ip))
                 })
             });
             let config = beacon_router::RouterConfig {
@@ -299,6 +304,7 @@ async fn main() -> anyhow::Result<()> {
                     ..Default::default()
                 },
                 max_minion_jobs: a.max_minions_jobs,
+                minions_token_budget: a.minions_token_budget,
                 minions: beacon_router::minions::http::MinionsConfig {
                     local_model: a.minions_local_model,
                     remote_model: a.remote_model,

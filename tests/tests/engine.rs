@@ -5,7 +5,7 @@
 use std::sync::OnceLock;
 
 use beacon_node::engine::{
-    Engine, EngineConfig, EngineError, Event, GenerateRequest, OutputFormat, Prompt,
+    Engine, EngineConfig, EngineError, Event, GenerateRequest, OutputFormat, Prompt, ScoreRequest,
 };
 use beacon_proto::{ChatMessage, FinishReason, Role, Sampling};
 use beacon_tests::test_model;
@@ -197,6 +197,27 @@ fn json_schema_output_parses_and_validates() {
     assert!(v["answer"].is_string() || v["answer"].is_null(), "{v}");
     assert_eq!(v.as_object().unwrap().len(), 2, "{v}");
 
+    // The MinionS plan schema as the supervisor gets it: what the grammar lets through,
+    // the plan validator accepts (they are made from one set of bounds), short of the
+    // rules no schema can state (an overlap of at most half the size, a blank instruction).
+    let limits = beacon_proto::plan::Limits::default();
+    let mut req = chat(
+        "Plan how to find facts in a long report. Reply with the plan in JSON.",
+        "Find the total cargo handled by the port in 2025.",
+        300,
+    );
+    req.format = OutputFormat::JsonSchema(beacon_proto::plan::schema(&limits).to_string());
+    let c = rt.block_on(engine().complete(req)).unwrap();
+    if c.finish_reason == FinishReason::Stop
+        && let Err(e) = beacon_proto::plan::parse(&c.text, &limits)
+    {
+        assert!(
+            e.0.contains("overlap") || e.0.contains("empty"),
+            "{e}: {}",
+            c.text
+        );
+    }
+
     let mut req = chat("Reply in JSON.", "Name a fruit.", 48);
     req.format = OutputFormat::JsonObject;
     let c = rt.block_on(engine().complete(req)).unwrap();
@@ -378,4 +399,83 @@ fn embeddings_are_normalised_deterministic_and_ordered() {
         .block_on(engine().embed(vec![String::new()]))
         .unwrap_err();
     assert!(matches!(err, EngineError::InvalidRequest(_)), "{err}");
+}
+
+/// Review M4: audits and embeddings ran inline on the model's thread, so one long audit or
+/// embeddings request paused every generation on the model until it was done. They now
+/// advance one slice per decode step: a generation already running finishes its few
+/// remaining tokens long before a request hundreds of slices long is through.
+#[test]
+fn audits_and_embeddings_do_not_stall_generation() {
+    let rt = rt();
+    let engine = Engine::load(
+        &test_model(),
+        EngineConfig {
+            parallel: 2,
+            ctx_per_slot: 4096,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let document = "The harbour master logged every ship that entered the port, its cargo, \
+                    its flag and the hour of its arrival, and filed the ledger each evening. "
+        .repeat(60);
+    rt.block_on(async {
+        for which in ["audit", "embeddings"] {
+            let mut stream = engine
+                .generate(chat(
+                    "You are a helpful assistant.",
+                    "Count from one to fifty in words.",
+                    16,
+                ))
+                .unwrap();
+            // The generation is running once its first token is out.
+            match stream.recv().await {
+                Some(Ok(Event::Token { .. })) => {}
+                other => panic!("expected a first token, got {other:?}"),
+            }
+            let side = async {
+                match which {
+                    "embeddings" => engine
+                        .embed(vec![document[..300].to_string(); 24])
+                        .await
+                        .map(drop),
+                    _ => engine
+                        .score(ScoreRequest {
+                            prompt: Prompt::Text(document.clone()),
+                            // Any ids in the vocabulary: scoring does not care how likely.
+                            claimed: (1000..1300).collect(),
+                            format: OutputFormat::Text,
+                            stop: Vec::new(),
+                            sampling: None,
+                            ended_by_model: false,
+                        })
+                        .await
+                        .map(|s| assert_eq!(s.scores.len(), 300)),
+                }
+            };
+            let generation = async {
+                let mut tokens = 1;
+                while let Some(event) = stream.recv().await {
+                    match event.unwrap() {
+                        Event::Token { .. } => tokens += 1,
+                        Event::Done(_) => return tokens,
+                    }
+                }
+                panic!("the stream ended without Done");
+            };
+            tokio::pin!(side, generation);
+            tokio::select! {
+                biased;
+                tokens = &mut generation => {
+                    assert!(tokens > 1);
+                    side.await.unwrap_or_else(|e| panic!("{which}: {e}"));
+                }
+                r = &mut side => panic!(
+                    "the {which} request ({r:?}) finished before a 16-token generation that \
+                     was already running: it stalled generation"
+                ),
+            }
+        }
+    });
 }

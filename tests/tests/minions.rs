@@ -370,6 +370,38 @@ fn invalid_plans_are_sent_back_and_retried_a_bounded_number_of_times() {
     );
     assert_eq!(r.status, 502, "{}", r.body);
     assert_eq!(r.json()["error"]["type"], "supervisor_error");
+
+    // Review H8: each client's supervisor tokens are budgeted. On a router whose budget is
+    // one token an hour, the first plan call spends it, the retry is refused and so is the
+    // next job, before any call: the supervisor sees exactly one request.
+    let budgeted =
+        RouterServer::with_supervisor(Some(&boot), &sup, &["--minions-token-budget", "1"]);
+    assert!(wait_until(Duration::from_secs(60), || !budgeted
+        .providers()
+        .is_empty()));
+    let before = metric(
+        &sup.url("/metrics"),
+        "beacon_requests_total{endpoint=\"chat\"} ",
+    );
+    plain["policy"]["plan_retries"] = json!(2);
+    for _ in 0..2 {
+        let r = http_within(
+            "POST",
+            &budgeted.url("/v1/minions"),
+            Some(&plain.to_string()),
+            &[],
+            900,
+        );
+        assert_eq!(r.status, 429, "{}", r.body);
+        assert_eq!(r.json()["error"]["type"], "rate_limit_error");
+        assert!(r.body.contains("budget"), "{}", r.body);
+        assert!(r.header("retry-after").is_some(), "{r:?}");
+    }
+    let after = metric(
+        &sup.url("/metrics"),
+        "beacon_requests_total{endpoint=\"chat\"} ",
+    );
+    assert_eq!(after - before, 1, "one supervisor call, then none");
 }
 
 /// A provider killed while a round's jobs run on it: its jobs are placed again on the other

@@ -743,3 +743,105 @@ async fn a_node_holds_no_more_p2p_connections_than_its_limit() {
     }
     hub.shutdown().await;
 }
+
+/// Review M9, beyond adverts: kademlia and identify name addresses too, and kademlia dials
+/// the peers its lookups find. A peer that may not dial private addresses (an internet
+/// router) refuses them in its transport, whatever asks for the dial; only its operator's
+/// bootstrap addresses are dialled. A peer that may dials the same address.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_peer_that_may_not_dial_private_addresses_dials_none() {
+    let quic: libp2p::Multiaddr = "/ip4/127.0.0.1/udp/0/quic-v1".parse().unwrap();
+    let start = |dial_private: bool, bootstrap: Vec<libp2p::Multiaddr>| {
+        let mut c = NetworkConfig::new(Keypair::generate());
+        c.listen = vec![quic.clone()];
+        c.dial_private = dial_private;
+        c.bootstrap = bootstrap;
+        Network::start(c)
+    };
+    let target = start(true, Vec::new()).await.unwrap();
+    let mut addr = Vec::new();
+    for _ in 0..50 {
+        addr = target.listen_addrs().await.unwrap();
+        if !addr.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let id = target.peer_id().to_string();
+    let strict = start(false, Vec::new()).await.unwrap();
+    let open = start(true, Vec::new()).await.unwrap();
+    let connected = |n: &Network| {
+        let (n, id) = (n.clone(), id.clone());
+        async move { n.peers().await.unwrap().iter().any(|p| p.peer_id == id) }
+    };
+    let _ = strict.dial(addr[0].clone()).await;
+    let _ = strict.dial_peer(target.peer_id()).await;
+    let _ = open.dial(addr[0].clone()).await;
+    let mut open_connected = false;
+    for _ in 0..100 {
+        if connected(&open).await {
+            open_connected = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(open_connected, "a peer allowed to dial loopback could not");
+    // The strict peer's dial ran at the same time and was refused.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        !connected(&strict).await,
+        "a peer that may not dial private addresses dialled loopback"
+    );
+    // Its operator's bootstrap address is another matter.
+    let chosen = start(false, vec![addr[0].clone()]).await.unwrap();
+    let mut chosen_connected = false;
+    for _ in 0..100 {
+        if connected(&chosen).await {
+            chosen_connected = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(chosen_connected, "the bootstrap address was not dialled");
+    for n in [target, strict, open, chosen] {
+        n.shutdown().await;
+    }
+}
+
+/// Review M8: libp2p had no memory-based limit. A peer holding more memory than it allows
+/// (here a limit far below what any process holds) takes no new connection; the same
+/// peer without the limit does.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_peer_over_its_memory_limit_takes_no_new_connection() {
+    let tcp: libp2p::Multiaddr = "/ip4/127.0.0.1/tcp/0".parse().unwrap();
+    for limited in [true, false] {
+        let mut config = NetworkConfig::new(Keypair::generate());
+        config.listen = vec![tcp.clone()];
+        config.max_memory_fraction = limited.then_some(1e-9);
+        let hub = Network::start(config).await.unwrap();
+        let mut addr = Vec::new();
+        for _ in 0..50 {
+            addr = hub.listen_addrs().await.unwrap();
+            if !addr.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let mut c = NetworkConfig::new(Keypair::generate());
+        c.listen = vec![tcp.clone()];
+        c.bootstrap = vec![addr[0].clone()];
+        let other = Network::start(c).await.unwrap();
+        let mut most = 0;
+        for _ in 0..30 {
+            most = most.max(hub.peers().await.unwrap().len());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        if limited {
+            assert_eq!(most, 0, "a peer over its memory limit took a connection");
+        } else {
+            assert_eq!(most, 1, "without the limit the connection is taken");
+        }
+        other.shutdown().await;
+        hub.shutdown().await;
+    }
+}

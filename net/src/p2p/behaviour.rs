@@ -10,7 +10,8 @@ use libp2p::gossipsub::{
 };
 use libp2p::kad::{self, store::MemoryStore};
 use libp2p::swarm::NetworkBehaviour;
-use libp2p::{StreamProtocol, Swarm, connection_limits, identify, noise, ping, tcp, yamux};
+use libp2p::swarm::behaviour::toggle::Toggle;
+use libp2p::{StreamProtocol, Swarm, connection_limits, identify, memory_connection_limits, ping};
 
 use super::NetworkConfig;
 use crate::NetError;
@@ -21,6 +22,8 @@ type Gossip = gossipsub::Behaviour<IdentityTransform, WhitelistSubscriptionFilte
 pub(super) struct Behaviour {
     /// First: it denies connections over the limits before the others see them.
     pub limits: connection_limits::Behaviour,
+    /// Then no new connection while the process holds more memory than allowed.
+    pub memory: Toggle<memory_connection_limits::Behaviour>,
     pub identify: identify::Behaviour,
     pub ping: ping::Behaviour,
     pub kad: kad::Behaviour<MemoryStore>,
@@ -56,11 +59,13 @@ fn gossip(keypair: &libp2p::identity::Keypair) -> Result<Gossip, NetError> {
 
     // Peer scoring: an invalid advert costs its sender; a few push it under the graylist.
     // Delivery-rate penalties are off: adverts are rare and small networks are quiet.
+    // Delivering adverts first earns little (at most +1), so a flood of valid adverts buys
+    // no credit against penalties (review H3).
     let mut params = PeerScoreParams::default();
     let mut topic_params = TopicScoreParams {
         topic_weight: 1.0,
         time_in_mesh_weight: 0.0,
-        first_message_deliveries_weight: 1.0,
+        first_message_deliveries_weight: 0.1,
         first_message_deliveries_cap: 10.0,
         mesh_message_deliveries_weight: 0.0,
         mesh_failure_penalty_weight: 0.0,
@@ -70,7 +75,17 @@ fn gossip(keypair: &libp2p::identity::Keypair) -> Result<Gossip, NetError> {
     };
     topic_params.first_message_deliveries_decay = 0.9;
     params.topics.insert(topic.hash(), topic_params);
-    params.ip_colocation_factor_weight = 0.0; // every test peer shares 127.0.0.1
+    // Sybils on one address: past 10 peers from one IP, each loses (n - 10)^2 x 5, so 14
+    // are graylisted (review H3). Loopback is exempt (peers on one machine: tests, a
+    // router next to its provider).
+    params.ip_colocation_factor_weight = -5.0;
+    params.ip_colocation_factor_threshold = 10.0;
+    params.ip_colocation_factor_whitelist = [
+        std::net::IpAddr::from([127, 0, 0, 1]),
+        std::net::IpAddr::from(std::net::Ipv6Addr::LOCALHOST),
+    ]
+    .into_iter()
+    .collect();
     let thresholds = PeerScoreThresholds {
         gossip_threshold: -10.0,
         publish_threshold: -50.0,
@@ -90,19 +105,22 @@ fn gossip(keypair: &libp2p::identity::Keypair) -> Result<Gossip, NetError> {
 pub(super) fn build_swarm(config: &NetworkConfig) -> Result<Swarm<Behaviour>, NetError> {
     let keypair = config.keypair.to_libp2p();
     let provider_ttl = config.provider_ttl;
+    let max_memory = config.max_memory_fraction;
     let limits = connection_limits::ConnectionLimits::default()
         .with_max_established_incoming(Some(config.max_incoming))
         .with_max_pending_incoming(Some(config.max_incoming.div_ceil(2)))
         .with_max_established_per_peer(Some(config.max_per_peer));
     let swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
-        .with_tcp(
-            tcp::Config::default().nodelay(true),
-            noise::Config::new,
-            yamux::Config::default,
-        )
-        .map_err(|e| NetError::Config(format!("tcp transport: {e}")))?
-        .with_quic()
+        .with_other_transport(|key| {
+            let chosen = config
+                .bootstrap
+                .iter()
+                .filter_map(crate::addr::multiaddr_ip)
+                .collect();
+            super::transport::build(key, config.dial_private, chosen)
+        })
+        .map_err(|e| NetError::Config(format!("transport: {e}")))?
         // `/dns4/…` bootstrap peers (Compose service names, Kubernetes Services).
         .with_dns()
         .map_err(|e| NetError::Config(format!("system DNS configuration: {e}")))?
@@ -131,6 +149,9 @@ pub(super) fn build_swarm(config: &NetworkConfig) -> Result<Swarm<Behaviour>, Ne
             let gossipsub = gossip(key).map_err(Box::new)?;
             Ok(Behaviour {
                 limits: connection_limits::Behaviour::new(limits),
+                memory: Toggle::from(
+                    max_memory.map(memory_connection_limits::Behaviour::with_max_percentage),
+                ),
                 identify,
                 ping,
                 kad,

@@ -10,6 +10,7 @@
 
 mod behaviour;
 mod seqs;
+mod transport;
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -50,6 +51,14 @@ pub struct NetworkConfig {
     pub max_incoming: u32,
     /// Connections one peer may hold with us at once (QUIC and TCP, a redial).
     pub max_per_peer: u32,
+    /// Dial private, loopback and link-local addresses. A router on the internet turns it
+    /// off, so peers cannot make it reach into its own network (review M9); connections
+    /// others open are not affected.
+    pub dial_private: bool,
+    /// Refuse new connections, in and out, while this process holds more than this share
+    /// of the machine's memory (review M8). `None` for providers, whose resident memory
+    /// includes the model weights they map.
+    pub max_memory_fraction: Option<f64>,
 }
 
 impl NetworkConfig {
@@ -69,6 +78,8 @@ impl NetworkConfig {
             provider_ttl: Duration::from_secs(300),
             max_incoming: 1024,
             max_per_peer: 4,
+            dial_private: true,
+            max_memory_fraction: None,
         }
     }
 }

@@ -95,7 +95,7 @@ impl From<EngineError> for ApiError {
             EngineError::InvalidRequest(_) | EngineError::Template(_) => {
                 ApiError::bad_request("messages", e.to_string())
             }
-            EngineError::Stopped => ApiError {
+            EngineError::Stopped | EngineError::Busy(_) => ApiError {
                 retry_after: Some(1),
                 ..ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,

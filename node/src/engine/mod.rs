@@ -36,6 +36,8 @@ pub enum EngineError {
     InvalidRequest(String),
     #[error("inference failed: {0}")]
     Decode(String),
+    #[error("busy: {0}")]
+    Busy(String),
     #[error("the engine has stopped")]
     Stopped,
 }

@@ -18,6 +18,7 @@ use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
 use llama_cpp_2::token::data_array::LlamaTokenDataArray;
 use tokio::sync::mpsc as tmpsc;
+use tokio::sync::oneshot;
 use tracing::{debug, warn};
 
 use super::stop::{Fed, TextStream};
@@ -59,6 +60,46 @@ struct Job {
     first_token: Option<Instant>,
     cached: usize,
     return_tokens: bool,
+}
+
+/// Most positions an audit decodes in one slice while sequences are generating (a
+/// generation step waits for at most one slice).
+const SIDE_SLICE: usize = 64;
+/// Most audits and embeddings requests waiting on one model; more are refused as busy.
+const MAX_SIDE_TASKS: usize = 64;
+
+/// Work on the model's other contexts, done in slices between decode steps.
+enum SideTask {
+    Score {
+        task: Box<ScoreTask>,
+        reply: oneshot::Sender<Result<Scored, EngineError>>,
+    },
+    Embed {
+        task: EmbedTask,
+        reply: oneshot::Sender<Result<Embeddings, EngineError>>,
+    },
+}
+
+/// An audit under way.
+struct ScoreTask {
+    /// Prompt and claimed tokens.
+    all: Vec<LlamaToken>,
+    prompt_len: usize,
+    /// Score the end of generation after the last claimed token.
+    score_end: bool,
+    grammar: Option<LlamaSampler>,
+    sampling: Option<beacon_proto::Sampling>,
+    /// Next position to decode.
+    pos: usize,
+    scored: Scored,
+}
+
+/// An embeddings request under way.
+struct EmbedTask {
+    inputs: Vec<String>,
+    next: usize,
+    vectors: Vec<Vec<f32>>,
+    prompt_tokens: u32,
 }
 
 struct Slot {
@@ -154,6 +195,7 @@ pub(super) fn run(
             })
             .collect(),
         queue: VecDeque::new(),
+        side: VecDeque::new(),
         batch: LlamaBatch::new(config.batch.max(parallel) as usize, parallel as i32),
         batch_cap: config.batch.max(parallel) as usize,
         ctx_per_slot: ctx_per_slot as usize,
@@ -173,16 +215,21 @@ struct Runner<'m> {
     template: Result<LlamaChatTemplate, String>,
     slots: Vec<Slot>,
     queue: VecDeque<(Box<GenerateRequest>, Events, Instant)>,
+    /// Audits and embeddings requests, oldest first; the oldest advances one slice per
+    /// decode step.
+    side: VecDeque<SideTask>,
     batch: LlamaBatch<'static>,
     batch_cap: usize,
     ctx_per_slot: usize,
     n_ctx: usize,
 }
 
-impl Runner<'_> {
+impl<'m> Runner<'m> {
     fn serve(&mut self, ctx: &mut LlamaContext, rx: &mpsc::Receiver<Command>) {
         loop {
-            let idle = self.slots.iter().all(|s| s.job.is_none()) && self.queue.is_empty();
+            let idle = self.slots.iter().all(|s| s.job.is_none())
+                && self.queue.is_empty()
+                && self.side.is_empty();
             if idle {
                 match rx.recv() {
                     Ok(cmd) => self.accept(cmd),
@@ -194,7 +241,10 @@ impl Runner<'_> {
                     Ok(cmd) => self.accept(cmd),
                     Err(mpsc::TryRecvError::Empty) => break,
                     Err(mpsc::TryRecvError::Disconnected) => {
-                        if self.slots.iter().all(|s| s.job.is_none()) && self.queue.is_empty() {
+                        if self.slots.iter().all(|s| s.job.is_none())
+                            && self.queue.is_empty()
+                            && self.side.is_empty()
+                        {
                             return;
                         }
                         break;
@@ -203,6 +253,8 @@ impl Runner<'_> {
             }
             self.admit(ctx);
             self.step(ctx);
+            let generating = self.slots.iter().any(|s| s.job.is_some());
+            self.side_step(generating);
         }
     }
 
@@ -213,21 +265,47 @@ impl Runner<'_> {
                 events,
                 submitted,
             } => self.queue.push_back((request, events, submitted)),
-            Command::Embed { inputs, reply } => {
-                let _ = reply.send(self.embed(&inputs));
+            Command::Embed { .. } | Command::Score { .. } if self.side.len() >= MAX_SIDE_TASKS => {
+                let busy = EngineError::Busy(format!(
+                    "{MAX_SIDE_TASKS} audits and embeddings requests are already waiting"
+                ));
+                match cmd {
+                    Command::Embed { reply, .. } => {
+                        let _ = reply.send(Err(busy));
+                    }
+                    Command::Score { reply, .. } => {
+                        let _ = reply.send(Err(busy));
+                    }
+                    Command::Generate { .. } => {}
+                }
             }
-            Command::Score { request, reply } => {
-                let _ = reply.send(self.score(&request));
-            }
+            Command::Embed { inputs, reply } => self.side.push_back(SideTask::Embed {
+                task: EmbedTask {
+                    inputs,
+                    next: 0,
+                    vectors: Vec::new(),
+                    prompt_tokens: 0,
+                },
+                reply,
+            }),
+            Command::Score { request, reply } => match self.begin_score(&request) {
+                Ok(task) => self.side.push_back(SideTask::Score {
+                    task: Box::new(task),
+                    reply,
+                }),
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
+            },
         }
     }
 
-    /// Teacher-forced scoring: feeds prompt + claimed tokens through a separate context and
-    /// reads, at every claimed position, the claimed token's log-probability and the argmax
-    /// (under the same grammar when the output was constrained). Logits are read in chunks of
-    /// at most `SCORE_CHUNK` positions, so memory stays bounded for any vocabulary.
-    fn score(&mut self, request: &ScoreRequest) -> Result<Scored, EngineError> {
-        const SCORE_CHUNK: usize = 64;
+    /// Starts an audit (teacher-forced scoring): the claimed text is rebuilt and the grammar
+    /// set up now; the prefill of prompt + claimed tokens, which reads at every claimed
+    /// position the claimed token's log-probability and the argmax (under the same grammar
+    /// when the output was constrained), runs in slices between decode steps
+    /// ([`Runner::advance_score`]).
+    fn begin_score(&self, request: &ScoreRequest) -> Result<ScoreTask, EngineError> {
         let prompt = self.render(&request.prompt)?;
         let n_vocab = self.model.n_vocab().max(0) as u32;
         if let Some(bad) = request.claimed.iter().find(|t| **t >= n_vocab) {
@@ -257,22 +335,41 @@ impl Runner<'_> {
             text.finish();
         }
         let score_end = request.ended_by_model && !stopped;
-        let mut scored = Scored {
+        let scored = Scored {
             prompt_tokens: prompt.len() as u32,
             scores: Vec::with_capacity(request.claimed.len()),
             text: text.text().to_string(),
             end: None,
         };
-        if request.claimed.is_empty() && !score_end {
-            return Ok(scored);
-        }
-        let mut grammar = match grammar::for_format(&request.format)? {
-            Some(g) => Some(
+        let grammar = match grammar::for_format(&request.format)? {
+            Some(g) if !request.claimed.is_empty() || score_end => Some(
                 LlamaSampler::grammar(self.model, &g, "root")
                     .map_err(|e| EngineError::Grammar(e.to_string()))?,
             ),
-            None => None,
+            _ => None,
         };
+        let prompt_len = prompt.len();
+        let all: Vec<LlamaToken> = prompt
+            .into_iter()
+            .chain(request.claimed.iter().map(|t| LlamaToken(*t as i32)))
+            .collect();
+        Ok(ScoreTask {
+            pos: if request.claimed.is_empty() && !score_end {
+                total
+            } else {
+                0
+            },
+            all,
+            prompt_len,
+            score_end,
+            grammar,
+            sampling: request.sampling.clone(),
+            scored,
+        })
+    }
+
+    /// The context audits run on, created on the first audit.
+    fn score_context(&mut self) -> Result<&mut LlamaContext<'m>, EngineError> {
         if self.score_ctx.is_none() {
             let backend = backend().map_err(EngineError::Decode)?;
             let n = self.ctx_per_slot as u32;
@@ -289,103 +386,111 @@ impl Runner<'_> {
                 .map_err(|e| EngineError::Decode(e.to_string()))?;
             self.score_ctx = Some(ctx);
         }
-        let ctx = self.score_ctx.as_mut().expect("scoring context");
-        ctx.clear_kv_cache();
-        let all: Vec<LlamaToken> = prompt
-            .iter()
-            .copied()
-            .chain(request.claimed.iter().map(|t| LlamaToken(*t as i32)))
-            .collect();
-        // Position p's logits predict all[p + 1]; claimed token k sits at prompt.len() + k.
-        let first_out = prompt.len() - 1;
-        let mut batch = LlamaBatch::new(self.batch_cap, 1);
-        let mut pos = 0;
-        while pos < total {
-            let end = total
-                .min(pos + self.batch_cap)
-                .min(pos.max(first_out) + SCORE_CHUNK);
-            batch.clear();
-            // Logits are needed at every position that predicts a claimed token, and at
-            // the last one when the end of generation is scored.
-            let last_out = if score_end { total } else { total - 1 };
-            for (p, token) in all.iter().enumerate().take(end).skip(pos) {
-                let out = p >= first_out && p < last_out;
-                batch
-                    .add(*token, p as i32, &[0], out)
-                    .map_err(|e| EngineError::Decode(e.to_string()))?;
-            }
-            ctx.decode(&mut batch)
-                .map_err(|e| EngineError::Decode(e.to_string()))?;
-            for p in pos.max(first_out)..end.min(last_out) {
-                if p + 1 == total {
-                    // After the last claimed token: how likely is ending here?
-                    let candidates = ctx.candidates_ith((p - pos) as i32);
-                    let mut array = LlamaTokenDataArray::from_iter(candidates, false);
-                    if let Some(g) = grammar.as_mut() {
-                        g.apply(&mut array);
-                    }
-                    let eogs: Vec<LlamaToken> = array
-                        .data
-                        .iter()
-                        .filter(|d| vocab.is_eog(d.id()) && d.logit().is_finite())
-                        .map(|d| d.id())
-                        .collect();
-                    let forbidden = TokenScore {
-                        logprob: f32::MIN,
-                        argmax: 0,
-                        argmax_logprob: 0.0,
-                    };
-                    scored.end = Some(match &request.sampling {
-                        _ if eogs.is_empty() => forbidden,
-                        None => {
-                            let best = eogs
-                                .iter()
-                                .copied()
-                                .max_by(|a, b| {
-                                    logit_of(&array, *a).total_cmp(&logit_of(&array, *b))
-                                })
-                                .unwrap_or(eogs[0]);
-                            score_position(&array, best)
-                        }
-                        Some(s) => {
-                            let k = request.claimed.len() as u32;
-                            let best = eogs
-                                .iter()
-                                .map(|t| seeded_score(&array, s, k, *t))
-                                .max_by(|a, b| a.logprob.total_cmp(&b.logprob));
-                            best.unwrap_or(forbidden)
-                        }
-                    });
-                    continue;
-                }
-                let claimed = all[p + 1];
-                let candidates = ctx.candidates_ith((p - pos) as i32);
-                let mut array = LlamaTokenDataArray::from_iter(candidates, false);
-                if let Some(g) = grammar.as_mut() {
-                    g.apply(&mut array);
-                }
-                let score = match &request.sampling {
-                    None => score_position(&array, claimed),
-                    Some(s) => {
-                        let k = (p + 1 - prompt.len()) as u32;
-                        seeded_score(&array, s, k, claimed)
-                    }
-                };
-                // Accepting a token the grammar forbids aborts llama.cpp: a claimed output
-                // that breaks the grammar is scored raw from there on instead.
-                match grammar.as_mut() {
-                    Some(g) if score.logprob > f32::MIN => g.accept(claimed),
-                    Some(_) => grammar = None,
-                    None => {}
-                }
-                scored.scores.push(score);
-            }
-            pos = end;
-        }
-        Ok(scored)
+        Ok(self.score_ctx.as_mut().expect("scoring context"))
     }
 
-    fn embed(&mut self, inputs: &[String]) -> Result<Embeddings, EngineError> {
+    /// One slice of an audit: at most `cap` positions are decoded and at most
+    /// `SCORE_CHUNK` positions' logits read (memory stays bounded for any vocabulary).
+    /// Returns whether the audit is complete.
+    fn advance_score(&mut self, t: &mut ScoreTask, cap: usize) -> Result<bool, EngineError> {
+        const SCORE_CHUNK: usize = 64;
+        let total = t.all.len();
+        if t.pos >= total {
+            return Ok(true);
+        }
+        let model = self.model;
+        let vocab = model.vocab();
+        let batch_cap = self.batch_cap;
+        let ctx = self.score_context()?;
+        if t.pos == 0 {
+            ctx.clear_kv_cache();
+        }
+        // Position p's logits predict all[p + 1]; claimed token k sits at prompt_len + k.
+        let first_out = t.prompt_len - 1;
+        let pos = t.pos;
+        let end = total
+            .min(pos + cap.clamp(1, batch_cap))
+            .min(pos.max(first_out) + SCORE_CHUNK);
+        let mut batch = LlamaBatch::new(end - pos, 1);
+        // Logits are needed at every position that predicts a claimed token, and at the
+        // last one when the end of generation is scored.
+        let last_out = if t.score_end { total } else { total - 1 };
+        for (p, token) in t.all.iter().enumerate().take(end).skip(pos) {
+            let out = p >= first_out && p < last_out;
+            batch
+                .add(*token, p as i32, &[0], out)
+                .map_err(|e| EngineError::Decode(e.to_string()))?;
+        }
+        ctx.decode(&mut batch)
+            .map_err(|e| EngineError::Decode(e.to_string()))?;
+        for p in pos.max(first_out)..end.min(last_out) {
+            if p + 1 == total {
+                // After the last claimed token: how likely is ending here?
+                let candidates = ctx.candidates_ith((p - pos) as i32);
+                let mut array = LlamaTokenDataArray::from_iter(candidates, false);
+                if let Some(g) = t.grammar.as_mut() {
+                    g.apply(&mut array);
+                }
+                let eogs: Vec<LlamaToken> = array
+                    .data
+                    .iter()
+                    .filter(|d| vocab.is_eog(d.id()) && d.logit().is_finite())
+                    .map(|d| d.id())
+                    .collect();
+                let forbidden = TokenScore {
+                    logprob: f32::MIN,
+                    argmax: 0,
+                    argmax_logprob: 0.0,
+                };
+                t.scored.end = Some(match &t.sampling {
+                    _ if eogs.is_empty() => forbidden,
+                    None => {
+                        let best = eogs
+                            .iter()
+                            .copied()
+                            .max_by(|a, b| logit_of(&array, *a).total_cmp(&logit_of(&array, *b)))
+                            .unwrap_or(eogs[0]);
+                        score_position(&array, best)
+                    }
+                    Some(s) => {
+                        let k = (total - t.prompt_len) as u32;
+                        let best = eogs
+                            .iter()
+                            .map(|e| seeded_score(&array, s, k, *e))
+                            .max_by(|a, b| a.logprob.total_cmp(&b.logprob));
+                        best.unwrap_or(forbidden)
+                    }
+                });
+                continue;
+            }
+            let claimed = t.all[p + 1];
+            let candidates = ctx.candidates_ith((p - pos) as i32);
+            let mut array = LlamaTokenDataArray::from_iter(candidates, false);
+            if let Some(g) = t.grammar.as_mut() {
+                g.apply(&mut array);
+            }
+            let score = match &t.sampling {
+                None => score_position(&array, claimed),
+                Some(s) => {
+                    let k = (p + 1 - t.prompt_len) as u32;
+                    seeded_score(&array, s, k, claimed)
+                }
+            };
+            // Accepting a token the grammar forbids aborts llama.cpp: a claimed output
+            // that breaks the grammar is scored raw from there on instead.
+            match t.grammar.as_mut() {
+                Some(g) if score.logprob > f32::MIN => g.accept(claimed),
+                Some(_) => t.grammar = None,
+                None => {}
+            }
+            t.scored.scores.push(score);
+        }
+        t.pos = end;
+        Ok(t.pos >= total)
+    }
+
+    /// The context embeddings run on, created on the first embeddings request.
+    fn embed_context(&mut self) -> Result<&mut LlamaContext<'m>, EngineError> {
         if self.embed_ctx.is_none() {
             let backend = backend().map_err(EngineError::Decode)?;
             let n = self.ctx_per_slot as u32;
@@ -404,45 +509,100 @@ impl Runner<'_> {
                 .map_err(|e| EngineError::Decode(e.to_string()))?;
             self.embed_ctx = Some(ctx);
         }
-        let ctx = self.embed_ctx.as_mut().expect("embedding context");
-        let mut vectors = Vec::with_capacity(inputs.len());
-        let mut prompt_tokens = 0u32;
-        for (i, text) in inputs.iter().enumerate() {
-            let tokens = self.model.vocab().tokenize(text.as_bytes(), true, false);
-            if tokens.is_empty() {
-                return Err(EngineError::InvalidRequest(format!("input {i} is empty")));
-            }
-            if tokens.len() > self.ctx_per_slot {
-                return Err(EngineError::PromptTooLong {
-                    tokens: tokens.len(),
-                    limit: self.ctx_per_slot,
-                });
-            }
-            prompt_tokens += tokens.len() as u32;
-            ctx.clear_kv_cache();
-            let mut batch = LlamaBatch::new(tokens.len(), 1);
-            for (pos, t) in tokens.iter().enumerate() {
-                batch
-                    .add(*t, pos as i32, &[0], true)
-                    .map_err(|e| EngineError::Decode(e.to_string()))?;
-            }
-            ctx.decode(&mut batch)
-                .map_err(|e| EngineError::Decode(e.to_string()))?;
-            let v = ctx
-                .embeddings_seq_ith(0)
-                .map_err(|e| EngineError::Decode(e.to_string()))?;
-            let norm = v
-                .iter()
-                .map(|x| x * x)
-                .sum::<f32>()
-                .sqrt()
-                .max(f32::MIN_POSITIVE);
-            vectors.push(v.iter().map(|x| x / norm).collect());
+        Ok(self.embed_ctx.as_mut().expect("embedding context"))
+    }
+
+    /// One slice of an embeddings request: its next input (mean pooling needs a whole
+    /// input in one batch). Returns whether every input is done.
+    fn advance_embed(&mut self, t: &mut EmbedTask) -> Result<bool, EngineError> {
+        let Some(text) = t.inputs.get(t.next) else {
+            return Ok(true);
+        };
+        let model = self.model;
+        let limit = self.ctx_per_slot;
+        let tokens = model.vocab().tokenize(text.as_bytes(), true, false);
+        if tokens.is_empty() {
+            return Err(EngineError::InvalidRequest(format!(
+                "input {} is empty",
+                t.next
+            )));
         }
-        Ok(Embeddings {
-            vectors,
-            prompt_tokens,
-        })
+        if tokens.len() > limit {
+            return Err(EngineError::PromptTooLong {
+                tokens: tokens.len(),
+                limit,
+            });
+        }
+        let ctx = self.embed_context()?;
+        ctx.clear_kv_cache();
+        let mut batch = LlamaBatch::new(tokens.len(), 1);
+        for (pos, tok) in tokens.iter().enumerate() {
+            batch
+                .add(*tok, pos as i32, &[0], true)
+                .map_err(|e| EngineError::Decode(e.to_string()))?;
+        }
+        ctx.decode(&mut batch)
+            .map_err(|e| EngineError::Decode(e.to_string()))?;
+        let v = ctx
+            .embeddings_seq_ith(0)
+            .map_err(|e| EngineError::Decode(e.to_string()))?;
+        let norm = v
+            .iter()
+            .map(|x| x * x)
+            .sum::<f32>()
+            .sqrt()
+            .max(f32::MIN_POSITIVE);
+        t.vectors.push(v.iter().map(|x| x / norm).collect());
+        t.prompt_tokens = t.prompt_tokens.saturating_add(tokens.len() as u32);
+        t.next += 1;
+        Ok(t.next >= t.inputs.len())
+    }
+
+    /// Advances the oldest audit or embeddings request by one slice: while sequences are
+    /// generating, a slice is at most `SIDE_SLICE` positions (one input for embeddings),
+    /// so no audit or embedding stalls generation for longer than that.
+    fn side_step(&mut self, generating: bool) {
+        let Some(task) = self.side.pop_front() else {
+            return;
+        };
+        let cap = if generating {
+            SIDE_SLICE
+        } else {
+            self.batch_cap
+        };
+        match task {
+            SideTask::Score { mut task, reply } => {
+                if reply.is_closed() {
+                    return;
+                }
+                match self.advance_score(&mut task, cap) {
+                    Ok(false) => self.side.push_front(SideTask::Score { task, reply }),
+                    Ok(true) => {
+                        let _ = reply.send(Ok(task.scored));
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
+                }
+            }
+            SideTask::Embed { mut task, reply } => {
+                if reply.is_closed() {
+                    return;
+                }
+                match self.advance_embed(&mut task) {
+                    Ok(false) => self.side.push_front(SideTask::Embed { task, reply }),
+                    Ok(true) => {
+                        let _ = reply.send(Ok(Embeddings {
+                            vectors: task.vectors,
+                            prompt_tokens: task.prompt_tokens,
+                        }));
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
+                }
+            }
+        }
     }
 
     /// Moves queued requests into free sequences, reusing the longest cached prefix.

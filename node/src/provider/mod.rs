@@ -111,7 +111,13 @@ pub struct Provider {
     pub ledger: Ledger,
     pub throughput: Arc<Throughput>,
     pub fault: Option<Fault>,
+    /// Audits running here per requesting peer (at most [`MAX_AUDITS_PER_PEER`]).
+    pub audits: beacon_net::limits::Counts<PeerId>,
 }
+
+/// Most audits one peer may have running on this provider at once: an audit is a prefill
+/// of up to a whole context, and one peer must not fill the model's audit queue.
+pub const MAX_AUDITS_PER_PEER: usize = 4;
 
 fn now_ms() -> u64 {
     SystemTime::now()
@@ -144,7 +150,7 @@ impl From<SchedError> for Refusal {
             SchedError::Store(crate::store::StoreError::NotFound(_)) => {
                 DataErrorCode::ModelNotFound
             }
-            SchedError::Busy(_) => DataErrorCode::Busy,
+            SchedError::Busy(_) | SchedError::Engine(E::Busy(_)) => DataErrorCode::Busy,
             SchedError::Engine(
                 E::InvalidRequest(_) | E::Grammar(_) | E::PromptTooLong { .. } | E::Template(_),
             ) => DataErrorCode::BadRequest,
@@ -398,6 +404,14 @@ impl Provider {
         let request_digest = audit
             .digest()
             .map_err(|e| Refusal::new(DataErrorCode::BadRequest, e.to_string()))?;
+        let _held = self
+            .audits
+            .take(peer, MAX_AUDITS_PER_PEER)
+            .ok_or_else(|| Refusal {
+                code: DataErrorCode::Busy,
+                message: format!("this peer already has {MAX_AUDITS_PER_PEER} audits running here"),
+                retry_after_ms: Some(1000),
+            })?;
         let lease = self.lease(model).await?;
         let scored = lease
             .engine

@@ -185,25 +185,18 @@ impl Registry {
         if manifest.config.size > MAX_METADATA_BYTES as u64 {
             return Err(StoreError::Manifest("model config is too large".into()));
         }
-        if let Some(budget) = self.opts.store_budget {
-            // What the manifest says it will add (each download is held to its size).
-            let new = std::iter::once(&manifest.config)
-                .chain(&manifest.layers)
-                .filter(|d| d.digest.parse().map_or(true, |d| !store.has_blob(&d)))
-                .map(|d| d.size)
-                .fold(0, u64::saturating_add);
-            let used = store.disk_usage();
-            if used.saturating_add(new) > budget {
-                return Err(StoreError::NoRoom(format!(
-                    "{} needs {} more on disk; the store uses {} of its {} budget \
-                     (--store-budget-gib): remove models or raise the budget",
-                    r.familiar(),
-                    beacon_proto::gguf::format_bytes(new),
-                    beacon_proto::gguf::format_bytes(used),
-                    beacon_proto::gguf::format_bytes(budget)
-                )));
-            }
-        }
+        // What the manifest says it will add (each download is held to its size).
+        let new = std::iter::once(&manifest.config)
+            .chain(&manifest.layers)
+            .filter(|d| d.digest.parse().map_or(true, |d| !store.has_blob(&d)))
+            .map(|d| d.size)
+            .fold(0, u64::saturating_add);
+        check_room(
+            &r.familiar(),
+            new,
+            self.opts.store_budget.map(|b| (store.disk_usage(), b)),
+            fs2::available_space(store.root()).ok(),
+        )?;
         let pull = BlobPull {
             client: &client,
             image: &image,
@@ -633,5 +626,63 @@ fn map_err(r: &ModelRef, had_credentials: bool, e: OciDistributionError) -> Stor
             registry: r.registry.clone(),
             message: e.to_string(),
         },
+    }
+}
+
+/// Disk left free beyond a pull, for the store's own metadata and the rest of the system.
+const DISK_RESERVE: u64 = 256 << 20;
+
+/// Refuses a pull of `new` bytes that would take the store past its budget (`used`,
+/// `budget`) or the disk past its free space (`available`, when known) with
+/// [`DISK_RESERVE`] to spare, before anything is downloaded.
+fn check_room(
+    name: &str,
+    new: u64,
+    budget: Option<(u64, u64)>,
+    available: Option<u64>,
+) -> Result<(), StoreError> {
+    use beacon_proto::gguf::format_bytes;
+    if let Some((used, budget)) = budget
+        && used.saturating_add(new) > budget
+    {
+        return Err(StoreError::NoRoom(format!(
+            "{name} needs {} more on disk; the store uses {} of its {} budget \
+             (--store-budget-gib): remove models or raise the budget",
+            format_bytes(new),
+            format_bytes(used),
+            format_bytes(budget)
+        )));
+    }
+    if let Some(free) = available
+        && new > 0
+        && new.saturating_add(DISK_RESERVE) > free
+    {
+        return Err(StoreError::NoRoom(format!(
+            "{name} needs {} on disk and {} are free (with {} kept free): remove models \
+             or free space",
+            format_bytes(new),
+            format_bytes(free),
+            format_bytes(DISK_RESERVE)
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod room_tests {
+    use super::*;
+
+    #[test]
+    fn a_pull_needs_room_in_the_budget_and_on_the_disk() {
+        let gib = 1u64 << 30;
+        assert!(check_room("m", gib, Some((gib, 3 * gib)), Some(10 * gib)).is_ok());
+        assert!(check_room("m", gib, None, None).is_ok());
+        let e = check_room("m", 2 * gib, Some((2 * gib, 3 * gib)), Some(10 * gib)).unwrap_err();
+        assert!(e.to_string().contains("budget"), "{e}");
+        let e = check_room("m", 2 * gib, None, Some(2 * gib)).unwrap_err();
+        assert!(e.to_string().contains("free"), "{e}");
+        // Nothing new to fetch needs no room; huge sizes do not wrap.
+        assert!(check_room("m", 0, None, Some(0)).is_ok());
+        assert!(check_room("m", u64::MAX, Some((1, u64::MAX - 1)), None).is_err());
     }
 }

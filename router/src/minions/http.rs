@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 
 use super::job::{JobLimits, JobRequest, Progress, Protocol};
 use super::protocol::{JobError, JobSetup, run};
-use super::remote::Supervisor;
+use super::remote::{RemoteError, Supervisor};
 use crate::api::{ApiError, ApiState, Remote, read_body};
 
 /// The router's MinionS settings.
@@ -35,9 +35,11 @@ pub struct MinionsConfig {
 
 pub async fn job(
     State(state): State<ApiState>,
+    client: Option<axum::Extension<crate::api::Client>>,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Response {
-    match job_inner(&state, body).await {
+    let client = client.map(|c| c.0.0);
+    match job_inner(&state, client, body).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     }
@@ -54,6 +56,14 @@ fn job_error(e: JobError) -> ApiError {
             retry_after: Some(5),
             ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "overloaded", e.to_string())
         },
+        JobError::Remote(e @ RemoteError::BudgetSpent { renews_in_s, .. }) => ApiError {
+            retry_after: Some(renews_in_s),
+            ..ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                e.to_string(),
+            )
+        },
         e @ (JobError::Remote(_) | JobError::Supervisor { .. }) => {
             ApiError::new(StatusCode::BAD_GATEWAY, "supervisor_error", e.to_string())
         }
@@ -66,6 +76,7 @@ fn sse(event: &str, data: String) -> Bytes {
 
 async fn job_inner(
     state: &ApiState,
+    client: Option<String>,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Response, ApiError> {
     let bytes = read_body(body)?;
@@ -81,7 +92,18 @@ async fn job_inner(
         .validate(&state.minions.limits)
         .map_err(|e| ApiError::bad(&e.param, e.message))?;
     let stream = request.stream;
-    let setup = resolve(state, request)?;
+    let mut setup = resolve(state, request)?;
+    // The operator's supervisor is spent against the client's budget (review H8); a job
+    // that brings its own supervisor key spends its own.
+    if !setup.own_supervisor {
+        setup.budget = client.and_then(|c| state.minion_budgets.client(c));
+        if let Some(spent) = setup.budget.as_ref().and_then(|b| b.check().err()) {
+            return Err(job_error(JobError::Remote(RemoteError::BudgetSpent {
+                tokens: spent.tokens,
+                renews_in_s: spent.renews_in.as_secs().max(1),
+            })));
+        }
+    }
     // Admission (review H8): a job runs only while the router has room for one; the
     // permit goes with the job and ends with it (or with the client that leaves).
     let permit = state
@@ -205,6 +227,7 @@ fn resolve(state: &ApiState, r: JobRequest) -> Result<JobSetup, ApiError> {
             "this router does not accept a supervisor or supervisor model in the request (its operator can allow it with --allow-remote-override); leave out base_url, api_key and model to use the router's supervisor",
         ));
     }
+    let own_supervisor = spec.as_ref().is_some_and(|s| s.base_url.is_some());
     let base = match spec.as_ref().and_then(|s| s.base_url.clone()) {
         Some(u) => {
             check_override_url(&u).map_err(|why| ApiError::bad("remote.base_url", why))?;
@@ -278,6 +301,8 @@ fn resolve(state: &ApiState, r: JobRequest) -> Result<JobSetup, ApiError> {
         worker_max_tokens: r.policy.worker_max_tokens.unwrap_or(200),
         baseline: r.policy.remote_only_baseline.unwrap_or_default(),
         parallelism: 64,
+        budget: None,
+        own_supervisor,
     })
 }
 
@@ -308,7 +333,7 @@ fn check_override_url(u: &str) -> Result<(), String> {
         return Err("must not name this machine".into());
     }
     if let Ok(ip) = host.parse::<std::net::IpAddr>()
-        && !crate::addr::is_public(ip)
+        && !beacon_net::addr::is_public(ip)
     {
         return Err(format!("{ip} is not a public address"));
     }

@@ -3,6 +3,7 @@
 //! accounting ([`remote`]), the job request and answer ([`job`]) and the protocols
 //! themselves ([`protocol`]), served at `POST /v1/minions`.
 
+pub mod budget;
 pub mod chunk;
 pub mod client;
 pub mod http;

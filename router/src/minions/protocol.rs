@@ -52,6 +52,11 @@ pub struct JobSetup {
     pub baseline: Baseline,
     /// Concurrent local jobs at most.
     pub parallelism: usize,
+    /// The client's remote-token budget, when the job spends the operator's supervisor.
+    pub budget: Option<super::budget::Budget>,
+    /// The job names its own supervisor (`--allow-remote-override`): the operator's key
+    /// is not spent.
+    pub own_supervisor: bool,
 }
 
 /// Why a job failed.
@@ -168,6 +173,7 @@ struct Ledger {
     /// Bytes of the prompts sent to the supervisor, to calibrate the baseline estimate.
     remote_prompt_bytes: u64,
     progress: Option<mpsc::UnboundedSender<Progress>>,
+    budget: Option<super::budget::Budget>,
 }
 
 impl Ledger {
@@ -190,10 +196,19 @@ impl Ledger {
         let retry =
             messages.iter().filter(|m| m.role == "assistant").count() > 0 && purpose != "supervise";
         let temperature = if retry { 0.7 } else { 0.0 };
+        if let Some(b) = &self.budget {
+            b.check().map_err(|s| RemoteError::BudgetSpent {
+                tokens: s.tokens,
+                renews_in_s: s.renews_in.as_secs().max(1),
+            })?;
+        }
         let (text, call) = sup
             .chat_at(messages, schema, purpose, round, temperature)
             .await?;
         self.remote_ms += call.ms;
+        if let Some(b) = &self.budget {
+            b.charge(call.prompt_tokens + call.completion_tokens);
+        }
         if purpose != "remote_only" {
             self.remote_prompt_bytes +=
                 messages.iter().map(|m| m.content.len() as u64).sum::<u64>();
@@ -217,6 +232,7 @@ pub async fn run(
         local_ms: 0,
         remote_prompt_bytes: 0,
         progress,
+        budget: setup.budget.clone(),
     };
     let (answer, explanation, rounds) = match setup.protocol {
         Protocol::Minions => minions(&setup, &mut ledger).await?,

@@ -62,6 +62,10 @@ pub enum RemoteError {
     Status { status: u16, body: String },
     #[error("the supervisor's reply is not an OpenAI chat completion: {0}")]
     Malformed(String),
+    #[error(
+        "this client's MinionS budget of {tokens} supervisor tokens is spent; it renews in {renews_in_s} s"
+    )]
+    BudgetSpent { tokens: u64, renews_in_s: u64 },
 }
 
 /// A client for one supervisor model.

@@ -1,5 +1,6 @@
-//! Which addresses are public: the router calls no private, loopback or link-local address
-//! that a peer or a client named unless its operator allows it (reviews M9, L1).
+//! Which addresses are public: a router calls no private, loopback or link-local address
+//! that a peer or a client named unless its operator allows it (reviews M9, L1), and its
+//! swarm dials none (see `p2p::transport`).
 
 use std::net::IpAddr;
 
