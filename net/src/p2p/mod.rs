@@ -603,11 +603,26 @@ impl Actor {
         let Some(source) = message.source else {
             return reject(None, "unsigned message".into(), MessageAcceptance::Reject);
         };
+        let now = now_ms();
+        let too_soon = || {
+            reject(
+                Some(source),
+                format!(
+                    "adverts from one source at most every {} ms",
+                    seqs::MIN_INTERVAL_MS
+                ),
+                MessageAcceptance::Ignore,
+            )
+        };
+        // A source that advertises too often is turned away before any decoding or
+        // signature check (review H3).
+        if self.seqs.too_soon(&source, now) {
+            return too_soon();
+        }
         let signed = match Signed::<ProviderAdvert>::decode(&message.data) {
             Ok(s) => s,
             Err(e) => return reject(Some(source), e.to_string(), MessageAcceptance::Reject),
         };
-        let now = now_ms();
         let last = self.seqs.last(&source, now);
         match validate_advert(&signed, &source, now, last, self.policy) {
             Ok(advert) => {
@@ -620,16 +635,7 @@ impl Actor {
                             MessageAcceptance::Ignore,
                         );
                     }
-                    Err(seqs::Refused::TooSoon) => {
-                        return reject(
-                            Some(source),
-                            format!(
-                                "adverts from one source at most every {} ms",
-                                seqs::MIN_INTERVAL_MS
-                            ),
-                            MessageAcceptance::Ignore,
-                        );
-                    }
+                    Err(seqs::Refused::TooSoon) => return too_soon(),
                 }
                 (
                     MessageAcceptance::Accept,

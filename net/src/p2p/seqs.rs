@@ -54,13 +54,19 @@ impl SeqTable {
             .map(|(seq, _)| *seq)
     }
 
+    /// Whether `source` advertised less than [`MIN_INTERVAL_MS`] ago: checked before an
+    /// advert is decoded or its signature verified, so a source that floods costs a
+    /// lookup per message, not a verification.
+    pub(crate) fn too_soon(&self, source: &PeerId, now_ms: u64) -> bool {
+        self.seen
+            .get(source)
+            .is_some_and(|(_, at)| now_ms.saturating_sub(*at) < MIN_INTERVAL_MS && now_ms >= *at)
+    }
+
     /// Records an accepted advert, unless the table is full of fresh sources and `source`
     /// is not one of them, or `source` advertised less than [`MIN_INTERVAL_MS`] ago.
     pub(crate) fn record(&mut self, source: PeerId, seq: u64, now_ms: u64) -> Result<(), Refused> {
-        if let Some((_, at)) = self.seen.get(&source)
-            && now_ms.saturating_sub(*at) < MIN_INTERVAL_MS
-            && now_ms >= *at
-        {
+        if self.too_soon(&source, now_ms) {
             return Err(Refused::TooSoon);
         }
         if !self.seen.contains_key(&source) && self.seen.len() >= self.max {

@@ -282,7 +282,13 @@ impl Provider {
             format,
             return_tokens: request.return_tokens,
         })?;
-        let run = async {
+        // Generation does not wait for the client: deltas go to a writer through a channel
+        // (at most one result's text), and the slot is given back the moment generation
+        // ends, however slowly the client reads (H4: a slow reader holds a stream, never a
+        // slot). A client that goes away stops the generation.
+        let (deltas, mut to_write) = tokio::sync::mpsc::unbounded_channel::<String>();
+        let generate = async move {
+            let _lease = lease;
             while let Some(event) = events.recv().await {
                 match event? {
                     Event::Token { text, .. } => {
@@ -291,8 +297,7 @@ impl Provider {
                             Some(Fault::Stream) => text.to_uppercase(),
                             _ => text,
                         };
-                        if !text.is_empty() && sink.send(&DataFrame::Delta(text)).await.is_err() {
-                            info!("the client cancelled the subtask");
+                        if !text.is_empty() && deltas.send(text).is_err() {
                             return Ok(None);
                         }
                     }
@@ -301,19 +306,35 @@ impl Provider {
             }
             Err(crate::engine::EngineError::Stopped)
         };
-        let completion = match deadline {
-            Some(at) => match tokio::time::timeout_at(at, run).await {
-                Ok(r) => r?,
-                Err(_) => {
-                    return Err(Refusal::new(
-                        DataErrorCode::DeadlineExceeded,
-                        "the deadline passed while generating",
-                    ));
-                }
-            },
-            None => run.await?,
+        let generate = async move {
+            match deadline {
+                Some(at) => tokio::time::timeout_at(at, generate).await.ok(),
+                None => Some(generate.await),
+            }
         };
-        drop(lease);
+        let writer = &mut *sink;
+        let write = async move {
+            while let Some(text) = to_write.recv().await {
+                if writer.send(&DataFrame::Delta(text)).await.is_err() {
+                    return false;
+                }
+            }
+            true
+        };
+        let (generated, delivered) = tokio::join!(generate, write);
+        let completion = match generated {
+            Some(r) => r?,
+            None => {
+                return Err(Refusal::new(
+                    DataErrorCode::DeadlineExceeded,
+                    "the deadline passed while generating",
+                ));
+            }
+        };
+        if !delivered {
+            info!("the client cancelled the subtask");
+            return Ok(());
+        }
         let Some(c) = completion else { return Ok(()) };
         self.throughput
             .observe(model, c.usage.completion_tokens, c.timings.decode_ms);
