@@ -196,6 +196,11 @@ pub struct NetworkArgs {
     /// Seconds between adverts.
     #[arg(long, env = "BEACON_ADVERT_INTERVAL", default_value_t = 10)]
     pub advert_interval: u64,
+    /// Advertise local tags whose registry is on a private network (a private address, or
+    /// a name under .local, .internal, .lan, .home.arpa, .intranet, .corp or .private);
+    /// by default they stay on this machine, as their names describe its network.
+    #[arg(long, env = "BEACON_ADVERTISE_PRIVATE_TAGS")]
+    pub advertise_private_tags: bool,
     /// Misbehave on purpose, to test that routers catch it (tests and benchmarks only).
     #[arg(long, value_enum, hide = true, env = "BEACON_FAULT")]
     pub fault: Option<crate::provider::Fault>,
@@ -214,6 +219,7 @@ impl NetworkArgs {
                 .then(|| self.data_plane_allow.clone()),
             advert_interval: std::time::Duration::from_secs(self.advert_interval.max(1)),
             fault: self.fault,
+            advertise_private_tags: self.advertise_private_tags,
         })
     }
 }

@@ -40,6 +40,8 @@ pub struct ProviderConfig {
     pub advert_interval: Duration,
     /// Deliberate misbehaviour (tests and benchmarks only).
     pub fault: Option<crate::provider::Fault>,
+    /// Gossip tags whose registry is on a private network too.
+    pub advertise_private_tags: bool,
 }
 
 /// Everything `serve` needs.
@@ -144,6 +146,7 @@ pub async fn run(
                 interval: p.advert_interval,
                 last: last_advert.clone(),
                 overstate: p.fault == Some(crate::provider::Fault::Capacity),
+                private_tags: p.advertise_private_tags,
             }
             .run(),
         );

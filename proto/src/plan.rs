@@ -53,9 +53,8 @@ pub struct Plan {
 }
 
 /// Bounds a plan must respect. The schema the supervisor is given ([`schema`]) and the
-/// validator ([`validate`]) both read them, with [`size_bounds`], [`MAX_ID_CHARS`] and
-/// [`ID_CHARS`]: one source, so the supervisor is never held to one rule and judged by
-/// another.
+/// validator ([`validate`]) both read them, with [`MAX_ID_CHARS`]: one source, so the
+/// supervisor is never held to one length and judged by another.
 #[derive(Clone, Debug)]
 pub struct Limits {
     pub max_tasks: usize,
@@ -77,10 +76,7 @@ impl Default for Limits {
 
 /// Longest task id.
 pub const MAX_ID_CHARS: usize = 32;
-/// What a task id is made of, as a JSON-schema pattern (with [`MAX_ID_CHARS`]: the
-/// grammar llama.cpp makes from a pattern ignores `maxLength`).
-pub const ID_PATTERN: &str = "^[A-Za-z0-9_-]{1,32}$";
-/// Characters a task id may use (what [`ID_PATTERN`] says).
+/// Characters a task id may use.
 pub const ID_CHARS: fn(char) -> bool = |c| c.is_ascii_alphanumeric() || c == '_' || c == '-';
 
 /// Why a plan was refused; the text is sent back to the supervisor.
@@ -119,40 +115,33 @@ pub fn size_bounds(s: Strategy) -> (u32, u32) {
 }
 
 /// The JSON schema of a plan, for the supervisor's `response_format`, made from the same
-/// bounds [`validate`] checks.
+/// bounds [`validate`] checks: the number of tasks and samples, and the length of ids,
+/// instructions and advice. The size per chunking strategy, the overlap and the characters
+/// of ids are the validator's alone: stated in the grammar (one branch per strategy, an id
+/// pattern), they made the 270M test supervisor's plans slower to come right
+/// (`reliability.rs`' MinionS test took 231 s instead of 132 s).
 pub fn schema(limits: &Limits) -> Value {
-    // One branch per strategy, with its own sizes; what no schema can say (an overlap of
-    // at most half the size, task ids that differ) the validator checks, and `normalize`
-    // repairs repeated ids.
-    let chunking: Vec<Value> = STRATEGIES
-        .iter()
-        .map(|s| {
-            let (lo, hi) = size_bounds(*s);
-            json!({
-                "type": "object", "additionalProperties": false,
-                "required": ["strategy", "size", "overlap"],
-                "properties": {
-                    "strategy": {"const": s.name()},
-                    "size": {"type": "integer", "minimum": lo, "maximum": hi},
-                    "overlap": {"type": "integer", "minimum": 0, "maximum": hi / 2}
-                }
-            })
-        })
-        .collect();
     json!({
         "type": "object",
         "additionalProperties": false,
         "required": ["chunking", "tasks", "samples_per_task"],
         "properties": {
-            "chunking": {"anyOf": chunking},
+            "chunking": {
+                "type": "object", "additionalProperties": false,
+                "required": ["strategy", "size", "overlap"],
+                "properties": {
+                    "strategy": {"enum": STRATEGIES.map(Strategy::name)},
+                    "size": {"type": "integer", "minimum": 1},
+                    "overlap": {"type": "integer", "minimum": 0}
+                }
+            },
             "tasks": {
                 "type": "array", "minItems": 1, "maxItems": limits.max_tasks,
                 "items": {
                     "type": "object", "additionalProperties": false,
                     "required": ["id", "instruction", "advice"],
                     "properties": {
-                        "id": {"type": "string", "minLength": 1, "maxLength": MAX_ID_CHARS,
-                               "pattern": ID_PATTERN},
+                        "id": {"type": "string", "minLength": 1, "maxLength": MAX_ID_CHARS},
                         "instruction": {"type": "string", "minLength": 1,
                                         "maxLength": limits.max_instruction_chars},
                         "advice": {"type": "string", "maxLength": limits.max_advice_chars}
@@ -420,8 +409,6 @@ mod tests {
             with_task(&|t| t.id = "a".repeat(max_id)),
             with_task(&|t| t.id = "a".repeat(max_id + 1)),
         );
-        assert_eq!(task["id"]["pattern"], ID_PATTERN);
-        assert!(ID_PATTERN.contains(&format!("{{1,{MAX_ID_CHARS}}}")));
         assert!(validate(&with_task(&|t| t.id = "a.b".into()), &l).is_err());
         let max_instr = n(&task["instruction"]["maxLength"]);
         check(
@@ -459,30 +446,12 @@ mod tests {
         let max_samples = n(&p["samples_per_task"]["maximum"]);
         check("samples", samples(max_samples), samples(max_samples + 1));
         assert!(validate(&samples(n(&p["samples_per_task"]["minimum"]) - 1), &l).is_err());
-        // Sizes: one branch per strategy, with that strategy's bounds.
-        let chunk = |strategy, size, overlap| Plan {
-            chunking: Chunking {
-                strategy,
-                size: size as u32,
-                overlap: overlap as u32,
-            },
-            ..base.clone()
-        };
-        let branches = p["chunking"]["anyOf"].as_array().unwrap();
-        assert_eq!(branches.len(), STRATEGIES.len());
-        for b in branches {
-            let b = &b["properties"];
-            let strategy: Strategy =
-                serde_json::from_value(b["strategy"]["const"].clone()).unwrap();
-            let (lo, hi) = (n(&b["size"]["minimum"]), n(&b["size"]["maximum"]));
-            let max_overlap = n(&b["overlap"]["maximum"]);
-            check(
-                "size",
-                chunk(strategy, hi, max_overlap),
-                chunk(strategy, hi + 1, 0),
-            );
-            check("size", chunk(strategy, lo, 0), chunk(strategy, lo - 1, 0));
-            assert!(validate(&chunk(strategy, hi, max_overlap + 1), &l).is_err());
+        // Every strategy the schema names, the plan type takes.
+        for name in p["chunking"]["properties"]["strategy"]["enum"]
+            .as_array()
+            .unwrap()
+        {
+            serde_json::from_value::<Strategy>(name.clone()).unwrap();
         }
         // A renamed repeated id stays within the bound.
         let mut twice = tasks(2);

@@ -155,21 +155,61 @@ impl ModelRef {
         }
     }
 
-    /// True for registries at `localhost` or a loopback IP (`127.0.0.0/8`, `[::1]`), which
-    /// may use plain HTTP. A name that merely starts with `127.` is not one.
-    pub fn is_loopback_registry(&self) -> bool {
+    /// The registry's host, without port or IPv6 brackets.
+    fn registry_host(&self) -> &str {
         let host = match self.registry.rsplit_once(':') {
             Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
             _ => &self.registry,
         };
-        let ip = host
-            .strip_prefix('[')
+        host.strip_prefix('[')
             .and_then(|h| h.strip_suffix(']'))
-            .unwrap_or(host);
+            .unwrap_or(host)
+    }
+
+    /// True for registries at `localhost` or a loopback IP (`127.0.0.0/8`, `[::1]`), which
+    /// may use plain HTTP. A name that merely starts with `127.` is not one.
+    pub fn is_loopback_registry(&self) -> bool {
+        let host = self.registry_host();
         host == "localhost"
-            || ip
+            || host
                 .parse::<std::net::IpAddr>()
                 .is_ok_and(|a| a.is_loopback())
+    }
+
+    /// True for registries on a private network, whose names a provider should not gossip
+    /// to the world (review L4): a private, shared (100.64/10), link-local or unique-local
+    /// address, or a name under a suffix kept for private networks (`.local`, `.internal`,
+    /// `.lan`, `.home.arpa`, `.intranet`, `.corp`, `.private`). Loopback, `localhost` and
+    /// single-label names (Compose and Kubernetes service names) mean nothing elsewhere and
+    /// are not counted.
+    pub fn is_private_registry(&self) -> bool {
+        const SUFFIXES: [&str; 7] = [
+            ".local",
+            ".internal",
+            ".lan",
+            ".home.arpa",
+            ".intranet",
+            ".corp",
+            ".private",
+        ];
+        let host = self.registry_host().to_ascii_lowercase();
+        match host.parse::<std::net::IpAddr>() {
+            Ok(std::net::IpAddr::V4(v4)) => {
+                let [a, b, ..] = v4.octets();
+                v4.is_private() || v4.is_link_local() || (a == 100 && (64..128).contains(&b))
+            }
+            Ok(std::net::IpAddr::V6(v6)) => match v6.to_ipv4_mapped() {
+                Some(v4) => v4.is_private() || v4.is_link_local(),
+                None => {
+                    let first = v6.segments()[0];
+                    (first & 0xfe00) == 0xfc00 || (first & 0xffc0) == 0xfe80
+                }
+            },
+            Err(_) => {
+                let name = host.trim_end_matches('.');
+                SUFFIXES.iter().any(|s| name.ends_with(s))
+            }
+        }
     }
 
     /// This reference with a tag (and no digest): what `tag` and `push` store under.
@@ -360,6 +400,32 @@ mod tests {
     /// Issue 19 / review H6: plain HTTP (and with it credentials in the clear) only for a
     /// registry whose host is a loopback IP or `localhost`, never for a name that merely
     /// starts with `127.`.
+    #[test]
+    fn private_registries_are_told_apart() {
+        for (r, private) in [
+            ("ai/smollm2:135M", false),
+            ("registry.example.net/a/b:t", false),
+            ("127.0.0.1:5000/a", false),
+            ("localhost:5000/a", false),
+            ("registry:5000/a", false),
+            ("8.8.8.8/a", false),
+            ("10.1.2.3:5000/a/b:t", true),
+            ("192.168.0.10/a", true),
+            ("172.20.0.5:5000/a", true),
+            ("100.70.0.1/a", true),
+            ("169.254.1.1/a", true),
+            ("[fd00::1]:5000/a", true),
+            ("[fe80::1]/a", true),
+            ("registry.corp.internal/a", true),
+            ("Registry.LOCAL:5000/a", true),
+            ("nas.home.arpa/a", true),
+            ("internal.example.com/a", false),
+        ] {
+            let parsed = ModelRef::parse(r).unwrap();
+            assert_eq!(parsed.is_private_registry(), private, "{r}");
+        }
+    }
+
     #[test]
     fn only_loopback_addresses_count_as_loopback() {
         for (r, loopback) in [

@@ -5,6 +5,8 @@
 
 pub use beacon_bench::load as bench;
 
+pub mod data_plane;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};

@@ -29,6 +29,15 @@ pub struct Advertiser {
     pub last: LastAdvert,
     /// Attack (h), for tests: claim 4096 slots and a million tokens/s per model.
     pub overstate: bool,
+    /// Advertise tags whose registry is on a private network too (review L4).
+    pub private_tags: bool,
+}
+
+/// Whether a local tag may be gossiped: not one whose registry is on a private network
+/// (its name or address tells the world about the provider's network), unless the
+/// operator says so; unparsable tags never.
+fn advertisable(tag: &str, private_tags: bool) -> bool {
+    beacon_proto::ModelRef::parse(tag).is_ok_and(|r| private_tags || !r.is_private_registry())
 }
 
 /// The advert this node published last (none before the first).
@@ -45,7 +54,12 @@ impl Advertiser {
                 .into_iter()
                 .take(64)
                 .map(|m| CachedModel {
-                    references: m.tags.into_iter().take(8).collect(),
+                    references: m
+                        .tags
+                        .into_iter()
+                        .filter(|t| advertisable(t, self.private_tags))
+                        .take(8)
+                        .collect(),
                     digest: m.record.manifest_digest,
                     size: m.record.size,
                     quantization: m.record.facts.quantization.clone(),
@@ -139,5 +153,24 @@ impl Advertiser {
                 Err(e) => warn!(error = %e, "advert not published"),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn tags_on_private_registries_stay_home() {
+        assert!(super::advertisable("ai/smollm2:135M", false));
+        assert!(super::advertisable("127.0.0.1:5000/ai/smollm2:t", false));
+        assert!(!super::advertisable("10.0.0.7:5000/team/model:v2", false));
+        assert!(!super::advertisable(
+            "registry.corp.internal/team/model:v2",
+            false
+        ));
+        assert!(super::advertisable(
+            "registry.corp.internal/team/model:v2",
+            true
+        ));
+        assert!(!super::advertisable("not a reference", true));
     }
 }

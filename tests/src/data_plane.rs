@@ -1,0 +1,83 @@
+//! Helpers for tests that talk to a provider's data plane and the peer-to-peer network
+//! directly: a provider's identity and address, simple requests, raw QUIC connections.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use beacon_net::quic::{DataClient, TlsIdentity, quinn, tls};
+use beacon_net::{NetEvent, Network, NetworkConfig};
+use beacon_proto::{ChatMessage, Digest, InferRequest, Keypair, PeerId, Role, Sampling};
+
+use crate::NodeServer;
+
+/// A node's identity, data-plane address and test-model digest.
+pub fn provider_of(node: &NodeServer) -> (PeerId, SocketAddr, Digest) {
+    let peer: PeerId = node.peer_id().parse().unwrap();
+    let digest: Digest = node.model_digest().parse().unwrap();
+    (peer, node.data_plane(), digest)
+}
+
+/// A 12-token request that asks the model to say `word`.
+pub fn request(digest: Digest, word: &str) -> InferRequest {
+    crate::infer_request(
+        digest,
+        vec![ChatMessage {
+            role: Role::User,
+            content: format!("Say the word \"{word}\" and nothing else."),
+        }],
+        Sampling {
+            max_tokens: 12,
+            ..Sampling::default()
+        },
+    )
+}
+
+/// A data-plane client with a fresh identity.
+pub fn new_client() -> (Keypair, DataClient) {
+    let key = Keypair::generate();
+    let c = DataClient::new(&key, "127.0.0.1:0".parse().unwrap()).unwrap();
+    (key, c)
+}
+
+/// A raw QUIC connection to a provider's data plane, with `transport`'s settings (a
+/// hostile client's, say).
+pub async fn raw_connect(
+    endpoint: &quinn::Endpoint,
+    key: &Keypair,
+    peer: PeerId,
+    addr: SocketAddr,
+    transport: quinn::TransportConfig,
+) -> Result<quinn::Connection, String> {
+    let id = TlsIdentity::new(key).unwrap();
+    let crypto =
+        quinn::crypto::rustls::QuicClientConfig::try_from(tls::client_config(&id, peer).unwrap())
+            .unwrap();
+    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+    config.transport_config(Arc::new(transport));
+    endpoint
+        .connect_with(config, addr, "beacon")
+        .map_err(|e| e.to_string())?
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// QUIC settings that keep a connection open.
+pub fn keep_alive_transport() -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    t.keep_alive_interval(Some(Duration::from_secs(1)));
+    t
+}
+
+/// A peer on loopback joined to `node`'s network, and its events.
+pub async fn joined(
+    node: &NodeServer,
+    key: Keypair,
+) -> (Network, tokio::sync::broadcast::Receiver<NetEvent>) {
+    let mut config = NetworkConfig::new(key);
+    config.listen = vec!["/ip4/127.0.0.1/udp/0/quic-v1".parse().unwrap()];
+    config.bootstrap = vec![node.bootstrap_addr().parse().unwrap()];
+    let net = Network::start(config).await.unwrap();
+    let events = net.subscribe();
+    (net, events)
+}
