@@ -40,8 +40,8 @@ pub fn new_client() -> (Keypair, DataClient) {
     (key, c)
 }
 
-/// A raw QUIC connection to a provider's data plane, with `transport`'s settings (a
-/// hostile client's, say).
+/// A QUIC connection to a provider made by hand from `endpoint`, with the transport
+/// settings a hostile client chooses (`DataClient` keeps them sane).
 pub async fn raw_connect(
     endpoint: &quinn::Endpoint,
     key: &Keypair,

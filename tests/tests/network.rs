@@ -450,9 +450,6 @@ async fn garbage_and_vanishing_clients_do_not_hurt_the_provider() {
     assert_eq!(http("GET", &node.url("/healthz"), None, &[]).status, 200);
 }
 
-/// A QUIC connection to a provider made by hand from `endpoint`, with the transport settings
-/// a hostile client chooses (`DataClient` keeps them sane).
-
 /// Whether the provider serves streams on `conn`: garbage gets a BadRequest frame on a
 /// connection it serves, and a closed connection's reason otherwise.
 async fn served(conn: &quinn::Connection) -> Result<(), String> {
