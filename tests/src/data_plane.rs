@@ -81,3 +81,51 @@ pub async fn joined(
     let events = net.subscribe();
     (net, events)
 }
+
+/// Streams a hostile client opened and never reads: one connection whose receive window
+/// takes 8 bytes, `n` requests for up to `max_tokens` tokens of a long story.
+pub struct Stalled {
+    _endpoint: quinn::Endpoint,
+    conn: quinn::Connection,
+    pub streams: Vec<(quinn::SendStream, quinn::RecvStream)>,
+}
+
+impl Stalled {
+    pub fn close(self) {
+        self.conn.close(0u32.into(), b"done");
+    }
+}
+
+/// Opens [`Stalled`] streams on `peer` at `addr`.
+pub async fn stalled_streams(
+    peer: PeerId,
+    addr: SocketAddr,
+    digest: Digest,
+    n: usize,
+    max_tokens: u32,
+) -> Stalled {
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let mut tiny = keep_alive_transport();
+    tiny.stream_receive_window(8u32.into());
+    tiny.receive_window(64u32.into());
+    let conn = raw_connect(&endpoint, &Keypair::generate(), peer, addr, tiny)
+        .await
+        .unwrap();
+    let mut streams = Vec::new();
+    for _ in 0..n {
+        let mut long = request(digest, "river");
+        long.messages[0].content = "Write a long story about a river.".into();
+        long.sampling.max_tokens = max_tokens;
+        let (mut send, recv) = conn.open_bi().await.unwrap();
+        beacon_net::quic::write_frame(&mut send, &beacon_proto::DataRequest::Infer(long))
+            .await
+            .unwrap();
+        send.finish().unwrap();
+        streams.push((send, recv));
+    }
+    Stalled {
+        _endpoint: endpoint,
+        conn,
+        streams,
+    }
+}

@@ -6,7 +6,6 @@ use std::time::{Duration, Instant};
 
 use beacon_net::quic::{
     CallError, DataClient, MAX_CONNECTIONS_PER_IP, MAX_CONNECTIONS_PER_PEER, quinn, read_frame,
-    write_frame,
 };
 use beacon_net::{Network, NetworkConfig};
 use beacon_proto::{
@@ -14,7 +13,7 @@ use beacon_proto::{
     Wire,
 };
 use beacon_tests::data_plane::{
-    joined, keep_alive_transport, new_client, provider_of, raw_connect, request,
+    joined, keep_alive_transport, new_client, provider_of, raw_connect, request, stalled_streams,
 };
 use beacon_tests::{NodeServer, advert_of, http, now_ms, wait_until};
 
@@ -487,25 +486,7 @@ async fn a_client_that_stops_reading_loses_its_slot_not_the_provider() {
         .expect("the model loads");
 
     // The attacker's receive window takes 8 bytes, and it never reads.
-    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    let mut tiny = keep_alive_transport();
-    tiny.stream_receive_window(8u32.into());
-    tiny.receive_window(64u32.into());
-    let conn = raw_connect(&endpoint, &Keypair::generate(), peer, addr, tiny)
-        .await
-        .unwrap();
-    let mut stalled = Vec::new();
-    for _ in 0..3 {
-        let mut long = request(digest, "river");
-        long.messages[0].content = "Write a long story about a river.".into();
-        long.sampling.max_tokens = 400;
-        let (mut send, recv) = conn.open_bi().await.unwrap();
-        write_frame(&mut send, &DataRequest::Infer(long))
-            .await
-            .unwrap();
-        send.finish().unwrap();
-        stalled.push((send, recv));
-    }
+    let stalled = stalled_streams(peer, addr, digest, 3, 400).await;
     // The attack takes hold: one stalled request holds the slot, another waits in the queue.
     let metrics = node.url("/metrics");
     let held = tokio::task::spawn_blocking(move || {
@@ -546,8 +527,7 @@ async fn a_client_that_stops_reading_loses_its_slot_not_the_provider() {
         result.output.to_lowercase().contains("banana"),
         "{result:?}"
     );
-    drop(stalled);
-    endpoint.close(0u32.into(), b"done");
+    stalled.close();
 }
 
 /// Review H4 (connection slots): one host opened every connection the provider accepts
@@ -651,14 +631,7 @@ async fn a_node_holds_no_more_p2p_connections_than_its_limit() {
     config.listen = vec![tcp.clone()];
     config.max_incoming = 2;
     let hub = Network::start(config).await.unwrap();
-    let mut addr = Vec::new();
-    for _ in 0..50 {
-        addr = hub.listen_addrs().await.unwrap();
-        if !addr.is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let addr = listening(&hub).await;
     let mut others = Vec::new();
     for _ in 0..5 {
         let mut c = NetworkConfig::new(Keypair::generate());
@@ -694,14 +667,7 @@ async fn a_peer_that_may_not_dial_private_addresses_dials_none() {
         Network::start(c)
     };
     let target = start(true, Vec::new()).await.unwrap();
-    let mut addr = Vec::new();
-    for _ in 0..50 {
-        addr = target.listen_addrs().await.unwrap();
-        if !addr.is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let addr = listening(&target).await;
     let id = target.peer_id().to_string();
     let strict = start(false, Vec::new()).await.unwrap();
     let open = start(true, Vec::new()).await.unwrap();
@@ -712,15 +678,10 @@ async fn a_peer_that_may_not_dial_private_addresses_dials_none() {
     let _ = strict.dial(addr[0].clone()).await;
     let _ = strict.dial_peer(target.peer_id()).await;
     let _ = open.dial(addr[0].clone()).await;
-    let mut open_connected = false;
-    for _ in 0..100 {
-        if connected(&open).await {
-            open_connected = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(open_connected, "a peer allowed to dial loopback could not");
+    assert!(
+        within_10s(|| connected(&open)).await,
+        "a peer allowed to dial loopback could not"
+    );
     // The strict peer's dial ran at the same time and was refused.
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(
@@ -729,15 +690,10 @@ async fn a_peer_that_may_not_dial_private_addresses_dials_none() {
     );
     // Its operator's bootstrap address is another matter.
     let chosen = start(false, vec![addr[0].clone()]).await.unwrap();
-    let mut chosen_connected = false;
-    for _ in 0..100 {
-        if connected(&chosen).await {
-            chosen_connected = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(chosen_connected, "the bootstrap address was not dialled");
+    assert!(
+        within_10s(|| connected(&chosen)).await,
+        "the bootstrap address was not dialled"
+    );
     for n in [target, strict, open, chosen] {
         n.shutdown().await;
     }
@@ -754,14 +710,7 @@ async fn a_peer_over_its_memory_limit_takes_no_new_connection() {
         config.listen = vec![tcp.clone()];
         config.max_memory_fraction = limited.then_some(1e-9);
         let hub = Network::start(config).await.unwrap();
-        let mut addr = Vec::new();
-        for _ in 0..50 {
-            addr = hub.listen_addrs().await.unwrap();
-            if !addr.is_empty() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let addr = listening(&hub).await;
         let mut c = NetworkConfig::new(Keypair::generate());
         c.listen = vec![tcp.clone()];
         c.bootstrap = vec![addr[0].clone()];
@@ -893,4 +842,27 @@ async fn sixteen_peers_on_one_address_are_not_heard() {
         net.shutdown().await;
     }
     honest.shutdown().await;
+}
+
+/// `net`'s listen addresses, once it has some (at most 5 s).
+async fn listening(net: &Network) -> Vec<libp2p::Multiaddr> {
+    for _ in 0..50 {
+        let addr = net.listen_addrs().await.unwrap();
+        if !addr.is_empty() {
+            return addr;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("no listen address");
+}
+
+/// Whether `check` comes true within 10 s, asked every 100 ms.
+async fn within_10s<F: std::future::Future<Output = bool>>(mut check: impl FnMut() -> F) -> bool {
+    for _ in 0..100 {
+        if check().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
 }

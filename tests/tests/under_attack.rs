@@ -7,10 +7,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use beacon_net::quic::{CallError, DataClient, quinn, write_frame};
-use beacon_proto::{DataErrorCode, DataRequest, Digest, Keypair, PeerId, Signed, Wire};
+use beacon_net::quic::{CallError, DataClient, quinn};
+use beacon_proto::{DataErrorCode, Digest, Keypair, PeerId, Signed, Wire};
 use beacon_tests::data_plane::{
-    joined, keep_alive_transport, new_client, provider_of, raw_connect, request,
+    joined, keep_alive_transport, new_client, provider_of, raw_connect, request, stalled_streams,
 };
 use beacon_tests::{NodeServer, advert_of, http, now_ms};
 
@@ -108,31 +108,14 @@ async fn honest_requests_keep_completing_under_floods_slow_readers_and_connectio
     // 2. Slow readers: one connection whose receive window takes 8 bytes, with four
     // requests whose answers it never reads. Measured once their generation is over: a
     // slot is held while generating, and no longer.
-    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    let mut tiny = keep_alive_transport();
-    tiny.stream_receive_window(8u32.into());
-    tiny.receive_window(64u32.into());
-    let conn = raw_connect(&endpoint, &Keypair::generate(), peer, addr, tiny)
-        .await
-        .unwrap();
-    let mut stalled = Vec::new();
-    for _ in 0..4 {
-        let mut long = request(digest, "river");
-        long.messages[0].content = "Write a long story about a river.".into();
-        long.sampling.max_tokens = 48;
-        if let Ok((mut send, recv)) = conn.open_bi().await {
-            let _ = write_frame(&mut send, &DataRequest::Infer(long)).await;
-            let _ = send.finish();
-            stalled.push((send, recv));
-        }
-    }
+    let stalled = stalled_streams(peer, addr, digest, 4, 48).await;
     tokio::time::sleep(Duration::from_secs(6)).await;
     let slowed = honest_round(&honest, peer, addr, digest, N).await;
-    drop(stalled);
-    conn.close(0u32.into(), b"done");
+    stalled.close();
     ratios.push(("slow readers, 4 streams", slowed));
 
     // 3. Connection exhaustion: one host opens 64 connections and holds them.
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
     let mut held = Vec::new();
     for _ in 0..64 {
         if let Ok(c) = raw_connect(
