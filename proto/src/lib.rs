@@ -11,6 +11,7 @@ pub mod digest;
 mod error;
 pub mod gguf;
 pub mod identity;
+pub mod ip;
 pub mod messages;
 pub mod plan;
 pub mod reference;

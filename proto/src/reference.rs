@@ -177,8 +177,8 @@ impl ModelRef {
     }
 
     /// True for registries on a private network, whose names a provider should not gossip
-    /// to the world (review L4): a private, shared (100.64/10), link-local or unique-local
-    /// address, or a name under a suffix kept for private networks (`.local`, `.internal`,
+    /// to the world (review L4): an address that is not public ([`crate::ip::is_public`]) nor
+    /// loopback, or a name under a suffix kept for private networks (`.local`, `.internal`,
     /// `.lan`, `.home.arpa`, `.intranet`, `.corp`, `.private`). Loopback, `localhost` and
     /// single-label names (Compose and Kubernetes service names) mean nothing elsewhere and
     /// are not counted.
@@ -194,17 +194,10 @@ impl ModelRef {
         ];
         let host = self.registry_host().to_ascii_lowercase();
         match host.parse::<std::net::IpAddr>() {
-            Ok(std::net::IpAddr::V4(v4)) => {
-                let [a, b, ..] = v4.octets();
-                v4.is_private() || v4.is_link_local() || (a == 100 && (64..128).contains(&b))
+            Ok(ip) => {
+                let ip = ip.to_canonical();
+                !crate::ip::is_public(ip) && !ip.is_loopback() && !ip.is_unspecified()
             }
-            Ok(std::net::IpAddr::V6(v6)) => match v6.to_ipv4_mapped() {
-                Some(v4) => v4.is_private() || v4.is_link_local(),
-                None => {
-                    let first = v6.segments()[0];
-                    (first & 0xfe00) == 0xfc00 || (first & 0xffc0) == 0xfe80
-                }
-            },
             Err(_) => {
                 let name = host.trim_end_matches('.');
                 SUFFIXES.iter().any(|s| name.ends_with(s))
