@@ -958,6 +958,10 @@ impl RouterServer {
         std::fs::read_to_string(self.data.path().join("router.log")).unwrap_or_default()
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.0.id()
+    }
+
     /// Peer ids of the providers the router knows.
     pub fn providers(&self) -> Vec<String> {
         http("GET", &self.url("/v1/providers"), None, &[]).json()["providers"]
@@ -1025,4 +1029,106 @@ pub fn advert_of(
         seq,
         timestamp_ms,
     }
+}
+
+/// An OpenAI-compatible endpoint that answers every chat completion with the next of its
+/// replies, in turn: a remote supervisor that an attacker has persuaded (through a task or a
+/// document it reads) to answer what the attacker wants. Used to stage attacks on the
+/// router's handling of plans; the honest supervisor in the other tests is a real model.
+pub struct ScriptedRemote {
+    pub addr: SocketAddr,
+    /// Chat completions answered so far.
+    pub calls: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+}
+
+impl ScriptedRemote {
+    pub fn start(replies: Vec<String>) -> ScriptedRemote {
+        assert!(!replies.is_empty());
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let calls = Arc::new(AtomicUsize::new(0));
+        let (stop2, calls2) = (stop.clone(), calls.clone());
+        let replies = Arc::new(replies);
+        std::thread::spawn(move || {
+            while !stop2.load(Ordering::Relaxed) {
+                let Ok((mut conn, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(5));
+                    continue;
+                };
+                let (calls, replies) = (calls2.clone(), replies.clone());
+                std::thread::spawn(move || {
+                    // A remote model runs elsewhere: it takes no time from the test's own.
+                    data_plane::deprioritise_this_thread();
+                    let _ = conn.set_nonblocking(false);
+                    let _ = conn.set_read_timeout(Some(Duration::from_secs(30)));
+                    if !read_http_request(&mut conn) {
+                        return;
+                    }
+                    let n = calls.fetch_add(1, Ordering::SeqCst);
+                    let body = serde_json::json!({
+                        "id": format!("scripted-{n}"),
+                        "object": "chat.completion",
+                        "created": 0,
+                        "model": "scripted",
+                        "choices": [{
+                            "index": 0,
+                            "message": {"role": "assistant", "content": replies[n % replies.len()]},
+                            "finish_reason": "stop"
+                        }],
+                        "usage": {"prompt_tokens": 200, "completion_tokens": 60, "total_tokens": 260}
+                    })
+                    .to_string();
+                    let _ = write!(
+                        conn,
+                        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                });
+            }
+        });
+        ScriptedRemote { addr, calls, stop }
+    }
+
+    /// The base URL a router's `--remote-base-url` takes.
+    pub fn base_url(&self) -> String {
+        format!("http://{}/v1", self.addr)
+    }
+}
+
+impl Drop for ScriptedRemote {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Reads one HTTP request (headers, then a body of its `Content-Length`); false when the
+/// connection ends first.
+fn read_http_request(conn: &mut TcpStream) -> bool {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 8192];
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        match conn.read(&mut chunk) {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    while buf.len() < head_end + length {
+        match conn.read(&mut chunk) {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+    true
 }

@@ -60,6 +60,8 @@ struct Job {
     first_token: Option<Instant>,
     cached: usize,
     return_tokens: bool,
+    /// Sampling time spent under the output grammar, when there is one.
+    grammar_clock: Option<grammar::Clock>,
 }
 
 /// Most positions an audit decodes in one slice while sequences are generating (a
@@ -88,6 +90,8 @@ struct ScoreTask {
     /// Score the end of generation after the last claimed token.
     score_end: bool,
     grammar: Option<LlamaSampler>,
+    /// Time spent applying `grammar`.
+    grammar_clock: grammar::Clock,
     sampling: Option<beacon_proto::Sampling>,
     /// Next position to decode.
     pos: usize,
@@ -363,6 +367,7 @@ impl<'m> Runner<'m> {
             prompt_len,
             score_end,
             grammar,
+            grammar_clock: grammar::Clock::default(),
             sampling: request.sampling.clone(),
             scored,
         })
@@ -429,7 +434,9 @@ impl<'m> Runner<'m> {
                 let candidates = ctx.candidates_ith((p - pos) as i32);
                 let mut array = LlamaTokenDataArray::from_iter(candidates, false);
                 if let Some(g) = t.grammar.as_mut() {
+                    let started = Instant::now();
                     g.apply(&mut array);
+                    t.grammar_clock.charge(started.elapsed())?;
                 }
                 let eogs: Vec<LlamaToken> = array
                     .data
@@ -466,9 +473,11 @@ impl<'m> Runner<'m> {
             let claimed = t.all[p + 1];
             let candidates = ctx.candidates_ith((p - pos) as i32);
             let mut array = LlamaTokenDataArray::from_iter(candidates, false);
+            let started = Instant::now();
             if let Some(g) = t.grammar.as_mut() {
                 g.apply(&mut array);
             }
+            let applied = started.elapsed();
             let score = match &t.sampling {
                 None => score_position(&array, claimed),
                 Some(s) => {
@@ -479,7 +488,11 @@ impl<'m> Runner<'m> {
             // Accepting a token the grammar forbids aborts llama.cpp: a claimed output
             // that breaks the grammar is scored raw from there on instead.
             match t.grammar.as_mut() {
-                Some(g) if score.logprob > f32::MIN => g.accept(claimed),
+                Some(g) if score.logprob > f32::MIN => {
+                    let started = Instant::now();
+                    g.accept(claimed);
+                    t.grammar_clock.charge(applied + started.elapsed())?;
+                }
                 Some(_) => t.grammar = None,
                 None => {}
             }
@@ -783,6 +796,8 @@ impl<'m> Runner<'m> {
             first_token: None,
             cached: lcp,
             return_tokens: request.return_tokens,
+            grammar_clock: (!matches!(request.format, super::OutputFormat::Text))
+                .then(grammar::Clock::default),
         });
     }
 
@@ -867,8 +882,14 @@ impl<'m> Runner<'m> {
                 let job = self.slots[i].job.as_mut().expect("job present");
                 job.first_token.get_or_insert_with(Instant::now);
                 let position = job.generated.len() as u32;
-                match &mut job.sampler {
-                    Sampler::Chain(chain) => chain.sample(ctx, at),
+                // Time under the grammar: the whole chain (grammar, then a greedy pick), or
+                // the grammar's two calls around a seeded choice.
+                let (token, took) = match &mut job.sampler {
+                    Sampler::Chain(chain) => {
+                        let started = Instant::now();
+                        let token = chain.sample(ctx, at);
+                        (token, started.elapsed())
+                    }
                     Sampler::Seeded {
                         grammar,
                         sampling,
@@ -876,16 +897,31 @@ impl<'m> Runner<'m> {
                     } => {
                         let mut array =
                             LlamaTokenDataArray::from_iter(ctx.candidates_ith(at), false);
+                        let started = Instant::now();
                         if let Some(g) = grammar.as_mut() {
                             g.apply(&mut array);
                         }
+                        let mut took = started.elapsed();
                         let token = seeded_choice_of(&array, sampling, *seed, position)
                             .map_or(eos, |c| LlamaToken(c.token() as i32));
                         if let Some(g) = grammar.as_mut() {
+                            let started = Instant::now();
                             g.accept(token);
+                            took += started.elapsed();
                         }
-                        token
+                        (token, took)
                     }
+                };
+                match job.grammar_clock.as_mut() {
+                    Some(clock) => clock.charge(took).map(|()| token),
+                    None => Ok(token),
+                }
+            };
+            let token = match token {
+                Ok(t) => t,
+                Err(e) => {
+                    self.fail(ctx, i, e);
+                    continue;
                 }
             };
             let done = self.sample_done(i, token);
@@ -934,6 +970,18 @@ impl<'m> Runner<'m> {
         }
         job.next = Some(token);
         None
+    }
+
+    /// Ends slot `i`'s job with an error: its generated cells are freed, its prompt kept as
+    /// a prefix cache.
+    fn fail(&mut self, ctx: &mut LlamaContext, i: usize, error: EngineError) {
+        let s = &mut self.slots[i];
+        let Some(job) = s.job.take() else { return };
+        let keep = job.prompt.len().min(s.cache.len());
+        let _ = ctx.clear_kv_cache_seq(Some(s.seq as u32), Some(keep as u32), None);
+        s.cache.truncate(keep);
+        s.last_used = Instant::now();
+        let _ = job.events.send(Err(error));
     }
 
     fn finish(&mut self, ctx: &mut LlamaContext, i: usize, reason: FinishReason) {

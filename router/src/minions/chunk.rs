@@ -66,54 +66,83 @@ pub fn chunk(docs: &[String], c: &Chunking) -> Vec<Chunk> {
 /// Each window counts as its length divided by `max_chars`, rounded up (`cap` cuts at
 /// whitespace, so it may give a few more or fewer); whitespace-only windows count too.
 pub fn estimate(docs: &[String], c: &Chunking, max_chars: usize) -> usize {
+    estimate_from(&Lengths::of(docs, c.strategy), c, max_chars)
+}
+
+/// The lengths [`estimate_from`] needs for one strategy, measured once (one pass over the
+/// documents) for any number of chunk sizes.
+pub struct Lengths {
+    strategy: Strategy,
+    /// Per document: its length in characters (chars), or the running sum of its items'
+    /// lengths in characters, starting at 0 (paragraphs, pages, words).
+    docs: Vec<Result<usize, Vec<usize>>>,
+}
+
+impl Lengths {
+    pub fn of(docs: &[String], strategy: Strategy) -> Lengths {
+        let prefix = |lens: &mut dyn Iterator<Item = usize>| {
+            let mut prefix = vec![0];
+            let mut sum = 0usize;
+            for l in lens {
+                sum += l;
+                prefix.push(sum);
+            }
+            prefix
+        };
+        let docs = docs
+            .iter()
+            .map(|text| match strategy {
+                Strategy::Chars => Ok(text.chars().count()),
+                Strategy::Paragraphs | Strategy::Pages => {
+                    let by = if strategy == Strategy::Pages {
+                        "\x0c"
+                    } else {
+                        "\n\n"
+                    };
+                    Err(prefix(
+                        &mut text
+                            .split(by)
+                            .map(str::trim)
+                            .filter(|p| !p.is_empty())
+                            .map(|p| p.chars().count()),
+                    ))
+                }
+                Strategy::Tokens => Err(prefix(
+                    &mut text.split_whitespace().map(|w| w.chars().count()),
+                )),
+            })
+            .collect();
+        Lengths { strategy, docs }
+    }
+}
+
+/// [`estimate`] from lengths measured before (`lengths` must be of `c.strategy`).
+pub fn estimate_from(lengths: &Lengths, c: &Chunking, max_chars: usize) -> usize {
+    debug_assert_eq!(lengths.strategy, c.strategy);
     let size = c.size.max(1) as usize;
     let overlap = (c.overlap as usize).min(size - 1);
     let max_chars = max_chars.max(1);
+    // The separator `chunk` joins items with, and the window it uses (about 0.75 words
+    // per token).
+    let (sep, size, overlap) = match c.strategy {
+        Strategy::Chars => (0, size, overlap),
+        Strategy::Paragraphs | Strategy::Pages => (2, size, overlap),
+        Strategy::Tokens => {
+            let w = (size * 3 / 4).max(1);
+            (1, w, (overlap * 3 / 4).min(w - 1))
+        }
+    };
     let mut total = 0usize;
-    for text in docs {
-        // Each item's length in characters (none for single characters), the separator
-        // `chunk` joins items with, and the window it uses.
-        let (lens, sep, size, overlap): (Option<Vec<usize>>, usize, usize, usize) = match c.strategy
-        {
-            Strategy::Chars => (None, 0, size, overlap),
-            Strategy::Paragraphs | Strategy::Pages => {
-                let by = if c.strategy == Strategy::Pages {
-                    "\x0c"
-                } else {
-                    "\n\n"
-                };
-                let lens = text
-                    .split(by)
-                    .map(str::trim)
-                    .filter(|p| !p.is_empty())
-                    .map(|p| p.chars().count())
-                    .collect();
-                (Some(lens), 2, size, overlap)
-            }
-            Strategy::Tokens => {
-                let lens = text.split_whitespace().map(|w| w.chars().count()).collect();
-                let w = (size * 3 / 4).max(1);
-                (Some(lens), 1, w, (overlap * 3 / 4).min(w - 1))
-            }
-        };
-        let (n, prefix) = match lens {
-            None => (text.chars().count(), None),
-            Some(lens) => {
-                let mut prefix = Vec::with_capacity(lens.len() + 1);
-                let mut sum = 0usize;
-                prefix.push(0);
-                for l in &lens {
-                    sum += l;
-                    prefix.push(sum);
-                }
-                (lens.len(), Some(prefix))
-            }
+    for doc in &lengths.docs {
+        let n = match doc {
+            Ok(chars) => *chars,
+            Err(prefix) => prefix.len() - 1,
         };
         for start in window_starts(n, size, overlap) {
             let end = (start + size).min(n);
-            let chars = match &prefix {
-                None => end - start,
-                Some(p) => p[end] - p[start] + sep * (end - start - 1),
+            let chars = match doc {
+                Ok(_) => end - start,
+                Err(p) => p[end] - p[start] + sep * (end - start - 1),
             };
             total = total.saturating_add(chars.div_ceil(max_chars).max(1));
         }

@@ -23,7 +23,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
-use super::chunk::{Chunk, cap, chunk, estimate};
+use super::chunk::{Chunk, Lengths, cap, chunk, estimate_from};
 use super::job::{
     Baseline, JobAnswer, JobRecord, LocalUsage, Progress, Protocol, RemoteOnly, RemoteUsage,
     Timing, Usage, Verification,
@@ -317,23 +317,8 @@ async fn minions(setup: &JobSetup, ledger: &mut Ledger) -> Result<(String, Strin
                         round,
                     )
                     .await?;
-                let checked = plan::parse(&text, &limits).and_then(|mut p| {
-                    let chunks = fit_chunks(setup, &mut p);
-                    let jobs = chunks.len() * p.tasks.len() * p.samples_per_task as usize;
-                    if chunks.is_empty() {
-                        Err(PlanError("this chunking gives no chunks".into()))
-                    } else if jobs > setup.max_jobs_per_round as usize {
-                        Err(PlanError(format!(
-                            "the plan makes {jobs} jobs ({} chunks x {} tasks x {} samples); at most {} are allowed: use larger chunks, fewer tasks or fewer samples",
-                            chunks.len(),
-                            p.tasks.len(),
-                            p.samples_per_task,
-                            setup.max_jobs_per_round
-                        )))
-                    } else {
-                        Ok((p, chunks))
-                    }
-                });
+                let checked = plan::parse(&text, &limits)
+                    .and_then(|mut p| fit_chunks(setup, &mut p).map(|chunks| (p, chunks)));
                 match checked {
                     Ok(ok) => break (ok, attempt),
                     Err(e) => {
@@ -449,12 +434,15 @@ async fn minions(setup: &JobSetup, ledger: &mut Ledger) -> Result<(String, Strin
 /// Chunks for a plan. When its chunks are so small that the jobs exceed the round's budget,
 /// the chunk size is doubled (within the strategy's bounds) until they fit: a plan that is
 /// right apart from its granularity is repaired rather than refused. Sizes are chosen on
-/// estimated counts (`chunk::estimate`), so chunks are built once, for the size chosen.
-fn fit_chunks(setup: &JobSetup, p: &mut Plan) -> Vec<Chunk> {
+/// estimated counts (`chunk::estimate_from`, the documents measured once), so chunks are
+/// built once, for the size chosen, and not at all for a plan that is still far over the
+/// budget (a plan bomb costs a pass over the documents, review H7).
+fn fit_chunks(setup: &JobSetup, p: &mut Plan) -> Result<Vec<Chunk>, PlanError> {
     let per_chunk = p.tasks.len() * p.samples_per_task as usize;
     let budget = setup.max_jobs_per_round as usize;
+    let lengths = Lengths::of(&setup.context, p.chunking.strategy);
     let jobs = |c: &plan::Chunking| {
-        estimate(&setup.context, c, setup.max_chunk_chars).saturating_mul(per_chunk)
+        estimate_from(&lengths, c, setup.max_chunk_chars).saturating_mul(per_chunk)
     };
     let (_, hi) = plan::size_bounds(p.chunking.strategy);
     let mut now = jobs(&p.chunking);
@@ -468,7 +456,26 @@ fn fit_chunks(setup: &JobSetup, p: &mut Plan) -> Vec<Chunk> {
         p.chunking = c;
         now = bigger;
     }
-    cap(chunk(&setup.context, &p.chunking), setup.max_chunk_chars)
+    let too_many = |jobs: usize, chunks: String| {
+        PlanError(format!(
+            "the plan makes {jobs} jobs ({chunks} chunks x {} tasks x {} samples); at most {budget} are allowed: use larger chunks, fewer tasks or fewer samples",
+            p.tasks.len(),
+            p.samples_per_task,
+        ))
+    };
+    // The estimate is within a few chunks of the count: twice the budget is far over it.
+    if now > budget.saturating_mul(2) {
+        return Err(too_many(now, format!("about {}", now / per_chunk.max(1))));
+    }
+    let chunks = cap(chunk(&setup.context, &p.chunking), setup.max_chunk_chars);
+    let jobs = chunks.len() * per_chunk;
+    if chunks.is_empty() {
+        Err(PlanError("this chunking gives no chunks".into()))
+    } else if jobs > budget {
+        Err(too_many(jobs, chunks.len().to_string()))
+    } else {
+        Ok(chunks)
+    }
 }
 
 fn floor_char_boundary(s: &str, at: usize) -> usize {
