@@ -40,29 +40,41 @@ pub fn for_format(format: &OutputFormat) -> Result<Option<String>, EngineError> 
     }
 }
 
-/// Sampling time a request may spend under its grammar, on top of [`BUDGET_PER_TOKEN`] for
-/// each token sampled or scored. Grammar sampling runs on the model's runner thread, so a
-/// schema whose grammar is slow to apply (many alternatives alive at once, each checked
-/// against the whole vocabulary) would stall every sequence on the model (review M4).
+/// Sampling time a request may spend under its grammar, on top of [`PER_VOCAB_ENTRY`] per
+/// token. Grammar sampling runs on the model's runner thread, so a schema whose grammar is
+/// slow to apply (many alternatives alive at once, each checked against the whole
+/// vocabulary) would stall every sequence on the model (review M4).
 pub(super) const BUDGET_BASE: Duration = Duration::from_secs(2);
-/// Grammar time allowed per token: five times what the MinionS plan and output schemas
-/// take (about 10 ms a token for SmolLM2's 49,152-token vocabulary on these CPUs).
-pub(super) const BUDGET_PER_TOKEN: Duration = Duration::from_millis(50);
+/// Grammar time allowed per token and per vocabulary entry (a grammar is applied to every
+/// candidate token): about ten times what the MinionS plan and output schemas take here
+/// (10 ms a token for SmolLM2's 49,152 entries, 40 to 90 ms for Gemma 3's 262,144), so
+/// 98 ms a token for SmolLM2 and 524 ms for Gemma 3.
+pub(super) const PER_VOCAB_ENTRY: Duration = Duration::from_nanos(2_000);
 
 /// The grammar time a request has spent: charged after each constrained sampling or
-/// scoring step, refused once it is over [`BUDGET_BASE`] + [`BUDGET_PER_TOKEN`] per token.
-#[derive(Debug, Default)]
+/// scoring step, refused once it is over [`BUDGET_BASE`] plus the per-token allowance.
+#[derive(Debug)]
 pub(super) struct Clock {
+    per_token: Duration,
     spent: Duration,
     tokens: u32,
 }
 
 impl Clock {
+    /// A clock for a model with `n_vocab` vocabulary entries.
+    pub(super) fn new(n_vocab: u32) -> Clock {
+        Clock {
+            per_token: PER_VOCAB_ENTRY * n_vocab.max(1),
+            spent: Duration::ZERO,
+            tokens: 0,
+        }
+    }
+
     /// Adds one step's grammar time; an error once the request is over its budget.
     pub(super) fn charge(&mut self, took: Duration) -> Result<(), EngineError> {
         self.spent += took;
         self.tokens = self.tokens.saturating_add(1);
-        if self.spent <= BUDGET_BASE + BUDGET_PER_TOKEN * self.tokens {
+        if self.spent <= BUDGET_BASE + self.per_token * self.tokens {
             return Ok(());
         }
         Err(EngineError::Grammar(format!(
@@ -71,7 +83,7 @@ impl Clock {
             self.spent.as_millis(),
             self.tokens,
             BUDGET_BASE.as_millis(),
-            BUDGET_PER_TOKEN.as_millis()
+            self.per_token.as_millis()
         )))
     }
 }
@@ -80,23 +92,28 @@ impl Clock {
 mod tests {
     use std::time::Duration;
 
-    use super::{BUDGET_BASE, BUDGET_PER_TOKEN, Clock};
+    use super::{BUDGET_BASE, Clock};
 
     #[test]
     fn the_clock_allows_a_base_and_a_share_per_token() {
-        let mut c = Clock::default();
+        // 50,000 entries: 100 ms a token.
+        let per_token = Duration::from_millis(100);
+        let mut c = Clock::new(50_000);
         // A burst at the start is covered by the base.
         assert!(c.charge(BUDGET_BASE).is_ok());
         for _ in 0..100 {
-            assert!(c.charge(BUDGET_PER_TOKEN).is_ok());
+            assert!(c.charge(per_token).is_ok());
         }
         // A step that costs more than its share, once the base is spent, is refused.
-        let e = c.charge(BUDGET_PER_TOKEN * 3).unwrap_err().to_string();
+        let e = c.charge(per_token * 3).unwrap_err().to_string();
         assert!(e.contains("over this node's budget"), "{e}");
-        let mut slow = Clock::default();
+        let mut slow = Clock::new(50_000);
         let steps = (0..1000)
-            .take_while(|_| slow.charge(Duration::from_millis(250)).is_ok())
+            .take_while(|_| slow.charge(Duration::from_millis(500)).is_ok())
             .count();
-        assert_eq!(steps, 10, "a 250 ms step is refused once the base is spent");
+        assert_eq!(steps, 5, "a 500 ms step is refused once the base is spent");
+        // A larger vocabulary is allowed more per token.
+        let mut big = Clock::new(250_000);
+        assert!((0..100).all(|_| big.charge(Duration::from_millis(400)).is_ok()));
     }
 }

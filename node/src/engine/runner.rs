@@ -367,7 +367,7 @@ impl<'m> Runner<'m> {
             prompt_len,
             score_end,
             grammar,
-            grammar_clock: grammar::Clock::default(),
+            grammar_clock: grammar::Clock::new(n_vocab),
             sampling: request.sampling.clone(),
             scored,
         })
@@ -797,7 +797,7 @@ impl<'m> Runner<'m> {
             cached: lcp,
             return_tokens: request.return_tokens,
             grammar_clock: (!matches!(request.format, super::OutputFormat::Text))
-                .then(grammar::Clock::default),
+                .then(|| grammar::Clock::new(self.model.n_vocab().max(0) as u32)),
         });
     }
 
