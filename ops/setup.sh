@@ -9,7 +9,7 @@
 set -euo pipefail
 
 CACHE="${BEACON_CACHE:-$HOME/.cache/beacon}"
-APT_PACKAGES=(cmake clang libclang-dev docker-registry python3-pip skopeo apache2-utils curl openssl
+APT_PACKAGES=(cmake ccache clang libclang-dev docker-registry python3-pip skopeo apache2-utils curl openssl
   debootstrap shellcheck)
 PIP_PACKAGES=(openai kubernetes-validate)
 

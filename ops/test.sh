@@ -10,6 +10,7 @@ ops/setup.sh --supervisor-model
 export BEACON_SUPERVISOR_MODEL="${BEACON_SUPERVISOR_MODEL:-${BEACON_CACHE:-$HOME/.cache/beacon}/models/gemma-3-270m-q4_k_m.gguf}"
 export BEACON_TEST_MODEL="${BEACON_TEST_MODEL:-${BEACON_CACHE:-$HOME/.cache/beacon}/models/SmolLM2-135M-Instruct.Q4_1.gguf}"
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+. ops/ccache.sh
 
 # The deployment tests build images and run containers: make sure the engine is up.
 if ! docker info >/dev/null 2>&1; then
