@@ -40,7 +40,7 @@ pub fn for_format(format: &OutputFormat) -> Result<Option<String>, EngineError> 
     }
 }
 
-/// Sampling time a request may spend under its grammar, on top of [`PER_VOCAB_ENTRY`] per
+/// Sampling time (CPU time of the runner thread) a request may spend under its grammar, on top of [`PER_VOCAB_ENTRY`] per
 /// token. Grammar sampling runs on the model's runner thread, so a schema whose grammar is
 /// slow to apply (many alternatives alive at once, each checked against the whole
 /// vocabulary) would stall every sequence on the model (review M4).
@@ -50,6 +50,25 @@ pub(super) const BUDGET_BASE: Duration = Duration::from_secs(2);
 /// (10 ms a token for SmolLM2's 49,152 entries, 40 to 90 ms for Gemma 3's 262,144), so
 /// 98 ms a token for SmolLM2 and 524 ms for Gemma 3.
 pub(super) const PER_VOCAB_ENTRY: Duration = Duration::from_nanos(2_000);
+
+/// CPU time the calling thread has used. Grammar time is counted in it, not in wall time,
+/// so a runner thread the OS leaves waiting on a busy machine is not charged for the wait
+/// (grammars are applied on the runner thread, by llama.cpp, without helper threads).
+pub(super) fn thread_cpu_time() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec through a valid, exclusive pointer.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    if rc != 0 {
+        return Duration::ZERO;
+    }
+    Duration::new(
+        u64::try_from(ts.tv_sec).unwrap_or(0),
+        u32::try_from(ts.tv_nsec).unwrap_or(0),
+    )
+}
 
 /// The grammar time a request has spent: charged after each constrained sampling or
 /// scoring step, refused once it is over [`BUDGET_BASE`] plus the per-token allowance.
@@ -92,7 +111,30 @@ impl Clock {
 mod tests {
     use std::time::Duration;
 
-    use super::{BUDGET_BASE, Clock};
+    use super::{BUDGET_BASE, Clock, thread_cpu_time};
+
+    #[test]
+    fn thread_cpu_time_counts_work_not_waiting() {
+        let start = thread_cpu_time();
+        std::thread::sleep(Duration::from_millis(50));
+        let slept = thread_cpu_time().saturating_sub(start);
+        let start = thread_cpu_time();
+        let wall = std::time::Instant::now();
+        let mut x = 0u64;
+        while thread_cpu_time().saturating_sub(start) < Duration::from_millis(20)
+            && wall.elapsed() < Duration::from_secs(10)
+        {
+            x = std::hint::black_box(x.wrapping_add(1));
+        }
+        assert!(
+            slept < Duration::from_millis(20),
+            "{slept:?} of CPU while asleep"
+        );
+        assert!(
+            thread_cpu_time().saturating_sub(start) >= Duration::from_millis(20),
+            "10 s of spinning did not show as CPU time ({x} rounds)"
+        );
+    }
 
     #[test]
     fn the_clock_allows_a_base_and_a_share_per_token() {

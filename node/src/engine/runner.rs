@@ -434,9 +434,10 @@ impl<'m> Runner<'m> {
                 let candidates = ctx.candidates_ith((p - pos) as i32);
                 let mut array = LlamaTokenDataArray::from_iter(candidates, false);
                 if let Some(g) = t.grammar.as_mut() {
-                    let started = Instant::now();
+                    let started = grammar::thread_cpu_time();
                     g.apply(&mut array);
-                    t.grammar_clock.charge(started.elapsed())?;
+                    t.grammar_clock
+                        .charge(grammar::thread_cpu_time().saturating_sub(started))?;
                 }
                 let eogs: Vec<LlamaToken> = array
                     .data
@@ -473,11 +474,11 @@ impl<'m> Runner<'m> {
             let claimed = t.all[p + 1];
             let candidates = ctx.candidates_ith((p - pos) as i32);
             let mut array = LlamaTokenDataArray::from_iter(candidates, false);
-            let started = Instant::now();
+            let started = grammar::thread_cpu_time();
             if let Some(g) = t.grammar.as_mut() {
                 g.apply(&mut array);
             }
-            let applied = started.elapsed();
+            let applied = grammar::thread_cpu_time().saturating_sub(started);
             let score = match &t.sampling {
                 None => score_position(&array, claimed),
                 Some(s) => {
@@ -489,9 +490,10 @@ impl<'m> Runner<'m> {
             // that breaks the grammar is scored raw from there on instead.
             match t.grammar.as_mut() {
                 Some(g) if score.logprob > f32::MIN => {
-                    let started = Instant::now();
+                    let started = grammar::thread_cpu_time();
                     g.accept(claimed);
-                    t.grammar_clock.charge(applied + started.elapsed())?;
+                    t.grammar_clock
+                        .charge(applied + grammar::thread_cpu_time().saturating_sub(started))?;
                 }
                 Some(_) => t.grammar = None,
                 None => {}
@@ -886,9 +888,9 @@ impl<'m> Runner<'m> {
                 // the grammar's two calls around a seeded choice.
                 let (token, took) = match &mut job.sampler {
                     Sampler::Chain(chain) => {
-                        let started = Instant::now();
+                        let started = grammar::thread_cpu_time();
                         let token = chain.sample(ctx, at);
-                        (token, started.elapsed())
+                        (token, grammar::thread_cpu_time().saturating_sub(started))
                     }
                     Sampler::Seeded {
                         grammar,
@@ -897,17 +899,17 @@ impl<'m> Runner<'m> {
                     } => {
                         let mut array =
                             LlamaTokenDataArray::from_iter(ctx.candidates_ith(at), false);
-                        let started = Instant::now();
+                        let started = grammar::thread_cpu_time();
                         if let Some(g) = grammar.as_mut() {
                             g.apply(&mut array);
                         }
-                        let mut took = started.elapsed();
+                        let mut took = grammar::thread_cpu_time().saturating_sub(started);
                         let token = seeded_choice_of(&array, sampling, *seed, position)
                             .map_or(eos, |c| LlamaToken(c.token() as i32));
                         if let Some(g) = grammar.as_mut() {
-                            let started = Instant::now();
+                            let started = grammar::thread_cpu_time();
                             g.accept(token);
-                            took += started.elapsed();
+                            took += grammar::thread_cpu_time().saturating_sub(started);
                         }
                         (token, took)
                     }
