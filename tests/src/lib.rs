@@ -1064,7 +1064,8 @@ impl ScriptedRemote {
                     data_plane::deprioritise_this_thread();
                     let _ = conn.set_nonblocking(false);
                     let _ = conn.set_read_timeout(Some(Duration::from_secs(30)));
-                    if !read_http_request(&mut conn) {
+                    // Every chat completion has a JSON body; none means the connection ended.
+                    if read_http_body(&mut conn).is_empty() {
                         return;
                     }
                     let n = calls.fetch_add(1, Ordering::SeqCst);
@@ -1102,33 +1103,4 @@ impl Drop for ScriptedRemote {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
     }
-}
-
-/// Reads one HTTP request (headers, then a body of its `Content-Length`); false when the
-/// connection ends first.
-fn read_http_request(conn: &mut TcpStream) -> bool {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 8192];
-    let head_end = loop {
-        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break i + 4;
-        }
-        match conn.read(&mut chunk) {
-            Ok(0) | Err(_) => return false,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-        }
-    };
-    let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
-    let length: usize = head
-        .lines()
-        .find_map(|l| l.strip_prefix("content-length:"))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0);
-    while buf.len() < head_end + length {
-        match conn.read(&mut chunk) {
-            Ok(0) | Err(_) => return false,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-        }
-    }
-    true
 }

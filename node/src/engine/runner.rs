@@ -974,26 +974,29 @@ impl<'m> Runner<'m> {
         None
     }
 
-    /// Ends slot `i`'s job with an error: its generated cells are freed, its prompt kept as
-    /// a prefix cache.
+    /// Ends slot `i`'s job with an error.
     fn fail(&mut self, ctx: &mut LlamaContext, i: usize, error: EngineError) {
+        if let Some(job) = self.release(ctx, i) {
+            let _ = job.events.send(Err(error));
+        }
+    }
+
+    /// Takes slot `i`'s job and frees its generated cells now, keeping the prompt as a
+    /// prefix cache.
+    fn release(&mut self, ctx: &mut LlamaContext, i: usize) -> Option<Job> {
         let s = &mut self.slots[i];
-        let Some(job) = s.job.take() else { return };
+        let job = s.job.take()?;
         let keep = job.prompt.len().min(s.cache.len());
         let _ = ctx.clear_kv_cache_seq(Some(s.seq as u32), Some(keep as u32), None);
         s.cache.truncate(keep);
         s.last_used = Instant::now();
-        let _ = job.events.send(Err(error));
+        Some(job)
     }
 
     fn finish(&mut self, ctx: &mut LlamaContext, i: usize, reason: FinishReason) {
-        let s = &mut self.slots[i];
-        let Some(mut job) = s.job.take() else { return };
-        // Free the generated cells now; keep the prompt as a prefix cache.
-        let keep = job.prompt.len().min(s.cache.len());
-        let _ = ctx.clear_kv_cache_seq(Some(s.seq as u32), Some(keep as u32), None);
-        s.cache.truncate(keep);
-        s.last_used = Instant::now();
+        let Some(mut job) = self.release(ctx, i) else {
+            return;
+        };
         let tail = job.text.finish();
         if !tail.is_empty() {
             let _ = job.events.send(Ok(Event::Token {
