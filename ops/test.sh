@@ -6,8 +6,7 @@ cd "$(dirname "$0")/.."
 
 log() { printf '[test] %s\n' "$*" >&2; }
 
-ops/setup.sh --supervisor-model
-export BEACON_SUPERVISOR_MODEL="${BEACON_SUPERVISOR_MODEL:-${BEACON_CACHE:-$HOME/.cache/beacon}/models/gemma-3-270m-q4_k_m.gguf}"
+ops/setup.sh
 export BEACON_TEST_MODEL="${BEACON_TEST_MODEL:-${BEACON_CACHE:-$HOME/.cache/beacon}/models/SmolLM2-135M-Instruct.Q4_1.gguf}"
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 . ops/ccache.sh

@@ -50,6 +50,10 @@ pub struct Plan {
     pub tasks: Vec<TaskSpec>,
     #[serde(default = "one")]
     pub samples_per_task: u32,
+    /// Run each task on the `top_k` chunks that best match it (ranked by the router,
+    /// BM25); 0 runs it on every chunk.
+    #[serde(default)]
+    pub top_k: u32,
 }
 
 /// Bounds a plan must respect. The schema the supervisor is given ([`schema`]) and the
@@ -61,6 +65,7 @@ pub struct Limits {
     pub max_samples: u32,
     pub max_instruction_chars: usize,
     pub max_advice_chars: usize,
+    pub max_top_k: u32,
 }
 
 impl Default for Limits {
@@ -70,6 +75,7 @@ impl Default for Limits {
             max_samples: 4,
             max_instruction_chars: 400,
             max_advice_chars: 300,
+            max_top_k: 64,
         }
     }
 }
@@ -114,12 +120,17 @@ pub fn size_bounds(s: Strategy) -> (u32, u32) {
     }
 }
 
+/// Largest chunk size of any strategy, and so of the schema's `size`.
+const MAX_SIZE: u32 = 50_000;
+
 /// The JSON schema of a plan, for the supervisor's `response_format`, made from the same
-/// bounds [`validate`] checks: the number of tasks and samples, and the length of ids,
-/// instructions and advice. The size per chunking strategy, the overlap and the characters
-/// of ids are the validator's alone: stated in the grammar (one branch per strategy, an id
-/// pattern), they made the 270M test supervisor's plans slower to come right
-/// (`reliability.rs`' MinionS test took 231 s instead of 132 s).
+/// bounds [`validate`] checks: the number of tasks and samples, `top_k`, and the length of
+/// ids, instructions and advice. Every string and number is bounded, so a reply the grammar
+/// constrains always closes within [`max_reply_chars`]. The size per chunking strategy,
+/// the overlap against the size and the characters of ids are the validator's alone:
+/// stated in the grammar (one branch per strategy, an id pattern), they made a small test
+/// supervisor's plans slower to come right (`reliability.rs`' MinionS test took 231 s
+/// instead of 132 s).
 pub fn schema(limits: &Limits) -> Value {
     json!({
         "type": "object",
@@ -131,8 +142,8 @@ pub fn schema(limits: &Limits) -> Value {
                 "required": ["strategy", "size", "overlap"],
                 "properties": {
                     "strategy": {"enum": STRATEGIES.map(Strategy::name)},
-                    "size": {"type": "integer", "minimum": 1},
-                    "overlap": {"type": "integer", "minimum": 0}
+                    "size": {"type": "integer", "minimum": 1, "maximum": MAX_SIZE},
+                    "overlap": {"type": "integer", "minimum": 0, "maximum": MAX_SIZE / 2}
                 }
             },
             "tasks": {
@@ -148,9 +159,21 @@ pub fn schema(limits: &Limits) -> Value {
                     }
                 }
             },
-            "samples_per_task": {"type": "integer", "minimum": 1, "maximum": limits.max_samples}
+            "samples_per_task": {"type": "integer", "minimum": 1, "maximum": limits.max_samples},
+            "top_k": {"type": "integer", "minimum": 0, "maximum": limits.max_top_k}
         }
     })
+}
+
+/// An upper bound on the characters of a plan that [`schema`] lets through, written
+/// compactly with unescaped strings: the completion budget a plan call needs so that the
+/// constrained reply closes rather than being cut off (a token is at least a character).
+pub fn max_reply_chars(limits: &Limits) -> usize {
+    // Keys, quotes, braces and separators of one task and of the plan around the tasks.
+    const TASK_SYNTAX: usize = 48;
+    const PLAN_SYNTAX: usize = 160;
+    let task = MAX_ID_CHARS + limits.max_instruction_chars + limits.max_advice_chars;
+    PLAN_SYNTAX + limits.max_tasks * (task + TASK_SYNTAX)
 }
 
 /// The first balanced JSON object in `text` (supervisors often wrap JSON in prose or code
@@ -251,6 +274,9 @@ pub fn validate(plan: &Plan, limits: &Limits) -> Result<(), PlanError> {
             "samples_per_task must be 1..={}",
             limits.max_samples
         ));
+    }
+    if plan.top_k > limits.max_top_k {
+        return err(format!("top_k must be 0..={}", limits.max_top_k));
     }
     let mut ids = HashSet::new();
     for (i, t) in plan.tasks.iter().enumerate() {
@@ -446,6 +472,14 @@ mod tests {
         let max_samples = n(&p["samples_per_task"]["maximum"]);
         check("samples", samples(max_samples), samples(max_samples + 1));
         assert!(validate(&samples(n(&p["samples_per_task"]["minimum"]) - 1), &l).is_err());
+        let top = |k: usize| Plan {
+            top_k: k as u32,
+            ..base.clone()
+        };
+        let max_top = n(&p["top_k"]["maximum"]);
+        check("top_k", top(max_top), top(max_top + 1));
+        assert_eq!(n(&p["top_k"]["minimum"]), 0);
+        assert!(validate(&top(0), &l).is_ok());
         // Every strategy the schema names, the plan type takes.
         for name in p["chunking"]["properties"]["strategy"]["enum"]
             .as_array()
@@ -460,6 +494,40 @@ mod tests {
         twice.tasks[1].instruction = "Another.".into();
         normalize(&mut twice);
         assert!(validate(&twice, &l).is_ok(), "{:?}", twice.tasks);
+    }
+
+    /// The longest plan the schema lets through fits the completion budget a plan call is
+    /// given, so a constrained reply closes.
+    #[test]
+    fn the_longest_plan_fits_the_reply_budget() {
+        let l = Limits::default();
+        let s = schema(&l);
+        let p = &s["properties"];
+        let n = |v: &Value| v.as_u64().unwrap();
+        let longest = Plan {
+            chunking: Chunking {
+                strategy: Strategy::Paragraphs,
+                size: n(&p["chunking"]["properties"]["size"]["maximum"]) as u32,
+                overlap: n(&p["chunking"]["properties"]["overlap"]["maximum"]) as u32,
+            },
+            tasks: (0..l.max_tasks)
+                .map(|i| TaskSpec {
+                    id: format!("{i}").repeat(MAX_ID_CHARS),
+                    instruction: "x".repeat(l.max_instruction_chars),
+                    advice: "y".repeat(l.max_advice_chars),
+                })
+                .collect(),
+            samples_per_task: l.max_samples,
+            top_k: l.max_top_k,
+        };
+        let text = serde_json::to_string(&longest).unwrap();
+        assert!(
+            text.len() <= max_reply_chars(&l),
+            "{} > {}",
+            text.len(),
+            max_reply_chars(&l)
+        );
+        assert!(max_reply_chars(&l) < text.len() * 2);
     }
 
     proptest! {

@@ -31,27 +31,27 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
-/// The Gemma 3 270M Q4_K_M GGUF that `ops/setup.sh --supervisor-model` caches: the
-/// MinionS tests' supervisor.
+/// The MinionS tests' supervisor: `BEACON_SUPERVISOR_MODEL` when set, else the test model
+/// itself, SmolLM2-135M-Instruct (the one instruction-tuned GGUF the package registries
+/// offer at a size two CPU cores run; a pretrained model continues text instead of
+/// following a supervisor's instructions).
 pub fn supervisor_model() -> PathBuf {
-    let path = std::env::var_os("BEACON_SUPERVISOR_MODEL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let home = std::env::var_os("HOME")
-                .map(PathBuf::from)
-                .unwrap_or_default();
-            home.join(".cache/beacon/models/gemma-3-270m-q4_k_m.gguf")
-        });
-    assert!(
-        path.is_file(),
-        "supervisor model {} missing: run ops/setup.sh --supervisor-model",
-        path.display()
-    );
-    path
+    match std::env::var_os("BEACON_SUPERVISOR_MODEL") {
+        Some(p) if !p.is_empty() => {
+            let path = PathBuf::from(p);
+            assert!(
+                path.is_file(),
+                "supervisor model {} (BEACON_SUPERVISOR_MODEL) missing",
+                path.display()
+            );
+            path
+        }
+        _ => test_model(),
+    }
 }
 
 /// The name the supervisor model is packaged under by [`NodeServer::supervisor`].
-pub const SUPERVISOR_MODEL_REF: &str = "ai/gemma3:270m";
+pub const SUPERVISOR_MODEL_REF: &str = "ai/smollm2:supervisor";
 
 /// A data-plane request for the test model (`digest`), asking for token ids back.
 pub fn infer_request(
@@ -741,23 +741,21 @@ impl NodeServer {
         Self::start_with_store(cli, extra)
     }
 
-    /// A node off the network serving Gemma 3 270M (with its chat template) as
-    /// [`SUPERVISOR_MODEL_REF`]: a stand-in for a remote OpenAI-compatible API.
+    /// A node off the network serving the supervisor model ([`supervisor_model`], with the
+    /// chat template its GGUF carries) as [`SUPERVISOR_MODEL_REF`]: a stand-in for a remote
+    /// OpenAI-compatible API. Its context is SmolLM2's trained length.
     pub fn supervisor() -> NodeServer {
         let cli = NodeCli::new();
-        let template = Path::new(env!("CARGO_MANIFEST_DIR")).join("../ops/models/gemma3.jinja");
         cli.ok(&[
             "model",
             "package",
             "--gguf",
             supervisor_model().to_str().unwrap(),
-            "--chat-template",
-            template.to_str().unwrap(),
             SUPERVISOR_MODEL_REF,
         ]);
         Self::start_with_store(
             cli,
-            &["--no-network", "--parallel", "1", "--ctx-size", "16384"],
+            &["--no-network", "--parallel", "1", "--ctx-size", "8192"],
         )
     }
 
@@ -1044,6 +1042,12 @@ pub struct ScriptedRemote {
 
 impl ScriptedRemote {
     pub fn start(replies: Vec<String>) -> ScriptedRemote {
+        Self::start_slow(replies, Duration::ZERO)
+    }
+
+    /// Like [`ScriptedRemote::start`], taking `delay` over every reply, as a remote model
+    /// takes time to generate.
+    pub fn start_slow(replies: Vec<String>, delay: Duration) -> ScriptedRemote {
         assert!(!replies.is_empty());
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
@@ -1069,6 +1073,7 @@ impl ScriptedRemote {
                         return;
                     }
                     let n = calls.fetch_add(1, Ordering::SeqCst);
+                    std::thread::sleep(delay);
                     let body = serde_json::json!({
                         "id": format!("scripted-{n}"),
                         "object": "chat.completion",

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use beacon_tests::{
     ChildGuard, NodeCli, NodeServer, Registry, RouterServer, bin, free_port, http, http_within,
-    supervisor_model, test_model, wait_until,
+    test_model, wait_until,
 };
 use serde_json::{Value, json};
 
@@ -692,27 +692,25 @@ impl Drop for Compose {
     }
 }
 
-/// The models the stack publishes, in one folder (hard links, or copies across filesystems).
-fn models_dir() -> (tempfile::TempDir, String, String) {
+/// The model the stack publishes (the providers' and the supervisor's), in a folder of its
+/// own (a hard link, or a copy across filesystems).
+fn models_dir() -> (tempfile::TempDir, String) {
     let dir = tempfile::tempdir_in(repo().join("target")).unwrap();
-    let mut names = Vec::new();
-    for src in [test_model(), supervisor_model()] {
-        let name = src.file_name().unwrap().to_string_lossy().into_owned();
-        let dst = dir.path().join(&name);
-        if std::fs::hard_link(&src, &dst).is_err() {
-            std::fs::copy(&src, &dst).unwrap();
-        }
-        std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(0o644)).unwrap();
-        names.push(name);
+    let src = test_model();
+    let name = src.file_name().unwrap().to_string_lossy().into_owned();
+    let dst = dir.path().join(&name);
+    if std::fs::hard_link(&src, &dst).is_err() {
+        std::fs::copy(&src, &dst).unwrap();
     }
+    std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(0o644)).unwrap();
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    (dir, names.remove(0), names.remove(0))
+    (dir, name)
 }
 
 #[test]
 fn compose_stack_serves_chat_and_a_minions_job_through_the_loss_of_a_provider() {
     images();
-    let (models, local, supervisor) = models_dir();
+    let (models, local) = models_dir();
     let port = free_port();
     let compose = Compose {
         project: format!("beacontest{}", std::process::id()),
@@ -724,7 +722,6 @@ fn compose_stack_serves_chat_and_a_minions_job_through_the_loss_of_a_provider() 
                 models.path().display().to_string(),
             ),
             ("BEACON_LOCAL_GGUF".into(), local),
-            ("BEACON_SUPERVISOR_GGUF".into(), supervisor),
             // Debug builds on two cores are slow; this test is about losing a provider.
             ("BEACON_ATTEMPT_TIMEOUT".into(), "600".into()),
         ],

@@ -441,8 +441,7 @@ fn a_provider_killed_in_every_minions_round_leaves_the_answer_unchanged() {
     assert!(all_known(&router, &nodes), "{}", router.log());
     let doc = &beacon_bench::minions::NORTHPORT[..4_000];
     // Two jobs, each first undisturbed (the answer to compare with), then with a provider
-    // killed in each of its rounds. (Gemma 3 270M, the supervisor here, ends every job
-    // after its first round; a supervisor that asks for more meets a kill in every round.)
+    // killed in each of its rounds (however many rounds the supervisor asks for).
     for task in [
         "How many tonnes of cargo did the port handle in 2025?",
         "What was the tariff revenue, and what did the quay wall repairs cost?",

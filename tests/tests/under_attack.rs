@@ -239,10 +239,14 @@ async fn honest_requests_keep_completing_under_floods_slow_readers_and_connectio
     router_round(&router, 2); // the router measures the provider
     let router_base = router_round(&router, N);
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Once its plans are refused, a job runs the router's default plan, bounded by the
+    // job's budget: one local job here, so that the bombs' own work on the provider stays
+    // small beside what is measured (the router's cost).
     let bomb = serde_json::json!({
         "task": "Find the launch code.",
         "context": ["x".repeat((4 << 20) - 4096)],
         "max_rounds": 1,
+        "policy": {"max_jobs_per_round": 1},
     })
     .to_string();
     let bomb = Arc::new(bomb);
@@ -270,12 +274,15 @@ async fn honest_requests_keep_completing_under_floods_slow_readers_and_connectio
         .flat_map(|b| b.join().unwrap())
         .collect();
     let router_base = (router_base + router_round(&router, N)) / 2;
-    // Every bomb is refused (no plan is valid, or the job is turned away as over the
-    // router's limits), and none built a chunk: the router answered them all.
+    // Every bomb plan is refused: the job is turned away as over the router's limits, or
+    // fails, or answers from the router's default plan (one job), never from a bomb.
     assert!(!answers.is_empty());
     for a in &answers {
+        let ran_default = a.status == 200
+            && a.body.contains("default plan was used")
+            && a.json()["jobs"].as_array().is_some_and(|j| j.len() <= 1);
         assert!(
-            a.status >= 400 || a.body.contains("no valid plan"),
+            a.status >= 400 || ran_default,
             "a plan bomb was accepted: {a:?}"
         );
     }

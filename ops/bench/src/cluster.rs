@@ -193,10 +193,7 @@ impl Supervisor {
 }
 
 /// The reference the local supervisor's model is packaged under.
-pub const SUPERVISOR_MODEL: &str = "ai/gemma3:270m";
-
-/// Gemma 3's chat template (the GGUF's own needs a Jinja engine llama.cpp lacks).
-const GEMMA3_TEMPLATE: &str = include_str!("../../models/gemma3.jinja");
+pub const SUPERVISOR_MODEL: &str = "ai/smollm2:supervisor";
 
 /// Providers in their regions, and the routers that use them.
 pub struct Cluster {
@@ -532,20 +529,17 @@ impl Cluster {
         self.routers.remove(i);
     }
 
-    /// Starts the local supervisor: `gguf` packaged as [`SUPERVISOR_MODEL`] with Gemma 3's
-    /// chat template, served off the network on loopback with `threads` threads.
+    /// Starts the local supervisor: `gguf` packaged as [`SUPERVISOR_MODEL`] with the chat
+    /// template it carries, served off the network on loopback with `threads` threads and
+    /// SmolLM2's trained context.
     pub fn add_supervisor(&mut self, gguf: &Path, threads: usize) -> anyhow::Result<()> {
         let data = tempfile::Builder::new()
             .prefix("beacon-bench-supervisor")
             .tempdir()?;
-        let template = data.path().join("gemma3.jinja");
-        std::fs::write(&template, GEMMA3_TEMPLATE)?;
         let out = self
             .node_command(data.path())
             .args(["model", "package", "--gguf"])
             .arg(gguf)
-            .arg("--chat-template")
-            .arg(&template)
             .arg(SUPERVISOR_MODEL)
             .output()
             .context("running beacon-node model package")?;
@@ -560,7 +554,7 @@ impl Cluster {
         let mut cmd = self.node_command(data.path());
         cmd.args(["serve", "--no-network", "--listen"])
             .arg(addr.to_string())
-            .args(["--parallel", "1", "--ctx-size", "16384", "--threads"])
+            .args(["--parallel", "1", "--ctx-size", "8192", "--threads"])
             .arg(threads.to_string());
         let proc = Proc::spawn(&mut cmd, &data.path().join("serve.log"))
             .context("starting the supervisor node")?;

@@ -83,7 +83,7 @@ struct RunArgs {
     #[arg(long)]
     bin_dir: Option<PathBuf>,
     /// The GGUF of the MinionS supervisor, served by a local node off the network (default:
-    /// Gemma 3 270M as `ops/setup.sh --supervisor-model` caches it).
+    /// the providers' model, SmolLM2-135M-Instruct, as `ops/setup.sh` caches it).
     #[arg(long, env = "BEACON_SUPERVISOR_MODEL")]
     supervisor_model: Option<PathBuf>,
     /// A remote OpenAI-compatible API as the MinionS supervisor instead (its key, if any, in
@@ -356,11 +356,12 @@ fn minions_workload(
             let gguf = a
                 .supervisor_model
                 .clone()
-                .unwrap_or_else(|| cached_model("gemma-3-270m-q4_k_m.gguf"));
+                .or_else(|| a.model.clone())
+                .unwrap_or_else(|| cached_model("SmolLM2-135M-Instruct.Q4_1.gguf"));
             anyhow::ensure!(
                 gguf.is_file(),
-                "supervisor model {} missing: run ops/setup.sh --supervisor-model, pass \
-                 --supervisor-model, or name a remote API with --remote-base-url",
+                "supervisor model {} missing: run ops/setup.sh, pass --supervisor-model, or \
+                 name a remote API with --remote-base-url",
                 gguf.display()
             );
             // The supervisor and the providers take turns (plan, jobs, aggregate): it may

@@ -307,14 +307,14 @@ fn minions_md(m: &mut String, r: &MinionsResult) {
     );
     let _ = writeln!(
         m,
-        "| question | MinionS | remote-only | remote tokens MinionS / remote-only | wall s MinionS / remote-only | rounds | local jobs (verified) | jobs by region |\n|---|---|---|---|---|---|---|---|"
+        "| question | MinionS | remote-only | fact in evidence | grounded findings | remote tokens MinionS / remote-only | wall s MinionS / remote-only | rounds | local jobs (verified) | jobs by region |\n|---|---|---|---|---|---|---|---|---|---|"
     );
     let mark = |ok: bool| if ok { "right" } else { "wrong" };
     for q in &r.questions {
         if let Some(e) = &q.error {
             let _ = writeln!(
                 m,
-                "| {} | **failed** ({}): {} | - | - | - | - | - | - |",
+                "| {} | **failed** ({}): {} | - | - | - | - | - | - | - | - |",
                 q.question,
                 q.status,
                 e.replace('|', "/")
@@ -328,10 +328,14 @@ fn minions_md(m: &mut String, r: &MinionsResult) {
             .collect();
         let _ = writeln!(
             m,
-            "| {} | {} | {} | {} / {} ({:.2}x) | {:.0} / {:.0} | {} | {} ({}) | {} |",
+            "| {} | {}{} | {} | {} | {} of {} | {} / {} ({:.2}x) | {:.0} / {:.0} | {} | {} ({}) | {} |",
             q.question,
             mark(q.correct),
+            if q.fallbacks > 0 { " (fallback)" } else { "" },
             mark(q.remote_only_correct),
+            if q.evidence_recall { "yes" } else { "no" },
+            q.grounded,
+            q.findings,
             q.remote_tokens,
             q.remote_only_tokens,
             q.remote_tokens as f64 / (q.remote_only_tokens as f64).max(1.0),
@@ -346,11 +350,16 @@ fn minions_md(m: &mut String, r: &MinionsResult) {
     let n = r.questions.len();
     let _ = writeln!(
         m,
-        "\nIn all: MinionS right on **{} of {n}**, remote-only on **{} of {n}**; MinionS used \
+        "\nIn all: MinionS right on **{} of {n}**, remote-only on **{} of {n}**; the known fact \
+         was in the evidence the supervisor saw for **{} of {n}** (evidence recall); {} of {} \
+         findings grounded (their quote is in their chunk); MinionS used \
          **{:.2}x** the remote tokens of remote-only ({} vs {}) and moved {} tokens to the \
          providers; wall time {:.0} s vs {:.0} s. {} local jobs, {} unverified.\n",
         r.correct,
         r.remote_only_correct,
+        r.evidence_recalled,
+        r.grounded,
+        r.findings,
         r.remote_ratio(),
         r.remote_tokens,
         r.remote_only_tokens,
@@ -917,7 +926,7 @@ mod tests {
         let report = Report {
             mode: "quick".into(),
             minions: Some(MinionsResult {
-                supervisor: "ai/gemma3:270m".into(),
+                supervisor: "ai/smollm2:supervisor".into(),
                 corpus: Some(Corpus::northport(8_300, 2)),
                 max_rounds: 2,
                 max_jobs_per_round: Some(12),

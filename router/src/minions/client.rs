@@ -113,12 +113,21 @@ pub async fn run(args: ClientArgs, out: &mut impl Write) -> anyhow::Result<()> {
 fn describe(event: &str, v: &Value) -> String {
     match event {
         "plan" => format!(
-            "round {}: plan with {} task(s), {} chunking of size {}, {} sample(s)",
+            "round {}: {}plan with {} task(s), {} chunking of size {}, {} sample(s){}",
             v["round"],
+            if v["default"] == true {
+                "the supervisor gave no valid plan; the router's default "
+            } else {
+                ""
+            },
             v["plan"]["tasks"].as_array().map_or(0, Vec::len),
             v["plan"]["chunking"]["strategy"].as_str().unwrap_or("?"),
             v["plan"]["chunking"]["size"],
-            v["plan"]["samples_per_task"]
+            v["plan"]["samples_per_task"],
+            match v["plan"]["top_k"].as_u64() {
+                Some(k) if k > 0 => format!(", each task on its {k} best chunks"),
+                _ => String::new(),
+            }
         ),
         "plan_rejected" => format!(
             "round {}: plan rejected ({}), asking again",
@@ -126,8 +135,15 @@ fn describe(event: &str, v: &Value) -> String {
             v["error"].as_str().unwrap_or("?")
         ),
         "jobs_placed" => format!(
-            "round {}: {} jobs ({} chunks x {} tasks) placed on the network",
-            v["round"], v["jobs"], v["chunks"], v["tasks"]
+            "round {}: {} jobs ({} of {} chunks x {} tasks) placed on the network",
+            v["round"],
+            v["jobs"],
+            match v["top_k"].as_u64() {
+                Some(k) if k > 0 => format!("the best {k}"),
+                _ => "each".into(),
+            },
+            v["chunks"],
+            v["tasks"]
         ),
         "job_finished" => match v["error"].as_str() {
             Some(e) => format!("  job {} failed: {e}", v["job"]),
@@ -168,13 +184,47 @@ fn short(peer: &str) -> &str {
     &peer[peer.len().saturating_sub(8)..]
 }
 
-/// A human summary of an answer: the answer, then cost and placement.
+/// A human summary of an answer: the answer, the evidence behind it, then cost and
+/// placement.
 pub fn summary(a: &Value) -> String {
+    let mut evidence = String::new();
+    if let Some(list) = a["evidence"].as_array() {
+        let g = &a["grounding"];
+        evidence = format!(
+            "Evidence ({} quotes checked against the documents; {} findings dropped as not in their chunk):\n",
+            list.len(),
+            g["ungrounded"]
+        );
+        for (i, e) in list.iter().enumerate().take(12) {
+            evidence.push_str(&format!(
+                "  [{}] document {}: \"{}\"{}\n",
+                i + 1,
+                e["chunk"].as_str().unwrap_or("?").replace('#', " chunk "),
+                e["citation"].as_str().unwrap_or(""),
+                e["answer"]
+                    .as_str()
+                    .map(|a| format!(" -> {a}"))
+                    .unwrap_or_default()
+            ));
+        }
+        if list.len() > 12 {
+            evidence.push_str(&format!("  ({} more in --json)\n", list.len() - 12));
+        }
+        evidence.push('\n');
+    }
+    if let Some(notes) = a["notes"].as_array() {
+        for n in notes {
+            evidence.push_str(&format!("Note: {}\n", n.as_str().unwrap_or("")));
+        }
+        if !notes.is_empty() {
+            evidence.push('\n');
+        }
+    }
     let u = &a["usage"];
     let remote = u["remote"]["total_tokens"].as_u64().unwrap_or(0);
     let only = u["remote_only"]["total_tokens"].as_u64().unwrap_or(0);
     format!(
-        "Answer: {}\n\nExplanation: {}\n\n\
+        "Answer: {}\n\nExplanation: {}\n\n{evidence}\
          Remote (supervisor) tokens: {} ({} prompt + {} completion in {} calls)\n\
          Remote-only run would use:  {} ({}, {})\n\
          Remote tokens saved:        {:.1}% (ratio {:.3})\n\

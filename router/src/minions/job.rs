@@ -268,6 +268,10 @@ pub struct RemoteOnly {
     /// How long the remote-only call took, when it was run.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ms: Option<u64>,
+    /// Why the remote-only run asked for failed (a document longer than the supervisor's
+    /// context), when it did: the figures are then the estimate.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -313,6 +317,15 @@ pub struct JobAnswer {
     pub verification: Verification,
     /// Providers used per region.
     pub regions: std::collections::BTreeMap<String, usize>,
+    /// The grounded evidence the supervisor was shown, every round's (MinionS): quotes
+    /// that are in the document, so a reader can check the answer against it.
+    pub evidence: Vec<super::evidence::Evidence>,
+    /// What grounding kept and dropped of the workers' findings.
+    pub grounding: super::evidence::Grounding,
+    /// Fallbacks the job took, in words (a default plan when the supervisor gave no valid
+    /// one, an answer from the evidence when it could not aggregate).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
     pub jobs: Vec<JobRecord>,
 }
 
@@ -324,6 +337,8 @@ pub enum Progress {
         round: u32,
         attempt: u32,
         plan: super::plan::Plan,
+        /// The router's default plan, taken when the supervisor gave no valid one.
+        default: bool,
     },
     PlanRejected {
         round: u32,
@@ -335,6 +350,8 @@ pub enum Progress {
         jobs: usize,
         chunks: usize,
         tasks: usize,
+        /// Each task ran on its `top_k` best chunks (0: on every chunk).
+        top_k: u32,
     },
     JobFinished(Box<JobRecord>),
     Message {

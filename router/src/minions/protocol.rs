@@ -5,9 +5,17 @@
 //! validated here and sent back with the error when invalid (a bounded number of times);
 //! (2) *execute*: chunks × tasks × samples become jobs, one local call each, placed,
 //! dispatched and verified like any subtask, with output constrained to
-//! `{explanation, citation, answer|null}`; (3) *filter*: null answers are dropped and the
-//! rest grouped by task and chunk; (4) *aggregate*: the supervisor answers
-//! `{decision: final|more, answer, explanation, scratchpad}`; the last round must be final.
+//! `{citation, answer|null, explanation}`; a plan's `top_k` runs each task on the chunks
+//! that best match it only ([`super::retrieval`]); (3) *filter*: null answers are dropped,
+//! and a finding counts only when its citation is in its chunk; the supervisor sees these
+//! grounded quotes, de-duplicated, never the workers' prose ([`super::evidence`]);
+//! (4) *aggregate*: the supervisor answers `{decision: final|more, answer, explanation,
+//! scratchpad}`; the last round must be final.
+//!
+//! A weak supervisor never sinks a job: after the retries, a round runs the router's
+//! default plan (the task as the one instruction over the paragraphs that match it best),
+//! and a job whose supervisor cannot aggregate answers with the evidence found most often;
+//! the answer's `notes` say so.
 //!
 //! Minion: the supervisor asks, a worker on a provider that sees the whole context answers,
 //! until the supervisor gives a final answer.
@@ -24,11 +32,13 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
 use super::chunk::{Chunk, Lengths, cap, chunk, estimate_from};
+use super::evidence::{Collector, Finding};
 use super::job::{
     Baseline, JobAnswer, JobRecord, LocalUsage, Progress, Protocol, RemoteOnly, RemoteUsage,
     Timing, Usage, Verification,
 };
-use super::plan::{self, Limits, Plan, PlanError};
+use super::plan::{self, Chunking, Limits, Plan, PlanError, Strategy, TaskSpec};
+use super::retrieval;
 use super::remote::{Msg, RemoteCall, RemoteError, Supervisor};
 use crate::dispatch::{DispatchError, Dispatcher};
 use crate::placement::Policy;
@@ -82,8 +92,6 @@ pub enum JobError {
 #[derive(Clone, Debug, Deserialize)]
 struct WorkerOutput {
     #[serde(default)]
-    explanation: String,
-    #[serde(default)]
     citation: Option<String>,
     answer: Option<Value>,
 }
@@ -114,14 +122,16 @@ struct Turn {
     explanation: String,
 }
 
+/// The worker's reply: the quote first, then the answer read from it, then a short
+/// explanation (which the router never forwards).
 fn worker_schema() -> Value {
     json!({
         "type": "object", "additionalProperties": false,
-        "required": ["explanation", "citation", "answer"],
+        "required": ["citation", "answer", "explanation"],
         "properties": {
-            "explanation": {"type": "string", "maxLength": 400},
             "citation": {"anyOf": [{"type": "string", "maxLength": 300}, {"type": "null"}]},
-            "answer": {"anyOf": [{"type": "string", "maxLength": 300}, {"type": "null"}]}
+            "answer": {"anyOf": [{"type": "string", "maxLength": 200}, {"type": "null"}]},
+            "explanation": {"type": "string", "maxLength": 200}
         }
     })
 }
@@ -174,6 +184,10 @@ struct Ledger {
     remote_prompt_bytes: u64,
     progress: Option<mpsc::UnboundedSender<Progress>>,
     budget: Option<super::budget::Budget>,
+    /// Grounded findings over every round.
+    evidence: Collector,
+    /// Fallbacks taken, for the answer.
+    notes: Vec<String>,
 }
 
 impl Ledger {
@@ -233,6 +247,8 @@ pub async fn run(
         remote_prompt_bytes: 0,
         progress,
         budget: setup.budget.clone(),
+        evidence: Collector::default(),
+        notes: Vec::new(),
     };
     let (answer, explanation, rounds) = match setup.protocol {
         Protocol::Minions => minions(&setup, &mut ledger).await?,
@@ -275,17 +291,53 @@ fn describe_documents(setup: &JobSetup) -> String {
 const DECOMPOSE_SYSTEM: &str = "You supervise small local language models that read long documents for you. \
 You cannot see the documents. Plan how the documents are cut into chunks and which short, \
 self-contained instructions the small models run on every chunk. Each small model sees one \
-chunk and one instruction, and answers with JSON {explanation, citation, answer}, where \
+chunk and one instruction, and answers with JSON {citation, answer, explanation}, where \
 answer is null when its chunk does not contain what was asked. Small models follow simple \
 extraction instructions well and reasoning poorly: keep instructions concrete. Use distinct \
 task ids. Reply with one JSON object only, no code.
+top_k runs each task only on the top_k chunks whose words best match it (0: every chunk); \
+use it for long documents.
 Example: for the task \"Who signed the lease and when?\" a good plan is
-{\"chunking\": {\"strategy\": \"paragraphs\", \"size\": 3, \"overlap\": 0}, \"tasks\": [{\"id\": \"signer\", \"instruction\": \"Who signed the lease? Quote the name.\", \"advice\": \"Answer null if no signature is mentioned.\"}, {\"id\": \"date\", \"instruction\": \"On what date was the lease signed?\", \"advice\": \"\"}], \"samples_per_task\": 1}
+{\"chunking\": {\"strategy\": \"paragraphs\", \"size\": 3, \"overlap\": 0}, \"tasks\": [{\"id\": \"signer\", \"instruction\": \"Who signed the lease? Quote the name.\", \"advice\": \"Answer null if no signature is mentioned.\"}, {\"id\": \"date\", \"instruction\": \"On what date was the lease signed?\", \"advice\": \"\"}], \"samples_per_task\": 1, \"top_k\": 8}
 The plan must match this JSON schema:";
+
+/// Chunks the default plan's task runs on at most.
+const DEFAULT_TOP_K: u32 = 8;
+
+/// The plan a round runs when the supervisor gave no valid one: the job's task as the one
+/// instruction, over the paragraphs (sized to the job budget) that match it best.
+fn default_plan(setup: &JobSetup, limits: &Limits) -> Plan {
+    let instruction: String = setup
+        .task
+        .chars()
+        .take(limits.max_instruction_chars)
+        .collect();
+    Plan {
+        chunking: Chunking {
+            strategy: Strategy::Paragraphs,
+            size: 2,
+            overlap: 0,
+        },
+        tasks: vec![TaskSpec {
+            id: "task".into(),
+            instruction,
+            advice: "Copy the sentence of the chunk that answers it as the citation; answer \
+                     null if the chunk does not answer it."
+                .into(),
+        }],
+        samples_per_task: 1,
+        top_k: DEFAULT_TOP_K.min(setup.max_jobs_per_round),
+    }
+}
 
 async fn minions(setup: &JobSetup, ledger: &mut Ledger) -> Result<(String, String, u32), JobError> {
     let limits = Limits::default();
     let plan_schema = plan::schema(&limits);
+    // Room for the longest plan the schema allows, so that a constrained reply closes.
+    let mut planner = setup.supervisor.clone();
+    planner.max_tokens = planner
+        .max_tokens
+        .max(u32::try_from(plan::max_reply_chars(&limits)).unwrap_or(u32::MAX));
     let docs = describe_documents(setup);
     let mut scratchpad = String::new();
     for round in 1..=setup.max_rounds {
@@ -304,13 +356,13 @@ async fn minions(setup: &JobSetup, ledger: &mut Ledger) -> Result<(String, Strin
                 }
             )),
         ];
-        let ((plan, chunks), attempt) = {
+        let ((plan, chunks), attempt, default) = {
             let mut attempt = 0;
             loop {
                 attempt += 1;
                 let text = ledger
                     .ask(
-                        &setup.supervisor,
+                        &planner,
                         &messages,
                         Some(("minions_plan", &plan_schema)),
                         "decompose",
@@ -320,7 +372,7 @@ async fn minions(setup: &JobSetup, ledger: &mut Ledger) -> Result<(String, Strin
                 let checked = plan::parse(&text, &limits)
                     .and_then(|mut p| fit_chunks(setup, &mut p).map(|chunks| (p, chunks)));
                 match checked {
-                    Ok(ok) => break (ok, attempt),
+                    Ok(ok) => break (ok, attempt, false),
                     Err(e) => {
                         tracing::info!(round, attempt, error = %e, "supervisor plan rejected");
                         ledger.emit(Progress::PlanRejected {
@@ -329,11 +381,18 @@ async fn minions(setup: &JobSetup, ledger: &mut Ledger) -> Result<(String, Strin
                             error: e.to_string(),
                         });
                         if attempt > setup.plan_retries {
-                            return Err(JobError::Supervisor {
-                                what: "plan",
-                                attempts: attempt,
-                                error: e.to_string(),
-                            });
+                            let mut p = default_plan(setup, &limits);
+                            let chunks = fit_chunks(setup, &mut p).map_err(|d| {
+                                JobError::Supervisor {
+                                    what: "plan",
+                                    attempts: attempt,
+                                    error: format!("{e}; nor does the default plan fit: {d}"),
+                                }
+                            })?;
+                            ledger.notes.push(format!(
+                                "round {round}: the supervisor gave no valid plan after {attempt} attempts (last error: {e}); the router's default plan was used"
+                            ));
+                            break ((p, chunks), attempt, true);
                         }
                         messages.push(Msg::assistant(text));
                         messages.push(Msg::user(format!(
@@ -347,25 +406,43 @@ async fn minions(setup: &JobSetup, ledger: &mut Ledger) -> Result<(String, Strin
             round,
             attempt,
             plan: plan.clone(),
+            default,
         });
         // (2) Execute.
         let results = execute(setup, ledger, round, &plan, &chunks).await?;
-        // (3) Filter and group.
-        let findings = findings(&plan, &chunks, &results);
-        let answered = results.iter().filter(|r| r.1.is_some()).count();
+        // (3) Filter: only findings whose citation is in their chunk go on.
+        let mut answered = 0;
+        for r in &results {
+            let Some(answer) = r.output.as_ref().and_then(answer_text) else {
+                continue;
+            };
+            answered += 1;
+            let c = &chunks[r.chunk];
+            ledger.evidence.add(Finding {
+                round,
+                task: &plan.tasks[r.task].id,
+                chunk: format!("{}#{}", c.doc, c.index),
+                chunk_text: &c.text,
+                citation: r.output.as_ref().and_then(|w| w.citation.as_deref()),
+                answer: &answer,
+                provider: r.provider.clone(),
+            });
+        }
+        let evidence = ledger.evidence.render(EVIDENCE_BYTES);
         // (4) Aggregate.
         let schema = aggregate_schema(last);
         let mut messages = vec![
             Msg::system(
                 "You supervise small local models that read documents you cannot see. You get \
-                 their findings, grouped by instruction and chunk; findings can be wrong or \
-                 partial, so weigh them. Reply with one JSON object only: \
+                 evidence: quotes they found in the documents (each checked to be there), with \
+                 the answer they read from the quote when it supports one. Answer the task from \
+                 the evidence. Reply with one JSON object only: \
                  {\"decision\": \"final\" or \"more\", \"answer\", \"explanation\", \"scratchpad\"}. \
                  Choose \"more\" only if another round with new instructions would find what is \
                  missing; the scratchpad carries what you know to that round.",
             ),
             Msg::user(format!(
-                "Task: {}\n\nRound {round} of {}{}.\n\nFindings:\n{findings}",
+                "Task: {}\n\nRound {round} of {}{}.\n\nEvidence:\n{evidence}",
                 setup.task,
                 setup.max_rounds,
                 if last {
@@ -397,11 +474,29 @@ async fn minions(setup: &JobSetup, ledger: &mut Ledger) -> Result<(String, Strin
             match parsed {
                 Ok(a) => break a,
                 Err(e) if attempt > setup.plan_retries => {
-                    return Err(JobError::Supervisor {
-                        what: "aggregation",
-                        attempts: attempt,
-                        error: e,
-                    });
+                    // The evidence found most often answers, when there is any.
+                    let Some(best) = ledger.evidence.most_seen() else {
+                        return Err(JobError::Supervisor {
+                            what: "aggregation",
+                            attempts: attempt,
+                            error: e,
+                        });
+                    };
+                    let answer = best.answer.clone().unwrap_or_else(|| best.citation.clone());
+                    let explanation = format!(
+                        "Found in document {} as \"{}\"",
+                        best.chunk.replace('#', " chunk "),
+                        best.citation
+                    );
+                    ledger.notes.push(format!(
+                        "round {round}: the supervisor gave no valid aggregation after {attempt} attempts (last error: {e}); the answer is the evidence found most often"
+                    ));
+                    break Aggregate {
+                        decision: "final".into(),
+                        answer,
+                        explanation,
+                        scratchpad: String::new(),
+                    };
                 }
                 Err(e) => {
                     messages.push(Msg::assistant(text));
@@ -441,8 +536,11 @@ fn fit_chunks(setup: &JobSetup, p: &mut Plan) -> Result<Vec<Chunk>, PlanError> {
     let per_chunk = p.tasks.len() * p.samples_per_task as usize;
     let budget = setup.max_jobs_per_round as usize;
     let lengths = Lengths::of(&setup.context, p.chunking.strategy);
+    // With top_k, a task runs on at most k of the chunks.
+    let top_k = p.top_k as usize;
+    let per_task = move |chunks: usize| if top_k == 0 { chunks } else { chunks.min(top_k) };
     let jobs = |c: &plan::Chunking| {
-        estimate_from(&lengths, c, setup.max_chunk_chars).saturating_mul(per_chunk)
+        per_task(estimate_from(&lengths, c, setup.max_chunk_chars)).saturating_mul(per_chunk)
     };
     let (_, hi) = plan::size_bounds(p.chunking.strategy);
     let mut now = jobs(&p.chunking);
@@ -468,7 +566,7 @@ fn fit_chunks(setup: &JobSetup, p: &mut Plan) -> Result<Vec<Chunk>, PlanError> {
         return Err(too_many(now, format!("about {}", now / per_chunk.max(1))));
     }
     let chunks = cap(chunk(&setup.context, &p.chunking), setup.max_chunk_chars);
-    let jobs = chunks.len() * per_chunk;
+    let jobs = per_task(chunks.len()) * per_chunk;
     if chunks.is_empty() {
         Err(PlanError("this chunking gives no chunks".into()))
     } else if jobs > budget {
@@ -489,10 +587,19 @@ fn shorten(s: &str, n: usize) -> &str {
     &s[..floor_char_boundary(s, n)]
 }
 
-type JobResult = (usize, Option<WorkerOutput>);
+/// The supervisor's evidence listing is at most this long.
+const EVIDENCE_BYTES: usize = 24_000;
 
-/// Runs every job of a round on the network; returns (job index, parsed output) for each
-/// job that completed.
+/// A local job that completed: which task and chunk (indices into the plan's tasks and the
+/// round's chunks), what the worker said, and who said it.
+struct JobResult {
+    task: usize,
+    chunk: usize,
+    output: Option<WorkerOutput>,
+    provider: String,
+}
+
+/// Runs every job of a round on the network; returns the jobs that completed, in job order.
 async fn execute(
     setup: &JobSetup,
     ledger: &mut Ledger,
@@ -502,11 +609,13 @@ async fn execute(
 ) -> Result<Vec<JobResult>, JobError> {
     let started = Instant::now();
     let schema = worker_schema().to_string();
+    // (task, chunk, sample) per job; with top_k, each task's best chunks only.
     let mut specs = Vec::new();
-    for t in &plan.tasks {
-        for c in chunks {
+    for (ti, t) in plan.tasks.iter().enumerate() {
+        let query = format!("{} {} {}", setup.task, t.instruction, t.advice);
+        for ci in retrieval::select(chunks, &query, plan.top_k) {
             for s in 0..plan.samples_per_task {
-                specs.push((t, c, s));
+                specs.push((ti, ci, s));
             }
         }
     }
@@ -515,11 +624,12 @@ async fn execute(
         jobs: specs.len(),
         chunks: chunks.len(),
         tasks: plan.tasks.len(),
+        top_k: plan.top_k,
     });
     let job_id = Id::random();
     let requests: Vec<InferRequest> = specs
         .iter()
-        .map(|(t, c, s)| worker_request(setup, job_id, &schema, t, c, *s))
+        .map(|&(t, c, s)| worker_request(setup, job_id, &schema, &plan.tasks[t], &chunks[c], s))
         .collect();
     let policy = std::sync::Arc::new(setup.policy.clone());
     let runs = requests.into_iter().enumerate().map(|(i, request)| {
@@ -554,11 +664,12 @@ async fn execute(
     let mut out = Vec::new();
     let mut last_error = String::new();
     while let Some((i, request_id, r, ms)) = stream.next().await {
-        let (t, c, s) = specs[i];
+        let (ti, ci, s) = specs[i];
+        let c = &chunks[ci];
         let mut rec = JobRecord {
             round,
             job: i,
-            task: t.id.clone(),
+            task: plan.tasks[ti].id.clone(),
             chunk: format!("{}#{}", c.doc, c.index),
             sample: s,
             provider: None,
@@ -585,7 +696,15 @@ async fn execute(
                 rec.answered = answer.is_some();
                 rec.prompt_tokens = o.result.usage.prompt_tokens as u64;
                 rec.completion_tokens = o.result.usage.completion_tokens as u64;
-                out.push((i, answer));
+                out.push((
+                    i,
+                    JobResult {
+                        task: ti,
+                        chunk: ci,
+                        output: answer,
+                        provider: o.provider.to_string(),
+                    },
+                ));
             }
             Err(DispatchError::Refused(m)) => return Err(JobError::LocalRefused(m)),
             // Providers were there when the round started (checked before it): one that
@@ -608,7 +727,7 @@ async fn execute(
         });
     }
     out.sort_by_key(|r| r.0);
-    Ok(out)
+    Ok(out.into_iter().map(|(_, r)| r).collect())
 }
 
 /// One MinionS job: one chunk, one instruction, one sample, in its own conversation.
@@ -631,9 +750,10 @@ fn worker_request(
             ChatMessage {
                 role: Role::System,
                 content: "You read one chunk of a document and do one instruction. Answer \
-                          only from the chunk. Reply with JSON: explanation (short), \
-                          citation (a short quote from the chunk, or null) and answer (or \
-                          null when the chunk does not contain it)."
+                          only from the chunk. Reply with JSON: citation (the sentence of \
+                          the chunk that answers the instruction, copied word for word, or \
+                          null), answer (short, taken from the citation, or null when the \
+                          chunk does not answer it) and explanation (short)."
                     .into(),
             },
             ChatMessage {
@@ -674,51 +794,6 @@ fn answer_text(w: &WorkerOutput) -> Option<String> {
         Value::String(s) => Some(s.trim().to_string()),
         other => Some(other.to_string()),
     }
-}
-
-/// The findings of a round for the supervisor: non-null answers grouped by task, then by
-/// chunk, bounded in size.
-fn findings(plan: &Plan, chunks: &[Chunk], results: &[JobResult]) -> String {
-    const MAX_BYTES: usize = 24_000;
-    let per_task = chunks.len() * plan.samples_per_task as usize;
-    let mut out = String::new();
-    for (ti, t) in plan.tasks.iter().enumerate() {
-        let mut by_chunk: BTreeMap<(usize, usize), Vec<&WorkerOutput>> = BTreeMap::new();
-        for (i, w) in results {
-            if *i / per_task != ti {
-                continue;
-            }
-            if let Some(w) = w {
-                let c = &chunks[(*i % per_task) / plan.samples_per_task as usize];
-                by_chunk.entry((c.doc, c.index)).or_default().push(w);
-            }
-        }
-        out.push_str(&format!(
-            "\n## Instruction {} ({}): {} chunk(s) answered\n",
-            t.id,
-            shorten(&t.instruction, 300),
-            by_chunk.len()
-        ));
-        for ((doc, index), ws) in by_chunk {
-            for w in ws {
-                let line = format!(
-                    "- document {doc} chunk {index}: answer: {} | citation: {} | explanation: {}\n",
-                    shorten(&answer_text(w).unwrap_or_default(), 400),
-                    shorten(w.citation.as_deref().unwrap_or("none"), 300),
-                    shorten(&w.explanation, 300)
-                );
-                if out.len() + line.len() > MAX_BYTES {
-                    out.push_str("- (further findings left out for length)\n");
-                    return out;
-                }
-                out.push_str(&line);
-            }
-        }
-    }
-    if results.iter().all(|r| r.1.is_none()) {
-        out.push_str("\nNo chunk contained an answer.\n");
-    }
-    out
 }
 
 const MINION_SYSTEM: &str = "You supervise a small local language model that can read a \
@@ -920,40 +995,59 @@ async fn baseline(
     ];
     match setup.baseline {
         Baseline::Run => {
-            let text = ledger
+            match ledger
                 .ask(&setup.supervisor, &messages, None, "remote_only", 0)
-                .await?;
-            let call = ledger.calls.pop().expect("ask recorded the call");
-            ledger.remote_ms -= call.ms;
-            Ok(RemoteOnly {
-                prompt_tokens: call.prompt_tokens,
-                completion_tokens: call.completion_tokens,
-                total_tokens: call.prompt_tokens + call.completion_tokens,
-                method: Baseline::Run,
-                answer: Some(text),
-                ms: Some(call.ms),
-            })
+                .await
+            {
+                Ok(text) => {
+                    let call = ledger.calls.pop().expect("ask recorded the call");
+                    ledger.remote_ms -= call.ms;
+                    Ok(RemoteOnly {
+                        prompt_tokens: call.prompt_tokens,
+                        completion_tokens: call.completion_tokens,
+                        total_tokens: call.prompt_tokens + call.completion_tokens,
+                        method: Baseline::Run,
+                        answer: Some(text),
+                        ms: Some(call.ms),
+                        error: None,
+                    })
+                }
+                Err(e @ RemoteError::BudgetSpent { .. }) => Err(e.into()),
+                // A document longer than the supervisor's context cannot be asked
+                // remote-only at all: the job keeps its answer, and the baseline is the
+                // estimate, saying why.
+                Err(e) => {
+                    let mut est = estimate(ledger, &messages, answer);
+                    est.error = Some(format!("the remote-only run failed: {e}"));
+                    Ok(est)
+                }
+            }
         }
-        Baseline::Estimate => {
-            let sent: u64 = ledger.calls.iter().map(|c| c.prompt_tokens).sum();
-            let per_byte = if ledger.remote_prompt_bytes > 0 {
-                sent as f64 / ledger.remote_prompt_bytes as f64
-            } else {
-                0.25
-            };
-            let bytes: u64 = messages.iter().map(|m| m.content.len() as u64).sum();
-            let prompt = (bytes as f64 * per_byte).ceil() as u64;
-            // The remote-only answer is about as long as this job's final answer.
-            let completion = ((answer.len() as f64 * per_byte).ceil() as u64).max(1);
-            Ok(RemoteOnly {
-                prompt_tokens: prompt,
-                completion_tokens: completion,
-                total_tokens: prompt + completion,
-                method: Baseline::Estimate,
-                answer: None,
-                ms: None,
-            })
-        }
+        Baseline::Estimate => Ok(estimate(ledger, &messages, answer)),
+    }
+}
+
+/// The remote-only cost estimated from the size of its prompt, at the tokens per byte this
+/// job's own supervisor calls measured.
+fn estimate(ledger: &Ledger, messages: &[Msg], answer: &str) -> RemoteOnly {
+    let sent: u64 = ledger.calls.iter().map(|c| c.prompt_tokens).sum();
+    let per_byte = if ledger.remote_prompt_bytes > 0 {
+        sent as f64 / ledger.remote_prompt_bytes as f64
+    } else {
+        0.25
+    };
+    let bytes: u64 = messages.iter().map(|m| m.content.len() as u64).sum();
+    let prompt = (bytes as f64 * per_byte).ceil() as u64;
+    // The remote-only answer is about as long as this job's final answer.
+    let completion = ((answer.len() as f64 * per_byte).ceil() as u64).max(1);
+    RemoteOnly {
+        prompt_tokens: prompt,
+        completion_tokens: completion,
+        total_tokens: prompt + completion,
+        method: Baseline::Estimate,
+        answer: None,
+        ms: None,
+        error: None,
     }
 }
 
@@ -1033,6 +1127,9 @@ fn finish(
         },
         verification,
         regions,
+        grounding: ledger.evidence.counts.clone(),
+        evidence: ledger.evidence.evidence,
+        notes: ledger.notes,
         jobs: ledger.jobs,
     }
 }

@@ -1,0 +1,341 @@
+//! Grounded evidence: what the supervisor is shown of the workers' outputs.
+//!
+//! A worker answers `{explanation, citation, answer}` for one chunk. Small models make up
+//! answers and quote text that is not there, so a finding counts only when its citation is
+//! in the chunk the worker read (compared after case and whitespace normalisation; an
+//! ellipsis may join fragments, each of which must be there). Its answer is kept when the
+//! chunk supports it (its numbers and most of its words are in the chunk); otherwise the
+//! citation alone goes up. The explanation is never sent: the supervisor sees compact,
+//! de-duplicated quotes that a user can check against the document, and the job's answer
+//! lists them.
+
+use std::collections::HashMap;
+
+use serde::Serialize;
+
+/// The shortest citation that counts (after normalisation): a quote of a word or two
+/// proves nothing about where it came from.
+const MIN_CITATION_CHARS: usize = 8;
+
+/// One grounded finding.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Evidence {
+    pub round: u32,
+    /// The plan's task id.
+    pub task: String,
+    /// `document#chunk`
+    pub chunk: String,
+    /// Text that is in the chunk.
+    pub citation: String,
+    /// The worker's answer, when the chunk supports it.
+    pub answer: Option<String>,
+    /// The provider that found it first.
+    pub provider: String,
+    /// Its result's signature, signer and digests were checked (always, for a result that
+    /// reached aggregation; stated so that a reader of the answer need not know that).
+    pub verified: bool,
+    /// Jobs that reported the same citation and answer (samples, overlapping chunks,
+    /// other tasks).
+    pub seen: usize,
+}
+
+/// What grounding kept and dropped, over a job.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Grounding {
+    /// Worker outputs with an answer (null answers are "not in this chunk").
+    pub findings: usize,
+    /// Findings whose citation is in their chunk.
+    pub grounded: usize,
+    /// Findings dropped: no citation, or one that is not in the chunk.
+    pub ungrounded: usize,
+    /// Grounded findings whose answer the chunk does not support: sent as the citation.
+    pub answers_dropped: usize,
+    /// Grounded findings that repeated one already kept.
+    pub duplicates: usize,
+}
+
+/// A worker's finding, before grounding.
+pub struct Finding<'a> {
+    pub round: u32,
+    pub task: &'a str,
+    pub chunk: String,
+    pub chunk_text: &'a str,
+    pub citation: Option<&'a str>,
+    pub answer: &'a str,
+    pub provider: String,
+}
+
+/// Collects grounded, de-duplicated evidence.
+#[derive(Default)]
+pub struct Collector {
+    pub evidence: Vec<Evidence>,
+    pub counts: Grounding,
+    index: HashMap<(String, String), usize>,
+}
+
+impl Collector {
+    /// Checks one finding; keeps it when grounded. Returns whether it was.
+    pub fn add(&mut self, f: Finding<'_>) -> bool {
+        self.counts.findings += 1;
+        let chunk = normalise(f.chunk_text);
+        let Some(citation) = f.citation.filter(|c| grounded(c, &chunk)) else {
+            self.counts.ungrounded += 1;
+            return false;
+        };
+        self.counts.grounded += 1;
+        let answer = if supported(f.answer, &chunk) {
+            Some(f.answer.trim().to_string())
+        } else {
+            self.counts.answers_dropped += 1;
+            None
+        };
+        let key = (
+            normalise(citation),
+            answer.as_deref().map(normalise).unwrap_or_default(),
+        );
+        if let Some(&i) = self.index.get(&key) {
+            self.evidence[i].seen += 1;
+            self.counts.duplicates += 1;
+            return true;
+        }
+        self.index.insert(key, self.evidence.len());
+        self.evidence.push(Evidence {
+            round: f.round,
+            task: f.task.to_string(),
+            chunk: f.chunk,
+            citation: citation.trim().to_string(),
+            answer,
+            provider: f.provider,
+            verified: true,
+            seen: 1,
+        });
+        true
+    }
+
+    /// The evidence so far as the supervisor reads it: one numbered line per quote, at
+    /// most `max_bytes`.
+    pub fn render(&self, max_bytes: usize) -> String {
+        let mut out = String::new();
+        let mut n = 0;
+        for e in &self.evidence {
+            n += 1;
+            let line = format!(
+                "[{n}] document {} ({}): \"{}\"{}{}\n",
+                e.chunk.replace('#', " chunk "),
+                e.task,
+                e.citation,
+                e.answer
+                    .as_deref()
+                    .map(|a| format!(" -> answer: {a}"))
+                    .unwrap_or_default(),
+                if e.seen > 1 {
+                    format!(" (found {} times)", e.seen)
+                } else {
+                    String::new()
+                }
+            );
+            if out.len() + line.len() > max_bytes {
+                out.push_str("(further evidence left out for length)\n");
+                break;
+            }
+            out.push_str(&line);
+        }
+        if n == 0 {
+            out.push_str("No chunk contained a quote that answers the task.\n");
+        }
+        out
+    }
+
+    /// The answer found most often (then earliest), or its citation when no answer was
+    /// supported: what a job answers when its supervisor cannot aggregate.
+    pub fn most_seen(&self) -> Option<&Evidence> {
+        let best = self.evidence.iter().map(|e| e.seen).max()?;
+        self.evidence
+            .iter()
+            .filter(|e| e.seen == best)
+            .find(|e| e.answer.is_some())
+            .or_else(|| self.evidence.iter().find(|e| e.seen == best))
+    }
+}
+
+/// Lower case, curly quotes and dashes made plain, runs of whitespace as one space.
+pub fn normalise(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut space = false;
+    for c in s.chars() {
+        let c = match c {
+            '\u{2018}' | '\u{2019}' | '`' => '\'',
+            '\u{201c}' | '\u{201d}' => '"',
+            '\u{2013}' | '\u{2014}' => '-',
+            c => c,
+        };
+        if c.is_whitespace() {
+            space = !out.is_empty();
+            continue;
+        }
+        if space {
+            out.push(' ');
+            space = false;
+        }
+        out.extend(c.to_lowercase());
+    }
+    out
+}
+
+/// Whether `citation` is in the (normalised) chunk: each fragment between ellipses,
+/// without surrounding quotes and punctuation, is a substring, and together they are long
+/// enough to mean something.
+fn grounded(citation: &str, chunk: &str) -> bool {
+    let c = normalise(citation).replace('\u{2026}', "...");
+    let trim = |s: &str| {
+        s.trim_matches(|c: char| c.is_whitespace() || "\"'.,;:!?()[]".contains(c))
+            .to_string()
+    };
+    let fragments: Vec<String> = c
+        .split("...")
+        .map(trim)
+        .filter(|f| !f.is_empty())
+        .collect();
+    let total: usize = fragments.iter().map(|f| f.chars().count()).sum();
+    total >= MIN_CITATION_CHARS && fragments.iter().all(|f| chunk.contains(f.as_str()))
+}
+
+/// Words too common to say anything about where an answer came from.
+const STOPWORDS: [&str; 24] = [
+    "the", "and", "that", "this", "with", "from", "were", "was", "are", "for", "has", "have",
+    "had", "its", "their", "there", "which", "what", "when", "who", "about", "into", "than",
+    "been",
+];
+
+/// Numbers (digits, with separators dropped) and content words of `s`.
+fn terms(s: &str) -> (Vec<String>, Vec<String>) {
+    let (mut numbers, mut words) = (Vec::new(), Vec::new());
+    for raw in s.split(|c: char| !(c.is_alphanumeric() || c == '.' || c == ',' || c == '-')) {
+        let t = raw.trim_matches(|c: char| c == '.' || c == ',' || c == '-');
+        if t.is_empty() {
+            continue;
+        }
+        if t.chars().any(|c| c.is_ascii_digit()) {
+            numbers.push(t.replace(',', ""));
+        } else if t.chars().count() >= 3 && !STOPWORDS.contains(&t) {
+            words.push(t.to_string());
+        }
+    }
+    (numbers, words)
+}
+
+/// Whether the (normalised) chunk supports `answer`: it holds the answer verbatim, or every
+/// number of the answer and at least half of its content words.
+fn supported(answer: &str, chunk: &str) -> bool {
+    let a = normalise(answer);
+    let a = a.trim_matches(|c: char| c.is_whitespace() || "\"'.".contains(c));
+    if a.is_empty() {
+        return false;
+    }
+    if chunk.contains(a) {
+        return true;
+    }
+    let (numbers, words) = terms(a);
+    let (chunk_numbers, _) = terms(chunk);
+    let numbers_ok = numbers.iter().all(|n| chunk_numbers.contains(n));
+    let found = words.iter().filter(|w| chunk.contains(w.as_str())).count();
+    let words_ok = found * 2 >= words.len();
+    numbers_ok && words_ok && !(numbers.is_empty() && words.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CHUNK: &str = "The port handled a total of 14.2 million tonnes of cargo in 2025,\n\
+                         up from 13,100,000 tonnes the year before. Container traffic  rose.";
+
+    fn finding<'a>(citation: Option<&'a str>, answer: &'a str) -> Finding<'a> {
+        Finding {
+            round: 1,
+            task: "cargo",
+            chunk: "0#3".into(),
+            chunk_text: CHUNK,
+            citation,
+            answer,
+            provider: "peer".into(),
+        }
+    }
+
+    #[test]
+    fn citations_must_be_in_the_chunk() {
+        let chunk = normalise(CHUNK);
+        for good in [
+            "handled a total of 14.2 million tonnes",
+            "  \u{201c}The PORT handled a total of 14.2 Million tonnes of cargo in 2025,\u{201d}",
+            "the year before. Container traffic rose.",
+            "The port handled ... 14.2 million tonnes \u{2026} Container traffic rose",
+        ] {
+            assert!(grounded(good, &chunk), "{good:?}");
+        }
+        for bad in [
+            "The port handled 15 million tonnes",
+            "2025",
+            "...",
+            "",
+            "The port handled ... 99 million tonnes",
+        ] {
+            assert!(!grounded(bad, &chunk), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn answers_must_be_supported_by_the_chunk() {
+        let chunk = normalise(CHUNK);
+        for good in [
+            "14.2 million tonnes",
+            "The port handled 14.2 million tonnes of cargo.",
+            "13100000 tonnes",
+            "13,100,000",
+        ] {
+            assert!(supported(good, &chunk), "{good:?}");
+        }
+        for junk in ["0.000000", "2026", "", "null", "seventeen giraffes", "14.3 million"] {
+            assert!(!supported(junk, &chunk), "{junk:?}");
+        }
+    }
+
+    #[test]
+    fn ungrounded_findings_are_dropped_junk_answers_kept_as_citations_and_repeats_merged() {
+        let mut c = Collector::default();
+        let quote = "a total of 14.2 million tonnes of cargo in 2025";
+        assert!(c.add(finding(Some(quote), "14.2 million tonnes")));
+        assert!(c.add(finding(Some(quote), "14.2 million tonnes")));
+        assert!(c.add(finding(Some(quote), "0.000000")));
+        assert!(!c.add(finding(Some("The port handled 99 million tonnes"), "99")));
+        assert!(!c.add(finding(None, "14.2 million tonnes")));
+        assert_eq!(
+            c.counts,
+            Grounding {
+                findings: 5,
+                grounded: 3,
+                ungrounded: 2,
+                answers_dropped: 1,
+                duplicates: 1,
+            }
+        );
+        assert_eq!(c.evidence.len(), 2);
+        assert_eq!(c.evidence[0].seen, 2);
+        assert_eq!(c.evidence[1].answer, None);
+        let shown = c.render(10_000);
+        assert_eq!(
+            shown,
+            "[1] document 0 chunk 3 (cargo): \"a total of 14.2 million tonnes of cargo in 2025\" -> answer: 14.2 million tonnes (found 2 times)\n\
+             [2] document 0 chunk 3 (cargo): \"a total of 14.2 million tonnes of cargo in 2025\"\n"
+        );
+        assert!(!shown.contains("99"));
+        assert_eq!(
+            c.most_seen().unwrap().answer.as_deref(),
+            Some("14.2 million tonnes")
+        );
+        assert_eq!(
+            Collector::default().render(100),
+            "No chunk contained a quote that answers the task.\n"
+        );
+    }
+}
