@@ -525,7 +525,9 @@ impl RouterDirectory {
 
     /// Audit probability for a provider: `base` at full reputation, higher as it falls
     /// (1.8x at the starting [`START_REPUTATION`]), and at least
-    /// [`PROBATION_AUDIT_RATE`] on probation. A base of 0 turns audits off.
+    /// [`PROBATION_AUDIT_RATE`] on probation. A provider the operator vouches for
+    /// (`--trusted-provider`) is audited at `base` from the start, more only once its
+    /// reputation falls below where it started. A base of 0 turns audits off.
     pub fn audit_rate(&self, peer: &PeerId, base: f64) -> f64 {
         if base <= 0.0 {
             return 0.0;
@@ -535,7 +537,13 @@ impl RouterDirectory {
         // close to the real model (a Q3_K_M requantisation passes some greedy audits) that
         // got past probation keeps being audited more until its record is long. (Auditing
         // at the base rate from 0.8 up let one serve 56 answers uncaught in attacks.rs.)
-        let rate = base * (1.0 + 4.0 * (1.0 - s.reputation));
+        let vouched = if self.trusted.contains(peer) {
+            1.0 - START_REPUTATION
+        } else {
+            0.0
+        };
+        let deficit = (1.0 - s.reputation - vouched).max(0.0);
+        let rate = base * (1.0 + 4.0 * deficit);
         let floor = if self.probation(peer, &s) {
             PROBATION_AUDIT_RATE
         } else {
@@ -780,11 +788,14 @@ mod tests {
         assert!(!d.on_probation(&anchor) && d.reputable(&anchor));
         assert!(d.on_probation(&stranger) && !d.reputable(&stranger));
         assert!(d.audit_rate(&anchor, 0.05) < PROBATION_AUDIT_RATE);
+        // Vouched for: the base rate from the start; a stranger past probation, more.
+        assert!((d.audit_rate(&anchor, 0.05) - 0.05).abs() < 1e-9);
         assert_eq!(d.audit_rate(&stranger, 0.05), PROBATION_AUDIT_RATE);
         for _ in 0..PROBATION_AUDITS {
             d.audited(&stranger, true, false);
         }
         assert!(!d.on_probation(&stranger) && d.reputable(&stranger));
+        assert!(d.audit_rate(&stranger, 0.05) > 0.06);
         // A newcomer's result that fails verification quarantines it at once.
         let other = Keypair::generate().peer_id();
         d.invalid(&other);

@@ -607,12 +607,14 @@ impl Dispatcher {
             .filter(|(v, _)| self.directory.reputable(&v.peer))
             .map(|(v, addr)| {
                 let checks = self.directory.stats(&v.peer).reference_checks;
-                (v.peer, addr, checks)
+                (v.peer, addr, checks, v.trusted)
             })
             .collect();
+        // The operator's own auditors (`--trusted-provider`) skip the first checks; they
+        // are checked now and then like the others.
         let unchecked: Vec<_> = candidates
             .iter()
-            .filter(|c| c.2 < FIRST_REFERENCE_CHECKS)
+            .filter(|c| c.2 < FIRST_REFERENCE_CHECKS && !c.3)
             .collect();
         let pool: Vec<_> = if !unchecked.is_empty() {
             unchecked
@@ -621,7 +623,7 @@ impl Dispatcher {
         } else {
             return;
         };
-        let Some(&&(target, addr, checks)) = pick(&pool) else {
+        let Some(&&(target, addr, checks, _)) = pick(&pool) else {
             return;
         };
         // Two good results first, then two cheats, later either, evenly.
