@@ -508,6 +508,11 @@ impl RouterDirectory {
     }
 
     /// Whether a provider is still on probation (see [`PROBATION_AUDITS`]).
+    /// Whether the operator vouches for `peer` (`--trusted-provider`).
+    pub fn trusted(&self, peer: &PeerId) -> bool {
+        self.trusted.contains(peer)
+    }
+
     pub fn on_probation(&self, peer: &PeerId) -> bool {
         self.probation(peer, &self.stats(peer))
     }

@@ -599,7 +599,7 @@ impl Dispatcher {
     /// for the first time is always checked ([`FIRST_REFERENCE_CHECKS`] times), the
     /// others now and then ([`REFERENCE_CHECK_SHARE`]).
     async fn check_an_auditor(&self, model: &Digest) {
-        let candidates: Vec<(PeerId, SocketAddr, u64)> = self
+        let candidates: Vec<(PeerId, SocketAddr, u64, bool)> = self
             .directory
             .views()
             .into_iter()
@@ -607,7 +607,7 @@ impl Dispatcher {
             .filter(|(v, _)| self.directory.reputable(&v.peer))
             .map(|(v, addr)| {
                 let checks = self.directory.stats(&v.peer).reference_checks;
-                (v.peer, addr, checks, v.trusted)
+                (v.peer, addr, checks, self.directory.trusted(&v.peer))
             })
             .collect();
         // The operator's own auditors (`--trusted-provider`) skip the first checks; they

@@ -956,7 +956,7 @@ mod tests {
         let md = std::fs::read_to_string(dir.path().join("report.md")).unwrap();
         assert!(md.contains("## 2. MinionS jobs"), "{md}");
         assert!(
-            md.contains("| How much? | right | wrong | 900 / 3000 (0.30x)"),
+            md.contains("| How much? | right | wrong | no | 0 of 0 | 900 / 3000 (0.30x)"),
             "{md}"
         );
         // A failed job is a row of its own, its message kept from breaking the table.
