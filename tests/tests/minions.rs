@@ -135,7 +135,10 @@ fn normalised(s: &str) -> String {
 fn check_evidence(answer: &Value, docs: &[String]) {
     let docs: Vec<String> = docs.iter().map(|d| normalised(d)).collect();
     let g = &answer["grounding"];
-    let n = |k: &str| g[k].as_u64().unwrap_or_else(|| panic!("grounding.{k}: {answer}"));
+    let n = |k: &str| {
+        g[k].as_u64()
+            .unwrap_or_else(|| panic!("grounding.{k}: {answer}"))
+    };
     assert_eq!(n("findings"), n("grounded") + n("ungrounded"), "{g}");
     let evidence = answer["evidence"].as_array().unwrap();
     assert_eq!(
@@ -148,7 +151,8 @@ fn check_evidence(answer: &Value, docs: &[String]) {
         assert!(e["provider"].is_string(), "{e}");
         let quote = normalised(e["citation"].as_str().unwrap()).replace('\u{2026}', "...");
         for fragment in quote.split("...") {
-            let f = fragment.trim_matches(|c: char| c.is_whitespace() || "\"'.,;:!?()[]".contains(c));
+            let f =
+                fragment.trim_matches(|c: char| c.is_whitespace() || "\"'.,;:!?()[]".contains(c));
             assert!(
                 docs.iter().any(|d| d.contains(f)),
                 "evidence not in the documents: {f:?} ({e})"
@@ -427,7 +431,10 @@ fn invalid_plans_are_sent_back_a_bounded_number_of_times_then_the_default_plan_r
         .iter()
         .map(|c| c["purpose"].as_str().unwrap())
         .collect();
-    assert_eq!(purposes, ["decompose", "decompose", "decompose", "aggregate"]);
+    assert_eq!(
+        purposes,
+        ["decompose", "decompose", "decompose", "aggregate"]
+    );
     assert_eq!(sup.calls.load(std::sync::atomic::Ordering::SeqCst), 4);
 
     // Review H8: each client's supervisor tokens are budgeted. On a router whose budget is

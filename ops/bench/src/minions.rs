@@ -104,27 +104,65 @@ impl Corpus {
     /// report longer than the supervisor's context is one that remote-only cannot ask.
     pub fn generated(chars: usize, seed: u64) -> Corpus {
         const SUBJECTS: [&str; 12] = [
-            "Crane maintenance", "Berth scheduling", "Night shifts", "Yard congestion",
-            "Pilotage", "Tug availability", "Lease income", "Debt service",
-            "Operating costs", "Insurance premiums", "Dredging works", "Staff training",
+            "Crane maintenance",
+            "Berth scheduling",
+            "Night shifts",
+            "Yard congestion",
+            "Pilotage",
+            "Tug availability",
+            "Lease income",
+            "Debt service",
+            "Operating costs",
+            "Insurance premiums",
+            "Dredging works",
+            "Staff training",
         ];
         const VERBS: [&str; 6] = [
-            "was reviewed by", "was discussed with", "was reported to", "was audited by",
-            "was planned together with", "remained a priority for",
+            "was reviewed by",
+            "was discussed with",
+            "was reported to",
+            "was audited by",
+            "was planned together with",
+            "remained a priority for",
         ];
         const BODIES: [&str; 6] = [
-            "the harbour board", "the safety committee", "the terminal operators",
-            "external auditors", "the city council", "the regional transport office",
+            "the harbour board",
+            "the safety committee",
+            "the terminal operators",
+            "external auditors",
+            "the city council",
+            "the regional transport office",
         ];
         const ENDINGS: [&str; 5] = [
-            "with no major findings", "and the results were published internally",
-            "although several minor issues were noted", "in line with the previous year",
+            "with no major findings",
+            "and the results were published internally",
+            "although several minor issues were noted",
+            "in line with the previous year",
             "and a follow-up was scheduled for the next quarter",
         ];
-        const SECTIONS: [&str; 5] = ["OPERATIONS", "FINANCE", "PEOPLE", "INFRASTRUCTURE", "OUTLOOK"];
+        const SECTIONS: [&str; 5] = [
+            "OPERATIONS",
+            "FINANCE",
+            "PEOPLE",
+            "INFRASTRUCTURE",
+            "OUTLOOK",
+        ];
         const NAMES: [&str; 6] = ["Ana", "Tomas", "Ingrid", "Kofi", "Mei", "Rafael"];
-        const SURNAMES: [&str; 6] = ["Okafor", "Lindqvist", "Moreau", "Tanaka", "Castillo", "Brennan"];
-        const TERMINALS: [&str; 5] = ["Eastern Basin", "Harbour Gate", "Pier Seven", "Riverside", "Old Mole"];
+        const SURNAMES: [&str; 6] = [
+            "Okafor",
+            "Lindqvist",
+            "Moreau",
+            "Tanaka",
+            "Castillo",
+            "Brennan",
+        ];
+        const TERMINALS: [&str; 5] = [
+            "Eastern Basin",
+            "Harbour Gate",
+            "Pier Seven",
+            "Riverside",
+            "Old Mole",
+        ];
         let mut r = Seeded(seed);
         let tonnes = format!("{}.{}", 10 + r.below(40), 1 + r.below(9));
         let revenue = format!("{}.{}", 50 + r.below(40), 1 + r.below(9));

@@ -1,13 +1,20 @@
 //! Grounded evidence: what the supervisor is shown of the workers' outputs.
 //!
-//! A worker answers `{explanation, citation, answer}` for one chunk. Small models make up
-//! answers and quote text that is not there, so a finding counts only when its citation is
-//! in the chunk the worker read (compared after case and whitespace normalisation; an
-//! ellipsis may join fragments, each of which must be there). Its answer is kept when the
-//! chunk supports it (its numbers and most of its words are in the chunk); otherwise the
-//! citation alone goes up. The explanation is never sent: the supervisor sees compact,
-//! de-duplicated quotes that a user can check against the document, and the job's answer
-//! lists them.
+//! A worker answers `{citation, answer}` for one chunk. Small models make up answers and
+//! quote text that is not there, so nothing they write goes up unchecked:
+//!
+//! - an answer counts when the chunk supports it (it is there verbatim, or its numbers and
+//!   most of its words are) and it says more than the question already did;
+//! - a citation counts when it is in the chunk (compared after case and whitespace
+//!   normalisation; an ellipsis may join fragments, each of which must be there);
+//! - a supported answer goes up with the worker's citation when that holds the answer, else
+//!   with the sentence of the chunk that does, located by the router (`located`);
+//! - a grounded citation without a supported answer goes up alone if it shares a word with
+//!   the question, and is dropped as irrelevant otherwise;
+//! - anything else is dropped as ungrounded.
+//!
+//! The supervisor sees compact, de-duplicated quotes that a user can check against the
+//! document, never the workers' prose, and the job's answer lists them.
 
 use std::collections::HashMap;
 
@@ -34,6 +41,9 @@ pub struct Evidence {
     /// Its result's signature, signer and digests were checked (always, for a result that
     /// reached aggregation; stated so that a reader of the answer need not know that).
     pub verified: bool,
+    /// The quote is the chunk's sentence holding the answer, found by the router, as the
+    /// worker's citation did not hold it.
+    pub located: bool,
     /// Jobs that reported the same citation and answer (samples, overlapping chunks,
     /// other tasks).
     pub seen: usize,
@@ -44,18 +54,26 @@ pub struct Evidence {
 pub struct Grounding {
     /// Worker outputs with an answer (null answers are "not in this chunk").
     pub findings: usize,
-    /// Findings whose citation is in their chunk.
+    /// Findings kept: a supported answer, or a grounded citation on the question.
     pub grounded: usize,
-    /// Findings dropped: no citation, or one that is not in the chunk.
+    /// Findings dropped: neither a supported answer nor a citation that is in the chunk.
     pub ungrounded: usize,
-    /// Grounded findings whose answer the chunk does not support: sent as the citation.
+    /// Findings dropped: a quote on nothing the question asks about.
+    pub irrelevant: usize,
+    /// Kept findings whose answer the chunk does not support: sent as the citation.
     pub answers_dropped: usize,
+    /// Kept findings whose quote the router located (the worker's citation did not hold
+    /// the answer).
+    pub located: usize,
     /// Grounded findings that repeated one already kept.
     pub duplicates: usize,
 }
 
 /// A worker's finding, before grounding.
 pub struct Finding<'a> {
+    /// The job's task and the plan's instruction: what an answer must say more than, and
+    /// what a citation must be about.
+    pub question: &'a str,
     pub round: u32,
     pub task: &'a str,
     pub chunk: String,
@@ -78,19 +96,45 @@ impl Collector {
     pub fn add(&mut self, f: Finding<'_>) -> bool {
         self.counts.findings += 1;
         let chunk = normalise(f.chunk_text);
-        let Some(citation) = f.citation.filter(|c| grounded(c, &chunk)) else {
-            self.counts.ungrounded += 1;
-            return false;
+        let question = normalise(f.question);
+        let supported = supported(f.answer, &chunk) && informative(f.answer, &question);
+        let citation = f.citation.filter(|c| grounded(c, &chunk));
+        let (citation, answer, located) = match (citation, supported) {
+            (Some(c), true) if holds(&normalise(c), f.answer) => (
+                c.trim().to_string(),
+                Some(f.answer.trim().to_string()),
+                false,
+            ),
+            (_, true) => match sentence_with(f.chunk_text, f.answer) {
+                Some(s) if relevant(&normalise(&s), &question) => {
+                    (s, Some(f.answer.trim().to_string()), true)
+                }
+                Some(_) => {
+                    self.counts.irrelevant += 1;
+                    return false;
+                }
+                None => {
+                    self.counts.ungrounded += 1;
+                    return false;
+                }
+            },
+            (Some(c), false) if relevant(&normalise(c), &question) => {
+                self.counts.answers_dropped += 1;
+                (c.trim().to_string(), None, false)
+            }
+            (Some(_), false) => {
+                self.counts.irrelevant += 1;
+                return false;
+            }
+            (None, false) => {
+                self.counts.ungrounded += 1;
+                return false;
+            }
         };
         self.counts.grounded += 1;
-        let answer = if supported(f.answer, &chunk) {
-            Some(f.answer.trim().to_string())
-        } else {
-            self.counts.answers_dropped += 1;
-            None
-        };
+        self.counts.located += located as usize;
         let key = (
-            normalise(citation),
+            normalise(&citation),
             answer.as_deref().map(normalise).unwrap_or_default(),
         );
         if let Some(&i) = self.index.get(&key) {
@@ -103,10 +147,11 @@ impl Collector {
             round: f.round,
             task: f.task.to_string(),
             chunk: f.chunk,
-            citation: citation.trim().to_string(),
+            citation,
             answer,
             provider: f.provider,
             verified: true,
+            located,
             seen: 1,
         });
         true
@@ -191,11 +236,7 @@ fn grounded(citation: &str, chunk: &str) -> bool {
         s.trim_matches(|c: char| c.is_whitespace() || "\"'.,;:!?()[]".contains(c))
             .to_string()
     };
-    let fragments: Vec<String> = c
-        .split("...")
-        .map(trim)
-        .filter(|f| !f.is_empty())
-        .collect();
+    let fragments: Vec<String> = c.split("...").map(trim).filter(|f| !f.is_empty()).collect();
     let total: usize = fragments.iter().map(|f| f.chars().count()).sum();
     total >= MIN_CITATION_CHARS && fragments.iter().all(|f| chunk.contains(f.as_str()))
 }
@@ -222,6 +263,79 @@ fn terms(s: &str) -> (Vec<String>, Vec<String>) {
         }
     }
     (numbers, words)
+}
+
+/// Whether `answer` says something the (normalised) question does not: a number or a word
+/// of it that the question lacks ("2025" to "how many tonnes ... in 2025?" says nothing).
+fn informative(answer: &str, question: &str) -> bool {
+    let (numbers, words) = terms(&normalise(answer));
+    let (q_numbers, _) = terms(question);
+    numbers.iter().any(|n| !q_numbers.contains(n))
+        || words.iter().any(|w| !question.contains(w.as_str()))
+}
+
+/// Whether the (normalised) `citation` holds the answer: its numbers, and the answer
+/// verbatim or most of its words.
+fn holds(citation: &str, answer: &str) -> bool {
+    supported(answer, citation)
+}
+
+/// Whether the (normalised) quote shares a content word with the question: a word of the
+/// quote that begins with one of the question's words of four letters or more ("handled"
+/// for "handle"; not "northport" for "port").
+fn relevant(quote: &str, question: &str) -> bool {
+    let (_, asked) = terms(question);
+    let (_, said) = terms(quote);
+    asked
+        .iter()
+        .filter(|w| w.chars().count() >= 4)
+        .any(|w| said.iter().any(|s| s.starts_with(w.as_str())))
+}
+
+/// The sentence of `chunk` that best holds `answer`: every number of the answer and the
+/// most of its words (ties: the first), as it stands in the chunk.
+fn sentence_with(chunk: &str, answer: &str) -> Option<String> {
+    let (numbers, words) = terms(&normalise(answer));
+    let whole = normalise(answer);
+    let whole = whole.trim_matches(|c: char| c.is_whitespace() || "\"'.".contains(c));
+    let mut best: Option<(usize, &str)> = None;
+    let mut start = 0;
+    let bytes = chunk.as_bytes();
+    let mut ends = Vec::new();
+    for (i, c) in chunk.char_indices() {
+        let end = i + c.len_utf8();
+        // A sentence ends at . ? or ! before white space, or at a blank line.
+        let boundary =
+            matches!(c, '.' | '?' | '!') && bytes.get(end).is_none_or(|b| b.is_ascii_whitespace());
+        if boundary || (c == '\n' && bytes.get(end) == Some(&b'\n')) {
+            ends.push(end);
+        }
+    }
+    ends.push(chunk.len());
+    for end in ends {
+        let sentence = chunk[start..end].trim();
+        start = end;
+        if sentence.is_empty() {
+            continue;
+        }
+        let n = normalise(sentence);
+        let (s_numbers, _) = terms(&n);
+        if !numbers.iter().all(|x| s_numbers.contains(x)) {
+            continue;
+        }
+        let score = if n.contains(whole) {
+            usize::MAX
+        } else {
+            words.iter().filter(|w| n.contains(w.as_str())).count()
+        };
+        let enough = score == usize::MAX
+            || (score > 0 && score * 2 >= words.len())
+            || (words.is_empty() && !numbers.is_empty());
+        if enough && best.is_none_or(|(b, _)| score > b) {
+            best = Some((score, sentence));
+        }
+    }
+    best.map(|(_, s)| s.to_string())
 }
 
 /// Whether the (normalised) chunk supports `answer`: it holds the answer verbatim, or every
@@ -252,6 +366,7 @@ mod tests {
 
     fn finding<'a>(citation: Option<&'a str>, answer: &'a str) -> Finding<'a> {
         Finding {
+            question: "How many tonnes of cargo did the port handle in 2025?",
             round: 1,
             task: "cargo",
             chunk: "0#3".into(),
@@ -295,40 +410,71 @@ mod tests {
         ] {
             assert!(supported(good, &chunk), "{good:?}");
         }
-        for junk in ["0.000000", "2026", "", "null", "seventeen giraffes", "14.3 million"] {
+        for junk in [
+            "0.000000",
+            "2026",
+            "",
+            "null",
+            "seventeen giraffes",
+            "14.3 million",
+        ] {
             assert!(!supported(junk, &chunk), "{junk:?}");
         }
     }
 
     #[test]
-    fn ungrounded_findings_are_dropped_junk_answers_kept_as_citations_and_repeats_merged() {
+    fn findings_are_kept_only_when_the_chunk_backs_them() {
         let mut c = Collector::default();
         let quote = "a total of 14.2 million tonnes of cargo in 2025";
+        // Kept, twice: merged.
         assert!(c.add(finding(Some(quote), "14.2 million tonnes")));
         assert!(c.add(finding(Some(quote), "14.2 million tonnes")));
+        // A supported answer with a citation that does not hold it: the router locates
+        // the sentence that does.
+        assert!(c.add(finding(
+            Some("Container traffic rose."),
+            "13,100,000 tonnes"
+        )));
+        assert!(c.add(finding(
+            Some("https://example.com/port-2025"),
+            "14.2 million"
+        )));
+        // A grounded citation on the question with a junk answer: the citation alone.
         assert!(c.add(finding(Some(quote), "0.000000")));
+        // Dropped: a made-up quote and answer; an answer that repeats the question; a
+        // grounded citation on nothing asked; nothing at all.
         assert!(!c.add(finding(Some("The port handled 99 million tonnes"), "99")));
-        assert!(!c.add(finding(None, "14.2 million tonnes")));
+        assert!(!c.add(finding(Some("Container traffic rose."), "2025")));
+        assert!(!c.add(finding(None, "seventeen giraffes")));
         assert_eq!(
             c.counts,
             Grounding {
-                findings: 5,
-                grounded: 3,
+                findings: 8,
+                grounded: 5,
                 ungrounded: 2,
+                irrelevant: 1,
                 answers_dropped: 1,
+                located: 2,
                 duplicates: 1,
             }
         );
-        assert_eq!(c.evidence.len(), 2);
-        assert_eq!(c.evidence[0].seen, 2);
-        assert_eq!(c.evidence[1].answer, None);
-        let shown = c.render(10_000);
+        let e = &c.evidence;
+        assert_eq!(e.len(), 4, "{e:?}");
+        assert_eq!(e[0].seen, 2);
         assert_eq!(
-            shown,
-            "[1] document 0 chunk 3 (cargo): \"a total of 14.2 million tonnes of cargo in 2025\" -> answer: 14.2 million tonnes (found 2 times)\n\
-             [2] document 0 chunk 3 (cargo): \"a total of 14.2 million tonnes of cargo in 2025\"\n"
+            e[1].citation,
+            "The port handled a total of 14.2 million tonnes of cargo in 2025,\nup from 13,100,000 tonnes the year before."
         );
-        assert!(!shown.contains("99"));
+        assert!(e[1].located && !e[0].located);
+        assert_eq!(e[2].answer.as_deref(), Some("14.2 million"));
+        assert_eq!(e[3].answer, None);
+        let shown = c.render(10_000);
+        assert!(shown.starts_with(
+            "[1] document 0 chunk 3 (cargo): \"a total of 14.2 million tonnes of cargo in 2025\" -> answer: 14.2 million tonnes (found 2 times)\n"
+        ), "{shown}");
+        assert!(
+            !shown.contains("99") && !shown.contains("giraffes") && !shown.contains("example.com")
+        );
         assert_eq!(
             c.most_seen().unwrap().answer.as_deref(),
             Some("14.2 million tonnes")

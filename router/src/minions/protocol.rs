@@ -38,8 +38,8 @@ use super::job::{
     Timing, Usage, Verification,
 };
 use super::plan::{self, Chunking, Limits, Plan, PlanError, Strategy, TaskSpec};
-use super::retrieval;
 use super::remote::{Msg, RemoteCall, RemoteError, Supervisor};
+use super::retrieval;
 use crate::dispatch::{DispatchError, Dispatcher};
 use crate::placement::Policy;
 
@@ -88,10 +88,11 @@ pub enum JobError {
     NoProvider(String),
 }
 
-/// What the worker returns for one job.
+/// What the worker returns for one job: the sentence it quotes (the citation) and the
+/// answer it reads there.
 #[derive(Clone, Debug, Deserialize)]
 struct WorkerOutput {
-    #[serde(default)]
+    #[serde(default, rename = "sentence")]
     citation: Option<String>,
     answer: Option<Value>,
 }
@@ -122,16 +123,16 @@ struct Turn {
     explanation: String,
 }
 
-/// The worker's reply: the quote first, then the answer read from it, then a short
-/// explanation (which the router never forwards).
+/// The worker's reply: the sentence it quotes first, then the answer read from it. (With
+/// a 135M worker, "citation" drew made-up URLs and an explanation only cost tokens; the
+/// router never forwards a worker's prose anyway.)
 fn worker_schema() -> Value {
     json!({
         "type": "object", "additionalProperties": false,
-        "required": ["citation", "answer", "explanation"],
+        "required": ["sentence", "answer"],
         "properties": {
-            "citation": {"anyOf": [{"type": "string", "maxLength": 300}, {"type": "null"}]},
-            "answer": {"anyOf": [{"type": "string", "maxLength": 200}, {"type": "null"}]},
-            "explanation": {"type": "string", "maxLength": 200}
+            "sentence": {"anyOf": [{"type": "string", "maxLength": 300}, {"type": "null"}]},
+            "answer": {"anyOf": [{"type": "string", "maxLength": 120}, {"type": "null"}]}
         }
     })
 }
@@ -147,9 +148,9 @@ fn aggregate_schema(last: bool) -> Value {
         "required": ["decision", "answer", "explanation", "scratchpad"],
         "properties": {
             "decision": {"enum": decisions},
-            "answer": {"type": "string", "maxLength": 600},
+            "answer": {"type": "string", "maxLength": 300},
             "explanation": {"type": "string", "maxLength": 300},
-            "scratchpad": {"type": "string", "maxLength": 600}
+            "scratchpad": {"type": "string", "maxLength": 400}
         }
     })
 }
@@ -291,15 +292,21 @@ fn describe_documents(setup: &JobSetup) -> String {
 const DECOMPOSE_SYSTEM: &str = "You supervise small local language models that read long documents for you. \
 You cannot see the documents. Plan how the documents are cut into chunks and which short, \
 self-contained instructions the small models run on every chunk. Each small model sees one \
-chunk and one instruction, and answers with JSON {citation, answer, explanation}, where \
-answer is null when its chunk does not contain what was asked. Small models follow simple \
+chunk and one instruction, and answers with JSON {sentence, answer}: the sentence of the \
+chunk that answers it and the answer read there, or null when its chunk does not contain \
+what was asked. Small models follow simple \
 extraction instructions well and reasoning poorly: keep instructions concrete. Use distinct \
 task ids. Reply with one JSON object only, no code.
 top_k runs each task only on the top_k chunks whose words best match it (0: every chunk); \
 use it for long documents.
 Example: for the task \"Who signed the lease and when?\" a good plan is
-{\"chunking\": {\"strategy\": \"paragraphs\", \"size\": 3, \"overlap\": 0}, \"tasks\": [{\"id\": \"signer\", \"instruction\": \"Who signed the lease? Quote the name.\", \"advice\": \"Answer null if no signature is mentioned.\"}, {\"id\": \"date\", \"instruction\": \"On what date was the lease signed?\", \"advice\": \"\"}], \"samples_per_task\": 1, \"top_k\": 8}
+{\"chunking\": {\"strategy\": \"paragraphs\", \"size\": 1, \"overlap\": 0}, \"tasks\": [{\"id\": \"signer\", \"instruction\": \"Who signed the lease? Quote the name.\", \"advice\": \"Answer null if no signature is mentioned.\"}, {\"id\": \"date\", \"instruction\": \"On what date was the lease signed?\", \"advice\": \"\"}], \"samples_per_task\": 1, \"top_k\": 8}
 The plan must match this JSON schema:";
+
+/// The last round's aggregation: a plain answer from the evidence.
+const FINAL_SYSTEM: &str = "You answer a question from evidence: sentences quoted from \
+documents you cannot see, each checked to be in them, with the answer a reader found there. \
+Answer in one short sentence, using only the evidence.";
 
 /// Chunks the default plan's task runs on at most.
 const DEFAULT_TOP_K: u32 = 8;
@@ -315,15 +322,13 @@ fn default_plan(setup: &JobSetup, limits: &Limits) -> Plan {
     Plan {
         chunking: Chunking {
             strategy: Strategy::Paragraphs,
-            size: 2,
+            size: 1,
             overlap: 0,
         },
         tasks: vec![TaskSpec {
             id: "task".into(),
             instruction,
-            advice: "Copy the sentence of the chunk that answers it as the citation; answer \
-                     null if the chunk does not answer it."
-                .into(),
+            advice: String::new(),
         }],
         samples_per_task: 1,
         top_k: DEFAULT_TOP_K.min(setup.max_jobs_per_round),
@@ -382,13 +387,12 @@ async fn minions(setup: &JobSetup, ledger: &mut Ledger) -> Result<(String, Strin
                         });
                         if attempt > setup.plan_retries {
                             let mut p = default_plan(setup, &limits);
-                            let chunks = fit_chunks(setup, &mut p).map_err(|d| {
-                                JobError::Supervisor {
+                            let chunks =
+                                fit_chunks(setup, &mut p).map_err(|d| JobError::Supervisor {
                                     what: "plan",
                                     attempts: attempt,
                                     error: format!("{e}; nor does the default plan fit: {d}"),
-                                }
-                            })?;
+                                })?;
                             ledger.notes.push(format!(
                                 "round {round}: the supervisor gave no valid plan after {attempt} attempts (last error: {e}); the router's default plan was used"
                             ));
@@ -418,7 +422,8 @@ async fn minions(setup: &JobSetup, ledger: &mut Ledger) -> Result<(String, Strin
             };
             answered += 1;
             let c = &chunks[r.chunk];
-            ledger.evidence.add(Finding {
+            let kept = ledger.evidence.add(Finding {
+                question: &format!("{} {}", setup.task, plan.tasks[r.task].instruction),
                 round,
                 task: &plan.tasks[r.task].id,
                 chunk: format!("{}#{}", c.doc, c.index),
@@ -427,31 +432,43 @@ async fn minions(setup: &JobSetup, ledger: &mut Ledger) -> Result<(String, Strin
                 answer: &answer,
                 provider: r.provider.clone(),
             });
+            tracing::debug!(
+                round,
+                chunk = %format!("{}#{}", c.doc, c.index),
+                kept,
+                answer = %answer,
+                citation = ?r.output.as_ref().and_then(|w| w.citation.as_deref()),
+                "worker finding"
+            );
         }
         let evidence = ledger.evidence.render(EVIDENCE_BYTES);
         // (4) Aggregate.
         let schema = aggregate_schema(last);
-        let mut messages = vec![
-            Msg::system(
-                "You supervise small local models that read documents you cannot see. You get \
+        let mut messages = if last {
+            // The last round is final: the answer is asked for as plain text (a small
+            // supervisor constrained to the aggregation JSON wrote empty or looping answers
+            // where, asked plainly, it answers from the evidence).
+            vec![
+                Msg::system(FINAL_SYSTEM),
+                Msg::user(format!("Evidence:\n{evidence}\nQuestion: {}", setup.task)),
+            ]
+        } else {
+            vec![
+                Msg::system(
+                    "You supervise small local models that read documents you cannot see. You get \
                  evidence: quotes they found in the documents (each checked to be there), with \
                  the answer they read from the quote when it supports one. Answer the task from \
                  the evidence. Reply with one JSON object only: \
                  {\"decision\": \"final\" or \"more\", \"answer\", \"explanation\", \"scratchpad\"}. \
                  Choose \"more\" only if another round with new instructions would find what is \
                  missing; the scratchpad carries what you know to that round.",
-            ),
-            Msg::user(format!(
-                "Task: {}\n\nRound {round} of {}{}.\n\nEvidence:\n{evidence}",
-                setup.task,
-                setup.max_rounds,
-                if last {
-                    " (the last round: the decision must be final)"
-                } else {
-                    ""
-                }
-            )),
-        ];
+                ),
+                Msg::user(format!(
+                    "Task: {}\n\nRound {round} of {}.\n\nEvidence:\n{evidence}",
+                    setup.task, setup.max_rounds,
+                )),
+            ]
+        };
         let mut attempt = 0;
         let agg = loop {
             attempt += 1;
@@ -459,18 +476,35 @@ async fn minions(setup: &JobSetup, ledger: &mut Ledger) -> Result<(String, Strin
                 .ask(
                     &setup.supervisor,
                     &messages,
-                    Some(("minions_aggregate", &schema)),
+                    (!last).then_some(("minions_aggregate", &schema)),
                     "aggregate",
                     round,
                 )
                 .await?;
-            let parsed = plan::extract_json_object(&text)
-                .ok_or_else(|| "the reply contains no JSON object".to_string())
-                .and_then(|j| serde_json::from_str::<Aggregate>(j).map_err(|e| e.to_string()))
-                .and_then(|a| match a.decision.as_str() {
-                    "final" | "more" => Ok(a),
-                    other => Err(format!("decision must be final or more, not {other:?}")),
-                });
+            let parsed = if last {
+                let answer = text.trim();
+                if answer.is_empty() {
+                    Err("the reply is empty".to_string())
+                } else {
+                    Ok(Aggregate {
+                        decision: "final".into(),
+                        answer: shorten(answer, 1_000).to_string(),
+                        explanation: format!(
+                            "From the evidence: {} quote(s) found in the documents, listed with this answer.",
+                            ledger.evidence.evidence.len()
+                        ),
+                        scratchpad: String::new(),
+                    })
+                }
+            } else {
+                plan::extract_json_object(&text)
+                    .ok_or_else(|| "the reply contains no JSON object".to_string())
+                    .and_then(|j| serde_json::from_str::<Aggregate>(j).map_err(|e| e.to_string()))
+                    .and_then(|a| match a.decision.as_str() {
+                        "final" | "more" => Ok(a),
+                        other => Err(format!("decision must be final or more, not {other:?}")),
+                    })
+            };
             match parsed {
                 Ok(a) => break a,
                 Err(e) if attempt > setup.plan_retries => {
@@ -500,15 +534,19 @@ async fn minions(setup: &JobSetup, ledger: &mut Ledger) -> Result<(String, Strin
                 }
                 Err(e) => {
                     messages.push(Msg::assistant(text));
-                    messages.push(Msg::user(format!(
-                        "That reply is not valid: {e}. Reply with one JSON object matching the schema, nothing else."
-                    )));
+                    messages.push(Msg::user(if last {
+                        "Answer the question in one short sentence from the evidence.".to_string()
+                    } else {
+                        format!(
+                            "That reply is not valid: {e}. Reply with one JSON object matching the schema, nothing else."
+                        )
+                    }));
                 }
             }
         };
         // The last round is final whatever the supervisor says.
         let decision = if last { "final" } else { agg.decision.as_str() };
-        let placed = plan.tasks.len() * chunks.len() * plan.samples_per_task as usize;
+        let placed = ledger.jobs.iter().filter(|j| j.round == round).count();
         ledger.emit(Progress::Round {
             round,
             decision: decision.to_string(),
@@ -538,7 +576,13 @@ fn fit_chunks(setup: &JobSetup, p: &mut Plan) -> Result<Vec<Chunk>, PlanError> {
     let lengths = Lengths::of(&setup.context, p.chunking.strategy);
     // With top_k, a task runs on at most k of the chunks.
     let top_k = p.top_k as usize;
-    let per_task = move |chunks: usize| if top_k == 0 { chunks } else { chunks.min(top_k) };
+    let per_task = move |chunks: usize| {
+        if top_k == 0 {
+            chunks
+        } else {
+            chunks.min(top_k)
+        }
+    };
     let jobs = |c: &plan::Chunking| {
         per_task(estimate_from(&lengths, c, setup.max_chunk_chars)).saturating_mul(per_chunk)
     };
@@ -629,7 +673,10 @@ async fn execute(
     let job_id = Id::random();
     let requests: Vec<InferRequest> = specs
         .iter()
-        .map(|&(t, c, s)| worker_request(setup, job_id, &schema, &plan.tasks[t], &chunks[c], s))
+        .map(|&(t, c, s)| {
+            let task = (&plan.tasks[t], plan.tasks.len() == 1);
+            worker_request(setup, job_id, &schema, task, &chunks[c], s)
+        })
         .collect();
     let policy = std::sync::Arc::new(setup.policy.clone());
     let runs = requests.into_iter().enumerate().map(|(i, request)| {
@@ -735,7 +782,7 @@ fn worker_request(
     setup: &JobSetup,
     job_id: Id,
     schema: &str,
-    t: &super::plan::TaskSpec,
+    (t, single): (&super::plan::TaskSpec, bool),
     c: &Chunk,
     s: u32,
 ) -> InferRequest {
@@ -749,23 +796,27 @@ fn worker_request(
         messages: vec![
             ChatMessage {
                 role: Role::System,
-                content: "You read one chunk of a document and do one instruction. Answer \
-                          only from the chunk. Reply with JSON: citation (the sentence of \
-                          the chunk that answers the instruction, copied word for word, or \
-                          null), answer (short, taken from the citation, or null when the \
-                          chunk does not answer it) and explanation (short)."
+                content: "You find the answer to a question in a text. Reply with JSON: \
+                          sentence (the sentence of the text that answers the question, \
+                          copied exactly from the text, or null if no sentence does) and \
+                          answer (a few words from that sentence, or null)."
                     .into(),
             },
+            // The text first (tasks on one chunk share its prefix), then the question: with
+            // one task, the job's own, as asked (a 135M worker answers it better than a
+            // paraphrase with advice); with several, the task's instruction, a part of it,
+            // and its advice.
             ChatMessage {
                 role: Role::User,
                 content: format!(
-                    "Chunk {} of document {}:\n---\n{}\n---\nThe overall question: {}\nYour instruction: {}{}",
-                    c.index,
-                    c.doc,
+                    "Text:\n{}\n\nQuestion: {}{}",
                     c.text,
-                    setup.task,
-                    t.instruction,
-                    if t.advice.is_empty() {
+                    if single {
+                        setup.task.clone()
+                    } else {
+                        format!("{}\n(Part of: {})", t.instruction, setup.task)
+                    },
+                    if single || t.advice.is_empty() {
                         String::new()
                     } else {
                         format!("\nAdvice: {}", t.advice)
