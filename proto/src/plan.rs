@@ -70,11 +70,14 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
+        // Small enough that the longest plan the schema allows is about 1,800 tokens: a
+        // supervisor that fills every field to its bound (a small model looping) still
+        // closes its reply in a bounded time.
         Limits {
-            max_tasks: 8,
+            max_tasks: 4,
             max_samples: 4,
-            max_instruction_chars: 400,
-            max_advice_chars: 300,
+            max_instruction_chars: 200,
+            max_advice_chars: 120,
             max_top_k: 64,
         }
     }

@@ -113,13 +113,8 @@ pub async fn run(args: ClientArgs, out: &mut impl Write) -> anyhow::Result<()> {
 fn describe(event: &str, v: &Value) -> String {
     match event {
         "plan" => format!(
-            "round {}: {}plan with {} task(s), {} chunking of size {}, {} sample(s){}",
+            "round {}: plan with {} task(s), {} chunking of size {}, {} sample(s){}{}",
             v["round"],
-            if v["default"] == true {
-                "the supervisor gave no valid plan; the router's default "
-            } else {
-                ""
-            },
             v["plan"]["tasks"].as_array().map_or(0, Vec::len),
             v["plan"]["chunking"]["strategy"].as_str().unwrap_or("?"),
             v["plan"]["chunking"]["size"],
@@ -127,6 +122,11 @@ fn describe(event: &str, v: &Value) -> String {
             match v["plan"]["top_k"].as_u64() {
                 Some(k) if k > 0 => format!(", each task on its {k} best chunks"),
                 _ => String::new(),
+            },
+            if v["default"] == true {
+                " (the router's default plan: the supervisor gave no valid one)"
+            } else {
+                ""
             }
         ),
         "plan_rejected" => format!(
