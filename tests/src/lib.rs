@@ -759,6 +759,16 @@ impl NodeServer {
         )
     }
 
+    /// Requests this node is running now (its `beacon_in_flight` gauges summed).
+    pub fn in_flight(&self) -> f64 {
+        http("GET", &self.url("/metrics"), None, &[])
+            .body
+            .lines()
+            .filter(|l| l.starts_with("beacon_in_flight{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
     /// Like [`NodeServer::start`], on a store prepared by the caller.
     pub fn start_with_store(cli: NodeCli, extra: &[&str]) -> NodeServer {
         let port = free_port();
@@ -894,13 +904,23 @@ impl RouterServer {
         sup: &NodeServer,
         extra: &[&str],
     ) -> RouterServer {
-        let url = sup.url("/engines/v1");
-        let mut flags = vec![
-            "--remote-base-url",
-            url.as_str(),
-            "--remote-model",
+        Self::with_remote(
+            bootstrap,
+            &sup.url("/engines/v1"),
             SUPERVISOR_MODEL_REF,
-        ];
+            extra,
+        )
+    }
+
+    /// Starts a router whose supervisor (remote API) is `model` at `base_url`, with extra
+    /// flags.
+    pub fn with_remote(
+        bootstrap: Option<&str>,
+        base_url: &str,
+        model: &str,
+        extra: &[&str],
+    ) -> RouterServer {
+        let mut flags = vec!["--remote-base-url", base_url, "--remote-model", model];
         flags.extend_from_slice(extra);
         Self::start(bootstrap, &flags)
     }

@@ -349,17 +349,8 @@ fn invalid_plans_are_sent_back_a_bounded_number_of_times_then_the_default_plan_r
     let boot = a.bootstrap_addr();
     let remote = sup.base_url();
     // One MinionS job at a time on this router (review H8: jobs skipped admission).
-    let router = RouterServer::start(
-        Some(&boot),
-        &[
-            "--remote-base-url",
-            &remote,
-            "--remote-model",
-            "weak",
-            "--max-minions-jobs",
-            "1",
-        ],
-    );
+    let router =
+        RouterServer::with_remote(Some(&boot), &remote, "weak", &["--max-minions-jobs", "1"]);
     assert!(wait_until(Duration::from_secs(60), || !router
         .providers()
         .is_empty()));
@@ -445,16 +436,11 @@ fn invalid_plans_are_sent_back_a_bounded_number_of_times_then_the_default_plan_r
     // Review H8: each client's supervisor tokens are budgeted. On a router whose budget is
     // one token an hour, the first plan call spends it, the retry is refused and so is the
     // next job, before any call: the supervisor sees exactly one request.
-    let budgeted = RouterServer::start(
+    let budgeted = RouterServer::with_remote(
         Some(&boot),
-        &[
-            "--remote-base-url",
-            &remote,
-            "--remote-model",
-            "weak",
-            "--minions-token-budget",
-            "1",
-        ],
+        &remote,
+        "weak",
+        &["--minions-token-budget", "1"],
     );
     assert!(wait_until(Duration::from_secs(60), || !budgeted
         .providers()
@@ -498,16 +484,11 @@ fn a_job_whose_provider_dies_is_placed_again() {
     let remote = sup.base_url();
     // A generous attempt timeout: debug builds on two cores are slow, and this test is
     // about re-placement after a death, not about timeouts.
-    let router = RouterServer::start(
+    let router = RouterServer::with_remote(
         Some(&boot),
-        &[
-            "--remote-base-url",
-            &remote,
-            "--remote-model",
-            "scripted",
-            "--attempt-timeout",
-            "600",
-        ],
+        &remote,
+        "scripted",
+        &["--attempt-timeout", "600"],
     );
     let (pa, pb) = (a.peer_id(), b.peer_id());
     assert!(wait_until(Duration::from_secs(60), || {
@@ -528,16 +509,8 @@ fn a_job_whose_provider_dies_is_placed_again() {
     let handle =
         std::thread::spawn(move || http_within("POST", &url, Some(&body.to_string()), &[], 900));
     // Kill A while it has this job's subtasks in flight.
-    let in_flight = |n: &NodeServer| -> f64 {
-        http("GET", &n.url("/metrics"), None, &[])
-            .body
-            .lines()
-            .filter(|l| l.starts_with("beacon_in_flight{"))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
-    };
     let served = wait_until(Duration::from_secs(600), || {
-        in_flight(&a) > 0.0 || handle.is_finished()
+        a.in_flight() > 0.0 || handle.is_finished()
     });
     assert!(served);
     a.kill();

@@ -332,17 +332,6 @@ fn garbage_at_every_quic_port_does_not_stop_honest_traffic() {
     assert!(!router.log().contains("panicked"), "{}", router.log());
 }
 
-/// A node's requests in flight for the test model (its engine's gauge), 0 when it does not
-/// answer.
-fn in_flight(node: &NodeServer) -> f64 {
-    http("GET", &node.url("/metrics"), None, &[])
-        .body
-        .lines()
-        .filter(|l| l.starts_with("beacon_in_flight{"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 /// Runs a MinionS job streamed, and in every round, once a provider has work in flight,
 /// kills it (SIGKILL) and starts a fresh provider in its place, so the network is back to
 /// four for the next round. Returns the final answer and the rounds a provider died in.
@@ -392,7 +381,7 @@ fn job_killing_one_provider_per_round(
                 let mut victim = None;
                 assert!(
                     wait_until(Duration::from_secs(300), || {
-                        victim = nodes.iter().position(|n| in_flight(n) > 0.0);
+                        victim = nodes.iter().position(|n| n.in_flight() > 0.0);
                         victim.is_some()
                     }),
                     "no provider took round {round}'s jobs"
@@ -441,18 +430,11 @@ fn a_provider_killed_in_every_minions_round_leaves_the_evidence_unchanged() {
         nodes.push(NodeServer::start(&["--threads", "1", "--bootstrap", &boot]));
     }
     let remote = sup.base_url();
-    let router = RouterServer::start(
+    let router = RouterServer::with_remote(
         Some(&boot),
-        &[
-            "--remote-base-url",
-            &remote,
-            "--remote-model",
-            "scripted",
-            "--audit-rate",
-            "0",
-            "--attempt-timeout",
-            "600",
-        ],
+        &remote,
+        "scripted",
+        &["--audit-rate", "0", "--attempt-timeout", "600"],
     );
     let all_known = |router: &RouterServer, nodes: &[NodeServer]| {
         let ids: Vec<String> = nodes.iter().map(NodeServer::peer_id).collect();
