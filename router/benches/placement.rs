@@ -36,6 +36,7 @@ fn world(providers: usize, subtasks: usize) -> (Vec<Subtask>, Vec<ProviderView>)
             prompt_tokens: 200 + (i % 1500) as u32,
             max_tokens: 64 + (i % 200) as u32,
             exclude: vec![],
+            prefix: None,
         })
         .collect();
     (ts, ps)

@@ -19,7 +19,80 @@ use tokio::sync::{Semaphore, mpsc};
 use tracing::{debug, info, warn};
 
 use crate::directory::{EXPLORE_SHARE, RouterDirectory};
-use crate::placement::{Policy, ProviderView, Subtask, eligible, place};
+use crate::placement::{Policy, Prefix, ProviderView, Subtask, eligible, place};
+
+/// A prompt prefix a request shares with others (a MinionS chunk that several tasks
+/// read): the dispatcher sends such requests where the prefix was sent before, when that
+/// is expected to finish no later, so the provider reuses its KV cache.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SharedPrefix {
+    key: u64,
+    tokens: u32,
+}
+
+impl SharedPrefix {
+    /// The prefix made of `parts`, in order (e.g. the system prompt, then the chunk).
+    pub fn of(parts: &[&str]) -> Self {
+        let mut bytes = Vec::new();
+        for p in parts {
+            bytes.extend_from_slice(&(p.len() as u64).to_le_bytes());
+            bytes.extend_from_slice(p.as_bytes());
+        }
+        let d = Digest::of(&bytes);
+        let mut key = [0u8; 8];
+        key.copy_from_slice(&d.0[..8]);
+        let chars: usize = parts.iter().map(|p| p.len()).sum();
+        SharedPrefix {
+            key: u64::from_le_bytes(key),
+            // The same estimate placement uses for whole prompts.
+            tokens: (chars / 4).min(u32::MAX as usize) as u32,
+        }
+    }
+}
+
+/// Prefixes whose last providers the dispatcher remembers.
+const PREFIX_HOMES: usize = 4096;
+
+/// Providers remembered per prefix.
+const HOMES_PER_PREFIX: usize = 4;
+
+/// Where shared prefixes were sent: key -> (when last used, providers, latest last).
+#[derive(Default)]
+struct Homes {
+    clock: u64,
+    map: HashMap<u64, (u64, Vec<PeerId>)>,
+}
+
+impl Homes {
+    fn get(&self, key: u64) -> Vec<PeerId> {
+        self.map.get(&key).map(|e| e.1.clone()).unwrap_or_default()
+    }
+
+    fn add(&mut self, key: u64, peer: PeerId) {
+        self.clock += 1;
+        if self.map.len() >= PREFIX_HOMES && !self.map.contains_key(&key) {
+            // Forget the older half: amortised O(1) per insert, bounded memory.
+            let keep_after = self.clock.saturating_sub(PREFIX_HOMES as u64 / 2);
+            self.map.retain(|_, (at, _)| *at > keep_after);
+            if self.map.len() >= PREFIX_HOMES {
+                self.map.clear();
+            }
+        }
+        let (at, peers) = self.map.entry(key).or_default();
+        *at = self.clock;
+        peers.retain(|p| *p != peer);
+        peers.push(peer);
+        if peers.len() > HOMES_PER_PREFIX {
+            peers.remove(0);
+        }
+    }
+
+    fn remove(&mut self, key: u64, peer: &PeerId) {
+        if let Some((_, peers)) = self.map.get_mut(&key) {
+            peers.retain(|p| p != peer);
+        }
+    }
+}
 
 /// How subtasks are run.
 #[derive(Clone, Debug)]
@@ -120,6 +193,8 @@ pub struct Dispatcher {
     audit_tokens: Arc<std::sync::atomic::AtomicU64>,
     /// Results whose verdict the router knows, to test auditors with (bounded).
     references: Arc<Mutex<VecDeque<Reference>>>,
+    /// Where shared prompt prefixes went (bounded).
+    homes: Arc<Mutex<Homes>>,
 }
 
 /// A result whose verdict the router knows, kept to test auditors with: a good one (two
@@ -180,6 +255,7 @@ impl Dispatcher {
             audit_counts: Arc::default(),
             audit_tokens: Arc::default(),
             references: Arc::default(),
+            homes: Arc::default(),
         }
     }
 
@@ -297,12 +373,28 @@ impl Dispatcher {
         *self.audit_counts.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The key under which `prefix` of a request for `model` is remembered: one prefix
+    /// under two models is two caches.
+    fn prefix_key(model: &Digest, prefix: &SharedPrefix) -> u64 {
+        let mut m = [0u8; 8];
+        m.copy_from_slice(&model.0[..8]);
+        prefix.key ^ u64::from_le_bytes(m)
+    }
+
+    /// Providers `prefix` of a request for `model` was last sent to (for tests and
+    /// reports).
+    pub fn prefix_homes(&self, model: &Digest, prefix: &SharedPrefix) -> Vec<PeerId> {
+        let homes = self.homes.lock().unwrap_or_else(|p| p.into_inner());
+        homes.get(Self::prefix_key(model, prefix))
+    }
+
     /// Picks a provider for `request`, avoiding `exclude`.
     fn choose(
         &self,
         request: &InferRequest,
         policy: &Policy,
         exclude: &[PeerId],
+        prefix: Option<&SharedPrefix>,
     ) -> Result<(PeerId, SocketAddr, String, u32), DispatchError> {
         let mut views = self.directory.views();
         {
@@ -340,6 +432,15 @@ impl Dispatcher {
                 .sum(),
             max_tokens: request.sampling.max_tokens,
             exclude: exclude.to_vec(),
+            prefix: prefix.map(|x| {
+                let key = Self::prefix_key(&model, x);
+                let homes = self.homes.lock().unwrap_or_else(|p| p.into_inner());
+                Prefix {
+                    key,
+                    tokens: x.tokens,
+                    held_by: homes.get(key),
+                }
+            }),
         };
         // Unmeasured, a newcomer ranks last and might never be placed, audited or
         // established: a small share of requests goes to an idle one on probation.
@@ -368,6 +469,10 @@ impl Dispatcher {
         let placed = place(std::slice::from_ref(&subtask), &providers, &policy);
         match placed.into_iter().next() {
             Some(Ok(a)) => {
+                if let Some(x) = &subtask.prefix {
+                    let mut homes = self.homes.lock().unwrap_or_else(|p| p.into_inner());
+                    homes.add(x.key, a.provider);
+                }
                 let (v, addr) = views
                     .iter()
                     .find(|(v, _)| v.peer == a.provider)
@@ -385,11 +490,12 @@ impl Dispatcher {
         &self,
         request: &InferRequest,
         policy: &Policy,
+        prefix: Option<&SharedPrefix>,
     ) -> Option<(PeerId, SocketAddr, String, u32)> {
         for _ in 0..3 {
             let wait = self.directory.breaker_wait(&request.model.digest)?;
             tokio::time::sleep(wait.min(Duration::from_secs(60)) + Duration::from_millis(50)).await;
-            if let Ok(c) = self.choose(request, policy, &[]) {
+            if let Ok(c) = self.choose(request, policy, &[], prefix) {
                 return Some(c);
             }
         }
@@ -446,15 +552,30 @@ impl Dispatcher {
         policy: &Policy,
         deltas: Option<mpsc::UnboundedSender<String>>,
     ) -> Result<Outcome, DispatchError> {
+        self.run_sharing(request, policy, deltas, None).await
+    }
+
+    /// [`Dispatcher::run`] for a request whose prompt starts with `prefix`, shared with
+    /// other requests: placed where that prefix went before when no slower.
+    pub async fn run_sharing(
+        &self,
+        request: &InferRequest,
+        policy: &Policy,
+        deltas: Option<mpsc::UnboundedSender<String>>,
+        prefix: Option<SharedPrefix>,
+    ) -> Result<Outcome, DispatchError> {
+        let prefix = prefix.as_ref();
         let mut exclude = Vec::new();
         let mut last = String::new();
         for attempt in 1..=self.config.max_attempts {
-            let (peer, addr, region, slots) = match self.choose(request, policy, &exclude) {
+            let (peer, addr, region, slots) = match self.choose(request, policy, &exclude, prefix) {
                 Ok(c) => c,
-                Err(e) if attempt == 1 => match self.after_breakers(request, policy).await {
-                    Some(c) => c,
-                    None => return Err(e),
-                },
+                Err(e) if attempt == 1 => {
+                    match self.after_breakers(request, policy, prefix).await {
+                        Some(c) => c,
+                        None => return Err(e),
+                    }
+                }
                 Err(_) => break,
             };
             let started = Instant::now();
@@ -473,7 +594,7 @@ impl Dispatcher {
                     tokio::select! {
                         r = &mut primary => r.map(|r| (r, (peer, addr), region.clone(), false)),
                         _ = tokio::time::sleep(after) => {
-                            match self.choose(request, policy, &[exclude.clone(), vec![peer]].concat()) {
+                            match self.choose(request, policy, &[exclude.clone(), vec![peer]].concat(), prefix) {
                                 Ok((p2, a2, r2, s2)) => {
                                     info!(first = %peer, second = %p2, "hedging a straggler");
                                     let second = self.attempt(p2, a2, s2, request, None);
@@ -509,6 +630,11 @@ impl Dispatcher {
                 }
                 Err(e) => {
                     warn!(provider = %peer, error = %e, attempt, "subtask attempt failed");
+                    if let Some(x) = prefix {
+                        let key = Self::prefix_key(&request.model.digest, x);
+                        let mut homes = self.homes.lock().unwrap_or_else(|p| p.into_inner());
+                        homes.remove(key, &peer);
+                    }
                     match &e {
                         CallError::Invalid { peer, .. } => self.directory.invalid(peer),
                         CallError::Remote { error, .. }
@@ -896,6 +1022,31 @@ mod tests {
             RouterDirectory::new(live, None),
             DispatchConfig::default(),
         )
+    }
+
+    #[test]
+    fn prefix_homes_stay_bounded_and_forget_failed_providers() {
+        let mut homes = Homes::default();
+        let peers: Vec<PeerId> = (0..6).map(|_| Keypair::generate().peer_id()).collect();
+        for p in &peers {
+            homes.add(1, *p);
+        }
+        // The latest few providers of a prefix, newest last.
+        assert_eq!(homes.get(1), peers[6 - HOMES_PER_PREFIX..].to_vec());
+        homes.remove(1, &peers[5]);
+        assert_eq!(homes.get(1), peers[6 - HOMES_PER_PREFIX..5].to_vec());
+        // Many prefixes: memory stays bounded and the recent ones are kept.
+        for key in 0..3 * PREFIX_HOMES as u64 {
+            homes.add(key + 10, peers[0]);
+            assert!(homes.map.len() <= PREFIX_HOMES);
+        }
+        assert_eq!(homes.get(3 * PREFIX_HOMES as u64 + 9), vec![peers[0]]);
+        // Two prompts that only differ in where one part ends are different prefixes.
+        assert_ne!(
+            SharedPrefix::of(&["ab", "c"]),
+            SharedPrefix::of(&["a", "bc"])
+        );
+        assert_eq!(SharedPrefix::of(&["ab", "cd"]).tokens, 1);
     }
 
     /// Attack (h)'s other half: slots that change while work is in flight never let more

@@ -12,6 +12,12 @@
 //! decode throughput. Subtasks are placed longest first (LPT), each on the lane that
 //! finishes it earliest, plus an optional cost term; ties are broken by a seeded hash, so
 //! equal providers share the load.
+//!
+//! Shared prefixes: a subtask may name a prompt prefix it shares with others (a MinionS
+//! chunk read by several tasks). On a provider that already holds that prefix (told by the
+//! caller, or chosen for an earlier subtask of the same placement) its prefill is only the
+//! rest of the prompt, so work that reads the same text gathers where its KV cache is,
+//! exactly when that finishes earlier than spreading it.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, BinaryHeap, HashMap};
@@ -26,6 +32,19 @@ pub struct Subtask {
     pub max_tokens: u32,
     /// Providers this subtask must not go to (they failed it already).
     pub exclude: Vec<PeerId>,
+    /// The prompt prefix this subtask shares with other work, if any.
+    pub prefix: Option<Prefix>,
+}
+
+/// A prompt prefix several subtasks share.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Prefix {
+    /// Identifies the prefix (a hash of its text): equal keys, equal prefixes.
+    pub key: u64,
+    /// Its length in prompt tokens (at most the subtask's `prompt_tokens`).
+    pub tokens: u32,
+    /// Providers believed to hold it in their KV cache already.
+    pub held_by: Vec<PeerId>,
 }
 
 /// What placement knows about one provider.
@@ -98,6 +117,12 @@ pub fn eligible(t: &Subtask, p: &ProviderView, policy: &Policy) -> bool {
 
 /// Expected milliseconds of `t` on `p` once it starts.
 pub fn service_ms(t: &Subtask, p: &ProviderView) -> f64 {
+    service_ms_cached(t, p, 0)
+}
+
+/// Expected milliseconds of `t` on `p` once it starts, when `cached` of its prompt tokens
+/// are already in `p`'s KV cache.
+fn service_ms_cached(t: &Subtask, p: &ProviderView, cached: u32) -> f64 {
     let decode = p
         .decode_tps
         .get(&t.model)
@@ -105,7 +130,8 @@ pub fn service_ms(t: &Subtask, p: &ProviderView) -> f64 {
         .unwrap_or(p.default_tps)
         .max(0.1);
     let prefill = p.prefill_tps.max(1.0);
-    p.rtt_ms + t.prompt_tokens as f64 / prefill * 1000.0 + t.max_tokens as f64 / decode * 1000.0
+    let prefill_tokens = t.prompt_tokens.saturating_sub(cached.min(t.prompt_tokens));
+    p.rtt_ms + prefill_tokens as f64 / prefill * 1000.0 + t.max_tokens as f64 / decode * 1000.0
 }
 
 fn mix(seed: u64, a: u64, b: &[u8]) -> u64 {
@@ -146,6 +172,8 @@ pub fn place(
         (Reverse(t.prompt_tokens as u64 + 8 * t.max_tokens as u64), i)
     });
     let mut out: Vec<Option<Result<Assignment, PlacementError>>> = vec![None; subtasks.len()];
+    // (prefix key, provider index) pairs chosen so far in this placement.
+    let mut warm: std::collections::HashSet<(u64, usize)> = Default::default();
     for i in order {
         let t = &subtasks[i];
         let candidates = by_model.entry(t.model).or_insert_with(|| {
@@ -164,7 +192,11 @@ pub fn place(
                 continue;
             }
             let free = lanes[j].peek().map(|r| r.0).unwrap_or(0) as f64;
-            let finish = free + service_ms(t, p);
+            let cached = match &t.prefix {
+                Some(x) if warm.contains(&(x.key, j)) || x.held_by.contains(&p.peer) => x.tokens,
+                _ => 0,
+            };
+            let finish = free + service_ms_cached(t, p, cached);
             let cost = policy.cost_weight
                 * p.price_per_mtok
                 * (t.prompt_tokens as f64 + t.max_tokens as f64)
@@ -183,6 +215,9 @@ pub fn place(
             Some((_, _, j, finish)) => {
                 lanes[j].pop();
                 lanes[j].push(Reverse(finish.ceil() as u64));
+                if let Some(x) = &t.prefix {
+                    warm.insert((x.key, j));
+                }
                 Ok(Assignment {
                     subtask: i,
                     provider: providers[j].peer,
@@ -261,6 +296,7 @@ mod tests {
             prompt_tokens: tokens,
             max_tokens: 64,
             exclude: vec![],
+            prefix: None,
         }
     }
 
@@ -280,7 +316,13 @@ mod tests {
             0..12,
         );
         let tasks = prop::collection::vec(
-            (0u8..3, 1u32..2000, 1u32..300, prop::option::of(0usize..12)),
+            (
+                0u8..3,
+                1u32..2000,
+                1u32..300,
+                prop::option::of(0usize..12),
+                prop::option::of((0u64..4, 0u32..2000, prop::option::of(0usize..12))),
+            ),
             0..60,
         );
         let policy = (
@@ -305,7 +347,7 @@ mod tests {
                 .collect();
             let subtasks = ts
                 .into_iter()
-                .map(|(m, p, o, ex)| Subtask {
+                .map(|(m, p, o, ex, prefix)| Subtask {
                     model: model(m),
                     prompt_tokens: p,
                     max_tokens: o,
@@ -313,6 +355,14 @@ mod tests {
                         .and_then(|e| providers.get(e))
                         .map(|p| vec![p.peer])
                         .unwrap_or_default(),
+                    prefix: prefix.map(|(key, tokens, held)| Prefix {
+                        key,
+                        tokens,
+                        held_by: held
+                            .and_then(|h| providers.get(h))
+                            .map(|p| vec![p.peer])
+                            .unwrap_or_default(),
+                    }),
                 })
                 .collect();
             let policy = Policy {
@@ -396,6 +446,98 @@ mod tests {
             .filter(|a| a.as_ref().unwrap().provider == slow.peer)
             .count();
         assert!(on_slow > 0 && on_slow < 10, "{on_slow}");
+    }
+
+    fn sharing(m: Digest, key: u64, held_by: Vec<PeerId>) -> Subtask {
+        Subtask {
+            prefix: Some(Prefix {
+                key,
+                tokens: 1900,
+                held_by,
+            }),
+            ..task(m, 2000)
+        }
+    }
+
+    #[test]
+    fn work_goes_where_its_prefix_is_cached_unless_that_is_slower() {
+        let m = model(0);
+        let (a, b) = (
+            provider(0, "eu-west", vec![m]),
+            provider(1, "eu-west", vec![m]),
+        );
+        // Idle and equal: without a prefix, seeds spread single subtasks over both...
+        let on_b = (0..64)
+            .filter(|&seed| {
+                let policy = Policy {
+                    seed,
+                    ..Policy::default()
+                };
+                let r = place(&[task(m, 2000)], &[a.clone(), b.clone()], &policy);
+                r[0].as_ref().unwrap().provider == b.peer
+            })
+            .count();
+        assert!(on_b > 0 && on_b < 64, "{on_b}");
+        // ...with one that b holds, every seed sends it to b;
+        for seed in 0..64 {
+            let policy = Policy {
+                seed,
+                ..Policy::default()
+            };
+            let t = sharing(m, 7, vec![b.peer]);
+            let r = place(&[t], &[a.clone(), b.clone()], &policy);
+            assert_eq!(r[0].as_ref().unwrap().provider, b.peer, "seed {seed}");
+        }
+        // but not when b is so busy that a prefills the whole prompt sooner.
+        let busy = ProviderView {
+            busy: 40,
+            ..b.clone()
+        };
+        let r = place(
+            &[sharing(m, 7, vec![b.peer])],
+            &[a.clone(), busy],
+            &Policy::default(),
+        );
+        assert_eq!(r[0].as_ref().unwrap().provider, a.peer);
+    }
+
+    #[test]
+    fn subtasks_on_one_text_gather_on_one_provider() {
+        let m = model(0);
+        let (a, b) = (
+            provider(0, "eu-west", vec![m]),
+            provider(1, "eu-west", vec![m]),
+        );
+        // Two texts, four subtasks each (as many as a provider's slots), no provider holding
+        // either yet: each text's subtasks end up together, and the texts on different
+        // providers, for every seed. Without prefixes they scatter.
+        let groups = |prefixed: bool, seed: u64| {
+            let subtasks: Vec<Subtask> = (0..8u64)
+                .map(|i| {
+                    let mut t = sharing(m, i / 4, vec![]);
+                    if !prefixed {
+                        t.prefix = None;
+                    }
+                    t
+                })
+                .collect();
+            let policy = Policy {
+                seed,
+                ..Policy::default()
+            };
+            let r = place(&subtasks, &[a.clone(), b.clone()], &policy);
+            let to = |i: usize| r[i].as_ref().unwrap().provider;
+            [0, 4].map(|g| (g..g + 4).map(to).collect::<BTreeSet<_>>())
+        };
+        let mut scattered = 0;
+        for seed in 0..32 {
+            let [g0, g1] = groups(true, seed);
+            assert_eq!((g0.len(), g1.len()), (1, 1), "seed {seed}");
+            assert_ne!(g0, g1, "seed {seed}");
+            let [g0, g1] = groups(false, seed);
+            scattered += usize::from(g0.len() > 1 || g1.len() > 1);
+        }
+        assert!(scattered > 0, "without prefixes the test shows nothing");
     }
 
     #[test]

@@ -267,6 +267,10 @@ pub struct Question {
     pub remote_tokens: u64,
     /// Tokens the providers read and wrote.
     pub local_tokens: u64,
+    /// Prompt tokens the providers served from their KV cache (jobs on one chunk placed
+    /// together).
+    pub local_cached_tokens: u64,
+    pub local_prompt_tokens: u64,
     /// Wall time of the MinionS job, remote-only baseline excluded.
     pub minions_ms: f64,
     pub remote_only_answer: String,
@@ -304,6 +308,8 @@ pub struct MinionsResult {
     pub remote_tokens: u64,
     pub remote_only_tokens: u64,
     pub local_tokens: u64,
+    pub local_cached_tokens: u64,
+    pub local_prompt_tokens: u64,
     pub minions_s: f64,
     pub remote_only_s: f64,
     pub jobs: usize,
@@ -399,6 +405,8 @@ pub fn run(
         one.rounds = v["rounds"].as_u64().unwrap_or(0);
         one.remote_tokens = u["remote"]["total_tokens"].as_u64().unwrap_or(0);
         one.local_tokens = u["local"]["total_tokens"].as_u64().unwrap_or(0);
+        one.local_prompt_tokens = u["local"]["prompt_tokens"].as_u64().unwrap_or(0);
+        one.local_cached_tokens = u["local"]["cached_prompt_tokens"].as_u64().unwrap_or(0);
         one.remote_only_answer = u["remote_only"]["answer"]
             .as_str()
             .unwrap_or_default()
@@ -449,6 +457,8 @@ pub fn run(
         out.remote_tokens += one.remote_tokens;
         out.remote_only_tokens += one.remote_only_tokens;
         out.local_tokens += one.local_tokens;
+        out.local_prompt_tokens += one.local_prompt_tokens;
+        out.local_cached_tokens += one.local_cached_tokens;
         out.minions_s += one.minions_ms / 1000.0;
         out.remote_only_s += one.remote_only_ms / 1000.0;
         out.jobs += one.jobs;

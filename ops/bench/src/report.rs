@@ -354,7 +354,8 @@ fn minions_md(m: &mut String, r: &MinionsResult) {
          was in the evidence the supervisor saw for **{} of {n}** (evidence recall); {} of {} \
          findings grounded (their quote is in their chunk); MinionS used \
          **{:.2}x** the remote tokens of remote-only ({} vs {}) and moved {} tokens to the \
-         providers; wall time {:.0} s vs {:.0} s. {} local jobs, {} unverified.\n",
+         providers ({:.0}% of their prompt tokens from a KV prefix cache: jobs on one chunk \
+         go to one provider); wall time {:.0} s vs {:.0} s. {} local jobs, {} unverified.\n",
         r.correct,
         r.remote_only_correct,
         r.evidence_recalled,
@@ -364,6 +365,7 @@ fn minions_md(m: &mut String, r: &MinionsResult) {
         r.remote_tokens,
         r.remote_only_tokens,
         r.local_tokens,
+        100.0 * r.local_cached_tokens as f64 / (r.local_prompt_tokens as f64).max(1.0),
         r.minions_s,
         r.remote_only_s,
         r.jobs,

@@ -232,6 +232,8 @@ pub struct JobRecord {
     /// The worker gave a non-null answer.
     pub answered: bool,
     pub prompt_tokens: u64,
+    /// Prompt tokens the provider served from its KV cache (a prefix it held).
+    pub cached_prompt_tokens: u64,
     pub completion_tokens: u64,
     pub ms: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -251,6 +253,9 @@ pub struct RemoteUsage {
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct LocalUsage {
     pub prompt_tokens: u64,
+    /// Of the prompt tokens, those served from a provider's KV cache rather than
+    /// prefilled: what sending jobs on one chunk to one provider saved.
+    pub cached_prompt_tokens: u64,
     pub completion_tokens: u64,
     pub total_tokens: u64,
     pub jobs: usize,

@@ -40,7 +40,7 @@ use super::job::{
 use super::plan::{self, Chunking, Limits, Plan, PlanError, Strategy, TaskSpec};
 use super::remote::{Msg, RemoteCall, RemoteError, Supervisor};
 use super::retrieval;
-use crate::dispatch::{DispatchError, Dispatcher};
+use crate::dispatch::{DispatchError, Dispatcher, SharedPrefix};
 use crate::placement::Policy;
 
 /// Everything a job needs, resolved from the request and the router's settings.
@@ -671,23 +671,33 @@ async fn execute(
         top_k: plan.top_k,
     });
     let job_id = Id::random();
-    let requests: Vec<InferRequest> = specs
+    let requests: Vec<(InferRequest, SharedPrefix)> = specs
         .iter()
         .map(|&(t, c, s)| {
             let task = (&plan.tasks[t], plan.tasks.len() == 1);
-            worker_request(setup, job_id, &schema, task, &chunks[c], s)
+            let request = worker_request(setup, job_id, &schema, task, &chunks[c], s);
+            // Jobs on one chunk share the system prompt and the text: they gather on the
+            // provider that has it cached when that is no slower (task-major order leaves
+            // time for the first to be prefilled before the next arrives).
+            let prefix = SharedPrefix::of(&[&request.messages[0].content, &chunks[c].text]);
+            (request, prefix)
         })
         .collect();
     let policy = std::sync::Arc::new(setup.policy.clone());
-    let runs = requests.into_iter().enumerate().map(|(i, request)| {
-        let dispatcher = setup.dispatcher.clone();
-        let policy = policy.clone();
-        async move {
-            let t0 = Instant::now();
-            let r = dispatcher.run(&request, &policy, None).await;
-            (i, request.request_id, r, t0.elapsed().as_millis() as u64)
-        }
-    });
+    let runs = requests
+        .into_iter()
+        .enumerate()
+        .map(|(i, (request, prefix))| {
+            let dispatcher = setup.dispatcher.clone();
+            let policy = policy.clone();
+            async move {
+                let t0 = Instant::now();
+                let r = dispatcher
+                    .run_sharing(&request, &policy, None, Some(prefix))
+                    .await;
+                (i, request.request_id, r, t0.elapsed().as_millis() as u64)
+            }
+        });
     // No more jobs in flight than the eligible providers have slots: extra ones would only
     // queue at the providers, where their wait would count against the attempt timeout.
     let slots: u32 = setup
@@ -726,6 +736,7 @@ async fn execute(
             verified: false,
             answered: false,
             prompt_tokens: 0,
+            cached_prompt_tokens: 0,
             completion_tokens: 0,
             ms,
             error: None,
@@ -742,6 +753,7 @@ async fn execute(
                 rec.verified = true;
                 rec.answered = answer.is_some();
                 rec.prompt_tokens = o.result.usage.prompt_tokens as u64;
+                rec.cached_prompt_tokens = o.result.usage.cached_prompt_tokens as u64;
                 rec.completion_tokens = o.result.usage.completion_tokens as u64;
                 out.push((
                     i,
@@ -992,6 +1004,7 @@ async fn minion(setup: &JobSetup, ledger: &mut Ledger) -> Result<(String, String
             verified: true,
             answered: !reply.is_empty(),
             prompt_tokens: o.result.usage.prompt_tokens as u64,
+            cached_prompt_tokens: o.result.usage.cached_prompt_tokens as u64,
             completion_tokens: o.result.usage.completion_tokens as u64,
             ms,
             error: None,
@@ -1133,6 +1146,7 @@ fn finish(
     let mut regions = BTreeMap::new();
     for j in &ledger.jobs {
         local.prompt_tokens += j.prompt_tokens;
+        local.cached_prompt_tokens += j.cached_prompt_tokens;
         local.completion_tokens += j.completion_tokens;
         if j.verified {
             local.jobs += 1;
