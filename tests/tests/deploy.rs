@@ -786,7 +786,7 @@ fn compose_stack_serves_chat_and_a_minions_job_through_the_loss_of_a_provider() 
         "context": [paras.join("\n\n")],
         "max_rounds": 1,
         "stream": true,
-        "policy": {"audit_rate": 0.0, "worker_max_tokens": 32, "max_jobs_per_round": 64}
+        "policy": {"worker_max_tokens": 32, "max_jobs_per_round": 64}
     });
     let events = tempfile::NamedTempFile::new().unwrap();
     let mut body_file = tempfile::NamedTempFile::new().unwrap();

@@ -434,7 +434,8 @@ fn a_provider_killed_in_every_minions_round_leaves_the_evidence_unchanged() {
         Some(&boot),
         &remote,
         "scripted",
-        &["--audit-rate", "0", "--attempt-timeout", "600"],
+        // The default audit rate: MinionS jobs are audited like chat, killed auditors too.
+        &["--attempt-timeout", "600"],
     );
     let all_known = |router: &RouterServer, nodes: &[NodeServer]| {
         let ids: Vec<String> = nodes.iter().map(NodeServer::peer_id).collect();
@@ -447,6 +448,7 @@ fn a_provider_killed_in_every_minions_round_leaves_the_evidence_unchanged() {
     let doc = &beacon_bench::minions::NORTHPORT[..4_000];
     // Two jobs, each first undisturbed (the answer to compare with), then with a provider
     // killed in each of its rounds (however many rounds the supervisor asks for).
+    let mut compared = 0;
     for task in [
         "How many tonnes of cargo did the port handle in 2025?",
         "What was the tariff revenue, and what did the quay wall repairs cost?",
@@ -504,6 +506,11 @@ fn a_provider_killed_in_every_minions_round_leaves_the_evidence_unchanged() {
             found(&calm),
             "the evidence changed when providers died"
         );
+        compared += found(&calm).len();
         assert!(all_known(&router, &nodes), "{}", router.log());
     }
+    assert!(
+        compared > 0,
+        "no evidence in either job: the comparison showed nothing"
+    );
 }
