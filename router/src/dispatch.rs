@@ -844,18 +844,43 @@ impl Dispatcher {
         } else {
             1
         };
+        // Failing votes that can convict: a reputable auditor's, or, when the failure is
+        // hard (evidence every honest auditor sees the same way), any auditor's once a
+        // reputable one agrees. A soft failure (argmax agreement below the bar) needs two
+        // reputable auditors: a near copy of the model (a Q3_K_M requantisation) passes
+        // enough audits to become reputable, and with a newcomer running an even cheaper
+        // copy it would otherwise convict honest providers on probation.
+        let convicting = |votes: &[(PeerId, AuditVerdict)]| {
+            let fails: Vec<&(PeerId, AuditVerdict)> =
+                votes.iter().filter(|(_, v)| !v.passed).collect();
+            let reputable = fails
+                .iter()
+                .filter(|(a, _)| self.directory.reputable(a))
+                .count();
+            let hard = !fails.is_empty() && fails.iter().all(|(_, v)| v.hard);
+            reputable >= 2 || (hard && reputable >= 1 && fails.len() >= 2)
+        };
         // Transport failures do not count as votes; a few are tolerated.
         for _ in 0..6 {
             let passes = votes.iter().filter(|(_, v)| v.passed).count();
             let fails = votes.len() - passes;
             // The first auditor passing an established provider settles it; otherwise two
-            // must agree.
-            if (votes.len() == 1 && passes == passes_needed) || passes >= 2 || fails >= 2 {
+            // must agree, and a failure must be one that can convict.
+            if (votes.len() == 1 && passes == passes_needed)
+                || passes >= 2
+                || convicting(&votes)
+                || votes.len() >= 4
+            {
                 break;
             }
             let Some((auditor, addr)) = self.auditor(&audit.model.digest, &asked) else {
                 break;
             };
+            // Two failures that cannot convict yet: only another reputable vote can change
+            // that; a newcomer's would only spend tokens.
+            if fails >= 2 && !self.directory.reputable(&auditor) {
+                break;
+            }
             asked.push(auditor);
             let mut request = audit.clone();
             request.audit_id = Id::random();
@@ -875,20 +900,17 @@ impl Dispatcher {
         }
         let passes = votes.iter().filter(|(_, v)| v.passed).count();
         let fails = votes.len() - passes;
+        // A failure only newcomers voted for (no reputable provider existed to ask: two
+        // cheaper models, or two colluders, can agree) convicts nobody; once providers have
+        // a record, auditors are drawn among them and failures are decided by them (see
+        // `convicting`).
         let decided = if passes > fails {
             Some(true)
-        } else if fails > passes && fails >= 2 {
+        } else if fails > passes && convicting(&votes) {
             Some(false)
         } else {
             None
         };
-        // A failure only newcomers voted for (no reputable provider existed to ask: two
-        // cheaper models, or two colluders, can agree) convicts nobody; once providers have
-        // a record, auditors are drawn among them and failures are decided by them.
-        let vouched = votes
-            .iter()
-            .any(|(a, v)| !v.passed && self.directory.reputable(a));
-        let decided = decided.filter(|passed| *passed || vouched);
         let Some(passed) = decided else {
             if !votes.is_empty() {
                 info!(provider = %peer, passes, fails, "audit inconclusive: no second auditor agreed");
