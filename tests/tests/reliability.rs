@@ -377,11 +377,16 @@ fn job_killing_one_provider_per_round(
                 let round = serde_json::from_str::<Value>(data).unwrap()["round"]
                     .as_u64()
                     .unwrap();
-                // Wait for a provider with this round's work on it, then kill it.
+                // Wait for a provider with this round's work on it, then kill it. The
+                // router's count of attempts in flight, not the node's busy engine: that
+                // may be an audit it is scoring, or a hedged copy the router cancelled,
+                // and killing it then re-runs no job.
                 let mut victim = None;
                 assert!(
                     wait_until(Duration::from_secs(300), || {
-                        victim = nodes.iter().position(|n| n.in_flight() > 0.0);
+                        victim = nodes.iter().position(|n| {
+                            router.provider(&n.peer_id())["in_flight"].as_u64() > Some(0)
+                        });
                         victim.is_some()
                     }),
                     "no provider took round {round}'s jobs"
