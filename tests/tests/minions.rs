@@ -337,9 +337,8 @@ fn minions_and_minion_jobs_run_on_the_network_with_exact_accounting() {
 fn invalid_plans_are_sent_back_a_bounded_number_of_times_then_the_default_plan_runs() {
     let invalid = [
         "I would cut the report into paragraphs and look for the code.".to_string(),
-        // (Slips such as a size out of bounds are repaired, not sent back: these are not.)
-        r#"{"chunking":{"strategy":"paragraphs","size":1,"overlap":0},"tasks":[{"id":"t","instruction":"  ","advice":""}],"samples_per_task":1,"top_k":0}"#.to_string(),
-        r#"{"chunking":{"strategy":"paragraphs","size":1,"overlap":0},"tasks":[{"id":"t","instruction":"Find the code.","advice":""}],"samples_per_task":2,"top_k":0}"#.to_string(),
+        r#"{"chunking":{"strategy":"paragraphs","size":0,"overlap":0},"tasks":[{"id":"t","instruction":"Find the code.","advice":""}],"samples_per_task":1,"top_k":0}"#.to_string(),
+        r#"{"chunking":{"strategy":"paragraphs","size":1,"overlap":0},"tasks":[{"id":"t","instruction":"Find the code.","advice":""}],"samples_per_task":1,"top_k":0}"#.to_string(),
         // The last round's answer is plain text.
         "The launch code for Project Heron is BLUE-4471.".to_string(),
     ];
@@ -394,7 +393,7 @@ fn invalid_plans_are_sent_back_a_bounded_number_of_times_then_the_default_plan_r
         .collect();
     assert_eq!(reasons.len(), 3, "{}", r.body);
     assert!(reasons[0].contains("no JSON object"), "{reasons:?}");
-    assert!(reasons[1].contains("tasks must have"), "{reasons:?}");
+    assert!(reasons[1].contains("chunking.size"), "{reasons:?}");
     assert!(reasons[2].contains("at most 1 are allowed"), "{reasons:?}");
     // Then the default plan: one task, one paragraph per chunk, the job budget's one chunk,
     // the best match (the documents are the same: the first's fourth paragraph, which holds

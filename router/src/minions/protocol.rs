@@ -565,58 +565,38 @@ async fn minions(setup: &JobSetup, ledger: &mut Ledger) -> Result<(String, Strin
 }
 
 /// Chunks for a plan. When its chunks are so small that the jobs exceed the round's budget,
-/// the chunk size is doubled (within the strategy's bounds) until they fit; when they still
-/// do not and the chunks are few enough to build and rank cheaply (at most four times the
-/// budget), each task runs on its best chunks only (`top_k` lowered to what fits): a plan
-/// that is right apart from its granularity is repaired rather than refused. Sizes are
-/// chosen on estimated counts (`chunk::estimate_from`, the documents measured once), so
-/// chunks are built once, for the size chosen, and not at all for a plan that is still far
-/// over the budget (a plan bomb costs a pass over the documents, review H7).
+/// the chunk size is doubled (within the strategy's bounds) until they fit: a plan that is
+/// right apart from its granularity is repaired rather than refused. Sizes are chosen on
+/// estimated counts (`chunk::estimate_from`, the documents measured once), so chunks are
+/// built once, for the size chosen, and not at all for a plan that is still far over the
+/// budget (a plan bomb costs a pass over the documents, review H7).
 fn fit_chunks(setup: &JobSetup, p: &mut Plan) -> Result<Vec<Chunk>, PlanError> {
-    fit_plan(
-        &setup.context,
-        setup.max_chunk_chars,
-        setup.max_jobs_per_round as usize,
-        p,
-    )
-}
-
-/// [`fit_chunks`] on its inputs alone.
-fn fit_plan(
-    context: &[String],
-    max_chunk_chars: usize,
-    budget: usize,
-    p: &mut Plan,
-) -> Result<Vec<Chunk>, PlanError> {
     let per_chunk = p.tasks.len() * p.samples_per_task as usize;
-    let lengths = Lengths::of(context, p.chunking.strategy);
-    let count = |c: &plan::Chunking| estimate_from(&lengths, c, max_chunk_chars);
+    let budget = setup.max_jobs_per_round as usize;
+    let lengths = Lengths::of(&setup.context, p.chunking.strategy);
     // With top_k, a task runs on at most k of the chunks.
-    let jobs = |chunks: usize, top_k: u32| {
-        let per_task = if top_k == 0 {
+    let top_k = p.top_k as usize;
+    let per_task = move |chunks: usize| {
+        if top_k == 0 {
             chunks
         } else {
-            chunks.min(top_k as usize)
-        };
-        per_task.saturating_mul(per_chunk)
+            chunks.min(top_k)
+        }
+    };
+    let jobs = |c: &plan::Chunking| {
+        per_task(estimate_from(&lengths, c, setup.max_chunk_chars)).saturating_mul(per_chunk)
     };
     let (_, hi) = plan::size_bounds(p.chunking.strategy);
-    let mut now = jobs(count(&p.chunking), p.top_k);
+    let mut now = jobs(&p.chunking);
     while now > budget && p.chunking.size < hi {
         let mut c = p.chunking.clone();
         c.size = (c.size.saturating_mul(2)).min(hi);
-        let bigger = jobs(count(&c), p.top_k);
+        let bigger = jobs(&c);
         if bigger >= now {
             break; // capped by max_chunk_chars: larger sizes do not help
         }
         p.chunking = c;
         now = bigger;
-    }
-    let chunks_now = count(&p.chunking);
-    let fits = u32::try_from((budget / per_chunk.max(1)).max(1)).unwrap_or(u32::MAX);
-    if now > budget && chunks_now <= budget.saturating_mul(4) && (p.top_k == 0 || p.top_k > fits) {
-        p.top_k = fits.min(plan::Limits::default().max_top_k);
-        now = jobs(chunks_now, p.top_k);
     }
     let too_many = |jobs: usize, chunks: String| {
         PlanError(format!(
@@ -627,10 +607,10 @@ fn fit_plan(
     };
     // The estimate is within a few chunks of the count: twice the budget is far over it.
     if now > budget.saturating_mul(2) {
-        return Err(too_many(now, format!("about {chunks_now}")));
+        return Err(too_many(now, format!("about {}", now / per_chunk.max(1))));
     }
-    let chunks = cap(chunk(context, &p.chunking), max_chunk_chars);
-    let jobs = jobs(chunks.len(), p.top_k);
+    let chunks = cap(chunk(&setup.context, &p.chunking), setup.max_chunk_chars);
+    let jobs = per_task(chunks.len()) * per_chunk;
     if chunks.is_empty() {
         Err(PlanError("this chunking gives no chunks".into()))
     } else if jobs > budget {
@@ -1216,64 +1196,5 @@ fn finish(
         evidence: ledger.evidence.evidence,
         notes: ledger.notes,
         jobs: ledger.jobs,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn plan(strategy: Strategy, size: u32, tasks: usize, samples: u32, top_k: u32) -> Plan {
-        Plan {
-            chunking: Chunking {
-                strategy,
-                size,
-                overlap: 0,
-            },
-            tasks: (0..tasks)
-                .map(|i| TaskSpec {
-                    id: format!("t{i}"),
-                    instruction: format!("Find fact {i}."),
-                    advice: String::new(),
-                })
-                .collect(),
-            samples_per_task: samples,
-            top_k,
-        }
-    }
-
-    /// A plan over the round's budget is repaired when it can be (larger chunks, then each
-    /// task on its best chunks), refused with the reason when it cannot, and a bomb is
-    /// refused on its estimate alone.
-    #[test]
-    fn plans_over_the_budget_are_repaired_or_refused() {
-        // 40 paragraphs of ~50 characters, chunks of at most 400 characters.
-        let doc: String = (0..40)
-            .map(|i| format!("Paragraph {i} says something of its own here.\n\n"))
-            .collect();
-        let context = vec![doc];
-        // 40 one-paragraph chunks x 2 tasks = 80 jobs for a budget of 16: doubling the size
-        // is capped by the chunk length (about 8 paragraphs), which leaves 5 chunks x 2
-        // tasks = 10 jobs.
-        let mut p = plan(Strategy::Paragraphs, 1, 2, 1, 0);
-        let chunks = fit_plan(&context, 400, 16, &mut p).unwrap();
-        assert!(p.chunking.size > 1 && chunks.len() * 2 <= 16, "{p:?}");
-        assert_eq!(p.top_k, 0);
-        // A budget of 4: larger chunks are not enough, but there are few enough chunks to
-        // rank, so each task reads its best 2.
-        let mut p = plan(Strategy::Paragraphs, 1, 2, 1, 0);
-        let chunks = fit_plan(&context, 400, 4, &mut p).unwrap();
-        assert_eq!(p.top_k, 2, "{p:?}");
-        assert!(!chunks.is_empty());
-        // Two samples of one task on a budget of one job: nothing can be repaired.
-        let mut p = plan(Strategy::Paragraphs, 1, 1, 2, 0);
-        let e = fit_plan(&context, 400, 1, &mut p).unwrap_err();
-        assert!(e.0.contains("at most 1 are allowed"), "{e}");
-        // A chunk bomb (4 MiB in 200-character windows, 20,000 chunks) on a budget of 16 is
-        // refused from the estimate: too many chunks to build for a repair.
-        let bomb = vec!["x".repeat(4 << 20)];
-        let mut p = plan(Strategy::Chars, 200, 1, 1, 0);
-        let e = fit_plan(&bomb, 200, 16, &mut p).unwrap_err();
-        assert!(e.0.contains("about"), "{e}");
     }
 }
