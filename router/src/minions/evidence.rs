@@ -203,6 +203,45 @@ impl Collector {
     }
 }
 
+impl Collector {
+    /// Whether `answer` draws on the evidence: it contains one of the evidence's answers,
+    /// or shares two consecutive content words (three letters or more, or a number of two
+    /// digits or more) with one of its quotes. With no evidence anything does (the answer
+    /// may say nothing was found). This tells a final answer from a weak supervisor's
+    /// junk (a list of numbers, a fragment of the prompt), not a right answer from a wrong
+    /// one.
+    pub fn supports(&self, answer: &str) -> bool {
+        if self.evidence.is_empty() {
+            return true;
+        }
+        let said = content_words(answer);
+        let pairs: std::collections::HashSet<(&str, &str)> = said
+            .windows(2)
+            .map(|w| (w[0].as_str(), w[1].as_str()))
+            .collect();
+        let flat = format!(" {} ", said.join(" "));
+        self.evidence.iter().any(|e| {
+            let found = e.answer.as_deref().map(content_words).unwrap_or_default();
+            (!found.is_empty() && flat.contains(&format!(" {} ", found.join(" "))))
+                || content_words(&e.citation)
+                    .windows(2)
+                    .any(|w| pairs.contains(&(w[0].as_str(), w[1].as_str())))
+        })
+    }
+}
+
+/// The words of `s` that carry content, lower case, in order: runs of letters and digits of
+/// three characters or more, or numbers of two digits or more.
+fn content_words(s: &str) -> Vec<String> {
+    s.split(|c: char| !c.is_alphanumeric())
+        .filter(|w| {
+            let n = w.chars().count();
+            n >= 3 || (n == 2 && w.chars().all(|c| c.is_ascii_digit()))
+        })
+        .map(str::to_lowercase)
+        .collect()
+}
+
 /// Lower case, curly quotes and dashes made plain, runs of whitespace as one space.
 pub fn normalise(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
@@ -374,6 +413,32 @@ mod tests {
             citation,
             answer,
             provider: "peer".into(),
+        }
+    }
+
+    #[test]
+    fn a_final_answer_must_draw_on_the_evidence() {
+        let mut c = Collector::default();
+        assert!(c.supports("Nothing in the documents says."));
+        c.add(finding(
+            Some("The port handled a total of 14.2 million tonnes of cargo in 2025"),
+            "14.2 million tonnes",
+        ));
+        assert!(!c.evidence.is_empty());
+        for drawn in [
+            "The answer is 14.2 million tonnes.",
+            "}24.2 tonnes of cargo was handled by the port in 2025. { 14.2 } tonnes of cargo",
+            // Wrong, but from the evidence: this check is against junk, not error.
+            "The port handled a total of 2025 tonnes.",
+        ] {
+            assert!(c.supports(drawn), "{drawn:?}");
+        }
+        for junk in [
+            "); 1. 1. 2. 3. 4. 5. 6. 7. 8. 9. 10. 11. 12.",
+            "The North Port of Glasgow, a city of innovation.",
+            "",
+        ] {
+            assert!(!c.supports(junk), "{junk:?}");
         }
     }
 

@@ -485,6 +485,21 @@ async fn minions(setup: &JobSetup, ledger: &mut Ledger) -> Result<(String, Strin
                 let answer = text.trim();
                 if answer.is_empty() {
                     Err("the reply is empty".to_string())
+                } else if let Some(best) = ledger
+                    .evidence
+                    .most_seen()
+                    .filter(|_| !ledger.evidence.supports(answer))
+                {
+                    // A weak supervisor's junk (a list of numbers, a fragment of the
+                    // prompt) is not passed off as the answer: the evidence found most
+                    // often is, and the answer says so. Not asked again: a supervisor that
+                    // wrote junk from this evidence tends to again.
+                    let agg = from_evidence(best);
+                    ledger.notes.push(format!(
+                        "round {round}: the supervisor's answer drew on none of the evidence ({:?}); the answer is the evidence found most often",
+                        shorten(answer, 120)
+                    ));
+                    Ok(agg)
                 } else {
                     Ok(Aggregate {
                         decision: "final".into(),
@@ -516,21 +531,11 @@ async fn minions(setup: &JobSetup, ledger: &mut Ledger) -> Result<(String, Strin
                             error: e,
                         });
                     };
-                    let answer = best.answer.clone().unwrap_or_else(|| best.citation.clone());
-                    let explanation = format!(
-                        "Found in document {} as \"{}\"",
-                        best.chunk.replace('#', " chunk "),
-                        best.citation
-                    );
+                    let agg = from_evidence(best);
                     ledger.notes.push(format!(
                         "round {round}: the supervisor gave no valid aggregation after {attempt} attempts (last error: {e}); the answer is the evidence found most often"
                     ));
-                    break Aggregate {
-                        decision: "final".into(),
-                        answer,
-                        explanation,
-                        scratchpad: String::new(),
-                    };
+                    break agg;
                 }
                 Err(e) => {
                     messages.push(Msg::assistant(text));
@@ -562,6 +567,21 @@ async fn minions(setup: &JobSetup, ledger: &mut Ledger) -> Result<(String, Strin
         scratchpad = format!("{scratchpad}\nRound {round}: {pad}");
     }
     unreachable!("the last round always returns")
+}
+
+/// The answer a job gives from its evidence alone (`best`: found most often), when its
+/// supervisor gave none worth passing on.
+fn from_evidence(best: &super::evidence::Evidence) -> Aggregate {
+    Aggregate {
+        decision: "final".into(),
+        answer: best.answer.clone().unwrap_or_else(|| best.citation.clone()),
+        explanation: format!(
+            "Found in document {} as \"{}\"",
+            best.chunk.replace('#', " chunk "),
+            best.citation
+        ),
+        scratchpad: String::new(),
+    }
 }
 
 /// Chunks for a plan. When its chunks are so small that the jobs exceed the round's budget,
