@@ -354,8 +354,8 @@ fn minions_md(m: &mut String, r: &MinionsResult) {
          was in the evidence the supervisor saw for **{} of {n}** (evidence recall); {} of {} \
          findings grounded (their quote is in their chunk); MinionS used \
          **{:.2}x** the remote tokens of remote-only ({} vs {}) and moved {} tokens to the \
-         providers ({:.0}% of their prompt tokens from a KV prefix cache: jobs on one chunk \
-         go to one provider); wall time {:.0} s vs {:.0} s. {} local jobs, {} unverified.\n",
+         providers ({:.0}% of their prompt tokens from a KV prefix cache: the shared system prompt, \
+         and chunks read again where they were cached); wall time {:.0} s vs {:.0} s. {} local jobs, {} unverified.\n",
         r.correct,
         r.remote_only_correct,
         r.evidence_recalled,
