@@ -509,9 +509,8 @@ fn a_provider_killed_in_every_minions_round_leaves_the_evidence_unchanged() {
         assert_eq!(jobs.len(), calm["jobs"].as_array().unwrap().len(), "{hit}");
         // Not always to the letter: a job placed again runs beside other sequences, and
         // llama.cpp's CPU kernels round differently for other batch shapes, which can break
-        // a near-tie the other way (why audits allow a tolerance). Seen once in three runs:
-        // one finding of eight differed. Three in four must be the same; none may be lost
-        // (every job verified, above).
+        // a near-tie the other way (why audits allow a tolerance); seen once in three runs.
+        // Three in four must be the same; no job may be lost (every one verified, above).
         let (before, after) = (found(&calm), found(&hit));
         let mut left = after.clone();
         let same = before
