@@ -31,6 +31,8 @@ pub struct MinionsConfig {
     /// supervisor reading a long prompt needs minutes.
     pub remote_timeout: Option<std::time::Duration>,
     pub limits: JobLimits,
+    /// Whether each supervisor's plan retries have been paying off.
+    pub plan_record: std::sync::Arc<super::retries::PlanRecord>,
 }
 
 pub async fn job(
@@ -276,6 +278,12 @@ fn resolve(state: &ApiState, r: JobRequest) -> Result<JobSetup, ApiError> {
         dispatcher.config.audit_rate = dispatcher.config.audit_rate.max(a);
     }
     let limits = &cfg.limits;
+    // Retries are remembered per supervisor: its URL and model.
+    let supervisor_key = format!("{} {model}", base.base_url);
+    let plan_retries = r
+        .policy
+        .plan_retries
+        .unwrap_or_else(|| cfg.plan_record.retries(&supervisor_key, 2));
     Ok(JobSetup {
         protocol: r.protocol,
         task: r.task,
@@ -296,7 +304,8 @@ fn resolve(state: &ApiState, r: JobRequest) -> Result<JobSetup, ApiError> {
             .max_jobs_per_round
             .unwrap_or(64)
             .min(limits.max_jobs_per_round),
-        plan_retries: r.policy.plan_retries.unwrap_or(2),
+        plan_retries,
+        plan_record: Some((cfg.plan_record.clone(), supervisor_key)),
         max_chunk_chars: r.policy.max_chunk_chars.unwrap_or(4_000) as usize,
         worker_max_tokens: r.policy.worker_max_tokens.unwrap_or(200),
         baseline: r.policy.remote_only_baseline.unwrap_or_default(),

@@ -13,4 +13,5 @@ pub mod job;
 pub use beacon_proto::plan;
 pub mod protocol;
 pub mod remote;
+pub mod retries;
 pub mod retrieval;

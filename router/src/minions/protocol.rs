@@ -57,6 +57,8 @@ pub struct JobSetup {
     pub policy: Policy,
     pub max_jobs_per_round: u32,
     pub plan_retries: u32,
+    /// Where this job's plan retries are recorded, and under which supervisor.
+    pub plan_record: Option<(std::sync::Arc<super::retries::PlanRecord>, String)>,
     pub max_chunk_chars: usize,
     pub worker_max_tokens: u32,
     pub baseline: Baseline,
@@ -376,6 +378,11 @@ async fn minions(setup: &JobSetup, ledger: &mut Ledger) -> Result<(String, Strin
                     .await?;
                 let checked = plan::parse(&text, &limits)
                     .and_then(|mut p| fit_chunks(setup, &mut p).map(|chunks| (p, chunks)));
+                if attempt > 1
+                    && let Some((record, supervisor)) = &setup.plan_record
+                {
+                    record.record(supervisor, checked.is_ok());
+                }
                 match checked {
                     Ok(ok) => break (ok, attempt, false),
                     Err(e) => {
