@@ -410,9 +410,9 @@ fn job_killing_one_provider_per_round(
 /// One of four providers is killed (SIGKILL) in every round of a MinionS job while that
 /// round's jobs run on it. Every job completes, every local job is verified, the killed
 /// provider's jobs ran again elsewhere, and the evidence the supervisor is shown is the
-/// evidence the same job gathers when nothing fails (temperature 0 throughout: a re-placed
-/// job gives the same output, but for a rare near-tie broken the other way by another batch
-/// shape). The supervisor is scripted (two rounds of fixed plans), so
+/// evidence the same job gathers when nothing fails: the same quotes (temperature 0
+/// throughout; a worker's short answer beside a quote may differ by a near-tie broken the
+/// other way by another batch shape). The supervisor is scripted (two rounds of fixed plans), so
 /// that the rounds and the jobs are the same in both runs; the real supervisor's part is
 /// `minions.rs`'.
 #[test]
@@ -497,37 +497,28 @@ fn a_provider_killed_in_every_minions_round_leaves_the_evidence_unchanged() {
             );
         }
         assert_eq!(rounds, 2, "{hit}");
-        // The same jobs, and what they found (whoever found it).
-        let found = |v: &Value| -> Vec<Value> {
+        // The same jobs, and the same quotes found (whoever found them). Quotes, not the
+        // workers' short answers: a job placed again runs beside other sequences, and
+        // llama.cpp's CPU kernels round differently for other batch shapes, which can break
+        // a near-tie the other way ("14.2 million tonnes" against "14.2 million tonnes of
+        // cargo", seen twice in five runs); the quote is the document's own sentence, and
+        // it is what the supervisor is shown.
+        let found = |v: &Value| -> std::collections::BTreeSet<(String, String)> {
             v["evidence"]
                 .as_array()
                 .unwrap()
                 .iter()
-                .map(|e| json!([e["round"], e["chunk"], e["citation"], e["answer"]]))
+                .map(|e| {
+                    (
+                        e["chunk"].as_str().unwrap().to_string(),
+                        e["citation"].as_str().unwrap().to_string(),
+                    )
+                })
                 .collect()
         };
         assert_eq!(jobs.len(), calm["jobs"].as_array().unwrap().len(), "{hit}");
-        // Not always to the letter: a job placed again runs beside other sequences, and
-        // llama.cpp's CPU kernels round differently for other batch shapes, which can break
-        // a near-tie the other way (why audits allow a tolerance); seen once in three runs.
-        // Three in four must be the same; no job may be lost (every one verified, above).
         let (before, after) = (found(&calm), found(&hit));
-        let mut left = after.clone();
-        let same = before
-            .iter()
-            .filter(|e| match left.iter().position(|x| x == *e) {
-                Some(i) => {
-                    left.remove(i);
-                    true
-                }
-                None => false,
-            })
-            .count();
-        assert!(
-            same * 4 >= before.len() * 3 && after.len() * 4 >= before.len() * 3,
-            "the evidence changed when providers died: {same} of {} the same\nbefore: {before:?}\nafter: {after:?}",
-            before.len()
-        );
+        assert_eq!(after, before, "the evidence changed when providers died");
         compared += before.len();
         assert!(all_known(&router, &nodes), "{}", router.log());
     }
