@@ -381,13 +381,6 @@ impl Dispatcher {
         prefix.key ^ u64::from_le_bytes(m)
     }
 
-    /// Providers `prefix` of a request for `model` was last sent to (for tests and
-    /// reports).
-    pub fn prefix_homes(&self, model: &Digest, prefix: &SharedPrefix) -> Vec<PeerId> {
-        let homes = self.homes.lock().unwrap_or_else(|p| p.into_inner());
-        homes.get(Self::prefix_key(model, prefix))
-    }
-
     /// Picks a provider for `request`, avoiding `exclude`.
     fn choose(
         &self,
@@ -851,14 +844,12 @@ impl Dispatcher {
         // enough audits to become reputable, and with a newcomer running an even cheaper
         // copy it would otherwise convict honest providers on probation.
         let convicting = |votes: &[(PeerId, AuditVerdict)]| {
-            let fails: Vec<&(PeerId, AuditVerdict)> =
-                votes.iter().filter(|(_, v)| !v.passed).collect();
-            let reputable = fails
+            let fails: Vec<(bool, bool)> = votes
                 .iter()
-                .filter(|(a, _)| self.directory.reputable(a))
-                .count();
-            let hard = !fails.is_empty() && fails.iter().all(|(_, v)| v.hard);
-            reputable >= 2 || (hard && reputable >= 1 && fails.len() >= 2)
+                .filter(|(_, v)| !v.passed)
+                .map(|(a, v)| (self.directory.reputable(a), v.hard))
+                .collect();
+            convicts(&fails)
         };
         // Transport failures do not count as votes; a few are tolerated.
         for _ in 0..6 {
@@ -984,6 +975,14 @@ impl Dispatcher {
     }
 }
 
+/// Whether these failing votes (each: the auditor is reputable, the failure is hard) can
+/// convict: two reputable ones, or, for a hard failure, one reputable beside any other.
+fn convicts(fails: &[(bool, bool)]) -> bool {
+    let reputable = fails.iter().filter(|(r, _)| *r).count();
+    let hard = !fails.is_empty() && fails.iter().all(|(_, h)| *h);
+    reputable >= 2 || (hard && reputable >= 1 && fails.len() >= 2)
+}
+
 /// An element drawn uniformly at random (the operating system's CSPRNG), if any.
 fn pick<T>(items: &[T]) -> Option<&T> {
     if items.is_empty() {
@@ -1044,6 +1043,22 @@ mod tests {
             RouterDirectory::new(live, None),
             DispatchConfig::default(),
         )
+    }
+
+    /// The attack `attacks.rs` once hit: a Q3_K_M swapper that passed enough audits to be
+    /// reputable and a newcomer running a Q2_K copy both fail an honest result on argmax
+    /// agreement. The rule before (two failing votes, one of them reputable) convicted
+    /// that; two reputable soft failures, or a hard one a reputable auditor confirms, still do.
+    #[test]
+    fn one_reputable_soft_failure_and_a_newcomer_convict_nobody() {
+        // (reputable, hard) per failing vote.
+        assert!(!convicts(&[(true, false), (false, false)]));
+        assert!(!convicts(&[(false, false), (false, false)]));
+        assert!(!convicts(&[(false, true), (false, true)]));
+        assert!(!convicts(&[(true, true)]));
+        assert!(convicts(&[(true, false), (true, false)]));
+        assert!(convicts(&[(true, true), (false, true)]));
+        assert!(!convicts(&[(true, true), (false, false)]));
     }
 
     #[test]

@@ -448,6 +448,16 @@ mod tests {
         assert!(on_slow > 0 && on_slow < 10, "{on_slow}");
     }
 
+    /// A model and two idle, equal providers of it.
+    fn two_equal() -> (Digest, ProviderView, ProviderView) {
+        let m = model(0);
+        (
+            m,
+            provider(0, "eu-west", vec![m]),
+            provider(1, "eu-west", vec![m]),
+        )
+    }
+
     fn sharing(m: Digest, key: u64, held_by: Vec<PeerId>) -> Subtask {
         Subtask {
             prefix: Some(Prefix {
@@ -461,11 +471,7 @@ mod tests {
 
     #[test]
     fn work_goes_where_its_prefix_is_cached_unless_that_is_slower() {
-        let m = model(0);
-        let (a, b) = (
-            provider(0, "eu-west", vec![m]),
-            provider(1, "eu-west", vec![m]),
-        );
+        let (m, a, b) = two_equal();
         // Idle and equal: without a prefix, seeds spread single subtasks over both...
         let on_b = (0..64)
             .filter(|&seed| {
@@ -503,11 +509,7 @@ mod tests {
 
     #[test]
     fn subtasks_on_one_text_gather_on_one_provider() {
-        let m = model(0);
-        let (a, b) = (
-            provider(0, "eu-west", vec![m]),
-            provider(1, "eu-west", vec![m]),
-        );
+        let (m, a, b) = two_equal();
         // Two texts, four subtasks each (as many as a provider's slots), no provider holding
         // either yet: each text's subtasks end up together, and the texts on different
         // providers, for every seed. Without prefixes they scatter.
