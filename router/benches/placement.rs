@@ -1,5 +1,6 @@
 //! Placement at scale: 10,000 subtasks over 1,000 providers in three regions, with and
-//! without residency pinning. `cargo bench -p beacon-router --bench placement`.
+//! without residency pinning, and one chat request over the same 1,000 providers.
+//! `cargo bench -p beacon-router --bench placement`.
 
 use std::collections::HashMap;
 
@@ -56,6 +57,12 @@ fn bench(c: &mut Criterion) {
     };
     group.bench_function("10k x 1k, pinned to one region, cost-weighted", |b| {
         b.iter(|| place(&subtasks, &providers, &pinned))
+    });
+    // A chat request: one subtask among every provider, as the dispatcher places each.
+    let one = &subtasks[..1];
+    group.sample_size(100);
+    group.bench_function("1 chat request x 1k providers", |b| {
+        b.iter(|| place(one, &providers, &Policy::default()))
     });
     group.finish();
 }

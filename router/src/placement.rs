@@ -117,21 +117,39 @@ pub fn eligible(t: &Subtask, p: &ProviderView, policy: &Policy) -> bool {
 
 /// Expected milliseconds of `t` on `p` once it starts.
 pub fn service_ms(t: &Subtask, p: &ProviderView) -> f64 {
-    service_ms_cached(t, p, 0)
+    let r = Rates::of(p, &t.model);
+    r.service_ms(t.prompt_tokens, t.max_tokens)
 }
 
-/// Expected milliseconds of `t` on `p` once it starts, when `cached` of its prompt tokens
-/// are already in `p`'s KV cache.
-fn service_ms_cached(t: &Subtask, p: &ProviderView, cached: u32) -> f64 {
-    let decode = p
-        .decode_tps
-        .get(&t.model)
-        .copied()
-        .unwrap_or(p.default_tps)
-        .max(0.1);
-    let prefill = p.prefill_tps.max(1.0);
-    let prefill_tokens = t.prompt_tokens.saturating_sub(cached.min(t.prompt_tokens));
-    p.rtt_ms + prefill_tokens as f64 / prefill * 1000.0 + t.max_tokens as f64 / decode * 1000.0
+/// A provider's speed for one model, as milliseconds per token: what scoring multiplies.
+#[derive(Clone, Copy, Debug)]
+struct Rates {
+    rtt_ms: f64,
+    prefill_ms: f64,
+    decode_ms: f64,
+}
+
+impl Rates {
+    fn of(p: &ProviderView, model: &Digest) -> Rates {
+        let decode = p
+            .decode_tps
+            .get(model)
+            .copied()
+            .unwrap_or(p.default_tps)
+            .max(0.1);
+        Rates {
+            rtt_ms: p.rtt_ms,
+            prefill_ms: 1000.0 / p.prefill_tps.max(1.0),
+            decode_ms: 1000.0 / decode,
+        }
+    }
+
+    /// Expected milliseconds of a subtask once it starts, with `prefill` of its prompt
+    /// tokens not in the provider's cache. Every scoring path computes it this way, in this
+    /// order, so that they agree to the bit.
+    fn service_ms(&self, prefill: u32, max_tokens: u32) -> f64 {
+        self.rtt_ms + prefill as f64 * self.prefill_ms + max_tokens as f64 * self.decode_ms
+    }
 }
 
 fn mix(seed: u64, a: u64, b: &[u8]) -> u64 {
@@ -144,79 +162,241 @@ fn mix(seed: u64, a: u64, b: &[u8]) -> u64 {
     h
 }
 
+/// The prompt tokens of `t` a provider must prefill when it holds `t`'s prefix or not.
+fn prefill_tokens(t: &Subtask, holds: bool) -> u32 {
+    match &t.prefix {
+        Some(x) if holds => t
+            .prompt_tokens
+            .saturating_sub(x.tokens.min(t.prompt_tokens)),
+        _ => t.prompt_tokens,
+    }
+}
+
+/// Each provider's lanes: when each of its `slots` is next free (ms). Only the earliest
+/// matters to scoring (`free`); a provider's heap of lanes is made when it first gets work,
+/// so that placing one request among thousands of providers allocates almost nothing.
+struct Lanes {
+    start: Vec<u64>,
+    free: Vec<u64>,
+    heaps: HashMap<usize, BinaryHeap<Reverse<u64>>>,
+}
+
+impl Lanes {
+    fn new(providers: &[ProviderView]) -> Lanes {
+        // A busy provider's lanes start later, by the work already there spread over its
+        // slots.
+        let start: Vec<u64> = providers
+            .iter()
+            .map(|p| {
+                let typical = 1000.0 * 256.0 / p.default_tps.max(0.1);
+                let queued_ms = p.busy as f64 * typical / p.slots.max(1) as f64;
+                (p.rtt_ms + queued_ms).max(0.0) as u64
+            })
+            .collect();
+        Lanes {
+            free: start.clone(),
+            start,
+            heaps: HashMap::new(),
+        }
+    }
+
+    /// Provider `j` takes work that finishes at `finish`; returns its new earliest free time.
+    fn take(&mut self, j: usize, slots: u32, finish: f64) -> u64 {
+        let start = self.start[j];
+        let heap = self
+            .heaps
+            .entry(j)
+            .or_insert_with(|| (0..slots.min(4096)).map(|_| Reverse(start)).collect());
+        heap.pop();
+        heap.push(Reverse(finish.ceil() as u64));
+        self.free[j] = heap.peek().map_or(0, |r| r.0);
+        self.free[j]
+    }
+}
+
+/// The providers eligible for one model, as columns: what scoring reads for every subtask
+/// of that model. `free` mirrors [`Lanes::free`] for these providers, kept current when
+/// one of them takes work, so that the scoring loop reads memory in order.
+struct Group {
+    members: Vec<usize>,
+    free: Vec<f64>,
+    rtt: Vec<f64>,
+    prefill_ms: Vec<f64>,
+    decode_ms: Vec<f64>,
+    /// `cost_weight × price`: the cost term is this × the subtask's tokens / 1e6.
+    weighted_price: Vec<f64>,
+    /// Position of provider `j` in `members`, or `u32::MAX`.
+    position: Vec<u32>,
+}
+
+impl Group {
+    fn new(model: &Digest, providers: &[ProviderView], policy: &Policy, lanes: &Lanes) -> Group {
+        let probe = Subtask {
+            model: *model,
+            prompt_tokens: 0,
+            max_tokens: 0,
+            exclude: Vec::new(),
+            prefix: None,
+        };
+        let members: Vec<usize> = (0..providers.len())
+            .filter(|&j| eligible(&probe, &providers[j], policy))
+            .collect();
+        let mut g = Group {
+            free: members.iter().map(|&j| lanes.free[j] as f64).collect(),
+            rtt: Vec::with_capacity(members.len()),
+            prefill_ms: Vec::with_capacity(members.len()),
+            decode_ms: Vec::with_capacity(members.len()),
+            weighted_price: Vec::with_capacity(members.len()),
+            position: vec![u32::MAX; providers.len()],
+            members,
+        };
+        for (k, &j) in g.members.iter().enumerate() {
+            let r = Rates::of(&providers[j], model);
+            g.rtt.push(r.rtt_ms);
+            g.prefill_ms.push(r.prefill_ms);
+            g.decode_ms.push(r.decode_ms);
+            g.weighted_price
+                .push(policy.cost_weight * providers[j].price_per_mtok);
+            g.position[j] = k as u32;
+        }
+        g
+    }
+
+    fn rates(&self, k: usize) -> Rates {
+        Rates {
+            rtt_ms: self.rtt[k],
+            prefill_ms: self.prefill_ms[k],
+            decode_ms: self.decode_ms[k],
+        }
+    }
+}
+
 /// Places every subtask; the result has one entry per subtask, in subtask order.
+///
+/// Subtasks are taken longest first; each goes where it is expected to finish earliest
+/// (plus the cost term), ties to the lowest seeded hash of (subtask, provider). Scoring is
+/// a pass over the model's eligible providers held as columns (no hashing, no allocation
+/// per pair); exclusions and cached prefixes, which concern a few providers, are applied
+/// to the scores afterwards. The result is exactly what scoring every pair one by one
+/// gives (a property test compares them).
 pub fn place(
     subtasks: &[Subtask],
     providers: &[ProviderView],
     policy: &Policy,
 ) -> Vec<Result<Assignment, PlacementError>> {
-    // Lanes per provider: a min-heap of times (ms) at which each lane is free. A busy
-    // provider's lanes start later, by the work already there spread over its slots.
-    let mut lanes: Vec<BinaryHeap<Reverse<u64>>> = providers
-        .iter()
-        .map(|p| {
-            let typical = 1000.0 * 256.0 / p.default_tps.max(0.1);
-            let queued_ms = p.busy as f64 * typical / p.slots.max(1) as f64;
-            let start = (p.rtt_ms + queued_ms).max(0.0) as u64;
-            (0..p.slots.min(4096)).map(|_| Reverse(start)).collect()
-        })
-        .collect();
-    let peer_bytes: Vec<Vec<u8>> = providers.iter().map(|p| p.peer.to_bytes()).collect();
-
-    // Eligible providers per distinct (model, exclusions) are mostly shared: cache by model
-    // and only filter exclusions per subtask.
-    let mut by_model: HashMap<Digest, Vec<usize>> = HashMap::new();
+    let mut lanes = Lanes::new(providers);
+    let mut groups: HashMap<Digest, Group> = HashMap::new();
+    // For each provider, the groups it is in (to keep their `free` current).
+    let mut member_of: HashMap<usize, Vec<Digest>> = HashMap::new();
     let mut order: Vec<usize> = (0..subtasks.len()).collect();
     order.sort_by_key(|&i| {
         let t = &subtasks[i];
         (Reverse(t.prompt_tokens as u64 + 8 * t.max_tokens as u64), i)
     });
+    // Peer ids to indices, made only when a subtask names providers (exclusions, holders).
+    let mut index: Option<HashMap<PeerId, usize>> = None;
+    // Providers chosen so far for each prefix key in this placement.
+    let mut warm: HashMap<u64, Vec<usize>> = HashMap::new();
+    let mut scores: Vec<f64> = Vec::new();
     let mut out: Vec<Option<Result<Assignment, PlacementError>>> = vec![None; subtasks.len()];
-    // (prefix key, provider index) pairs chosen so far in this placement.
-    let mut warm: std::collections::HashSet<(u64, usize)> = Default::default();
     for i in order {
         let t = &subtasks[i];
-        let candidates = by_model.entry(t.model).or_insert_with(|| {
-            let probe = Subtask {
-                exclude: Vec::new(),
-                ..t.clone()
-            };
-            (0..providers.len())
-                .filter(|&j| eligible(&probe, &providers[j], policy))
-                .collect()
-        });
-        let mut best: Option<(f64, u64, usize, f64)> = None;
-        for &j in candidates.iter() {
-            let p = &providers[j];
-            if t.exclude.contains(&p.peer) {
-                continue;
+        if !groups.contains_key(&t.model) {
+            let g = Group::new(&t.model, providers, policy, &lanes);
+            for &j in &g.members {
+                member_of.entry(j).or_default().push(t.model);
             }
-            let free = lanes[j].peek().map(|r| r.0).unwrap_or(0) as f64;
-            let cached = match &t.prefix {
-                Some(x) if warm.contains(&(x.key, j)) || x.held_by.contains(&p.peer) => x.tokens,
-                _ => 0,
-            };
-            let finish = free + service_ms_cached(t, p, cached);
-            let cost = policy.cost_weight
-                * p.price_per_mtok
-                * (t.prompt_tokens as f64 + t.max_tokens as f64)
-                / 1e6;
-            let score = finish + cost;
-            let tie = mix(policy.seed, i as u64, &peer_bytes[j]);
-            let better = match best {
-                None => true,
-                Some((s, h, _, _)) => score < s || (score == s && tie < h),
-            };
-            if better {
-                best = Some((score, tie, j, finish));
+            groups.insert(t.model, g);
+        }
+        let g = &groups[&t.model];
+        // Every eligible provider's score, as if it held no prefix.
+        let (a, b) = (t.prompt_tokens, t.max_tokens);
+        let sum = a as f64 + b as f64;
+        let (af, bf) = (a as f64, b as f64);
+        scores.clear();
+        scores.extend(
+            g.free
+                .iter()
+                .zip(&g.rtt)
+                .zip(&g.prefill_ms)
+                .zip(&g.decode_ms)
+                .zip(&g.weighted_price)
+                .map(|((((f, r), p), d), w)| f + (r + af * p + bf * d) + w * sum / 1e6),
+        );
+        // Providers that hold the prefix score with the rest of the prompt only.
+        let holders: Vec<usize> = match &t.prefix {
+            Some(x) => {
+                let mut h = warm.get(&x.key).cloned().unwrap_or_default();
+                if !x.held_by.is_empty() {
+                    let index = index.get_or_insert_with(|| peer_index(providers));
+                    h.extend(x.held_by.iter().filter_map(|p| index.get(p)));
+                }
+                h
+            }
+            None => Vec::new(),
+        };
+        let finish_of =
+            |k: usize, holds: bool| g.free[k] + g.rates(k).service_ms(prefill_tokens(t, holds), b);
+        for &j in &holders {
+            let k = g.position[j];
+            if k != u32::MAX {
+                let k = k as usize;
+                scores[k] = finish_of(k, true) + g.weighted_price[k] * sum / 1e6;
             }
         }
-        out[i] = Some(match best {
-            Some((_, _, j, finish)) => {
-                lanes[j].pop();
-                lanes[j].push(Reverse(finish.ceil() as u64));
+        // Excluded providers do not score.
+        if !t.exclude.is_empty() {
+            let index = index.get_or_insert_with(|| peer_index(providers));
+            for p in &t.exclude {
+                if let Some(&j) = index.get(p)
+                    && g.position[j] != u32::MAX
+                {
+                    scores[g.position[j] as usize] = f64::NAN;
+                }
+            }
+        }
+        // The lowest score; among equals, the lowest seeded hash.
+        let mut best = f64::INFINITY;
+        let mut any = false;
+        for &s in &scores {
+            if s <= best {
+                best = s;
+                any = true;
+            }
+        }
+        let chosen = if any {
+            let mut pick: Option<(u64, usize)> = None;
+            for (k, &s) in scores.iter().enumerate() {
+                if s == best {
+                    let tie = mix(
+                        policy.seed,
+                        i as u64,
+                        &providers[g.members[k]].peer.to_bytes(),
+                    );
+                    if pick.is_none_or(|(h, _)| tie < h) {
+                        pick = Some((tie, k));
+                    }
+                }
+            }
+            pick.map(|(_, k)| k)
+        } else {
+            None
+        };
+        out[i] = Some(match chosen {
+            Some(k) => {
+                let j = g.members[k];
+                let finish = finish_of(k, holders.contains(&j));
+                let free = lanes.take(j, providers[j].slots, finish) as f64;
+                for m in &member_of[&j] {
+                    let g = groups.get_mut(m).expect("a provider's groups exist");
+                    let k = g.position[j] as usize;
+                    g.free[k] = free;
+                }
                 if let Some(x) = &t.prefix {
-                    warm.insert((x.key, j));
+                    let w = warm.entry(x.key).or_default();
+                    if !w.contains(&j) {
+                        w.push(j);
+                    }
                 }
                 Ok(Assignment {
                     subtask: i,
@@ -233,6 +413,14 @@ pub fn place(
     out.into_iter()
         .map(|o| o.expect("every subtask placed or refused"))
         .collect()
+}
+
+fn peer_index(providers: &[ProviderView]) -> HashMap<PeerId, usize> {
+    let mut index = HashMap::with_capacity(providers.len());
+    for (j, p) in providers.iter().enumerate().rev() {
+        index.insert(p.peer, j);
+    }
+    index
 }
 
 fn explain(t: &Subtask, providers: &[ProviderView], policy: &Policy) -> String {
@@ -300,6 +488,73 @@ mod tests {
         }
     }
 
+    /// The cost term of a subtask's score on a provider of `price_per_mtok`.
+    fn cost_of(policy: &Policy, price_per_mtok: f64, t: &Subtask) -> f64 {
+        policy.cost_weight * price_per_mtok * (t.prompt_tokens as f64 + t.max_tokens as f64) / 1e6
+    }
+
+    /// Placement as first written: every (subtask, provider) pair scored one by one. The
+    /// column-wise [`place`] must agree with it exactly.
+    fn place_pairwise(
+        subtasks: &[Subtask],
+        providers: &[ProviderView],
+        policy: &Policy,
+    ) -> Vec<Result<Assignment, PlacementError>> {
+        let lanes = Lanes::new(providers);
+        let mut lanes: Vec<BinaryHeap<Reverse<u64>>> = providers
+            .iter()
+            .zip(&lanes.start)
+            .map(|(p, &start)| (0..p.slots.min(4096)).map(|_| Reverse(start)).collect())
+            .collect();
+        let mut order: Vec<usize> = (0..subtasks.len()).collect();
+        order.sort_by_key(|&i| {
+            let t = &subtasks[i];
+            (Reverse(t.prompt_tokens as u64 + 8 * t.max_tokens as u64), i)
+        });
+        let mut out = vec![None; subtasks.len()];
+        let mut warm: std::collections::HashSet<(u64, usize)> = Default::default();
+        for i in order {
+            let t = &subtasks[i];
+            let mut best: Option<(f64, u64, usize, f64)> = None;
+            for (j, p) in providers.iter().enumerate() {
+                if !eligible(t, p, policy) {
+                    continue;
+                }
+                let free = lanes[j].peek().map(|r| r.0).unwrap_or(0) as f64;
+                let holds = t
+                    .prefix
+                    .as_ref()
+                    .is_some_and(|x| warm.contains(&(x.key, j)) || x.held_by.contains(&p.peer));
+                let finish = free
+                    + Rates::of(p, &t.model).service_ms(prefill_tokens(t, holds), t.max_tokens);
+                let score = finish + cost_of(policy, p.price_per_mtok, t);
+                let tie = mix(policy.seed, i as u64, &p.peer.to_bytes());
+                if best.is_none_or(|(s, h, _, _)| score < s || (score == s && tie < h)) {
+                    best = Some((score, tie, j, finish));
+                }
+            }
+            out[i] = Some(match best {
+                Some((_, _, j, finish)) => {
+                    lanes[j].pop();
+                    lanes[j].push(Reverse(finish.ceil() as u64));
+                    if let Some(x) = &t.prefix {
+                        warm.insert((x.key, j));
+                    }
+                    Ok(Assignment {
+                        subtask: i,
+                        provider: providers[j].peer,
+                        expected_ms: finish,
+                    })
+                }
+                None => Err(PlacementError::NoEligibleProvider {
+                    subtask: i,
+                    reason: explain(t, providers, policy),
+                }),
+            });
+        }
+        out.into_iter().map(Option::unwrap).collect()
+    }
+
     const REGIONS: [&str; 3] = ["us-east", "eu-west", "ap-south"];
 
     fn arb_world() -> impl Strategy<Value = (Vec<Subtask>, Vec<ProviderView>, Policy)> {
@@ -310,8 +565,10 @@ mod tests {
                 any::<bool>(),
                 0u32..4,
                 1u32..8,
-                1.0f64..200.0,
-                5.0f64..300.0,
+                // Few distinct speeds, so that equal scores (ties) are common, as among
+                // providers on the same hardware.
+                prop::sample::select(vec![1.0f64, 20.0, 150.0]),
+                prop::sample::select(vec![5.0f64, 50.0, 300.0]),
             ),
             0..12,
         );
@@ -397,6 +654,11 @@ mod tests {
                     Err(_) => prop_assert!(!any_eligible, "refused though a provider was eligible"),
                 }
             }
+        }
+
+        #[test]
+        fn agrees_with_scoring_every_pair((subtasks, providers, policy) in arb_world()) {
+            prop_assert_eq!(place(&subtasks, &providers, &policy), place_pairwise(&subtasks, &providers, &policy));
         }
 
         #[test]
