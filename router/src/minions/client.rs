@@ -123,10 +123,12 @@ fn describe(event: &str, v: &Value) -> String {
                 Some(k) if k > 0 => format!(", each task on its {k} best chunks"),
                 _ => String::new(),
             },
-            if v["default"] == true {
-                " (the router's default plan: the supervisor gave no valid one)"
-            } else {
-                ""
+            match (v["default"] == true, v["attempt"].as_u64()) {
+                (true, Some(0)) => {
+                    " (the router's default plan: the supervisor, whose plans are rarely valid, was not asked)"
+                }
+                (true, _) => " (the router's default plan: the supervisor gave no valid one)",
+                _ => "",
             }
         ),
         "plan_rejected" => format!(

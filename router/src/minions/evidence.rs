@@ -11,7 +11,9 @@
 //!   with the sentence of the chunk that does, located by the router (`located`);
 //! - a grounded citation without a supported answer goes up alone if it shares a word with
 //!   the question, and is dropped as irrelevant otherwise;
-//! - anything else is dropped as ungrounded.
+//! - anything else is dropped as ungrounded;
+//! - a quote over [`MAX_QUOTE_BYTES`] (small workers copy their whole chunk) is cut to its
+//!   sentence that holds the answer or, with none, that is most about the question.
 //!
 //! The supervisor sees compact, de-duplicated quotes that a user can check against the
 //! document, never the workers' prose, and the job's answer lists them.
@@ -23,6 +25,9 @@ use serde::Serialize;
 /// The shortest citation that counts (after normalisation): a quote of a word or two
 /// proves nothing about where it came from.
 const MIN_CITATION_CHARS: usize = 8;
+
+/// Quotes longer than this are cut to their sentence that matters ([`compact`]).
+const MAX_QUOTE_BYTES: usize = 240;
 
 /// One grounded finding.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -131,6 +136,7 @@ impl Collector {
                 return false;
             }
         };
+        let citation = compact(citation, answer.as_deref(), &question);
         self.counts.grounded += 1;
         self.counts.located += located as usize;
         let key = (
@@ -331,6 +337,26 @@ fn relevant(quote: &str, question: &str) -> bool {
         .any(|w| said.iter().any(|s| s.starts_with(w.as_str())))
 }
 
+/// The sentences of `text`, trimmed, in order: a sentence ends at `.`, `?` or `!` before
+/// white space, or at a blank line.
+fn sentences(text: &str) -> Vec<&str> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::new();
+    let mut start = 0;
+    for (i, c) in text.char_indices() {
+        let end = i + c.len_utf8();
+        let boundary =
+            matches!(c, '.' | '?' | '!') && bytes.get(end).is_none_or(|b| b.is_ascii_whitespace());
+        if boundary || (c == '\n' && bytes.get(end) == Some(&b'\n')) {
+            out.push(text[start..end].trim());
+            start = end;
+        }
+    }
+    out.push(text[start..].trim());
+    out.retain(|s| !s.is_empty());
+    out
+}
+
 /// The sentence of `chunk` that best holds `answer`: every number of the answer and the
 /// most of its words (ties: the first), as it stands in the chunk.
 fn sentence_with(chunk: &str, answer: &str) -> Option<String> {
@@ -338,25 +364,7 @@ fn sentence_with(chunk: &str, answer: &str) -> Option<String> {
     let whole = normalise(answer);
     let whole = whole.trim_matches(|c: char| c.is_whitespace() || "\"'.".contains(c));
     let mut best: Option<(usize, &str)> = None;
-    let mut start = 0;
-    let bytes = chunk.as_bytes();
-    let mut ends = Vec::new();
-    for (i, c) in chunk.char_indices() {
-        let end = i + c.len_utf8();
-        // A sentence ends at . ? or ! before white space, or at a blank line.
-        let boundary =
-            matches!(c, '.' | '?' | '!') && bytes.get(end).is_none_or(|b| b.is_ascii_whitespace());
-        if boundary || (c == '\n' && bytes.get(end) == Some(&b'\n')) {
-            ends.push(end);
-        }
-    }
-    ends.push(chunk.len());
-    for end in ends {
-        let sentence = chunk[start..end].trim();
-        start = end;
-        if sentence.is_empty() {
-            continue;
-        }
+    for sentence in sentences(chunk) {
         let n = normalise(sentence);
         let (s_numbers, _) = terms(&n);
         if !numbers.iter().all(|x| s_numbers.contains(x)) {
@@ -375,6 +383,40 @@ fn sentence_with(chunk: &str, answer: &str) -> Option<String> {
         }
     }
     best.map(|(_, s)| s.to_string())
+}
+
+/// A quote as the supervisor is shown it: as the worker gave it when it is short; else
+/// (small workers often copy their whole chunk) the sentence of it that holds the answer,
+/// or, with no answer, the sentence that shares the most content words with the question
+/// (ties: the first). Every sentence is the quote's own, so what is shown is still in the
+/// document.
+fn compact(quote: String, answer: Option<&str>, question: &str) -> String {
+    if quote.len() <= MAX_QUOTE_BYTES {
+        return quote;
+    }
+    if let Some(s) = answer.and_then(|a| sentence_with(&quote, a)) {
+        return s;
+    }
+    let (_, asked) = terms(question);
+    let asked: Vec<&String> = asked.iter().filter(|w| w.chars().count() >= 4).collect();
+    let score = |s: &str| {
+        let (_, said) = terms(&normalise(s));
+        asked
+            .iter()
+            .filter(|w| said.iter().any(|x| x.starts_with(w.as_str())))
+            .count()
+    };
+    let mut best: Option<(usize, &str)> = None;
+    for s in sentences(&quote) {
+        let n = score(s);
+        if best.is_none_or(|(b, _)| n > b) {
+            best = Some((n, s));
+        }
+    }
+    match best {
+        Some((n, s)) if n > 0 => s.to_string(),
+        _ => quote,
+    }
 }
 
 /// Whether the (normalised) chunk supports `answer`: it holds the answer verbatim, or every
@@ -440,6 +482,33 @@ mod tests {
         ] {
             assert!(!c.supports(junk), "{junk:?}");
         }
+    }
+
+    #[test]
+    fn a_copied_paragraph_is_cut_to_the_sentence_that_matters() {
+        let paragraph = "Harbour Authority annual review, section four, on operations. \
+            The weather was mild for most of the year and the staff canteen was renovated. \
+            The port handled a total of 14.2 million tonnes of cargo in 2025, a record. \
+            Dredging of the outer channel continued through the autumn months as planned.";
+        assert!(paragraph.len() > MAX_QUOTE_BYTES);
+        let mut c = Collector::default();
+        let f = |citation, answer| Finding {
+            chunk_text: paragraph,
+            ..finding(citation, answer)
+        };
+        // A supported answer: the sentence holding it.
+        assert!(c.add(f(Some(paragraph), "14.2 million tonnes")));
+        // A junk answer: the sentence most about the question.
+        assert!(c.add(f(Some(paragraph), "0.000000")));
+        let quotes: Vec<&str> = c.evidence.iter().map(|e| e.citation.as_str()).collect();
+        let sentence =
+            "The port handled a total of 14.2 million tonnes of cargo in 2025, a record.";
+        assert_eq!(quotes, [sentence, sentence]);
+        // Short quotes stay as the worker gave them.
+        assert_eq!(
+            compact("Container traffic rose.".into(), None, "cargo"),
+            "Container traffic rose."
+        );
     }
 
     #[test]

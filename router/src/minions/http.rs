@@ -15,6 +15,7 @@ use tokio::sync::mpsc;
 use super::job::{JobLimits, JobRequest, Progress, Protocol};
 use super::protocol::{JobError, JobSetup, run};
 use super::remote::{RemoteError, Supervisor};
+use super::retries::Planning;
 use crate::api::{ApiError, ApiState, Remote, read_body};
 
 /// The router's MinionS settings.
@@ -278,12 +279,18 @@ fn resolve(state: &ApiState, r: JobRequest) -> Result<JobSetup, ApiError> {
         dispatcher.config.audit_rate = dispatcher.config.audit_rate.max(a);
     }
     let limits = &cfg.limits;
-    // Retries are remembered per supervisor: its URL and model.
+    // Plan calls are remembered per supervisor: its URL and model. A job that sets
+    // `plan_retries` is always asked for a plan.
     let supervisor_key = format!("{} {model}", base.base_url);
-    let plan_retries = r
-        .policy
-        .plan_retries
-        .unwrap_or_else(|| cfg.plan_record.retries(&supervisor_key, 2));
+    let planning = match (r.policy.plan_retries, r.protocol) {
+        (Some(retries), _) => Planning::Ask { retries },
+        (None, Protocol::Minions) => cfg.plan_record.planning(&supervisor_key, 2),
+        (None, Protocol::Minion) => Planning::Ask { retries: 2 },
+    };
+    let (plan_retries, skip_plan) = match planning {
+        Planning::Ask { retries } => (retries, None),
+        Planning::Skip { valid, seen } => (2, Some((valid, seen))),
+    };
     Ok(JobSetup {
         protocol: r.protocol,
         task: r.task,
@@ -305,6 +312,7 @@ fn resolve(state: &ApiState, r: JobRequest) -> Result<JobSetup, ApiError> {
             .unwrap_or(64)
             .min(limits.max_jobs_per_round),
         plan_retries,
+        skip_plan,
         plan_record: Some((cfg.plan_record.clone(), supervisor_key)),
         max_chunk_chars: r.policy.max_chunk_chars.unwrap_or(4_000) as usize,
         worker_max_tokens: r.policy.worker_max_tokens.unwrap_or(200),

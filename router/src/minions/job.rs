@@ -342,7 +342,8 @@ pub enum Progress {
         round: u32,
         attempt: u32,
         plan: super::plan::Plan,
-        /// The router's default plan, taken when the supervisor gave no valid one.
+        /// The router's default plan, taken when the supervisor gave no valid one, or
+        /// not asked for one (`attempt` 0) as its plans are rarely valid.
         default: bool,
     },
     PlanRejected {

@@ -13,9 +13,10 @@
 //! scratchpad}`; the last round must be final.
 //!
 //! A weak supervisor never sinks a job: after the retries, a round runs the router's
-//! default plan (the task as the one instruction over the paragraphs that match it best),
-//! and a job whose supervisor cannot aggregate answers with the evidence found most often;
-//! the answer's `notes` say so.
+//! default plan (the task as the one instruction over the paragraphs that match it best;
+//! in a later round, the next best); a supervisor whose recent plans were rarely valid is
+//! not asked for one at all ([`super::retries`]); and a job whose supervisor cannot
+//! aggregate answers with the evidence found most often. The answer's `notes` say so.
 //!
 //! Minion: the supervisor asks, a worker on a provider that sees the whole context answers,
 //! until the supervisor gives a final answer.
@@ -57,7 +58,10 @@ pub struct JobSetup {
     pub policy: Policy,
     pub max_jobs_per_round: u32,
     pub plan_retries: u32,
-    /// Where this job's plan retries are recorded, and under which supervisor.
+    /// The supervisor is not asked for plans: of its last `.1` plan calls, `.0` gave a
+    /// valid one ([`super::retries::Planning::Skip`]); every round runs the default plan.
+    pub skip_plan: Option<(u32, u32)>,
+    /// Where this job's plan calls are recorded, and under which supervisor.
     pub plan_record: Option<(std::sync::Arc<super::retries::PlanRecord>, String)>,
     pub max_chunk_chars: usize,
     pub worker_max_tokens: u32,
@@ -347,6 +351,7 @@ async fn minions(setup: &JobSetup, ledger: &mut Ledger) -> Result<(String, Strin
         .max(u32::try_from(plan::max_reply_chars(&limits)).unwrap_or(u32::MAX));
     let docs = describe_documents(setup);
     let mut scratchpad = String::new();
+    let mut default_rounds = 0;
     for round in 1..=setup.max_rounds {
         let last = round == setup.max_rounds;
         // (1) Decompose.
@@ -363,7 +368,18 @@ async fn minions(setup: &JobSetup, ledger: &mut Ledger) -> Result<(String, Strin
                 }
             )),
         ];
-        let ((plan, chunks), attempt, default) = {
+        let ((plan, chunks), attempt, default) = if let Some((valid, seen)) = setup.skip_plan {
+            let mut p = default_plan(setup, &limits);
+            let chunks = fit_chunks(setup, &mut p).map_err(|e| JobError::Supervisor {
+                what: "plan",
+                attempts: 0,
+                error: format!("the default plan does not fit: {e}"),
+            })?;
+            ledger.notes.push(format!(
+                "round {round}: the router's default plan was used without asking the supervisor, whose plans were rarely valid ({valid} of its last {seen})"
+            ));
+            ((p, chunks), 0, true)
+        } else {
             let mut attempt = 0;
             loop {
                 attempt += 1;
@@ -378,9 +394,7 @@ async fn minions(setup: &JobSetup, ledger: &mut Ledger) -> Result<(String, Strin
                     .await?;
                 let checked = plan::parse(&text, &limits)
                     .and_then(|mut p| fit_chunks(setup, &mut p).map(|chunks| (p, chunks)));
-                if attempt > 1
-                    && let Some((record, supervisor)) = &setup.plan_record
-                {
+                if let Some((record, supervisor)) = &setup.plan_record {
                     record.record(supervisor, checked.is_ok());
                 }
                 match checked {
@@ -405,6 +419,9 @@ async fn minions(setup: &JobSetup, ledger: &mut Ledger) -> Result<(String, Strin
                             ));
                             break ((p, chunks), attempt, true);
                         }
+                        // The retry shows the last refused plan only: earlier ones add
+                        // tokens, not help.
+                        messages.truncate(2);
                         messages.push(Msg::assistant(text));
                         messages.push(Msg::user(format!(
                             "That plan is not valid: {e}. Reply with a corrected plan: one JSON object matching the schema, nothing else."
@@ -420,7 +437,15 @@ async fn minions(setup: &JobSetup, ledger: &mut Ledger) -> Result<(String, Strin
             default,
         });
         // (2) Execute.
-        let results = execute(setup, ledger, round, &plan, &chunks).await?;
+        // A default plan in a later round reads the chunks after those earlier default
+        // rounds read (the same plan would find the same evidence again).
+        let skip = if default {
+            default_rounds * plan.top_k as usize
+        } else {
+            0
+        };
+        default_rounds += usize::from(default);
+        let results = execute(setup, ledger, round, &plan, &chunks, skip).await?;
         // (3) Filter: only findings whose citation is in their chunk go on.
         let mut answered = 0;
         for r in &results {
@@ -677,6 +702,7 @@ async fn execute(
     round: u32,
     plan: &Plan,
     chunks: &[Chunk],
+    skip: usize,
 ) -> Result<Vec<JobResult>, JobError> {
     let started = Instant::now();
     let schema = worker_schema().to_string();
@@ -684,7 +710,7 @@ async fn execute(
     let mut specs = Vec::new();
     for (ti, t) in plan.tasks.iter().enumerate() {
         let query = format!("{} {} {}", setup.task, t.instruction, t.advice);
-        for ci in retrieval::select(chunks, &query, plan.top_k) {
+        for ci in retrieval::select_after(chunks, &query, plan.top_k, skip) {
             for s in 0..plan.samples_per_task {
                 specs.push((ti, ci, s));
             }

@@ -77,11 +77,19 @@ pub fn rank(chunks: &[Chunk], query: &str) -> Vec<usize> {
 /// The chunks a task runs on: every chunk when `top_k` is 0 or not below their number,
 /// else the `top_k` best for `query`, in document order.
 pub fn select(chunks: &[Chunk], query: &str, top_k: u32) -> Vec<usize> {
+    select_after(chunks, query, top_k, 0)
+}
+
+/// As [`select`], passing over the `skip` best first (chunks an earlier round read): the
+/// next `top_k`, or the best again when none is left.
+pub fn select_after(chunks: &[Chunk], query: &str, top_k: u32, skip: usize) -> Vec<usize> {
     let k = top_k as usize;
-    if k == 0 || k >= chunks.len() {
+    let skip = if skip < chunks.len() { skip } else { 0 };
+    if k == 0 || (skip == 0 && k >= chunks.len()) {
         return (0..chunks.len()).collect();
     }
     let mut best = rank(chunks, query);
+    best.drain(..skip);
     best.truncate(k);
     best.sort_unstable();
     best
@@ -117,6 +125,16 @@ mod tests {
         assert_eq!(select(&c, "the port and its cargo in 2025", 2), vec![2, 3]);
         assert_eq!(select(&c, "tonnes of cargo", 0), vec![0, 1, 2, 3]);
         assert_eq!(select(&c, "tonnes of cargo", 9), vec![0, 1, 2, 3]);
+        // A later round reads the next best; past the end, the best again.
+        assert_eq!(
+            select_after(&c, "the port and its cargo in 2025", 2, 2),
+            vec![0, 1]
+        );
+        assert_eq!(
+            select_after(&c, "the port and its cargo in 2025", 1, 1),
+            vec![3]
+        );
+        assert_eq!(select_after(&c, "tonnes of cargo", 2, 4), vec![0, 2]);
         // Nothing in common with the query: document order.
         assert_eq!(select(&c, "zebra", 2), vec![0, 1]);
         assert!(rank(&[], "anything").is_empty());
