@@ -70,14 +70,16 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        // Small enough that the longest plan the schema allows is about 1,800 tokens: a
-        // supervisor that fills every field to its bound (a small model looping) still
-        // closes its reply in a bounded time.
+        // Small enough that the longest plan the schema allows is about 1,400 characters:
+        // a supervisor that fills every field to its bound (a small model looping) still
+        // closes its reply in a bounded time. A 135M supervisor's plans ran to 700-1,400
+        // tokens with 200-character instructions and 120 of advice, most of a job's remote
+        // tokens and time; a concrete instruction fits in 160, advice in 60.
         Limits {
             max_tasks: 4,
             max_samples: 4,
-            max_instruction_chars: 200,
-            max_advice_chars: 120,
+            max_instruction_chars: 160,
+            max_advice_chars: 60,
             max_top_k: 64,
         }
     }

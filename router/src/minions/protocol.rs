@@ -155,8 +155,8 @@ fn aggregate_schema(last: bool) -> Value {
         "properties": {
             "decision": {"enum": decisions},
             "answer": {"type": "string", "maxLength": 300},
-            "explanation": {"type": "string", "maxLength": 300},
-            "scratchpad": {"type": "string", "maxLength": 400}
+            "explanation": {"type": "string", "maxLength": 200},
+            "scratchpad": {"type": "string", "maxLength": 300}
         }
     })
 }
@@ -580,6 +580,23 @@ async fn minions(setup: &JobSetup, ledger: &mut Ledger) -> Result<(String, Strin
                     }));
                 }
             }
+        };
+        // An earlier round's final answer is held to what the last round's is: an empty
+        // one, or one that draws on none of the evidence, gives way to the evidence found
+        // most often.
+        let agg = match ledger.evidence.most_seen() {
+            Some(best)
+                if !last
+                    && agg.decision == "final"
+                    && (agg.answer.trim().is_empty() || !ledger.evidence.supports(&agg.answer)) =>
+            {
+                ledger.notes.push(format!(
+                    "round {round}: the supervisor's final answer drew on none of the evidence ({:?}); the answer is the evidence found most often",
+                    shorten(agg.answer.trim(), 120)
+                ));
+                from_evidence(best)
+            }
+            _ => agg,
         };
         // The last round is final whatever the supervisor says.
         let decision = if last { "final" } else { agg.decision.as_str() };
