@@ -17,7 +17,7 @@ use oci_client::errors::{OciDistributionError, OciErrorCode};
 use oci_client::manifest::OciDescriptor;
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference, RegistryOperation};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tracing::{debug, info, warn};
 
 use super::artifact::{self, FileKind, MANIFEST_MEDIA_TYPE, MAX_METADATA_BYTES, Manifest};
@@ -316,12 +316,6 @@ impl BlobPull<'_> {
             truncate(&partial).await?;
             (hasher, have) = (Hasher::new(), 0);
         }
-        let mut file = tokio::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&partial)
-            .await
-            .map_err(StoreError::io(&partial))?;
         if have > 0 {
             info!(blob = %digest, offset = have, total = desc.size, "resuming download");
         }
@@ -339,34 +333,34 @@ impl BlobPull<'_> {
                 })?,
                 ..Default::default()
             };
-            let mut stream = if have > 0 {
-                match client
-                    .pull_blob_stream_partial(image, &oci_desc, have, None)
-                    .await
-                    .map_err(|e| map_err(r, had_creds, e))?
-                {
-                    BlobResponse::Partial(s) => s.stream,
-                    BlobResponse::Full(s) => {
+            // Always a range request from what is here, also from 0: a 206 answer is not
+            // hashed by oci-client, so each byte is hashed once, by the writer below (a full
+            // download was hashed twice). A registry that ignores Range answers 200; that
+            // body starts over, and oci-client checks it too.
+            let mut stream = match client
+                .pull_blob_stream_partial(image, &oci_desc, have, None)
+                .await
+                .map_err(|e| map_err(r, had_creds, e))?
+            {
+                BlobResponse::Partial(s) => s.stream,
+                BlobResponse::Full(s) => {
+                    if have > 0 {
                         debug!(blob = %digest, "registry ignored Range, restarting blob");
-                        drop(file);
                         truncate(&partial).await?;
-                        file = tokio::fs::OpenOptions::new()
-                            .append(true)
-                            .open(&partial)
-                            .await
-                            .map_err(StoreError::io(&partial))?;
                         (hasher, have) = (Hasher::new(), 0);
-                        s.stream
                     }
+                    s.stream
                 }
-            } else {
-                client
-                    .pull_blob_stream(image, &oci_desc)
-                    .await
-                    .map_err(|e| map_err(r, had_creds, e))?
-                    .stream
             };
-            let mut out = tokio::io::BufWriter::with_capacity(1 << 20, file);
+            let file = tokio::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&partial)
+                .await
+                .map_err(StoreError::io(&partial))?
+                .into_std()
+                .await;
+            let writer = Writer::spawn(file, hasher);
             let mut next_report = have + (1 << 20);
             let mut stream_error = None;
             while let Some(chunk) = stream.next().await {
@@ -377,20 +371,20 @@ impl BlobPull<'_> {
                         break;
                     }
                 };
-                if have + chunk.len() as u64 > desc.size {
-                    drop(out);
+                let len = chunk.len() as u64;
+                if have + len > desc.size {
+                    drop(writer.finish().await);
                     let _ = tokio::fs::remove_file(&partial).await;
                     return Err(StoreError::SizeMismatch {
                         digest,
                         expected: desc.size,
-                        actual: have + chunk.len() as u64,
+                        actual: have + len,
                     });
                 }
-                hasher.update(&chunk);
-                out.write_all(&chunk)
-                    .await
-                    .map_err(StoreError::io(&partial))?;
-                have += chunk.len() as u64;
+                if !writer.send(chunk).await {
+                    break;
+                }
+                have += len;
                 if have >= next_report {
                     next_report = have + (1 << 20);
                     progress(Progress::Advance {
@@ -400,11 +394,9 @@ impl BlobPull<'_> {
                     });
                 }
             }
-            out.flush().await.map_err(StoreError::io(&partial))?;
-            out.get_ref()
-                .sync_data()
-                .await
-                .map_err(StoreError::io(&partial))?;
+            // Every byte received is written, hashed and on disk before the checks below
+            // (a failed write ends the loop above and is the error here).
+            hasher = writer.finish().await.map_err(StoreError::io(&partial))?;
             // oci-client's own verification reports a mismatch as a stream error at the end;
             // with every byte here, our digest check below gives the precise error.
             if let Some(e) = stream_error
@@ -539,6 +531,47 @@ fn retryable(e: &StoreError) -> bool {
 }
 
 /// Hash of what a partial file already holds, and its length.
+/// Hashes and writes a blob's bytes on a blocking thread while the download task receives
+/// the next ones: on two cores, receiving, hashing and writing overlap instead of taking
+/// turns. Bounded: at most [`Writer::QUEUE`] chunks wait.
+struct Writer {
+    tx: tokio::sync::mpsc::Sender<bytes::Bytes>,
+    done: tokio::task::JoinHandle<std::io::Result<Hasher>>,
+}
+
+impl Writer {
+    const QUEUE: usize = 64;
+
+    fn spawn(file: std::fs::File, mut hasher: Hasher) -> Writer {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(Self::QUEUE);
+        let done = tokio::task::spawn_blocking(move || {
+            use std::io::Write;
+            let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
+            while let Some(chunk) = rx.blocking_recv() {
+                hasher.update(&chunk);
+                out.write_all(&chunk)?;
+            }
+            out.flush()?;
+            out.get_ref().sync_data()?;
+            Ok(hasher)
+        });
+        Writer { tx, done }
+    }
+
+    /// Queues a chunk; false when the writer has stopped (a write failed: see `finish`).
+    async fn send(&self, chunk: bytes::Bytes) -> bool {
+        self.tx.send(chunk).await.is_ok()
+    }
+
+    /// Waits until everything queued is written and synced; the hash of the whole file.
+    async fn finish(self) -> std::io::Result<Hasher> {
+        drop(self.tx);
+        self.done
+            .await
+            .map_err(|e| std::io::Error::other(format!("blob writer failed: {e}")))?
+    }
+}
+
 async fn rehash(path: &std::path::Path) -> Result<(Hasher, u64), StoreError> {
     let mut hasher = Hasher::new();
     let mut file = match tokio::fs::File::open(path).await {
