@@ -301,12 +301,12 @@ pub fn place(
     let mut out: Vec<Option<Result<Assignment, PlacementError>>> = vec![None; subtasks.len()];
     for i in order {
         let t = &subtasks[i];
-        if !groups.contains_key(&t.model) {
+        if let std::collections::hash_map::Entry::Vacant(e) = groups.entry(t.model) {
             let g = Group::new(&t.model, providers, policy, &lanes);
             for &j in &g.members {
                 member_of.entry(j).or_default().push(t.model);
             }
-            groups.insert(t.model, g);
+            e.insert(g);
         }
         let g = &groups[&t.model];
         // Every eligible provider's score, as if it held no prefix.
