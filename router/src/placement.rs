@@ -382,37 +382,52 @@ pub fn place(
         } else {
             None
         };
-        out[i] = Some(match chosen {
-            Some(k) => {
-                let j = g.members[k];
-                let finish = finish_of(k, holders.contains(&j));
-                let free = lanes.take(j, providers[j].slots, finish) as f64;
-                for m in &member_of[&j] {
-                    let g = groups.get_mut(m).expect("a provider's groups exist");
-                    let k = g.position[j] as usize;
-                    g.free[k] = free;
-                }
-                if let Some(x) = &t.prefix {
-                    let w = warm.entry(x.key).or_default();
-                    if !w.contains(&j) {
-                        w.push(j);
-                    }
-                }
-                Ok(Assignment {
-                    subtask: i,
-                    provider: providers[j].peer,
-                    expected_ms: finish,
-                })
+        let chosen = if let Some(k) = chosen {
+            let j = g.members[k];
+            let finish = finish_of(k, holders.contains(&j));
+            let free = lanes.take(j, providers[j].slots, finish) as f64;
+            for m in &member_of[&j] {
+                let g = groups.get_mut(m).expect("a provider's groups exist");
+                let k = g.position[j] as usize;
+                g.free[k] = free;
             }
-            None => Err(PlacementError::NoEligibleProvider {
-                subtask: i,
-                reason: explain(t, providers, policy),
-            }),
-        });
+            if let Some(x) = &t.prefix {
+                let w = warm.entry(x.key).or_default();
+                if !w.contains(&j) {
+                    w.push(j);
+                }
+            }
+            Some((j, finish))
+        } else {
+            None
+        };
+        out[i] = Some(outcome(i, t, providers, policy, chosen));
     }
     out.into_iter()
         .map(|o| o.expect("every subtask placed or refused"))
         .collect()
+}
+
+/// Subtask `i`'s entry of the result: the provider chosen and its expected finish, or why
+/// none could be.
+fn outcome(
+    i: usize,
+    t: &Subtask,
+    providers: &[ProviderView],
+    policy: &Policy,
+    chosen: Option<(usize, f64)>,
+) -> Result<Assignment, PlacementError> {
+    match chosen {
+        Some((j, finish)) => Ok(Assignment {
+            subtask: i,
+            provider: providers[j].peer,
+            expected_ms: finish,
+        }),
+        None => Err(PlacementError::NoEligibleProvider {
+            subtask: i,
+            reason: explain(t, providers, policy),
+        }),
+    }
 }
 
 fn peer_index(providers: &[ProviderView]) -> HashMap<PeerId, usize> {
@@ -533,24 +548,15 @@ mod tests {
                     best = Some((score, tie, j, finish));
                 }
             }
-            out[i] = Some(match best {
-                Some((_, _, j, finish)) => {
-                    lanes[j].pop();
-                    lanes[j].push(Reverse(finish.ceil() as u64));
-                    if let Some(x) = &t.prefix {
-                        warm.insert((x.key, j));
-                    }
-                    Ok(Assignment {
-                        subtask: i,
-                        provider: providers[j].peer,
-                        expected_ms: finish,
-                    })
+            let chosen = best.map(|(_, _, j, finish)| {
+                lanes[j].pop();
+                lanes[j].push(Reverse(finish.ceil() as u64));
+                if let Some(x) = &t.prefix {
+                    warm.insert((x.key, j));
                 }
-                None => Err(PlacementError::NoEligibleProvider {
-                    subtask: i,
-                    reason: explain(t, providers, policy),
-                }),
+                (j, finish)
             });
+            out[i] = Some(outcome(i, t, providers, policy, chosen));
         }
         out.into_iter().map(Option::unwrap).collect()
     }
