@@ -352,6 +352,12 @@ fn default_plan(setup: &JobSetup, limits: &Limits) -> Plan {
     }
 }
 
+/// The default plan with its chunks.
+fn fitted_default_plan(setup: &JobSetup, limits: &Limits) -> Result<(Plan, Vec<Chunk>), PlanError> {
+    let mut p = default_plan(setup, limits);
+    fit_chunks(setup, &mut p).map(|chunks| (p, chunks))
+}
+
 async fn minions(setup: &JobSetup, ledger: &mut Ledger) -> Result<(String, String, u32), JobError> {
     let limits = Limits::default();
     let plan_schema = plan::schema(&limits);
@@ -366,22 +372,8 @@ async fn minions(setup: &JobSetup, ledger: &mut Ledger) -> Result<(String, Strin
     for round in 1..=setup.max_rounds {
         let last = round == setup.max_rounds;
         // (1) Decompose.
-        let mut messages = vec![
-            Msg::system(format!("{DECOMPOSE_SYSTEM}\n{plan_schema}")),
-            Msg::user(format!(
-                "Task: {}\n\nDocuments:\n{docs}\n\nRound {round} of {}.{}\nReturn the plan.",
-                setup.task,
-                setup.max_rounds,
-                if scratchpad.is_empty() {
-                    String::new()
-                } else {
-                    format!("\nWhat earlier rounds found (your scratchpad):\n{scratchpad}")
-                }
-            )),
-        ];
         let ((plan, chunks), attempt, default) = if let Some((valid, seen)) = setup.skip_plan {
-            let mut p = default_plan(setup, &limits);
-            let chunks = fit_chunks(setup, &mut p).map_err(|e| JobError::Supervisor {
+            let fitted = fitted_default_plan(setup, &limits).map_err(|e| JobError::Supervisor {
                 what: "plan",
                 attempts: 0,
                 error: format!("the default plan does not fit: {e}"),
@@ -389,8 +381,21 @@ async fn minions(setup: &JobSetup, ledger: &mut Ledger) -> Result<(String, Strin
             ledger.notes.push(format!(
                 "round {round}: the router's default plan was used without asking the supervisor, whose plans were rarely valid ({valid} of its last {seen})"
             ));
-            ((p, chunks), 0, true)
+            (fitted, 0, true)
         } else {
+            let mut messages = vec![
+                Msg::system(format!("{DECOMPOSE_SYSTEM}\n{plan_schema}")),
+                Msg::user(format!(
+                    "Task: {}\n\nDocuments:\n{docs}\n\nRound {round} of {}.{}\nReturn the plan.",
+                    setup.task,
+                    setup.max_rounds,
+                    if scratchpad.is_empty() {
+                        String::new()
+                    } else {
+                        format!("\nWhat earlier rounds found (your scratchpad):\n{scratchpad}")
+                    }
+                )),
+            ];
             let mut attempt = 0;
             loop {
                 attempt += 1;
@@ -418,17 +423,17 @@ async fn minions(setup: &JobSetup, ledger: &mut Ledger) -> Result<(String, Strin
                             error: e.to_string(),
                         });
                         if attempt > setup.plan_retries {
-                            let mut p = default_plan(setup, &limits);
-                            let chunks =
-                                fit_chunks(setup, &mut p).map_err(|d| JobError::Supervisor {
+                            let fitted = fitted_default_plan(setup, &limits).map_err(|d| {
+                                JobError::Supervisor {
                                     what: "plan",
                                     attempts: attempt,
                                     error: format!("{e}; nor does the default plan fit: {d}"),
-                                })?;
+                                }
+                            })?;
                             ledger.notes.push(format!(
                                 "round {round}: the supervisor gave no valid plan after {attempt} attempts (last error: {e}); the router's default plan was used"
                             ));
-                            break ((p, chunks), attempt, true);
+                            break (fitted, attempt, true);
                         }
                         // The retry shows the last refused plan only: earlier ones add
                         // tokens, not help.
@@ -528,21 +533,6 @@ async fn minions(setup: &JobSetup, ledger: &mut Ledger) -> Result<(String, Strin
                 let answer = text.trim();
                 if answer.is_empty() {
                     Err("the reply is empty".to_string())
-                } else if let Some(best) = ledger
-                    .evidence
-                    .most_seen()
-                    .filter(|_| !ledger.evidence.supports(answer))
-                {
-                    // A weak supervisor's junk (a list of numbers, a fragment of the
-                    // prompt) is not passed off as the answer: the evidence found most
-                    // often is, and the answer says so. Not asked again: a supervisor that
-                    // wrote junk from this evidence tends to again.
-                    let agg = from_evidence(best);
-                    ledger.notes.push(format!(
-                        "round {round}: the supervisor's answer drew on none of the evidence ({:?}); the answer is the evidence found most often",
-                        shorten(answer, 120)
-                    ));
-                    Ok(agg)
                 } else {
                     Ok(Aggregate {
                         decision: "final".into(),
@@ -592,17 +582,17 @@ async fn minions(setup: &JobSetup, ledger: &mut Ledger) -> Result<(String, Strin
                 }
             }
         };
-        // An earlier round's final answer is held to what the last round's is: an empty
-        // one, or one that draws on none of the evidence, gives way to the evidence found
-        // most often.
+        // A final answer, in any round, that is empty or draws on none of the evidence (a
+        // weak supervisor's junk: a list of numbers, a fragment of the prompt) is not
+        // passed off as the answer: the evidence found most often is, and the answer says
+        // so. Not asked again: a supervisor that wrote junk from this evidence tends to.
         let agg = match ledger.evidence.most_seen() {
             Some(best)
-                if !last
-                    && agg.decision == "final"
+                if (last || agg.decision == "final")
                     && (agg.answer.trim().is_empty() || !ledger.evidence.supports(&agg.answer)) =>
             {
                 ledger.notes.push(format!(
-                    "round {round}: the supervisor's final answer drew on none of the evidence ({:?}); the answer is the evidence found most often",
+                    "round {round}: the supervisor's answer drew on none of the evidence ({:?}); the answer is the evidence found most often",
                     shorten(agg.answer.trim(), 120)
                 ));
                 from_evidence(best)
