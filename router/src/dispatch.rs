@@ -495,6 +495,19 @@ impl Dispatcher {
         None
     }
 
+    /// Counts a failed attempt against the provider it went to (a hedge's second copy
+    /// included): an answer that does not verify as invalid, anything else as a failure.
+    fn attempt_failed(&self, e: &CallError) {
+        let peer = e.peer();
+        warn!(provider = %peer, error = %e, "subtask attempt failed");
+        match e {
+            CallError::Invalid { .. } => self.directory.invalid(&peer),
+            CallError::Remote { error, .. }
+                if error.code == beacon_proto::DataErrorCode::BadRequest => {}
+            _ => self.directory.failure(&peer),
+        }
+    }
+
     async fn attempt(
         &self,
         peer: PeerId,
@@ -591,9 +604,25 @@ impl Dispatcher {
                                 Ok((p2, a2, r2, s2)) => {
                                     info!(first = %peer, second = %p2, "hedging a straggler");
                                     let second = self.attempt(p2, a2, s2, request, None);
+                                    tokio::pin!(second);
+                                    // The first copy to succeed wins. A copy that fails leaves
+                                    // the other running: a hedge that errs first must not
+                                    // throw away a primary about to answer.
                                     tokio::select! {
-                                        r = &mut primary => r.map(|r| (r, (peer, addr), region.clone(), true)),
-                                        r = second => r.map(|r| (r, (p2, a2), r2, true)),
+                                        r = &mut primary => match r {
+                                            Ok(r) => Ok((r, (peer, addr), region.clone(), true)),
+                                            Err(e) => {
+                                                self.attempt_failed(&e);
+                                                second.await.map(|r| (r, (p2, a2), r2, true))
+                                            }
+                                        },
+                                        r = &mut second => match r {
+                                            Ok(r) => Ok((r, (p2, a2), r2, true)),
+                                            Err(e) => {
+                                                self.attempt_failed(&e);
+                                                primary.await.map(|r| (r, (peer, addr), region.clone(), true))
+                                            }
+                                        },
                                     }
                                 }
                                 Err(_) => primary.await.map(|r| (r, (peer, addr), region.clone(), false)),
@@ -622,23 +651,23 @@ impl Dispatcher {
                     });
                 }
                 Err(e) => {
-                    warn!(provider = %peer, error = %e, attempt, "subtask attempt failed");
                     if let Some(x) = prefix {
                         let key = Self::prefix_key(&request.model.digest, x);
                         let mut homes = self.homes.lock().unwrap_or_else(|p| p.into_inner());
-                        homes.remove(key, &peer);
+                        homes.remove(key, &e.peer());
                     }
-                    match &e {
-                        CallError::Invalid { peer, .. } => self.directory.invalid(peer),
-                        CallError::Remote { error, .. }
-                            if error.code == beacon_proto::DataErrorCode::BadRequest =>
-                        {
-                            return Err(DispatchError::Refused(error.message.clone()));
-                        }
-                        _ => self.directory.failure(&peer),
+                    if let CallError::Remote { error, .. } = &e
+                        && error.code == beacon_proto::DataErrorCode::BadRequest
+                    {
+                        return Err(DispatchError::Refused(error.message.clone()));
                     }
+                    self.attempt_failed(&e);
                     last = e.to_string();
                     exclude.push(peer);
+                    if e.peer() != peer {
+                        // Both copies of a hedged attempt failed.
+                        exclude.push(e.peer());
+                    }
                     if deltas.is_some() {
                         // Text already streamed cannot be taken back: stop here.
                         break;

@@ -313,6 +313,16 @@ pub enum CallError {
 }
 
 impl CallError {
+    /// The provider the call went to.
+    pub fn peer(&self) -> PeerId {
+        match self {
+            CallError::Connect { peer, .. }
+            | CallError::Remote { peer, .. }
+            | CallError::Transport { peer, .. }
+            | CallError::Invalid { peer, .. } => *peer,
+        }
+    }
+
     /// Worth trying again (elsewhere): everything except a request the provider judged bad.
     pub fn retryable(&self) -> bool {
         !matches!(
