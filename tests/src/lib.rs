@@ -777,6 +777,9 @@ impl NodeServer {
         for (flag, default) in [
             ("--ctx-size", "2048"),
             ("--parallel", "4"),
+            // One engine thread: a test runs several nodes, and tests run two at a time on
+            // a 2-core CI machine, where engines using every core spin against each other.
+            ("--threads", "1"),
             (
                 "--p2p-listen",
                 "/ip4/127.0.0.1/udp/0/quic-v1,/ip4/127.0.0.1/tcp/0",
