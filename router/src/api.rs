@@ -460,14 +460,8 @@ impl Drop for Admitted {
 /// `Retry-After` from the queue ahead and the median latency. The queue is bounded, and a
 /// request either is answered or is refused at once, never dropped after it was admitted.
 fn admit(state: &ApiState, model: Digest) -> Result<Admitted, ApiError> {
-    let slots: u64 = state
-        .dispatcher
-        .directory
-        .views()
-        .iter()
-        .filter(|(v, _)| !v.quarantined && v.models.contains(&model))
-        .map(|(v, _)| u64::from(v.slots.max(1)))
-        .sum();
+    // Only the providers this router may place on (its regions, not quarantined).
+    let slots = state.dispatcher.capacity(model, &state.policy);
     let mut pending = state.pending.lock().unwrap_or_else(|p| p.into_inner());
     let n = pending.entry(model).or_insert(0);
     if *n >= slots.max(1) + state.max_queue {

@@ -360,6 +360,24 @@ impl Dispatcher {
         self.audit_tokens.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// Slots of the providers that may run `model` under `policy`: the one eligibility
+    /// check placement uses, so admission and MinionS count what placement may use.
+    pub fn capacity(&self, model: Digest, policy: &Policy) -> u64 {
+        let probe = Subtask {
+            model,
+            prompt_tokens: 0,
+            max_tokens: 0,
+            exclude: Vec::new(),
+            prefix: None,
+        };
+        self.directory
+            .views()
+            .iter()
+            .filter(|(v, _)| eligible(&probe, v, policy))
+            .map(|(v, _)| u64::from(v.slots))
+            .sum()
+    }
+
     /// This router's requests in flight per provider.
     pub fn in_flight(&self) -> HashMap<PeerId, u32> {
         self.in_flight

@@ -19,7 +19,11 @@ fn routes_chat_to_providers_verifies_pins_and_survives_a_death() {
     let mut b = NodeServer::start(&["--region", "us-east", "--bootstrap", &boot]);
     let (pa, pb) = (a.peer_id(), b.peer_id());
     let router = RouterServer::start(Some(&boot), &[]);
-    let pinned = RouterServer::start(Some(&boot), &["--allowed-regions", "eu-west"]);
+    // No queue beyond the slots of the providers it may use: what it admits shows them.
+    let pinned = RouterServer::start(
+        Some(&boot),
+        &["--allowed-regions", "eu-west", "--max-queue", "0"],
+    );
     let both = wait_until(Duration::from_secs(60), || {
         let (r, p) = (router.providers(), pinned.providers());
         r.contains(&pa) && r.contains(&pb) && p.contains(&pa) && p.contains(&pb)
@@ -150,6 +154,42 @@ fn routes_chat_to_providers_verifies_pins_and_survives_a_death() {
         assert_eq!(r.status, 200, "{r:?}");
         assert_eq!(r.json()["beacon"]["provider"], pa.as_str());
     }
+    // Its capacity is the slots of eu-west's provider alone (A, two until it has shown it
+    // runs more at once, at most the four it advertises), never counting B's: of eight
+    // requests at once, those beyond A's slots are shed, and the refusal says how many
+    // slots it counted (it once counted both regions: four or more).
+    let handles: Vec<_> = (0..8)
+        .map(|i| {
+            let url = pinned.url("/v1/chat/completions");
+            let body = format!(
+                r#"{{"model":"ai/smollm2:test","max_tokens":64,"messages":[{{"role":"user","content":"Count from {i} to 100."}}]}}"#
+            );
+            std::thread::spawn(move || http("POST", &url, Some(&body), &[]))
+        })
+        .collect();
+    let mut counted = Vec::new();
+    for r in handles.into_iter().map(|h| h.join().unwrap()) {
+        match r.status {
+            200 => assert_eq!(r.json()["beacon"]["provider"], pa.as_str()),
+            503 => {
+                let v = r.json();
+                assert_eq!(v["error"]["type"], "overloaded");
+                let m = v["error"]["message"].as_str().unwrap();
+                let slots: u32 = m
+                    .split(" in the router for ")
+                    .nth(1)
+                    .and_then(|t| t.split(' ').next()?.parse().ok())
+                    .unwrap_or_else(|| panic!("{m}"));
+                counted.push(slots);
+            }
+            _ => panic!("{r:?}"),
+        }
+    }
+    assert!(!counted.is_empty(), "eight requests at once, none shed");
+    assert!(
+        counted.iter().min() < Some(&4),
+        "the pinned router counted other regions' slots: {counted:?}"
+    );
 
     // Bad input is a clear 4xx.
     let r = http(

@@ -771,23 +771,10 @@ async fn execute(
         });
     // No more jobs in flight than the eligible providers have slots: extra ones would only
     // queue at the providers, where their wait would count against the attempt timeout.
-    let slots: u32 = setup
-        .dispatcher
-        .directory
-        .views()
-        .iter()
-        .filter(|(v, _)| {
-            v.models.contains(&setup.local_digest)
-                && !v.quarantined
-                && setup
-                    .policy
-                    .allowed_regions
-                    .as_ref()
-                    .is_none_or(|r| r.contains(&v.region))
-        })
-        .map(|(v, _)| v.slots)
-        .sum();
-    let parallelism = (slots as usize).clamp(1, setup.parallelism.max(1));
+    let slots = setup.dispatcher.capacity(setup.local_digest, &setup.policy);
+    let parallelism = usize::try_from(slots)
+        .unwrap_or(usize::MAX)
+        .clamp(1, setup.parallelism.max(1));
     let mut stream = futures::stream::iter(runs).buffer_unordered(parallelism);
     let mut out = Vec::new();
     let mut last_error = String::new();
