@@ -7,6 +7,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -532,12 +533,13 @@ impl Dispatcher {
         addr: SocketAddr,
         slots: u32,
         request: &InferRequest,
-        deltas: Option<mpsc::UnboundedSender<String>>,
+        deltas: Option<(&mpsc::UnboundedSender<String>, &AtomicBool)>,
     ) -> Result<((InferResult, Signed<InferResult>), u32), CallError> {
         let permit = self.limit(peer, slots).acquire_owned().await;
         let _counted = InFlight::new(self.in_flight.clone(), peer);
         let call = self.client.infer(peer, addr, request, |d| {
-            if let Some(tx) = &deltas {
+            if let Some((tx, sent)) = deltas {
+                sent.store(true, Ordering::Relaxed);
                 let _ = tx.send(d.to_string());
             }
         });
@@ -568,8 +570,10 @@ impl Dispatcher {
         r
     }
 
-    /// Runs `request` to a verified result. With `deltas`, text is streamed from the first
-    /// attempt only (no hedging then, so the stream never mixes two providers).
+    /// Runs `request` to a verified result. With `deltas`, text is streamed as it comes;
+    /// an attempt that fails before its first token is retried elsewhere like any other,
+    /// one that fails after it is not (text already sent cannot be taken back), and there
+    /// is no hedging, so the stream never mixes two providers.
     pub async fn run(
         &self,
         request: &InferRequest,
@@ -591,6 +595,8 @@ impl Dispatcher {
         let prefix = prefix.as_ref();
         let mut exclude = Vec::new();
         let mut last = String::new();
+        // Whether any text of this request has been streamed to the client.
+        let streamed = AtomicBool::new(false);
         for attempt in 1..=self.config.max_attempts {
             let (peer, addr, region, slots) = match self.choose(request, policy, &exclude, prefix) {
                 Ok(c) => c,
@@ -608,7 +614,13 @@ impl Dispatcher {
             } else {
                 None
             };
-            let primary = self.attempt(peer, addr, slots, request, deltas.clone());
+            let primary = self.attempt(
+                peer,
+                addr,
+                slots,
+                request,
+                deltas.as_ref().map(|tx| (tx, &streamed)),
+            );
             let outcome = match hedge {
                 None => primary
                     .await
@@ -686,7 +698,7 @@ impl Dispatcher {
                         // Both copies of a hedged attempt failed.
                         exclude.push(e.peer());
                     }
-                    if deltas.is_some() {
+                    if streamed.load(Ordering::Relaxed) {
                         // Text already streamed cannot be taken back: stop here.
                         break;
                     }

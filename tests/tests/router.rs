@@ -520,8 +520,20 @@ fn stragglers_are_hedged_and_timeouts_open_the_circuit_breaker() {
             "600",
         ],
     );
+    // Streams, no hedging, breaker kept shut: a streamed request that lands on the staller.
+    let streaming = RouterServer::start(
+        Some(&boot),
+        &[
+            "--hedge-quantile",
+            "0",
+            "--attempt-timeout",
+            "30",
+            "--breaker-failures",
+            "1000",
+        ],
+    );
     let seen = wait_until(Duration::from_secs(60), || {
-        [&hedging, &timing]
+        [&hedging, &timing, &streaming]
             .iter()
             .all(|r| r.providers().contains(&pf) && r.providers().contains(&ps))
     });
@@ -600,6 +612,47 @@ fn stragglers_are_hedged_and_timeouts_open_the_circuit_breaker() {
     }
     assert_eq!(provider_status(&timing, &ps)["stats"]["failures"], failures);
     assert_eq!(provider_status(&timing, &pf)["circuit_open"], false);
+
+    // A streamed request whose provider fails before its first token (the staller sends
+    // none until the attempt timeout) is placed again: the client gets the whole answer,
+    // from the fast provider, in one stream. Requests until one lands on the staller.
+    let mut restreamed = false;
+    for i in 0..60 {
+        let word = ["red", "green", "blue", "brown"][i % 4];
+        let r = http(
+            "POST",
+            &streaming.url("/v1/chat/completions"),
+            Some(&chat(word, r#","stream":true"#)),
+            &[],
+        );
+        assert_eq!(r.status, 200, "{r:?}");
+        let chunks: Vec<serde_json::Value> = r
+            .body
+            .lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        let text: String = chunks
+            .iter()
+            .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+            .collect();
+        let last = chunks
+            .iter()
+            .find(|c| c.get("beacon").is_some())
+            .unwrap_or_else(|| panic!("{}", r.body));
+        assert_eq!(last["beacon"]["verified"], true, "{}", r.body);
+        assert_eq!(last["beacon"]["provider"], pf.as_str(), "{}", r.body);
+        assert!(text.to_lowercase().contains(word), "{word}: {text}");
+        if last["beacon"]["attempts"].as_u64() > Some(1) {
+            restreamed = true;
+            break;
+        }
+    }
+    assert!(
+        restreamed,
+        "no streamed request was placed on the staller\n{}",
+        streaming.log()
+    );
 }
 
 /// Dishonest providers: one whose signatures do not verify (every result rejected and
