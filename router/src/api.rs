@@ -596,7 +596,7 @@ async fn chat_inner(
                     json!(finish(o.result.finish_reason)),
                 );
                 last["beacon"] = json!({"provider": o.provider.to_string(), "region": o.region,
-                    "attempts": o.attempts, "verified": true, "audited": o.audited});
+                    "attempts": o.attempts, "hedged": o.hedged, "verified": true, "audited": o.audited});
                 let _ = out_tx
                     .send(Ok(Bytes::from(format!("data: {last}\n\n"))))
                     .await;

@@ -7,7 +7,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -94,6 +94,11 @@ impl Homes {
         }
     }
 }
+
+/// Which copy of a request owns its stream: none yet, the first attempt, its hedge.
+const NO_OWNER: u8 = 0;
+const PRIMARY: u8 = 1;
+const HEDGE: u8 = 2;
 
 /// How subtasks are run.
 #[derive(Clone, Debug)]
@@ -533,14 +538,20 @@ impl Dispatcher {
         addr: SocketAddr,
         slots: u32,
         request: &InferRequest,
-        deltas: Option<(&mpsc::UnboundedSender<String>, &AtomicBool)>,
+        deltas: Option<(&mpsc::UnboundedSender<String>, &AtomicU8, u8)>,
     ) -> Result<((InferResult, Signed<InferResult>), u32), CallError> {
         let permit = self.limit(peer, slots).acquire_owned().await;
         let _counted = InFlight::new(self.in_flight.clone(), peer);
         let call = self.client.infer(peer, addr, request, |d| {
-            if let Some((tx, sent)) = deltas {
-                sent.store(true, Ordering::Relaxed);
-                let _ = tx.send(d.to_string());
+            // The first copy of a request to send text owns the stream; another copy's
+            // text is dropped.
+            if let Some((tx, owner, me)) = deltas {
+                let o = owner
+                    .compare_exchange(NO_OWNER, me, Ordering::AcqRel, Ordering::Acquire)
+                    .unwrap_or_else(|o| o);
+                if o == NO_OWNER || o == me {
+                    let _ = tx.send(d.to_string());
+                }
             }
         });
         let r = match tokio::time::timeout(self.config.attempt_timeout, call).await {
@@ -570,10 +581,11 @@ impl Dispatcher {
         r
     }
 
-    /// Runs `request` to a verified result. With `deltas`, text is streamed as it comes;
+    /// Runs `request` to a verified result. With `deltas`, text is streamed as it comes:
     /// an attempt that fails before its first token is retried elsewhere like any other,
-    /// one that fails after it is not (text already sent cannot be taken back), and there
-    /// is no hedging, so the stream never mixes two providers.
+    /// one that fails after it is not (text already sent cannot be taken back), and a
+    /// hedged copy may run beside a straggler that has sent nothing, but the first copy
+    /// to send text owns the stream, so it never mixes two providers.
     pub async fn run(
         &self,
         request: &InferRequest,
@@ -595,8 +607,9 @@ impl Dispatcher {
         let prefix = prefix.as_ref();
         let mut exclude = Vec::new();
         let mut last = String::new();
-        // Whether any text of this request has been streamed to the client.
-        let streamed = AtomicBool::new(false);
+        // Which copy of this request has streamed text to the client (none, primary,
+        // hedge); per attempt, since a retry starts only before any text was sent.
+        let owner = AtomicU8::new(NO_OWNER);
         for attempt in 1..=self.config.max_attempts {
             let (peer, addr, region, slots) = match self.choose(request, policy, &exclude, prefix) {
                 Ok(c) => c,
@@ -609,17 +622,13 @@ impl Dispatcher {
                 Err(_) => break,
             };
             let started = Instant::now();
-            let hedge = if deltas.is_none() {
-                self.hedge_after(request.sampling.max_tokens)
-            } else {
-                None
-            };
+            let hedge = self.hedge_after(request.sampling.max_tokens);
             let primary = self.attempt(
                 peer,
                 addr,
                 slots,
                 request,
-                deltas.as_ref().map(|tx| (tx, &streamed)),
+                deltas.as_ref().map(|tx| (tx, &owner, PRIMARY)),
             );
             let outcome = match hedge {
                 None => primary
@@ -630,32 +639,55 @@ impl Dispatcher {
                     tokio::select! {
                         r = &mut primary => r.map(|r| (r, (peer, addr), region.clone(), false)),
                         _ = tokio::time::sleep(after) => {
-                            match self.choose(request, policy, &[exclude.clone(), vec![peer]].concat(), prefix) {
-                                Ok((p2, a2, r2, s2)) => {
+                            let others = [exclude.clone(), vec![peer]].concat();
+                            // A stream that has begun is not hedged: its text is the primary's.
+                            let second = match owner.load(Ordering::Acquire) {
+                                NO_OWNER => self.choose(request, policy, &others, prefix).ok(),
+                                _ => None,
+                            };
+                            match second {
+                                Some((p2, a2, r2, s2)) => {
                                     info!(first = %peer, second = %p2, "hedging a straggler");
-                                    let second = self.attempt(p2, a2, s2, request, None);
+                                    let second = self.attempt(
+                                        p2,
+                                        a2,
+                                        s2,
+                                        request,
+                                        deltas.as_ref().map(|tx| (tx, &owner, HEDGE)),
+                                    );
                                     tokio::pin!(second);
-                                    // The first copy to succeed wins. A copy that fails leaves
-                                    // the other running: a hedge that errs first must not
-                                    // throw away a primary about to answer.
+                                    // The first copy to succeed wins, unless the other owns
+                                    // the stream. A copy that fails leaves the other running
+                                    // (a hedge that errs first must not throw away a primary
+                                    // about to answer), unless it owned the stream.
                                     tokio::select! {
                                         r = &mut primary => match r {
-                                            Ok(r) => Ok((r, (peer, addr), region.clone(), true)),
-                                            Err(e) => {
-                                                self.attempt_failed(&e);
+                                            Ok(r) if owner.load(Ordering::Acquire) != HEDGE => {
+                                                Ok((r, (peer, addr), region.clone(), true))
+                                            }
+                                            Err(e) if owner.load(Ordering::Acquire) == PRIMARY => Err(e),
+                                            other => {
+                                                if let Err(e) = &other {
+                                                    self.attempt_failed(e);
+                                                }
                                                 second.await.map(|r| (r, (p2, a2), r2, true))
                                             }
                                         },
                                         r = &mut second => match r {
-                                            Ok(r) => Ok((r, (p2, a2), r2, true)),
-                                            Err(e) => {
-                                                self.attempt_failed(&e);
+                                            Ok(r) if owner.load(Ordering::Acquire) != PRIMARY => {
+                                                Ok((r, (p2, a2), r2, true))
+                                            }
+                                            Err(e) if owner.load(Ordering::Acquire) == HEDGE => Err(e),
+                                            other => {
+                                                if let Err(e) = &other {
+                                                    self.attempt_failed(e);
+                                                }
                                                 primary.await.map(|r| (r, (peer, addr), region.clone(), true))
                                             }
                                         },
                                     }
                                 }
-                                Err(_) => primary.await.map(|r| (r, (peer, addr), region.clone(), false)),
+                                None => primary.await.map(|r| (r, (peer, addr), region.clone(), false)),
                             }
                         }
                     }
@@ -698,7 +730,7 @@ impl Dispatcher {
                         // Both copies of a hedged attempt failed.
                         exclude.push(e.peer());
                     }
-                    if streamed.load(Ordering::Relaxed) {
+                    if owner.load(Ordering::Acquire) != NO_OWNER {
                         // Text already streamed cannot be taken back: stop here.
                         break;
                     }

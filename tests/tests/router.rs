@@ -479,6 +479,29 @@ fn falls_back_to_the_remote_api_with_keys_and_rate_limits() {
 /// around once the router knows the usual latency (the stalled copy is cancelled), and with
 /// hedging off the per-attempt timeout moves its subtasks elsewhere until its circuit
 /// breaker opens and keeps it out of placement.
+/// A streamed chat answer: its text and the last chunk's `beacon` fields.
+fn streamed(r: &beacon_tests::HttpReply, word: &str) -> serde_json::Value {
+    assert_eq!(r.status, 200, "{r:?}");
+    let chunks: Vec<serde_json::Value> = r
+        .body
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let text: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    let beacon = chunks
+        .iter()
+        .find_map(|c| c.get("beacon"))
+        .unwrap_or_else(|| panic!("{}", r.body))
+        .clone();
+    assert_eq!(beacon["verified"], true, "{}", r.body);
+    assert!(text.to_lowercase().contains(word), "{word}: {text}");
+    beacon
+}
+
 #[test]
 fn stragglers_are_hedged_and_timeouts_open_the_circuit_breaker() {
     let fast = NodeServer::start(&["--region", "eu-west"]);
@@ -581,6 +604,35 @@ fn stragglers_are_hedged_and_timeouts_open_the_circuit_breaker() {
         !metrics.contains("beacon_router_hedged_total 0\n"),
         "{metrics}"
     );
+    // Streams are hedged too: a stream whose provider has sent nothing by then gets a
+    // second copy, and the first copy to send text owns the stream (here the fast one).
+    let mut stream_hedged = false;
+    for _ in 0..8 {
+        let handles: Vec<_> = ["red", "green", "blue", "brown"]
+            .into_iter()
+            .map(|w| {
+                let url = hedging.url("/v1/chat/completions");
+                let body = chat(w, r#","stream":true"#);
+                std::thread::spawn(move || (w, http("POST", &url, Some(&body), &[])))
+            })
+            .collect();
+        for h in handles {
+            let (w, r) = h.join().unwrap();
+            let b = streamed(&r, w);
+            assert_eq!(b["provider"], pf.as_str(), "{b}");
+            assert_eq!(b["attempts"], 1, "{b}");
+            stream_hedged |= b["hedged"] == true;
+        }
+        if stream_hedged {
+            break;
+        }
+    }
+    assert!(
+        stream_hedged,
+        "no stream was hedged away from the staller\n{}",
+        hedging.log()
+    );
+
     // The losing copy was cancelled on the staller, not left running.
     assert!(wait_until(Duration::from_secs(20), || slow
         .log()
@@ -625,25 +677,9 @@ fn stragglers_are_hedged_and_timeouts_open_the_circuit_breaker() {
             Some(&chat(word, r#","stream":true"#)),
             &[],
         );
-        assert_eq!(r.status, 200, "{r:?}");
-        let chunks: Vec<serde_json::Value> = r
-            .body
-            .lines()
-            .filter_map(|l| l.strip_prefix("data: "))
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect();
-        let text: String = chunks
-            .iter()
-            .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
-            .collect();
-        let last = chunks
-            .iter()
-            .find(|c| c.get("beacon").is_some())
-            .unwrap_or_else(|| panic!("{}", r.body));
-        assert_eq!(last["beacon"]["verified"], true, "{}", r.body);
-        assert_eq!(last["beacon"]["provider"], pf.as_str(), "{}", r.body);
-        assert!(text.to_lowercase().contains(word), "{word}: {text}");
-        if last["beacon"]["attempts"].as_u64() > Some(1) {
+        let b = streamed(&r, word);
+        assert_eq!(b["provider"], pf.as_str(), "{b}");
+        if b["attempts"].as_u64() > Some(1) {
             restreamed = true;
             break;
         }
