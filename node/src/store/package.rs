@@ -126,7 +126,11 @@ pub fn package(
         .ok()
         .and_then(|v| v.trim().parse::<u64>().ok())
         .unwrap_or_else(now_unix);
-    let created = artifact::rfc3339(created_at);
+    let created = artifact::rfc3339(created_at).ok_or_else(|| {
+        StoreError::Package(format!(
+            "creation time {created_at} (SOURCE_DATE_EPOCH?) is not a date RFC 3339 can write"
+        ))
+    })?;
     let config = artifact::build_config(&header, total_params, &files, opts.context_size, created);
     let config_bytes =
         serde_json::to_vec(&config).map_err(|e| StoreError::Package(e.to_string()))?;
