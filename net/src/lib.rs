@@ -22,6 +22,14 @@ pub use directory::{Directory, SharedDirectory};
 pub use p2p::{NetEvent, Network, NetworkConfig};
 pub use quic::{CallError, DataClient};
 
+/// Milliseconds since the Unix epoch (0 for a clock set before it), the one wall clock
+/// adverts, receipts, deadlines and the router's statistics are stamped with.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
 /// Errors of the networking layer.
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {

@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use beacon_net::SharedDirectory;
 use beacon_proto::{Digest, ModelRef, PeerId, ProviderAdvert};
@@ -155,12 +155,7 @@ fn penalise(s: &mut Stats) {
     }
 }
 
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+pub use beacon_net::now_ms;
 
 fn ewma(old: Option<f64>, new: f64) -> Option<f64> {
     Some(old.map_or(new, |o| 0.8 * o + 0.2 * new))

@@ -1015,13 +1015,7 @@ impl RouterServer {
     }
 }
 
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
-}
+pub use beacon_net::now_ms;
 
 /// An advert of `peer` that serves nothing (for tests that publish their own, honest or
 /// forged).

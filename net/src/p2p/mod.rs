@@ -13,7 +13,9 @@ mod seqs;
 mod transport;
 
 use std::collections::{HashMap, HashSet};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
+
+use crate::now_ms;
 
 use beacon_proto::{
     ADVERT_TOPIC, AdvertPolicy, Digest, Keypair, PeerId, ProviderAdvert, Signed, Wire,
@@ -136,13 +138,6 @@ pub struct Network {
     tx: mpsc::Sender<Command>,
     events: broadcast::Sender<NetEvent>,
     peer_id: PeerId,
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 impl Network {

@@ -6,7 +6,9 @@ pub mod advert;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
+
+use beacon_net::now_ms;
 
 use beacon_net::quic::{DataHandler, FrameSink};
 use beacon_proto::{
@@ -118,13 +120,6 @@ pub struct Provider {
 /// Most audits one peer may have running on this provider at once: an audit is a prefill
 /// of up to a whole context, and one peer must not fill the model's audit queue.
 pub const MAX_AUDITS_PER_PEER: usize = 4;
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
 
 /// A data-plane refusal.
 struct Refusal {
@@ -404,7 +399,7 @@ impl Provider {
         info!(
             prompt = result.usage.prompt_tokens,
             completion = result.usage.completion_tokens,
-            ms = now_ms() - started,
+            ms = now_ms().saturating_sub(started),
             "subtask served"
         );
         let _ = sink.send(&DataFrame::Result(signed)).await;
