@@ -119,19 +119,30 @@ pub fn parse_host(cpuinfo: &str, meminfo: &str, cores: u32) -> HostInfo {
         .filter(|f| present.contains(**f))
         .map(|f| f.to_string())
         .collect();
-    let kib = |name: &str| {
-        meminfo.lines().find_map(|l| {
-            let rest = l.strip_prefix(name)?.strip_prefix(':')?;
-            rest.split_whitespace().next()?.parse::<u64>().ok()
-        })
-    };
     HostInfo {
         cpu_model,
         cores,
-        ram_total: kib("MemTotal").unwrap_or(0) * 1024,
-        ram_free: kib("MemAvailable").or_else(|| kib("MemFree")).unwrap_or(0) * 1024,
+        ram_total: meminfo_bytes(meminfo, "MemTotal").unwrap_or(0),
+        ram_free: meminfo_bytes(meminfo, "MemAvailable")
+            .or_else(|| meminfo_bytes(meminfo, "MemFree"))
+            .unwrap_or(0),
         cpu_flags,
     }
+}
+
+/// A `/proc/meminfo` field (`MemTotal`, `MemAvailable`, ...) in bytes.
+pub fn meminfo_bytes(meminfo: &str, name: &str) -> Option<u64> {
+    meminfo.lines().find_map(|l| {
+        let rest = l.strip_prefix(name)?.strip_prefix(':')?;
+        let kib = rest.split_whitespace().next()?.parse::<u64>().ok()?;
+        Some(kib.saturating_mul(1024))
+    })
+}
+
+/// Memory the system reports as available, in bytes (8 GiB when it cannot be read).
+pub fn available_memory() -> u64 {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    meminfo_bytes(&meminfo, "MemAvailable").unwrap_or(8 << 30)
 }
 
 #[cfg(test)]

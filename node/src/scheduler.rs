@@ -8,6 +8,7 @@
 //! (HTTP 503 with `Retry-After`). Idle models are unloaded after their keep-alive
 //! (default 5 minutes; `0` unloads right after use, `-1` never), like Docker Model Runner.
 
+use crate::hardware::available_memory;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -92,20 +93,6 @@ impl Default for SchedulerConfig {
             check_blobs: true,
         }
     }
-}
-
-/// Memory the system reports as available (bytes), from `/proc/meminfo`.
-pub fn available_memory() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .find(|l| l.starts_with("MemAvailable:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<u64>().ok())
-        })
-        .map(|kb| kb * 1024)
-        .unwrap_or(8 << 30)
 }
 
 /// Per loaded model: shared between the actor and leases.
