@@ -642,7 +642,7 @@ async fn serve(data_dir: &std::path::Path, args: ServeArgs) -> anyhow::Result<()
         registry: args.registry.registry(),
         provider: args.network.config(),
     };
-    crate::daemon::run(config, shutdown_signal()).await
+    crate::daemon::run(config, beacon_net::shutdown_signal()).await
 }
 
 /// The API's bearer token: the flag's, or the token file's (made when missing). Beyond
@@ -681,28 +681,6 @@ fn api_token(args: &ServeArgs) -> anyhow::Result<Option<Secret>> {
         );
     }
     Ok(token)
-}
-
-/// Resolves on Ctrl-C or SIGTERM.
-pub async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
 }
 
 async fn run_chat(

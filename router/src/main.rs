@@ -313,7 +313,7 @@ async fn main() -> anyhow::Result<()> {
                     ..Default::default()
                 },
             };
-            beacon_router::run(config, shutdown()).await
+            beacon_router::run(config, beacon_net::shutdown_signal()).await
         }
         Command::Minions(m) => {
             let m = *m;
@@ -333,20 +333,6 @@ async fn main() -> anyhow::Result<()> {
             };
             beacon_router::minions::client::run(args, &mut std::io::stdout()).await
         }
-    }
-}
-
-async fn shutdown() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
     }
 }
 
