@@ -6,6 +6,7 @@
 //! same placement, dispatch and verification, at `POST /v1/minions`.
 
 pub mod api;
+pub mod cli;
 pub mod directory;
 pub mod discovery;
 pub mod dispatch;
