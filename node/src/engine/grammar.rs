@@ -54,6 +54,7 @@ pub(super) const PER_VOCAB_ENTRY: Duration = Duration::from_nanos(2_000);
 /// CPU time the calling thread has used. Grammar time is counted in it, not in wall time,
 /// so a runner thread the OS leaves waiting on a busy machine is not charged for the wait
 /// (grammars are applied on the runner thread, by llama.cpp, without helper threads).
+#[allow(unsafe_code)] // one libc call, SAFETY below
 pub(super) fn thread_cpu_time() -> Duration {
     let mut ts = libc::timespec {
         tv_sec: 0,

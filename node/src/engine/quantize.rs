@@ -31,6 +31,7 @@ impl Quantization {
 
 /// Writes `input` requantised to `to` at `output` (an already quantised input is
 /// dequantised first, as `llama-quantize --allow-requantize` does).
+#[allow(unsafe_code)] // llama.cpp's quantiser through its C API, SAFETY below
 pub fn requantize(
     input: &Path,
     output: &Path,

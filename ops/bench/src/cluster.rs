@@ -65,6 +65,7 @@ pub(crate) struct Proc(Child);
 impl Proc {
     /// Starts `c` with its stderr appended to `log` (stdout dropped). The kernel kills it
     /// when the thread that started it exits: start it from the main thread.
+    #[allow(unsafe_code)] // prctl in pre_exec, SAFETY below
     pub(crate) fn spawn(c: &mut Command, log: &Path) -> std::io::Result<Proc> {
         use std::os::unix::process::CommandExt;
         let log = std::fs::OpenOptions::new()

@@ -136,6 +136,7 @@ fn parse_matrix(s: &str) -> anyhow::Result<Vec<Vec<f64>>> {
 
 /// Blocks SIGINT and SIGTERM in every thread (call before any is spawned) and returns a
 /// function that waits for one.
+#[allow(unsafe_code)] // signal masks through libc, SAFETY below
 fn block_signals() -> impl FnOnce() {
     // SAFETY: a zeroed sigset_t is initialised by sigemptyset before use; the mask is set
     // on this thread, which every later thread inherits.

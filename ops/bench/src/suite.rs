@@ -444,7 +444,10 @@ pub fn failures(
     let res = with_failure(cluster, r, scale, "provider killed", &|| {
         if let Some(pid) = pid {
             // SAFETY: kill(2) on a child this process started and has not reaped.
-            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            #[allow(unsafe_code)]
+            unsafe {
+                libc::kill(pid as i32, libc::SIGKILL)
+            };
         }
         format!("{victim_name} killed with SIGKILL")
     });

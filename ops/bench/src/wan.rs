@@ -12,6 +12,10 @@
 //! Needs root (CAP_NET_ADMIN and CAP_SYS_ADMIN), `ip` from iproute2 and `/dev/net/tun`;
 //! [`Wan::up`] says which is missing.
 
+// Namespaces, TUN and poll are Linux syscalls without a safe wrapper here; each unsafe
+// block says why it is sound.
+#![allow(unsafe_code)]
+
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, BinaryHeap};
 use std::fs::File;
