@@ -13,6 +13,7 @@ pub mod gguf;
 pub mod identity;
 pub mod ip;
 pub mod messages;
+pub mod openai;
 pub mod plan;
 pub mod reference;
 pub mod sampling;

@@ -307,6 +307,8 @@ struct ChatBody {
     stream_options: Option<Value>,
     #[serde(default)]
     response_format: Option<Value>,
+    #[serde(flatten)]
+    unserved: beacon_proto::openai::Unserved,
 }
 
 #[derive(Deserialize)]
@@ -319,7 +321,8 @@ enum Stop {
 #[derive(Deserialize)]
 struct InMessage {
     role: String,
-    content: String,
+    #[serde(default)]
+    content: Option<beacon_proto::openai::Content>,
 }
 
 /// The body, or a 413 / 400 saying why it could not be read.
@@ -375,12 +378,21 @@ fn to_request(body: &ChatBody, digest: beacon_proto::Digest) -> Result<InferRequ
                     ));
                 }
             };
-            Ok(ChatMessage {
-                role,
-                content: m.content.clone(),
-            })
+            let content = match m.content.clone() {
+                None => String::new(),
+                Some(c) => c.into_text().map_err(|(j, kind)| {
+                    ApiError::bad(
+                        &format!("messages[{i}].content[{j}].type"),
+                        format!("content part type {kind:?} is not supported"),
+                    )
+                })?,
+            };
+            Ok(ChatMessage { role, content })
         })
         .collect::<Result<Vec<_>, _>>()?;
+    body.unserved
+        .check()
+        .map_err(|(field, why)| ApiError::bad(field, why))?;
     let temperature = body.temperature.unwrap_or(1.0);
     if !(0.0..=2.0).contains(&temperature) {
         return Err(ApiError::bad("temperature", "must be between 0 and 2"));

@@ -228,6 +228,16 @@ assert r.usage.completion_tokens > 0
 parts = [c.choices[0].delta.content or "" for c in client.chat.completions.create(model="ai/smollm2:test", messages=[{{"role": "user", "content": "Say hello."}}], max_tokens=8, stream=True) if c.choices]
 assert "".join(parts).strip(), parts
 assert "ai/smollm2:test" in [m.id for m in client.models.list()]
+# Content as an array of text parts, as the node takes it.
+r = client.chat.completions.create(model="ai/smollm2:test", messages=[{{"role": "user", "content": [{{"type": "text", "text": "Say the word \"kiwi\" "}}, {{"type": "text", "text": "and nothing else."}}]}}], temperature=0, max_tokens=12)
+assert "kiwi" in r.choices[0].message.content.lower(), r
+# What Beacon does not serve is refused by name, never silently dropped.
+for extra, param in [({{"tools": [{{"type": "function", "function": {{"name": "f", "parameters": {{"type": "object"}}}}}}]}}, "tools"), ({{"n": 2}}, "n"), ({{"logprobs": True}}, "logprobs")]:
+    try:
+        client.chat.completions.create(model="ai/smollm2:test", messages=[{{"role": "user", "content": "x"}}], max_tokens=4, **extra)
+        raise SystemExit(f"expected a 400 for {{param}}")
+    except openai.BadRequestError as e:
+        assert e.body["param"] == param, e.body
 try:
     client.chat.completions.create(model="ai/absent", messages=[{{"role": "user", "content": "x"}}])
     raise SystemExit("expected NotFoundError")

@@ -17,6 +17,8 @@ use futures::{Stream, StreamExt};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use beacon_proto::openai::{Content, Unserved};
+
 use super::{ApiError, AppState, body_json, parse_value};
 use crate::engine::{Event, GenerateRequest, OutputFormat, Prompt};
 use crate::scheduler::KeepAlive;
@@ -26,21 +28,6 @@ use crate::scheduler::KeepAlive;
 enum StopField {
     One(String),
     Many(Vec<String>),
-}
-
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum Content {
-    Text(String),
-    Parts(Vec<Part>),
-}
-
-#[derive(Deserialize)]
-struct Part {
-    #[serde(rename = "type")]
-    kind: String,
-    #[serde(default)]
-    text: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -97,6 +84,8 @@ struct Params {
     response_format: Option<ResponseFormat>,
     #[serde(default)]
     keep_alive: Option<Value>,
+    #[serde(flatten)]
+    unserved: Unserved,
 }
 
 #[derive(Deserialize)]
@@ -108,6 +97,9 @@ enum PromptField {
 
 impl Params {
     fn sampling(&self) -> Result<Sampling, ApiError> {
+        self.unserved
+            .check()
+            .map_err(|(field, why)| ApiError::bad_request(field, why))?;
         let stop = match &self.stop {
             None => Vec::new(),
             Some(StopField::One(s)) => vec![s.clone()],
@@ -196,20 +188,12 @@ fn convert_messages(messages: Vec<InMessage>) -> Result<Vec<ChatMessage>, ApiErr
             };
             let content = match m.content {
                 None => String::new(),
-                Some(Content::Text(t)) => t,
-                Some(Content::Parts(parts)) => {
-                    let mut out = String::new();
-                    for (j, p) in parts.into_iter().enumerate() {
-                        if p.kind != "text" {
-                            return Err(ApiError::bad_request(
-                                format!("messages[{i}].content[{j}].type"),
-                                format!("content part type {:?} is not supported", p.kind),
-                            ));
-                        }
-                        out.push_str(&p.text.unwrap_or_default());
-                    }
-                    out
-                }
+                Some(c) => c.into_text().map_err(|(j, kind)| {
+                    ApiError::bad_request(
+                        format!("messages[{i}].content[{j}].type"),
+                        format!("content part type {kind:?} is not supported"),
+                    )
+                })?,
             };
             Ok(ChatMessage { role, content })
         })
