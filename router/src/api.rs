@@ -390,9 +390,6 @@ fn to_request(body: &ChatBody, digest: beacon_proto::Digest) -> Result<InferRequ
             Ok(ChatMessage { role, content })
         })
         .collect::<Result<Vec<_>, _>>()?;
-    body.unserved
-        .check()
-        .map_err(|(field, why)| ApiError::bad(field, why))?;
     let temperature = body.temperature.unwrap_or(1.0);
     if !(0.0..=2.0).contains(&temperature) {
         return Err(ApiError::bad("temperature", "must be between 0 and 2"));
@@ -531,6 +528,14 @@ async fn chat_inner(
         let reason = format!("no provider serves {}", body.model);
         return fallback(state, &body.model, raw, &reason).await;
     };
+    if let Err((field, why)) = body.unserved.check() {
+        // The network does not serve it (tools, several choices, log probabilities); the
+        // remote API may, when the operator offers it for this model. Never dropped.
+        if state.remote.is_some() && fallback_refusal(state, &body.model).is_none() {
+            return fallback(state, &body.model, raw, why).await;
+        }
+        return Err(ApiError::bad(field, why));
+    }
     let request = to_request(&body, digest)?;
     let admitted = admit(state, digest)?;
     let id = format!("chatcmpl-{}", request.request_id.short());

@@ -6,7 +6,9 @@
 //! has been verified (signature, signer, request digest, model digest); a sample is audited.
 
 use std::collections::{HashMap, VecDeque};
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -94,6 +96,10 @@ impl Homes {
         }
     }
 }
+
+/// A verified answer and how many requests the provider was answering for us then.
+type Answered = ((InferResult, Signed<InferResult>), u32);
+type Attempted = Result<Answered, CallError>;
 
 /// Which copy of a request owns its stream: none yet, the first attempt, its hedge.
 const NO_OWNER: u8 = 0;
@@ -539,7 +545,7 @@ impl Dispatcher {
         slots: u32,
         request: &InferRequest,
         deltas: Option<(&mpsc::UnboundedSender<String>, &AtomicU8, u8)>,
-    ) -> Result<((InferResult, Signed<InferResult>), u32), CallError> {
+    ) -> Attempted {
         let permit = self.limit(peer, slots).acquire_owned().await;
         let _counted = InFlight::new(self.in_flight.clone(), peer);
         let call = self.client.infer(peer, addr, request, |d| {
@@ -579,6 +585,41 @@ impl Dispatcher {
             self.release(peer, permit);
         }
         r
+    }
+
+    /// The first copy of a hedged attempt to succeed (`true`: the hedge), unless the other
+    /// copy owns the stream. A copy that fails leaves the other running (a hedge that errs
+    /// first must not throw away a primary about to answer), unless it owned the stream;
+    /// the failure not returned is counted here.
+    async fn race(
+        &self,
+        mut primary: Pin<&mut impl Future<Output = Attempted>>,
+        mut second: Pin<&mut impl Future<Output = Attempted>>,
+        owner: &AtomicU8,
+    ) -> Result<(Answered, bool), CallError> {
+        let owned = |who| owner.load(Ordering::Acquire) == who;
+        tokio::select! {
+            r = &mut primary => match r {
+                Ok(r) if !owned(HEDGE) => Ok((r, false)),
+                Err(e) if owned(PRIMARY) => Err(e),
+                other => {
+                    if let Err(e) = &other {
+                        self.attempt_failed(e);
+                    }
+                    second.await.map(|r| (r, true))
+                }
+            },
+            r = &mut second => match r {
+                Ok(r) if !owned(PRIMARY) => Ok((r, true)),
+                Err(e) if owned(HEDGE) => Err(e),
+                other => {
+                    if let Err(e) = &other {
+                        self.attempt_failed(e);
+                    }
+                    primary.await.map(|r| (r, false))
+                }
+            },
+        }
     }
 
     /// Runs `request` to a verified result. With `deltas`, text is streamed as it comes:
@@ -656,36 +697,12 @@ impl Dispatcher {
                                         deltas.as_ref().map(|tx| (tx, &owner, HEDGE)),
                                     );
                                     tokio::pin!(second);
-                                    // The first copy to succeed wins, unless the other owns
-                                    // the stream. A copy that fails leaves the other running
-                                    // (a hedge that errs first must not throw away a primary
-                                    // about to answer), unless it owned the stream.
-                                    tokio::select! {
-                                        r = &mut primary => match r {
-                                            Ok(r) if owner.load(Ordering::Acquire) != HEDGE => {
-                                                Ok((r, (peer, addr), region.clone(), true))
-                                            }
-                                            Err(e) if owner.load(Ordering::Acquire) == PRIMARY => Err(e),
-                                            other => {
-                                                if let Err(e) = &other {
-                                                    self.attempt_failed(e);
-                                                }
-                                                second.await.map(|r| (r, (p2, a2), r2, true))
-                                            }
+                                    self.race(primary.as_mut(), second, &owner).await.map(
+                                        |(r, hedge_won)| match hedge_won {
+                                            true => (r, (p2, a2), r2, true),
+                                            false => (r, (peer, addr), region.clone(), true),
                                         },
-                                        r = &mut second => match r {
-                                            Ok(r) if owner.load(Ordering::Acquire) != PRIMARY => {
-                                                Ok((r, (p2, a2), r2, true))
-                                            }
-                                            Err(e) if owner.load(Ordering::Acquire) == HEDGE => Err(e),
-                                            other => {
-                                                if let Err(e) = &other {
-                                                    self.attempt_failed(e);
-                                                }
-                                                primary.await.map(|r| (r, (peer, addr), region.clone(), true))
-                                            }
-                                        },
-                                    }
+                                    )
                                 }
                                 None => primary.await.map(|r| (r, (peer, addr), region.clone(), false)),
                             }
