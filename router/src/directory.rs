@@ -10,6 +10,7 @@ use std::time::Duration;
 use beacon_net::SharedDirectory;
 use beacon_proto::{Digest, ModelRef, PeerId, ProviderAdvert};
 use serde::{Deserialize, Serialize};
+use tracing::warn;
 
 use crate::placement::ProviderView;
 
@@ -344,12 +345,21 @@ impl RouterDirectory {
     fn with<R>(&self, peer: &PeerId, persist: bool, f: impl FnOnce(&mut Stats) -> R) -> R {
         let mut all = self.stats.lock().unwrap_or_else(|p| p.into_inner());
         let s = all.entry(*peer).or_default();
+        let quarantined_until = s.quarantined_until_ms;
         let r = f(s);
         if persist
             && let Some(tree) = &self.db
             && let Ok(bytes) = serde_json::to_vec(s)
         {
             let _ = tree.insert(peer.to_bytes(), bytes);
+            // A quarantine is on disk before it is acted on: sled writes back every
+            // 500 ms, and a router killed sooner would forget it (rare, so the sync is
+            // cheap where it matters).
+            if s.quarantined_until_ms != quarantined_until
+                && let Err(e) = tree.flush()
+            {
+                warn!(peer = %peer, error = %e, "could not write a quarantine to disk");
+            }
         }
         r
     }
