@@ -597,28 +597,33 @@ impl Dispatcher {
         mut second: Pin<&mut impl Future<Output = Attempted>>,
         owner: &AtomicU8,
     ) -> Result<(Answered, bool), CallError> {
-        let owned = |who| owner.load(Ordering::Acquire) == who;
-        tokio::select! {
-            r = &mut primary => match r {
-                Ok(r) if !owned(HEDGE) => Ok((r, false)),
-                Err(e) if owned(PRIMARY) => Err(e),
-                other => {
-                    if let Err(e) = &other {
-                        self.attempt_failed(e);
-                    }
-                    second.await.map(|r| (r, true))
+        let won = tokio::select! {
+            r = &mut primary => self.settle(r, PRIMARY, second, owner).await,
+            r = &mut second => self.settle(r, HEDGE, primary, owner).await,
+        };
+        won.map(|(r, copy)| (r, copy == HEDGE))
+    }
+
+    /// Copy `me` of a hedged attempt finished with `r`: its answer, unless the other copy
+    /// owns the stream; its failure, if it owned the stream; else the other copy's outcome.
+    async fn settle(
+        &self,
+        r: Attempted,
+        me: u8,
+        other: Pin<&mut impl Future<Output = Attempted>>,
+        owner: &AtomicU8,
+    ) -> Result<(Answered, u8), CallError> {
+        let them = if me == PRIMARY { HEDGE } else { PRIMARY };
+        let owned_by = owner.load(Ordering::Acquire);
+        match r {
+            Ok(r) if owned_by != them => Ok((r, me)),
+            Err(e) if owned_by == me => Err(e),
+            r => {
+                if let Err(e) = &r {
+                    self.attempt_failed(e);
                 }
-            },
-            r = &mut second => match r {
-                Ok(r) if !owned(PRIMARY) => Ok((r, true)),
-                Err(e) if owned(HEDGE) => Err(e),
-                other => {
-                    if let Err(e) = &other {
-                        self.attempt_failed(e);
-                    }
-                    primary.await.map(|r| (r, false))
-                }
-            },
+                other.await.map(|r| (r, them))
+            }
         }
     }
 
