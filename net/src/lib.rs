@@ -19,7 +19,7 @@ pub mod p2p;
 pub mod quic;
 
 pub use directory::{Directory, SharedDirectory};
-pub use p2p::{NetEvent, Network, NetworkConfig};
+pub use p2p::{NetEvent, Network, NetworkConfig, P2pMetrics};
 pub use quic::{CallError, DataClient};
 
 /// Milliseconds since the Unix epoch (0 for a clock set before it), the one wall clock

@@ -98,6 +98,7 @@ pub async fn run(
             key: key.clone(),
             ledger: ledger.clone(),
             throughput: throughput.clone(),
+            metrics: state.metrics.clone(),
             fault: p.fault,
             audits: Default::default(),
         };
@@ -127,6 +128,9 @@ pub async fn run(
         net_config.listen = p.p2p_listen.clone();
         net_config.external = p.p2p_advertise.clone();
         net_config.bootstrap = p.bootstrap.clone();
+        let mut p2p_metrics = prometheus_client::registry::Registry::default();
+        net_config.metrics = Some(beacon_net::P2pMetrics::new(&mut p2p_metrics));
+        state.metrics.set_p2p(Arc::new(p2p_metrics));
         let net = Network::start(net_config).await?;
         let directory = Arc::new(RwLock::new(Directory::new(
             p.advert_interval * 4,

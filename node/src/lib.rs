@@ -15,6 +15,7 @@ pub mod daemon;
 pub mod engine;
 pub mod hardware;
 pub mod ledger;
+pub mod metrics;
 pub mod provider;
 pub mod scheduler;
 pub mod store;

@@ -6,7 +6,6 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::convert::Infallible;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -21,8 +20,10 @@ use beacon_proto::{ChatMessage, Digest, Id, InferRequest, ModelSpec, Role, Sampl
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
+use tracing::Instrument;
 
 use crate::dispatch::{DispatchError, Dispatcher};
+use crate::metrics::Metrics;
 use crate::placement::Policy;
 
 /// The remote (supervisor / fallback) OpenAI-compatible API.
@@ -87,20 +88,6 @@ pub struct ApiState {
     metrics: Arc<Metrics>,
 }
 
-#[derive(Default)]
-struct Metrics {
-    requests: AtomicU64,
-    routed: AtomicU64,
-    fallback: AtomicU64,
-    errors: AtomicU64,
-    rate_limited: AtomicU64,
-    shed: AtomicU64,
-    retries: AtomicU64,
-    hedged: AtomicU64,
-    prompt_tokens: AtomicU64,
-    completion_tokens: AtomicU64,
-}
-
 impl ApiState {
     pub fn new(
         dispatcher: Dispatcher,
@@ -108,7 +95,19 @@ impl ApiState {
         keys: Vec<Secret>,
         rate_per_minute: u32,
         policy: Policy,
+        max_minion_jobs: usize,
+        p2p_metrics: Option<Arc<prometheus_client::registry::Registry>>,
     ) -> Self {
+        let minion_jobs = Arc::new(tokio::sync::Semaphore::new(max_minion_jobs));
+        let metrics = Metrics::new(crate::metrics::Live {
+            dispatcher: dispatcher.clone(),
+            minion_jobs: minion_jobs.clone(),
+            max_minion_jobs,
+        });
+        let metrics = match p2p_metrics {
+            Some(r) => metrics.with_p2p(r),
+            None => metrics,
+        };
         ApiState {
             dispatcher,
             remote,
@@ -118,13 +117,13 @@ impl ApiState {
             rate_per_minute,
             policy,
             minions: Arc::default(),
-            minion_jobs: Arc::new(tokio::sync::Semaphore::new(DEFAULT_MINION_JOBS)),
-            max_minion_jobs: DEFAULT_MINION_JOBS,
+            minion_jobs,
+            max_minion_jobs,
             minion_budgets: crate::minions::budget::Budgets::new(0, Duration::from_secs(3600)),
             max_queue: 64,
             pending: Arc::default(),
             buckets: Arc::default(),
-            metrics: Arc::default(),
+            metrics: Arc::new(metrics),
         }
     }
 }
@@ -250,7 +249,7 @@ async fn auth(State(state): State<ApiState>, mut req: Request, next: Next) -> Re
         *tokens = (*tokens + at.elapsed().as_secs_f64() * cap / 60.0).min(cap);
         *at = Instant::now();
         if *tokens < 1.0 {
-            state.metrics.rate_limited.fetch_add(1, Ordering::Relaxed);
+            state.metrics.rate_limited.inc();
             let wait = ((1.0 - *tokens) * 60.0 / cap).ceil() as u64;
             return ApiError {
                 retry_after: Some(wait.max(1)),
@@ -476,7 +475,7 @@ fn admit(state: &ApiState, model: Digest) -> Result<Admitted, ApiError> {
     if *n >= slots.max(1) + state.max_queue {
         let ahead = *n;
         drop(pending);
-        state.metrics.shed.fetch_add(1, Ordering::Relaxed);
+        state.metrics.shed.inc();
         let per_request_s = state.dispatcher.median_latency_ms().unwrap_or(1000.0) / 1000.0;
         let wait = (ahead as f64 / slots.max(1) as f64 * per_request_s).ceil() as u64;
         return Err(ApiError {
@@ -509,10 +508,16 @@ async fn chat(
     State(state): State<ApiState>,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Response {
-    state.metrics.requests.fetch_add(1, Ordering::Relaxed);
-    let r = chat_inner(&state, body).await;
+    state.metrics.requests.inc();
+    let span = tracing::info_span!(
+        "chat",
+        model = tracing::field::Empty,
+        request = tracing::field::Empty,
+        stream = tracing::field::Empty
+    );
+    let r = chat_inner(&state, body).instrument(span).await;
     r.unwrap_or_else(|e| {
-        state.metrics.errors.fetch_add(1, Ordering::Relaxed);
+        state.metrics.errors.inc();
         e.into_response()
     })
 }
@@ -537,6 +542,10 @@ async fn chat_inner(
         return Err(ApiError::bad(field, why));
     }
     let request = to_request(&body, digest)?;
+    let span = tracing::Span::current();
+    span.record("model", body.model.as_str());
+    span.record("request", request.request_id.short().as_str());
+    span.record("stream", body.stream);
     let admitted = admit(state, digest)?;
     let id = format!("chatcmpl-{}", request.request_id.short());
     let created = crate::directory::now_ms() / 1000;
@@ -549,7 +558,7 @@ async fn chat_inner(
             }
             Err(e) => return Err(dispatch_error(e)),
         };
-        record(state, &outcome);
+        state.metrics.answered(&model, &outcome, None);
         let r = &outcome.result;
         return Ok(axum::Json(json!({
             "id": id, "object": "chat.completion", "created": created, "model": model,
@@ -583,11 +592,14 @@ async fn chat_inner(
                 Value::Null,
             )))
             .await;
+        let started = Instant::now();
+        let mut first_token = None;
         let run = st.dispatcher.run(&request, &st.policy, Some(tx));
         tokio::pin!(run);
         let outcome = loop {
             tokio::select! {
                 Some(d) = rx.recv() => {
+                    first_token.get_or_insert_with(|| started.elapsed());
                     if out_tx.send(Ok(chunk(json!({"content": d}), Value::Null))).await.is_err() {
                         return;
                     }
@@ -602,7 +614,7 @@ async fn chat_inner(
         }
         match outcome {
             Ok(o) => {
-                record(&st, &o);
+                st.metrics.answered(&model, &o, first_token);
                 // The last chunk says what the client got: every delta above was compared
                 // with the signed output before it (a mismatch ends in an error event).
                 let mut last = chunk_value(
@@ -625,14 +637,15 @@ async fn chat_inner(
                 }
             }
             Err(e) => {
-                st.metrics.errors.fetch_add(1, Ordering::Relaxed);
+                st.metrics.errors.inc();
                 let c = json!({"error": {"message": e.to_string(), "type": "server_error"},
                     "beacon": {"verified": false, "audited": false}});
                 let _ = out_tx.send(Ok(Bytes::from(format!("data: {c}\n\n")))).await;
             }
         }
         let _ = out_tx.send(Ok(Bytes::from("data: [DONE]\n\n"))).await;
-    });
+    }
+    .instrument(tracing::Span::current()));
     let stream =
         futures::stream::unfold(
             out_rx,
@@ -649,20 +662,6 @@ async fn chat_inner(
 fn chunk_value(id: &str, created: u64, model: &str, delta: Value, finish: Value) -> Value {
     json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
         "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
-}
-
-fn record(state: &ApiState, o: &crate::dispatch::Outcome) {
-    let m = &state.metrics;
-    m.routed.fetch_add(1, Ordering::Relaxed);
-    m.retries
-        .fetch_add(o.attempts as u64 - 1, Ordering::Relaxed);
-    if o.hedged {
-        m.hedged.fetch_add(1, Ordering::Relaxed);
-    }
-    m.prompt_tokens
-        .fetch_add(o.result.usage.prompt_tokens as u64, Ordering::Relaxed);
-    m.completion_tokens
-        .fetch_add(o.result.usage.completion_tokens as u64, Ordering::Relaxed);
 }
 
 fn dispatch_error(e: DispatchError) -> ApiError {
@@ -739,7 +738,7 @@ async fn fallback(
             format!("{reason}, and {refusal}"),
         ));
     }
-    state.metrics.fallback.fetch_add(1, Ordering::Relaxed);
+    state.metrics.fallback.inc();
     let url = format!("{}/chat/completions", remote.base_url.trim_end_matches('/'));
     let raw = forwarded(raw, state.fallback.max_tokens);
     let mut req = state.http.post(url).json(&raw);
@@ -790,43 +789,13 @@ async fn providers(State(state): State<ApiState>) -> axum::Json<Value> {
     axum::Json(json!({"providers": list}))
 }
 
-async fn metrics(State(state): State<ApiState>) -> String {
-    let m = &state.metrics;
-    let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
-    let providers = state.dispatcher.directory.providers();
-    let (audits_passed, audits_failed) = state.dispatcher.audit_counts();
-    format!(
-        "# TYPE beacon_router_requests_total counter\nbeacon_router_requests_total {}\n\
-         # TYPE beacon_router_routed_total counter\nbeacon_router_routed_total {}\n\
-         # TYPE beacon_router_fallback_total counter\nbeacon_router_fallback_total {}\n\
-         # TYPE beacon_router_errors_total counter\nbeacon_router_errors_total {}\n\
-         # TYPE beacon_router_rate_limited_total counter\nbeacon_router_rate_limited_total {}\n\
-         # TYPE beacon_router_shed_total counter\nbeacon_router_shed_total {}\n\
-         # TYPE beacon_router_retries_total counter\nbeacon_router_retries_total {}\n\
-         # TYPE beacon_router_hedged_total counter\nbeacon_router_hedged_total {}\n\
-         # TYPE beacon_router_tokens_total counter\nbeacon_router_tokens_total{{kind=\"prompt\"}} {}\nbeacon_router_tokens_total{{kind=\"completion\"}} {}\n\
-         # TYPE beacon_router_providers gauge\nbeacon_router_providers {}\n\
-         # TYPE beacon_router_quarantined gauge\nbeacon_router_quarantined {}\n\
-         # TYPE beacon_router_audits_total counter\nbeacon_router_audits_total{{result=\"pass\"}} {}\nbeacon_router_audits_total{{result=\"fail\"}} {}\n\
-         # TYPE beacon_router_audit_tokens_total counter\nbeacon_router_audit_tokens_total {}\n\
-         # TYPE beacon_router_minions_jobs gauge\nbeacon_router_minions_jobs {}\n",
-        g(&m.requests),
-        g(&m.routed),
-        g(&m.fallback),
-        g(&m.errors),
-        g(&m.rate_limited),
-        g(&m.shed),
-        g(&m.retries),
-        g(&m.hedged),
-        g(&m.prompt_tokens),
-        g(&m.completion_tokens),
-        providers.len(),
-        providers.iter().filter(|p| p.quarantined).count(),
-        audits_passed,
-        audits_failed,
-        state.dispatcher.audit_tokens(),
-        state
-            .max_minion_jobs
-            .saturating_sub(state.minion_jobs.available_permits()),
+async fn metrics(State(state): State<ApiState>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.metrics.render(),
     )
+        .into_response()
 }

@@ -19,7 +19,7 @@ use beacon_proto::{
 };
 use serde::Serialize;
 use tokio::sync::{Semaphore, mpsc};
-use tracing::{debug, info, warn};
+use tracing::{debug, info, instrument, warn};
 
 use crate::directory::{EXPLORE_SHARE, RouterDirectory};
 use crate::placement::{Policy, Prefix, ProviderView, Subtask, eligible, place};
@@ -538,6 +538,7 @@ impl Dispatcher {
         }
     }
 
+    #[instrument(skip_all, fields(provider = %peer))]
     async fn attempt(
         &self,
         peer: PeerId,
@@ -643,6 +644,7 @@ impl Dispatcher {
 
     /// [`Dispatcher::run`] for a request whose prompt starts with `prefix`, shared with
     /// other requests: placed where that prefix went before when no slower.
+    #[instrument(skip_all, fields(request = %request.request_id.short(), model = %request.model.reference))]
     pub async fn run_sharing(
         &self,
         request: &InferRequest,

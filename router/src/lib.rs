@@ -10,6 +10,7 @@ pub mod cli;
 pub mod directory;
 pub mod discovery;
 pub mod dispatch;
+pub mod metrics;
 pub mod minions;
 pub mod placement;
 pub mod tls;
@@ -87,6 +88,8 @@ pub async fn run(
     // A router maps no model: past 80% of the machine's memory, a flood of connections is
     // the likelier cause, and new ones wait.
     net_config.max_memory_fraction = Some(0.8);
+    let mut p2p_metrics = prometheus_client::registry::Registry::default();
+    net_config.metrics = Some(beacon_net::P2pMetrics::new(&mut p2p_metrics));
     let network = Network::start(net_config).await?;
     let live = Arc::new(RwLock::new(Directory::new(
         config.advert_expiry,
@@ -121,10 +124,10 @@ pub async fn run(
         config.api_keys,
         config.rate_per_minute,
         config.policy,
+        config.max_minion_jobs,
+        Some(Arc::new(p2p_metrics)),
     );
     state.fallback = config.fallback;
-    state.minion_jobs = Arc::new(tokio::sync::Semaphore::new(config.max_minion_jobs));
-    state.max_minion_jobs = config.max_minion_jobs;
     state.minion_budgets =
         minions::budget::Budgets::new(config.minions_token_budget, Duration::from_secs(3600));
     state.minions = Arc::new(config.minions);

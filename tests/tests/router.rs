@@ -334,6 +334,45 @@ print("openai client ok")
     assert!(dropped, "dead provider kept");
     let metrics = http("GET", &router.url("/metrics"), None, &[]).body;
     assert!(metrics.contains("beacon_router_routed_total"), "{metrics}");
+    // Latency, time to first token (the openai client's stream above), tokens per second
+    // and queue wait as histograms, labelled with the model, provider and region; and
+    // libp2p's own metrics from the router's swarm.
+    let routed = format!(r#"{{model="ai/smollm2:test",provider="{survivor}",region=""#);
+    let observed = |text: &str, name: &str, labels: &str| {
+        text.lines()
+            .filter_map(|l| l.strip_prefix(&format!("{name}_count{labels}")))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum::<u64>()
+    };
+    for name in [
+        "beacon_router_request_latency_seconds",
+        "beacon_router_tokens_per_second",
+        "beacon_router_queue_wait_seconds",
+    ] {
+        assert!(observed(&metrics, name, &routed) >= 2, "{name}\n{metrics}");
+    }
+    assert!(
+        observed(
+            &metrics,
+            "beacon_router_time_to_first_token_seconds",
+            r#"{model="ai/smollm2:test""#
+        ) >= 1,
+        "{metrics}"
+    );
+    assert!(metrics.contains("libp2p_swarm_"), "{metrics}");
+    // The survivor counts what it served over the data plane, per model, and its swarm's
+    // metrics too.
+    let node = if victim == pa { &b } else { &a };
+    let served = http("GET", &node.url("/metrics"), None, &[]).body;
+    assert!(
+        observed(
+            &served,
+            "beacon_request_latency_seconds",
+            r#"{model="ai/smollm2:test"}"#
+        ) >= 2,
+        "{served}"
+    );
+    assert!(served.contains("libp2p_swarm_"), "{served}");
 }
 
 #[test]

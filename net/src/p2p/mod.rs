@@ -13,6 +13,7 @@ mod seqs;
 mod transport;
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::now_ms;
@@ -61,6 +62,9 @@ pub struct NetworkConfig {
     /// of the machine's memory (review M8). `None` for providers, whose resident memory
     /// includes the model weights they map.
     pub max_memory_fraction: Option<f64>,
+    /// libp2p's own metrics (connections, identify, kademlia, ping, gossipsub), recorded
+    /// into the registry they were made with; the owner renders it.
+    pub metrics: Option<P2pMetrics>,
 }
 
 impl NetworkConfig {
@@ -82,7 +86,25 @@ impl NetworkConfig {
             max_per_peer: 4,
             dial_private: true,
             max_memory_fraction: None,
+            metrics: None,
         }
+    }
+}
+
+/// libp2p's own metrics, recorded by the swarm task into the registry they were made with.
+#[derive(Clone)]
+pub struct P2pMetrics(Arc<libp2p::metrics::Metrics>);
+
+impl P2pMetrics {
+    /// Registers libp2p's metrics (prefixed `libp2p_`) in `registry`.
+    pub fn new(registry: &mut prometheus_client::registry::Registry) -> Self {
+        P2pMetrics(Arc::new(libp2p::metrics::Metrics::new(registry)))
+    }
+}
+
+impl std::fmt::Debug for P2pMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("P2pMetrics")
     }
 }
 
@@ -171,6 +193,7 @@ impl Network {
             agents: HashMap::new(),
             connected: HashSet::new(),
             unheard_since: None,
+            metrics: config.metrics.clone(),
         };
         actor.dial_bootstrap();
         tokio::spawn(actor.run(rx));
@@ -273,6 +296,7 @@ struct Actor {
     /// Since when this node, with an advert to publish and peers connected, has known no
     /// peer subscribed to adverts.
     unheard_since: Option<Instant>,
+    metrics: Option<P2pMetrics>,
 }
 
 impl Actor {
@@ -485,6 +509,9 @@ impl Actor {
     }
 
     fn swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        if let Some(m) = &self.metrics {
+            record(m, &event);
+        }
         match event {
             SwarmEvent::NewListenAddr { address, .. } => {
                 info!(%address, "p2p listening");
@@ -651,6 +678,22 @@ impl Actor {
                 debug!(%source, %via, reason = %text, "advert refused");
                 reject(Some(source), text, acceptance)
             }
+        }
+    }
+}
+
+/// Records a swarm event, and the behaviour event inside it, in libp2p's metrics.
+fn record(m: &P2pMetrics, event: &SwarmEvent<BehaviourEvent>) {
+    use libp2p::metrics::Recorder;
+    let m = &m.0;
+    m.record(event);
+    if let SwarmEvent::Behaviour(e) = event {
+        match e {
+            BehaviourEvent::Identify(e) => m.record(e),
+            BehaviourEvent::Ping(e) => m.record(e),
+            BehaviourEvent::Kad(e) => m.record(e),
+            BehaviourEvent::Gossipsub(e) => m.record(e),
+            _ => {}
         }
     }
 }

@@ -25,7 +25,7 @@ use serde::de::DeserializeOwned;
 use tokio::net::TcpListener;
 
 pub use error::ApiError;
-pub use metrics::Metrics;
+pub use crate::metrics::Metrics;
 
 use crate::scheduler::Scheduler;
 use crate::store::Store;

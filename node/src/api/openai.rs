@@ -312,7 +312,7 @@ async fn run(
         }
         drop(lease);
         let c = completion.ok_or_else(|| ApiError::from(crate::engine::EngineError::Stopped))?;
-        state.metrics.tokens(&c);
+        state.metrics.completed(&model, &c);
         let usage = json!({"prompt_tokens": c.usage.prompt_tokens, "completion_tokens": c.usage.completion_tokens,
             "total_tokens": c.usage.prompt_tokens + c.usage.completion_tokens,
             "prompt_tokens_details": {"cached_tokens": c.usage.cached_prompt_tokens}});
@@ -329,6 +329,7 @@ async fn run(
         return Ok(Json(json!({"id": id, "object": object, "created": created, "model": model, "choices": [choice], "usage": usage})).into_response());
     }
     let include_usage = params.stream_options.is_some_and(|o| o.include_usage);
+    let metrics_model = model.clone();
     let object = if chat {
         "chat.completion.chunk"
     } else {
@@ -349,6 +350,7 @@ async fn run(
         move |(mut rx, lease, done, first)| {
             let chunk = chunk.clone();
             let metrics = metrics.clone();
+            let metrics_model = metrics_model.clone();
             async move {
                 if let Some(f) = first {
                     return Some((vec![sse(&f)], (rx, lease, done, None)));
@@ -360,7 +362,7 @@ async fn run(
                     Some(Ok(Event::Token { text, .. })) if text.is_empty() => Some((vec![], (rx, lease, false, None))),
                     Some(Ok(Event::Token { text, .. })) => Some((vec![sse(&chunk(json!({"content": text}), None))], (rx, lease, false, None))),
                     Some(Ok(Event::Done(c))) => {
-                        metrics.tokens(&c);
+                        metrics.completed(&metrics_model, &c);
                         let mut out = vec![sse(&chunk(json!({}), Some(finish_str(c.finish_reason))))];
                         if include_usage {
                             let mut u = chunk(json!({}), None);

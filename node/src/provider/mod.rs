@@ -112,6 +112,8 @@ pub struct Provider {
     pub key: Arc<Keypair>,
     pub ledger: Ledger,
     pub throughput: Arc<Throughput>,
+    /// The node's metrics, which count data-plane generations too.
+    pub metrics: Arc<crate::metrics::Metrics>,
     pub fault: Option<Fault>,
     /// Audits running here per requesting peer (at most [`MAX_AUDITS_PER_PEER`]).
     pub audits: beacon_net::limits::Counts<PeerId>,
@@ -333,6 +335,7 @@ impl Provider {
         let Some(c) = completion else { return Ok(()) };
         self.throughput
             .observe(model, c.usage.completion_tokens, c.timings.decode_ms);
+        self.metrics.completed(&request.model.reference, &c);
         let mut result = InferResult {
             request_id: request.request_id,
             request_digest,

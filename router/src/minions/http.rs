@@ -42,7 +42,8 @@ pub async fn job(
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Response {
     let client = client.map(|c| c.0.0);
-    match job_inner(&state, client, body).await {
+    let span = tracing::info_span!("minions");
+    match tracing::Instrument::instrument(job_inner(&state, client, body), span).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     }
