@@ -85,84 +85,12 @@ pub async fn run(
     let mut data_plane = None;
     if let Some(p) = config.provider {
         let ledger = Ledger::open(&config.data_dir.join("ledger")).context("opening the ledger")?;
-        let endpoint = beacon_net::quic::server_endpoint(&key, p.data_plane)
-            .with_context(|| format!("data plane on {}", p.data_plane))?;
-        let bound = endpoint.local_addr()?;
-        let advertised = p
-            .data_plane_advertise
-            .clone()
-            .unwrap_or_else(|| advertise_addr(bound));
-        let throughput = Arc::new(Throughput::default());
-        let provider = Provider {
-            scheduler: scheduler.clone(),
-            key: key.clone(),
-            ledger: ledger.clone(),
-            throughput: throughput.clone(),
-            metrics: state.metrics.clone(),
-            fault: p.fault,
-            audits: Default::default(),
-        };
-        if let Some(f) = p.fault {
-            tracing::warn!(fault = ?f, "FAULT INJECTION: this provider misbehaves on purpose");
-        }
-        let policy = match &p.data_plane_allow {
-            Some(peers) => {
-                info!(
-                    peers = peers.len(),
-                    "the data plane serves only its allow-list"
-                );
-                beacon_net::quic::ServePolicy::allow_only(peers.iter().copied())
-            }
-            None => beacon_net::quic::ServePolicy::default(),
-        };
-        data_plane = Some(tokio::spawn(beacon_net::quic::serve(
-            endpoint,
-            provider,
-            policy,
-            stopped(),
-        )));
-        info!(%bound, %advertised, "data plane listening");
-        eprintln!("beacon-node data plane on {bound} (advertised as {advertised})");
-
-        let mut net_config = NetworkConfig::new((*key).clone());
-        net_config.listen = p.p2p_listen.clone();
-        net_config.external = p.p2p_advertise.clone();
-        net_config.bootstrap = p.bootstrap.clone();
-        let mut p2p_metrics = prometheus_client::registry::Registry::default();
-        net_config.metrics = Some(beacon_net::P2pMetrics::new(&mut p2p_metrics));
-        state.metrics.set_p2p(Arc::new(p2p_metrics));
-        let net = Network::start(net_config).await?;
-        let directory = Arc::new(RwLock::new(Directory::new(
-            p.advert_interval * 4,
-            Duration::from_secs(10),
-        )));
-        directory::follow(&net, directory.clone());
-        let last_advert = crate::provider::advert::LastAdvert::default();
-        tokio::spawn(
-            Advertiser {
-                network: net.clone(),
-                store: store.clone(),
-                scheduler: scheduler.clone(),
-                throughput,
-                region: p.region.clone(),
-                data_plane: advertised.clone(),
-                parallel,
-                interval: p.advert_interval,
-                last: last_advert.clone(),
-                overstate: p.fault == Some(crate::provider::Fault::Capacity),
-                private_tags: p.advertise_private_tags,
-            }
-            .run(),
-        );
-        eprintln!("beacon-node peer {} in region {}", key.peer_id(), p.region);
-        state.net = Some(Arc::new(NetState {
-            network: net.clone(),
-            directory,
-            ledger: ledger.clone(),
-            region: p.region,
-            data_plane: advertised,
-            advert: last_advert,
-        }));
+        let stop = stopped();
+        let (dp, net) = start_provider(
+            p, &key, &store, &scheduler, &mut state, &ledger, parallel, stop,
+        )
+        .await?;
+        data_plane = Some(dp);
         network = Some((net, ledger));
     }
 
@@ -186,6 +114,95 @@ pub async fn run(
     }
     api_result??;
     Ok(())
+}
+
+/// The provider's side: the data plane (serving until `stop`), the network, its adverts and
+/// what the API shows of them.
+#[allow(clippy::too_many_arguments)]
+async fn start_provider(
+    p: ProviderConfig,
+    key: &Arc<beacon_proto::Keypair>,
+    store: &Store,
+    scheduler: &Scheduler,
+    state: &mut AppState,
+    ledger: &Ledger,
+    parallel: u32,
+    stop: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<(tokio::task::JoinHandle<()>, Network)> {
+    let endpoint = beacon_net::quic::server_endpoint(&key, p.data_plane)
+        .with_context(|| format!("data plane on {}", p.data_plane))?;
+    let bound = endpoint.local_addr()?;
+    let advertised = p
+        .data_plane_advertise
+        .clone()
+        .unwrap_or_else(|| advertise_addr(bound));
+    let throughput = Arc::new(Throughput::default());
+    let provider = Provider {
+        scheduler: scheduler.clone(),
+        key: key.clone(),
+        ledger: ledger.clone(),
+        throughput: throughput.clone(),
+        metrics: state.metrics.clone(),
+        fault: p.fault,
+        audits: Default::default(),
+    };
+    if let Some(f) = p.fault {
+        tracing::warn!(fault = ?f, "FAULT INJECTION: this provider misbehaves on purpose");
+    }
+    let policy = match &p.data_plane_allow {
+        Some(peers) => {
+            info!(
+                peers = peers.len(),
+                "the data plane serves only its allow-list"
+            );
+            beacon_net::quic::ServePolicy::allow_only(peers.iter().copied())
+        }
+        None => beacon_net::quic::ServePolicy::default(),
+    };
+    let data_plane = tokio::spawn(beacon_net::quic::serve(endpoint, provider, policy, stop));
+    info!(%bound, %advertised, "data plane listening");
+    eprintln!("beacon-node data plane on {bound} (advertised as {advertised})");
+
+    let mut net_config = NetworkConfig::new((**key).clone());
+    net_config.listen = p.p2p_listen.clone();
+    net_config.external = p.p2p_advertise.clone();
+    net_config.bootstrap = p.bootstrap.clone();
+    let mut p2p_metrics = prometheus_client::registry::Registry::default();
+    net_config.metrics = Some(beacon_net::P2pMetrics::new(&mut p2p_metrics));
+    state.metrics.set_p2p(Arc::new(p2p_metrics));
+    let net = Network::start(net_config).await?;
+    let directory = Arc::new(RwLock::new(Directory::new(
+        p.advert_interval * 4,
+        Duration::from_secs(10),
+    )));
+    directory::follow(&net, directory.clone());
+    let last_advert = crate::provider::advert::LastAdvert::default();
+    tokio::spawn(
+        Advertiser {
+            network: net.clone(),
+            store: store.clone(),
+            scheduler: scheduler.clone(),
+            throughput,
+            region: p.region.clone(),
+            data_plane: advertised.clone(),
+            parallel,
+            interval: p.advert_interval,
+            last: last_advert.clone(),
+            overstate: p.fault == Some(crate::provider::Fault::Capacity),
+            private_tags: p.advertise_private_tags,
+        }
+        .run(),
+    );
+    eprintln!("beacon-node peer {} in region {}", key.peer_id(), p.region);
+    state.net = Some(Arc::new(NetState {
+        network: net.clone(),
+        directory,
+        ledger: ledger.clone(),
+        region: p.region,
+        data_plane: advertised,
+        advert: last_advert,
+    }));
+    Ok((data_plane, net))
 }
 
 /// A data-plane address others can dial: the bound one, or for a wildcard bind, this host's

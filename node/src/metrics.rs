@@ -62,13 +62,34 @@ impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("beacon");
         let requests = Family::<Endpoint, Counter>::default();
-        registry.register("requests", "Requests to the API, by endpoint.", requests.clone());
+        registry.register(
+            "requests",
+            "Requests to the API, by endpoint.",
+            requests.clone(),
+        );
         let errors = Counter::default();
-        registry.register("request_errors", "API requests that failed.", errors.clone());
+        registry.register(
+            "request_errors",
+            "API requests that failed.",
+            errors.clone(),
+        );
         let tokens = Family::<Kind, Counter>::default();
         registry.register("tokens", "Tokens processed, by kind.", tokens.clone());
+        // Every known series from zero, so a scrape before the first request shows them.
+        for endpoint in ["chat", "completions", "embeddings"] {
+            let _ = requests.get_or_create(&Endpoint {
+                endpoint: endpoint.into(),
+            });
+        }
+        for kind in ["prompt", "prompt_cached", "completion"] {
+            let _ = tokens.get_or_create(&Kind { kind: kind.into() });
+        }
         let decode_seconds = Counter::<f64, AtomicU64>::default();
-        registry.register("decode_seconds", "Time spent decoding.", decode_seconds.clone());
+        registry.register(
+            "decode_seconds",
+            "Time spent decoding.",
+            decode_seconds.clone(),
+        );
         let mut histograms = |name: &str, help: &str, f: fn() -> Histogram| {
             let h = Histograms::new_with_constructor(f);
             registry.register(name, help, h.clone());

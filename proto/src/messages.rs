@@ -329,6 +329,9 @@ pub struct InferRequest {
     pub job_id: Option<Id>,
     pub model: ModelSpec,
     pub messages: Vec<ChatMessage>,
+    /// A raw text prompt (`/v1/completions`), given to the model as it is instead of
+    /// `messages` rendered with the model's chat template; `messages` is then empty.
+    pub prompt: Option<String>,
     pub sampling: Sampling,
     /// JSON schema (as JSON text) the output must satisfy.
     pub json_schema: Option<String>,
@@ -338,20 +341,33 @@ pub struct InferRequest {
     pub return_tokens: bool,
 }
 
+/// At most [`MAX_MESSAGES`] messages, or a text prompt and no messages.
+fn check_prompt(messages: &[ChatMessage], prompt: &Option<String>) -> Result<(), FieldError> {
+    if messages.len() > MAX_MESSAGES {
+        return Err(FieldError {
+            field: "messages",
+            reason: format!("must be at most {MAX_MESSAGES}"),
+        });
+    }
+    if prompt.is_some() && !messages.is_empty() {
+        return Err(FieldError {
+            field: "prompt",
+            reason: "a request has messages or a prompt, not both".into(),
+        });
+    }
+    Ok(())
+}
+
 impl Wire for InferRequest {
     const KIND: &'static str = "infer request";
     const MAX_BYTES: usize = 8 << 20;
 }
 
 impl InferRequest {
-    /// Bounds a provider checks before any work: its sampling and message count.
+    /// Bounds a provider checks before any work: its sampling, its message count, and
+    /// messages or a prompt, not both.
     pub fn check(&self) -> Result<(), FieldError> {
-        if self.messages.len() > MAX_MESSAGES {
-            return Err(FieldError {
-                field: "messages",
-                reason: format!("must be at most {MAX_MESSAGES}"),
-            });
-        }
+        check_prompt(&self.messages, &self.prompt)?;
         self.sampling.check()
     }
 
@@ -468,6 +484,8 @@ pub struct AuditRequest {
     pub model: ModelSpec,
     /// The prompt exactly as the audited request sent it (rendered with the same template).
     pub messages: Vec<ChatMessage>,
+    /// The audited request's raw text prompt, when it had one instead of messages.
+    pub prompt: Option<String>,
     /// The token ids the audited provider claims it generated.
     pub claimed_tokens: Vec<u32>,
     /// The JSON schema the audited output was constrained by, so the auditor scores under
@@ -493,12 +511,7 @@ impl AuditRequest {
     /// The bounds of the request it audits, and no more claimed tokens than one may ask
     /// for.
     pub fn check(&self) -> Result<(), FieldError> {
-        if self.messages.len() > MAX_MESSAGES {
-            return Err(FieldError {
-                field: "messages",
-                reason: format!("must be at most {MAX_MESSAGES}"),
-            });
-        }
+        check_prompt(&self.messages, &self.prompt)?;
         if self.claimed_tokens.len() > MAX_COMPLETION_TOKENS as usize {
             return Err(FieldError {
                 field: "claimed_tokens",
@@ -515,6 +528,7 @@ impl AuditRequest {
             audit_id: Id::random(),
             model: request.model.clone(),
             messages: request.messages.clone(),
+            prompt: request.prompt.clone(),
             claimed_tokens: result.token_ids.clone().unwrap_or_default(),
             json_schema: request.json_schema.clone(),
             sampling: request.sampling.clone(),

@@ -13,6 +13,7 @@ fn spec() -> ModelSpec {
 
 fn request(prompt: &str) -> InferRequest {
     InferRequest {
+        prompt: None,
         request_id: Id(7),
         job_id: Some(Id(9)),
         model: spec(),
@@ -116,6 +117,7 @@ fn messages_round_trip() {
     let ad = advert(&kp, 1, 1000);
     assert_eq!(ProviderAdvert::decode(&ad.encode().unwrap()).unwrap(), ad);
     let audit = AuditRequest {
+        prompt: None,
         audit_id: Id(1),
         model: spec(),
         messages: req.messages.clone(),
@@ -473,6 +475,7 @@ fn arb_request() -> impl Strategy<Value = InferRequest> {
         .prop_map(
             |(rid, jid, reference, msgs, (t, p, max, seed), stop, schema, (deadline, rt, d))| {
                 InferRequest {
+                    prompt: None,
                     request_id: Id(rid),
                     job_id: jid.map(Id),
                     model: ModelSpec {
@@ -659,6 +662,16 @@ fn sampling_and_requests_are_bounded_alike_everywhere() {
     r.sampling.stop.clear();
     r.messages = vec![r.messages[0].clone(); MAX_MESSAGES + 1];
     assert_eq!(r.check().unwrap_err().field, "messages");
+    // A raw prompt (a completion) comes without messages, never with them; its audit
+    // carries it too.
+    let mut text = request("hi");
+    text.prompt = Some("Once upon a time".into());
+    assert_eq!(text.check().unwrap_err().field, "prompt");
+    text.messages.clear();
+    assert_eq!(text.check(), Ok(()));
+    let audit = AuditRequest::of(&text, &result_for(&text));
+    assert_eq!(audit.prompt, text.prompt);
+    assert_eq!(audit.check(), Ok(()));
     let hi = request("hi");
     let mut a = AuditRequest::of(&hi, &result_for(&hi));
     assert_eq!(a.check(), Ok(()));

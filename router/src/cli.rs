@@ -182,7 +182,7 @@ pub struct ServeArgs {
     remote_model: Option<String>,
     /// MinionS jobs that may run at once (each calls the supervisor on the remote key);
     /// more are refused with 503 and Retry-After.
-    #[arg(long, env = "BEACON_MAX_MINIONS_JOBS", default_value_t = crate::api::DEFAULT_MINION_JOBS)]
+    #[arg(long, env = "BEACON_MAX_MINIONS_JOBS", default_value_t = crate::http::DEFAULT_MINION_JOBS)]
     max_minions_jobs: usize,
     /// Supervisor tokens each client (API key, or address on an open router) may spend on
     /// MinionS jobs per hour, the remote-only baseline included; 0 for no budget. A job
@@ -270,11 +270,11 @@ fn config(a: ServeArgs) -> anyhow::Result<crate::RouterConfig> {
         bootstrap: a.bootstrap,
         api_keys: a.api_key,
         rate_per_minute: a.rate_limit,
-        remote: a.remote_base_url.map(|base_url| crate::api::Remote {
+        remote: a.remote_base_url.map(|base_url| crate::remote::Remote {
             base_url,
             api_key: a.remote_api_key,
         }),
-        fallback: crate::api::FallbackPolicy {
+        fallback: crate::remote::FallbackPolicy {
             models: if a.fallback_models.iter().any(|m| m == "*") {
                 None
             } else {
@@ -315,7 +315,7 @@ fn config(a: ServeArgs) -> anyhow::Result<crate::RouterConfig> {
         },
         max_minion_jobs: a.max_minions_jobs,
         minions_token_budget: a.minions_token_budget,
-        minions: crate::minions::http::MinionsConfig {
+        minions: crate::minions::MinionsConfig {
             local_model: a.minions_local_model,
             remote_model: a.remote_model,
             allow_remote_override: a.allow_remote_override,

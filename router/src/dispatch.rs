@@ -451,7 +451,9 @@ impl Dispatcher {
             prompt_tokens: request
                 .messages
                 .iter()
-                .map(|m| m.content.len() as u32 / 4)
+                .map(|m| m.content.len())
+                .chain(request.prompt.as_ref().map(String::len))
+                .map(|n| n as u32 / 4)
                 .sum(),
             max_tokens: request.sampling.max_tokens,
             exclude: exclude.to_vec(),

@@ -1,18 +1,19 @@
 //! `beacon-router`: the hybrid router. It joins the provider network as a peer, keeps a
 //! live directory of providers ([`directory`]), places subtasks on them ([`placement`], a
 //! pure function), runs them over the QUIC data plane with retries, hedging and audits
-//! ([`dispatch`]), and answers applications over HTTP ([`api`]).
+//! ([`dispatch`]), and answers applications over HTTP ([`http`]).
 //! MinionS and Minion jobs ([`minions`]) run their local work on the network through the
 //! same placement, dispatch and verification, at `POST /v1/minions`.
 
-pub mod api;
 pub mod cli;
 pub mod directory;
 pub mod discovery;
 pub mod dispatch;
+pub mod http;
 pub mod metrics;
 pub mod minions;
 pub mod placement;
+pub mod remote;
 pub mod tls;
 
 use std::future::Future;
@@ -36,9 +37,9 @@ pub struct RouterConfig {
     pub bootstrap: Vec<libp2p::Multiaddr>,
     pub api_keys: Vec<beacon_proto::Secret>,
     pub rate_per_minute: u32,
-    pub remote: Option<api::Remote>,
+    pub remote: Option<remote::Remote>,
     /// What may be forwarded to the remote when no provider serves a chat request.
-    pub fallback: api::FallbackPolicy,
+    pub fallback: remote::FallbackPolicy,
     pub dispatch: dispatch::DispatchConfig,
     pub policy: placement::Policy,
     pub max_body: usize,
@@ -49,7 +50,7 @@ pub struct RouterConfig {
     pub advert_expiry: Duration,
     /// PEM certificate chain and key: serve HTTPS instead of HTTP.
     pub tls: Option<(PathBuf, PathBuf)>,
-    pub minions: minions::http::MinionsConfig,
+    pub minions: minions::MinionsConfig,
     /// MinionS jobs that may run at once; more are refused with 503 and `Retry-After`.
     pub max_minion_jobs: usize,
     /// Supervisor tokens each client (API key, or address on an open router) may spend
@@ -118,7 +119,7 @@ pub async fn run(
     ));
     let client = DataClient::new(&key, "0.0.0.0:0".parse().expect("valid address"))?;
     let dispatcher = dispatch::Dispatcher::new(client.clone(), directory, config.dispatch);
-    let mut state = api::ApiState::new(
+    let mut state = http::ApiState::new(
         dispatcher,
         config.remote,
         config.api_keys,
@@ -136,7 +137,7 @@ pub async fn run(
         .await
         .with_context(|| format!("listening on {}", config.listen))?;
     let addr = listener.local_addr()?;
-    let app = api::router(state, config.max_body);
+    let app = http::router(state, config.max_body);
     let http_limits = config.http;
     tracing::info!(%addr, peer = %key.peer_id(), "router listening");
     match &config.tls {

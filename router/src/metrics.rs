@@ -86,14 +86,34 @@ impl Metrics {
         };
         let requests = counter(&mut registry, "requests", "Chat requests received.");
         let routed = counter(&mut registry, "routed", "Requests answered by a provider.");
-        let fallback = counter(&mut registry, "fallback", "Requests sent to the remote API.");
+        let fallback = counter(
+            &mut registry,
+            "fallback",
+            "Requests sent to the remote API.",
+        );
         let errors = counter(&mut registry, "errors", "Requests that ended in an error.");
         let rate_limited = counter(&mut registry, "rate_limited", "Requests over a rate limit.");
-        let shed = counter(&mut registry, "shed", "Requests refused while the network was full.");
-        let retries = counter(&mut registry, "retries", "Attempts after a request's first.");
-        let hedged = counter(&mut registry, "hedged", "Requests sent to a second provider.");
+        let shed = counter(
+            &mut registry,
+            "shed",
+            "Requests refused while the network was full.",
+        );
+        let retries = counter(
+            &mut registry,
+            "retries",
+            "Attempts after a request's first.",
+        );
+        let hedged = counter(
+            &mut registry,
+            "hedged",
+            "Requests sent to a second provider.",
+        );
         let tokens = Family::<Kind, Counter>::default();
         registry.register("tokens", "Tokens providers processed.", tokens.clone());
+        // Both series from zero, so a scrape before the first request shows them.
+        for kind in ["prompt", "completion"] {
+            let _ = tokens.get_or_create(&Kind { kind: kind.into() });
+        }
         let histograms = |registry: &mut Registry, name: &str, help: &str, f: fn() -> Histogram| {
             let h = Histograms::new_with_constructor(f);
             registry.register(name, help, h.clone());
@@ -230,8 +250,12 @@ impl Collector for Live {
             g.encode(encoder.encode_descriptor(name, help, None, g.metric_type())?)?;
         }
         let audits = ConstCounter::new(0u64);
-        let mut family =
-            encoder.encode_descriptor("audits", "Audits run, by result.", None, audits.metric_type())?;
+        let mut family = encoder.encode_descriptor(
+            "audits",
+            "Audits run, by result.",
+            None,
+            audits.metric_type(),
+        )?;
         for (result, n) in [("pass", passed), ("fail", failed)] {
             ConstCounter::new(n).encode(family.encode_family(&[("result", result)])?)?;
         }

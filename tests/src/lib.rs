@@ -60,6 +60,7 @@ pub fn infer_request(
     sampling: beacon_proto::Sampling,
 ) -> beacon_proto::InferRequest {
     beacon_proto::InferRequest {
+        prompt: None,
         request_id: beacon_proto::Id::random(),
         job_id: None,
         model: beacon_proto::ModelSpec {

@@ -257,6 +257,7 @@ async fn data_plane_serves_signed_results_audits_and_refuses_wrong_peers() {
     // An empty answer that claims the model stopped at once is judged on the auditor's
     // end-of-generation score: this prompt asks for a word, so it fails.
     let empty = AuditRequest {
+        prompt: None,
         audit_id: Id::random(),
         claimed_tokens: vec![],
         finish_reason: beacon_proto::FinishReason::Stop,
@@ -273,6 +274,7 @@ async fn data_plane_serves_signed_results_audits_and_refuses_wrong_peers() {
     let mut forged = other_result.token_ids.unwrap();
     forged.reverse();
     let audit = AuditRequest {
+        prompt: None,
         audit_id: Id::random(),
         claimed_tokens: forged.clone(),
         ..audit
@@ -287,6 +289,7 @@ async fn data_plane_serves_signed_results_audits_and_refuses_wrong_peers() {
 
     // A token outside the vocabulary is a clear refusal, not a crash.
     let audit = AuditRequest {
+        prompt: None,
         audit_id: Id::random(),
         claimed_tokens: vec![u32::MAX],
         ..audit

@@ -243,6 +243,24 @@ try:
     raise SystemExit("expected NotFoundError")
 except openai.NotFoundError:
     pass
+# Raw-prompt completions, plain and streamed, routed and verified like chat.
+r = client.completions.create(model="ai/smollm2:test", prompt="One, two, three,", temperature=0, max_tokens=8)
+assert r.object == "text_completion" and r.choices[0].text.strip(), r
+assert r.usage.completion_tokens > 0, r
+assert r.model_extra["beacon"]["verified"] is True, r
+parts = [c.choices[0].text for c in client.completions.create(model="ai/smollm2:test", prompt="Once upon a time", max_tokens=8, stream=True) if c.choices]
+assert "".join(parts).strip(), parts
+for extra, param in [({{"echo": True}}, "echo"), ({{"suffix": "end"}}, "suffix"), ({{"best_of": 2}}, "best_of"), ({{"n": 2}}, "n"), ({{"logprobs": 2}}, "logprobs")]:
+    try:
+        client.completions.create(model="ai/smollm2:test", prompt="x", max_tokens=4, **extra)
+        raise SystemExit(f"expected a 400 for {{param}}")
+    except openai.BadRequestError as e:
+        assert e.body["param"] == param, e.body
+try:
+    client.completions.create(model="ai/smollm2:test", prompt=["a", "b"], max_tokens=4)
+    raise SystemExit("expected a 400 for two prompts")
+except openai.BadRequestError as e:
+    assert e.body["param"] == "prompt", e.body
 print("openai client ok")
 "#,
         router.url("/v1")
@@ -849,6 +867,45 @@ fn verification_and_audits_quarantine_dishonest_providers_only() {
     assert_eq!(status(&ph)["trusted"], true);
     assert_eq!(status(&ph)["probation"], false);
     assert_eq!(status(&ph2)["trusted"], false);
+
+    // A raw-prompt completion (`/v1/completions`) is verified and audited like a chat
+    // answer: the auditor scores the claimed tokens after the same raw prompt, so honest
+    // answers, greedy and sampled, pass their audits.
+    let audits = |result: &str| {
+        let m = http("GET", &router.url("/metrics"), None, &[]).body;
+        m.lines()
+            .find_map(|l| {
+                l.strip_prefix(&format!(
+                    "beacon_router_audits_total{{result=\"{result}\"}} "
+                ))
+            })
+            .map_or(0, |n| n.trim().parse::<u64>().unwrap())
+    };
+    let (passed, failed) = (audits("pass"), audits("fail"));
+    for temperature in ["0", "1"] {
+        let r = http(
+            "POST",
+            &router.url("/v1/completions"),
+            Some(&format!(
+                r#"{{"model":"ai/smollm2:test","prompt":"The capital of France is","max_tokens":8,"temperature":{temperature}}}"#
+            )),
+            &[],
+        );
+        assert_eq!(r.status, 200, "{r:?}");
+        let v = r.json();
+        assert_eq!(v["object"], "text_completion", "{v}");
+        assert!(v["choices"][0]["text"].is_string(), "{v}");
+        assert_eq!(v["beacon"]["verified"], true, "{v}");
+        assert_eq!(v["beacon"]["audited"], true, "{v}");
+    }
+    assert!(
+        wait_until(Duration::from_secs(60), || audits("pass") >= passed + 2),
+        "completions were not audited: {} passed before, {} now\n{}",
+        passed,
+        audits("pass"),
+        router.log()
+    );
+    assert_eq!(audits("fail"), failed, "{}", router.log());
 }
 
 /// With a certificate, the API is HTTPS only.

@@ -24,8 +24,8 @@ use beacon_proto::Secret;
 use serde::de::DeserializeOwned;
 use tokio::net::TcpListener;
 
-pub use error::ApiError;
 pub use crate::metrics::Metrics;
+pub use error::ApiError;
 
 use crate::scheduler::Scheduler;
 use crate::store::Store;

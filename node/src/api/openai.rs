@@ -304,29 +304,11 @@ async fn run(
     let created = now_secs();
     let mut rx = lease.engine.generate(request)?;
     if !params.stream {
-        let mut completion = None;
-        while let Some(ev) = rx.recv().await {
-            if let Event::Done(c) = ev? {
-                completion = Some(c);
-            }
-        }
+        let c = whole(&mut rx).await;
         drop(lease);
-        let c = completion.ok_or_else(|| ApiError::from(crate::engine::EngineError::Stopped))?;
+        let c = c?;
         state.metrics.completed(&model, &c);
-        let usage = json!({"prompt_tokens": c.usage.prompt_tokens, "completion_tokens": c.usage.completion_tokens,
-            "total_tokens": c.usage.prompt_tokens + c.usage.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": c.usage.cached_prompt_tokens}});
-        let choice = if chat {
-            json!({"index": 0, "message": {"role": "assistant", "content": c.text}, "finish_reason": finish_str(c.finish_reason)})
-        } else {
-            json!({"index": 0, "text": c.text, "finish_reason": finish_str(c.finish_reason)})
-        };
-        let object = if chat {
-            "chat.completion"
-        } else {
-            "text_completion"
-        };
-        return Ok(Json(json!({"id": id, "object": object, "created": created, "model": model, "choices": [choice], "usage": usage})).into_response());
+        return Ok(Json(answer(chat, &id, created, &model, &c)).into_response());
     }
     let include_usage = params.stream_options.is_some_and(|o| o.include_usage);
     let metrics_model = model.clone();
@@ -390,6 +372,38 @@ async fn run(
         >)
     .keep_alive(SseKeepAlive::default())
     .into_response())
+}
+
+/// The whole generation, when the client did not ask for a stream.
+async fn whole(
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<Result<Event, crate::engine::EngineError>>,
+) -> Result<crate::engine::Completion, ApiError> {
+    let mut completion = None;
+    while let Some(ev) = rx.recv().await {
+        if let Event::Done(c) = ev? {
+            completion = Some(c);
+        }
+    }
+    completion.ok_or_else(|| ApiError::from(crate::engine::EngineError::Stopped))
+}
+
+/// A finished chat completion or text completion, as OpenAI shapes it.
+fn answer(chat: bool, id: &str, created: u64, model: &str, c: &crate::engine::Completion) -> Value {
+    let usage = json!({"prompt_tokens": c.usage.prompt_tokens, "completion_tokens": c.usage.completion_tokens,
+        "total_tokens": c.usage.prompt_tokens + c.usage.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": c.usage.cached_prompt_tokens}});
+    let (object, choice) = if chat {
+        (
+            "chat.completion",
+            json!({"index": 0, "message": {"role": "assistant", "content": c.text}, "finish_reason": finish_str(c.finish_reason)}),
+        )
+    } else {
+        (
+            "text_completion",
+            json!({"index": 0, "text": c.text, "finish_reason": finish_str(c.finish_reason)}),
+        )
+    };
+    json!({"id": id, "object": object, "created": created, "model": model, "choices": [choice], "usage": usage})
 }
 
 fn sse(v: &Value) -> SseEvent {

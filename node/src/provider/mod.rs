@@ -274,7 +274,7 @@ impl Provider {
             };
         }
         let mut events = lease.engine.generate(GenerateRequest {
-            prompt: Prompt::Chat(request.messages.clone()),
+            prompt: prompt_of(&request.messages, &request.prompt),
             sampling,
             format,
             return_tokens: request.return_tokens,
@@ -435,7 +435,7 @@ impl Provider {
         let scored = lease
             .engine
             .score(ScoreRequest {
-                prompt: Prompt::Chat(audit.messages.clone()),
+                prompt: prompt_of(&audit.messages, &audit.prompt),
                 claimed: audit.claimed_tokens.clone(),
                 format: output_format(&audit.json_schema),
                 stop: audit.sampling.stop.clone(),
@@ -476,5 +476,13 @@ fn output_format(json_schema: &Option<String>) -> OutputFormat {
     match json_schema {
         Some(s) => OutputFormat::JsonSchema(s.clone()),
         None => OutputFormat::Text,
+    }
+}
+
+/// What the engine is given: the raw prompt of a completion, or the messages of a chat.
+fn prompt_of(messages: &[beacon_proto::ChatMessage], prompt: &Option<String>) -> Prompt {
+    match prompt {
+        Some(p) => Prompt::Text(p.clone()),
+        None => Prompt::Chat(messages.to_vec()),
     }
 }

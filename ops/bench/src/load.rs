@@ -1,11 +1,14 @@
 //! Closed-loop chat load against an OpenAI-compatible base URL: every request's outcome,
-//! throughput and latency percentiles. The benchmarks and the suite's workloads share it.
+//! throughput, latency and time-to-first-token percentiles. Requests are streamed from an
+//! in-process HTTP client (one connection pool, kept-alive connections, no process per
+//! request), so what is measured is the server's time, and the first token is seen when
+//! it arrives. The benchmarks and the suite's workloads share it.
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use crate::http::http;
+use serde_json::Value;
 
 /// A server under load.
 pub struct Target {
@@ -23,7 +26,10 @@ pub const MODEL: &str = "ai/smollm2:test";
 pub struct Sample {
     /// Seconds from the start of the load to the start of this request.
     pub at_s: f64,
+    /// Until the answer ended (the stream's last event).
     pub ms: f64,
+    /// Until the first generated text arrived.
+    pub ttft_ms: Option<f64>,
     /// HTTP status (0: no answer).
     pub status: u16,
     pub completion_tokens: u64,
@@ -41,8 +47,9 @@ pub struct Sample {
 }
 
 impl Sample {
+    /// Answered whole (a stream that ended in an error event is not).
     pub fn ok(&self) -> bool {
-        self.status == 200
+        self.status == 200 && self.error.is_none()
     }
 }
 
@@ -58,6 +65,9 @@ pub struct Load {
     pub requests_per_second: f64,
     pub p50_ms: f64,
     pub p99_ms: f64,
+    /// Time to first token, median and 99th percentile.
+    pub ttft_p50_ms: f64,
+    pub ttft_p99_ms: f64,
     /// Requests a router hedged (sent to a second provider too).
     pub hedged: usize,
     /// Every request, in the order they started.
@@ -74,42 +84,115 @@ pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[i.min(sorted.len() - 1)]
 }
 
-/// One chat request to `{base}/v1/chat/completions`.
-pub fn chat(base: &str, messages: serde_json::Value, max_tokens: u32) -> Sample {
+/// How long one request may take.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The client every load uses: one pool of kept-alive connections.
+fn client() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+        .timeout(REQUEST_TIMEOUT)
+        .pool_max_idle_per_host(256)
+        .build()
+        .unwrap_or_default()
+}
+
+/// One streamed chat request to `{base}/v1/chat/completions`.
+pub async fn chat(
+    client: &reqwest::Client,
+    base: &str,
+    messages: Value,
+    max_tokens: u32,
+) -> Sample {
     let body = serde_json::json!({
         "model": MODEL,
         "messages": messages,
         "max_tokens": max_tokens,
         "temperature": 0,
-    })
-    .to_string();
-    let start = Instant::now();
-    let r = http(
-        "POST",
-        &format!("{base}/v1/chat/completions"),
-        Some(&body),
-        &[],
-    );
-    let ms = start.elapsed().as_secs_f64() * 1000.0;
-    let json = r.try_json().unwrap_or_default();
-    let text = |v: &serde_json::Value| v.as_str().map(str::to_string);
-    let error = (r.status != 200).then(|| {
-        json["error"]["message"]
-            .as_str()
-            .map(str::to_string)
-            .unwrap_or_else(|| r.body.chars().take(300).collect())
+        "stream": true,
+        "stream_options": {"include_usage": true},
     });
-    Sample {
-        at_s: 0.0,
-        ms,
-        status: r.status,
-        completion_tokens: json["usage"]["completion_tokens"].as_u64().unwrap_or(0),
-        provider: text(&json["beacon"]["provider"]),
-        region: text(&json["beacon"]["region"]),
-        attempts: json["beacon"]["attempts"].as_u64().unwrap_or(1),
-        hedged: json["beacon"]["hedged"].as_bool().unwrap_or(false),
-        retry_after: r.header("retry-after").and_then(|v| v.parse().ok()),
-        error,
+    let start = Instant::now();
+    let mut sample = Sample {
+        attempts: 1,
+        ..Sample::default()
+    };
+    let sent = client
+        .post(format!("{base}/v1/chat/completions"))
+        .json(&body)
+        .send()
+        .await;
+    let mut r = match sent {
+        Ok(r) => r,
+        Err(e) => {
+            sample.error = Some(e.to_string());
+            sample.ms = start.elapsed().as_secs_f64() * 1000.0;
+            return sample;
+        }
+    };
+    sample.status = r.status().as_u16();
+    sample.retry_after = r
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok()?.parse().ok());
+    if sample.status != 200 {
+        let text = r.text().await.unwrap_or_default();
+        let json: Value = serde_json::from_str(&text).unwrap_or_default();
+        sample.error = Some(
+            json["error"]["message"]
+                .as_str()
+                .map(str::to_string)
+                .unwrap_or_else(|| text.chars().take(300).collect()),
+        );
+        sample.ms = start.elapsed().as_secs_f64() * 1000.0;
+        return sample;
+    }
+    let mut pending = Vec::new();
+    loop {
+        match r.chunk().await {
+            Ok(Some(bytes)) => {
+                pending.extend_from_slice(&bytes);
+                while let Some(end) = pending.iter().position(|&b| b == b'\n') {
+                    let line: Vec<u8> = pending.drain(..=end).collect();
+                    if let Some(data) = String::from_utf8_lossy(&line).trim().strip_prefix("data: ")
+                    {
+                        event(&mut sample, data, start);
+                    }
+                }
+            }
+            Ok(None) => break,
+            Err(e) => {
+                sample.error = Some(e.to_string());
+                break;
+            }
+        }
+    }
+    sample.ms = start.elapsed().as_secs_f64() * 1000.0;
+    sample
+}
+
+/// Reads one `data:` event of a chat stream into `sample`.
+fn event(sample: &mut Sample, data: &str, start: Instant) {
+    let Ok(v) = serde_json::from_str::<Value>(data) else {
+        return; // `[DONE]`
+    };
+    if let Some(e) = v.get("error") {
+        sample.error = Some(e["message"].as_str().unwrap_or("error event").to_string());
+    }
+    let text = v["choices"][0]["delta"]["content"].as_str().unwrap_or("");
+    if !text.is_empty() && sample.ttft_ms.is_none() {
+        sample.ttft_ms = Some(start.elapsed().as_secs_f64() * 1000.0);
+    }
+    if let Some(n) = v["usage"]["completion_tokens"].as_u64() {
+        sample.completion_tokens = n;
+    }
+    let b = &v["beacon"];
+    if b.is_object() {
+        let text = |v: &Value| v.as_str().map(str::to_string);
+        sample.provider = text(&b["provider"]);
+        sample.region = text(&b["region"]);
+        sample.attempts = b["attempts"].as_u64().unwrap_or(1);
+        sample.hedged = b["hedged"].as_bool().unwrap_or(false);
     }
 }
 
@@ -135,28 +218,35 @@ pub fn run_load_observed(
     max_tokens: u32,
     seen: impl Fn(usize, &Sample) + Sync,
 ) -> Load {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => panic!("the load generator's runtime: {e}"),
+    };
+    let client = client();
     let start = Instant::now();
     let next = AtomicUsize::new(0);
     let done = AtomicUsize::new(0);
     let results = Mutex::new(Vec::new());
-    std::thread::scope(|s| {
-        for _ in 0..concurrency.max(1) {
-            s.spawn(|| {
-                loop {
-                    let i = next.fetch_add(1, Ordering::SeqCst);
-                    if i >= requests {
-                        return;
-                    }
-                    let at_s = start.elapsed().as_secs_f64();
-                    let mut r = chat(&target.base, make(i), max_tokens);
-                    r.at_s = at_s;
-                    let n = done.fetch_add(1, Ordering::SeqCst) + 1;
-                    seen(n, &r);
-                    results.lock().unwrap_or_else(|p| p.into_inner()).push(r);
-                }
-            });
+    let worker = || async {
+        loop {
+            let i = next.fetch_add(1, Ordering::SeqCst);
+            if i >= requests {
+                return;
+            }
+            let at_s = start.elapsed().as_secs_f64();
+            let mut r = chat(&client, &target.base, make(i), max_tokens).await;
+            r.at_s = at_s;
+            let n = done.fetch_add(1, Ordering::SeqCst) + 1;
+            seen(n, &r);
+            results.lock().unwrap_or_else(|p| p.into_inner()).push(r);
         }
-    });
+    };
+    runtime.block_on(futures::future::join_all(
+        (0..concurrency.max(1)).map(|_| worker()),
+    ));
     let seconds = start.elapsed().as_secs_f64();
     let mut samples = results.into_inner().unwrap_or_else(|p| p.into_inner());
     samples.sort_by(|a, b| a.at_s.total_cmp(&b.at_s));
@@ -167,6 +257,12 @@ pub fn run_load_observed(
 pub fn summarize(concurrency: usize, seconds: f64, samples: Vec<Sample>) -> Load {
     let mut lat: Vec<f64> = samples.iter().filter(|r| r.ok()).map(|r| r.ms).collect();
     lat.sort_by(f64::total_cmp);
+    let mut ttft: Vec<f64> = samples
+        .iter()
+        .filter(|r| r.ok())
+        .filter_map(|r| r.ttft_ms)
+        .collect();
+    ttft.sort_by(f64::total_cmp);
     let completion_tokens: u64 = samples.iter().map(|r| r.completion_tokens).sum();
     let ok = samples.iter().filter(|r| r.ok()).count();
     let seconds = seconds.max(1e-9);
@@ -180,6 +276,8 @@ pub fn summarize(concurrency: usize, seconds: f64, samples: Vec<Sample>) -> Load
         requests_per_second: ok as f64 / seconds,
         p50_ms: percentile(&lat, 0.5),
         p99_ms: percentile(&lat, 0.99),
+        ttft_p50_ms: percentile(&ttft, 0.5),
+        ttft_p99_ms: percentile(&ttft, 0.99),
         hedged: samples.iter().filter(|s| s.hedged).count(),
         samples,
     }

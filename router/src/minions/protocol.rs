@@ -857,6 +857,7 @@ fn worker_request(
     s: u32,
 ) -> InferRequest {
     InferRequest {
+        prompt: None,
         request_id: Id::random(),
         job_id: Some(job_id),
         model: ModelSpec {
@@ -1013,6 +1014,7 @@ async fn minion(setup: &JobSetup, ledger: &mut Ledger) -> Result<(String, String
             content: turn.message.clone(),
         });
         let request = InferRequest {
+            prompt: None,
             request_id: Id::random(),
             job_id: None,
             model: ModelSpec {

@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde::Serialize;
 use serde_json::{Value, json};
 
-use crate::api::Remote;
+use crate::remote::Remote;
 
 /// The largest supervisor reply read.
 const MAX_REPLY_BYTES: usize = 4 << 20;

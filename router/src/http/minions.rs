@@ -3,42 +3,26 @@
 //! events ending in the answer.
 
 use std::collections::BTreeSet;
-use std::convert::Infallible;
 
-use axum::body::{Body, Bytes};
+use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{StatusCode, header};
+use axum::http::StatusCode;
+use axum::response::sse::Event;
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 use tokio::sync::mpsc;
 
-use super::job::{JobLimits, JobRequest, Progress, Protocol};
-use super::protocol::{JobError, JobSetup, run};
-use super::remote::{RemoteError, Supervisor};
-use super::retries::Planning;
-use crate::api::{ApiError, ApiState, Remote, read_body};
-
-/// The router's MinionS settings.
-#[derive(Clone, Debug, Default)]
-pub struct MinionsConfig {
-    /// Local model when a job names none.
-    pub local_model: Option<String>,
-    /// Supervisor model on the configured remote API when a job names none.
-    pub remote_model: Option<String>,
-    /// Accept a supervisor URL and key in the request. Off by default: a router that
-    /// fetches any URL a client names can be turned against its own network.
-    pub allow_remote_override: bool,
-    /// Deadline of one supervisor call (None: [`Supervisor::DEFAULT_TIMEOUT`]). A CPU-hosted
-    /// supervisor reading a long prompt needs minutes.
-    pub remote_timeout: Option<std::time::Duration>,
-    pub limits: JobLimits,
-    /// Whether each supervisor's plan retries have been paying off.
-    pub plan_record: std::sync::Arc<super::retries::PlanRecord>,
-}
+use super::error::{ApiError, read_body};
+use super::{ApiState, Client, sse};
+use crate::minions::job::{JobRequest, Progress, Protocol};
+use crate::minions::protocol::{JobError, JobSetup, run};
+use crate::minions::remote::{RemoteError, Supervisor};
+use crate::minions::retries::Planning;
+use crate::remote::Remote;
 
 pub async fn job(
     State(state): State<ApiState>,
-    client: Option<axum::Extension<crate::api::Client>>,
+    client: Option<axum::Extension<Client>>,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Response {
     let client = client.map(|c| c.0.0);
@@ -47,35 +31,6 @@ pub async fn job(
         Ok(r) => r,
         Err(e) => e.into_response(),
     }
-}
-
-fn job_error(e: JobError) -> ApiError {
-    match e {
-        JobError::LocalRefused(m) => ApiError::bad("context", m),
-        JobError::NoProvider(m) => ApiError {
-            retry_after: Some(5),
-            ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no_provider", m)
-        },
-        e @ JobError::LocalFailed { .. } => ApiError {
-            retry_after: Some(5),
-            ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "overloaded", e.to_string())
-        },
-        JobError::Remote(e @ RemoteError::BudgetSpent { renews_in_s, .. }) => ApiError {
-            retry_after: Some(renews_in_s),
-            ..ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate_limit_error",
-                e.to_string(),
-            )
-        },
-        e @ (JobError::Remote(_) | JobError::Supervisor { .. }) => {
-            ApiError::new(StatusCode::BAD_GATEWAY, "supervisor_error", e.to_string())
-        }
-    }
-}
-
-fn sse(event: &str, data: String) -> Bytes {
-    Bytes::from(format!("event: {event}\ndata: {data}\n\n"))
 }
 
 async fn job_inner(
@@ -102,7 +57,7 @@ async fn job_inner(
     if !setup.own_supervisor {
         setup.budget = client.and_then(|c| state.minion_budgets.client(c));
         if let Some(spent) = setup.budget.as_ref().and_then(|b| b.check().err()) {
-            return Err(job_error(JobError::Remote(RemoteError::BudgetSpent {
+            return Err(ApiError::from(JobError::Remote(RemoteError::BudgetSpent {
                 tokens: spent.tokens,
                 renews_in_s: spent.renews_in.as_secs().max(1),
             })));
@@ -126,153 +81,43 @@ async fn job_inner(
             )
         })?;
     if !stream {
-        let answer = run(setup, None).await.map_err(job_error)?;
+        let answer = run(setup, None).await.map_err(ApiError::from)?;
         drop(permit);
         return Ok(axum::Json(answer).into_response());
     }
-    let (tx, mut rx) = mpsc::unbounded_channel::<Progress>();
-    let (out_tx, out_rx) = mpsc::channel::<Result<Bytes, Infallible>>(64);
-    tokio::spawn(async move {
+    Ok(sse::pump(move |sink| async move {
         let _permit = permit;
-        let job = run(setup, Some(tx));
-        tokio::pin!(job);
-        let outcome = loop {
-            tokio::select! {
-                Some(p) = rx.recv() => {
-                    let v = serde_json::to_value(&p).unwrap_or_default();
-                    let name = v["event"].as_str().unwrap_or("progress").to_string();
-                    if out_tx.send(Ok(sse(&name, v.to_string()))).await.is_err() {
-                        return; // the client left; dropping the job cancels its calls
-                    }
-                }
-                o = &mut job => break o,
-            }
-        };
-        while let Ok(p) = rx.try_recv() {
+        let (tx, mut rx) = mpsc::unbounded_channel::<Progress>();
+        let each = |p: Progress| {
             let v = serde_json::to_value(&p).unwrap_or_default();
             let name = v["event"].as_str().unwrap_or("progress").to_string();
-            let _ = out_tx.send(Ok(sse(&name, v.to_string()))).await;
-        }
-        let last = match outcome {
-            Ok(a) => sse("answer", serde_json::to_string(&a).unwrap_or_default()),
-            Err(e) => {
-                let e = job_error(e);
-                sse(
-                    "error",
-                    json!({"error": {"message": e.message, "type": e.kind}}).to_string(),
-                )
-            }
+            Event::default().event(name).data(v.to_string())
         };
-        let _ = out_tx.send(Ok(last)).await;
-        let _ = out_tx.send(Ok(Bytes::from("data: [DONE]\n\n"))).await;
-    });
-    let body = futures::stream::unfold(
-        out_rx,
-        |mut rx| async move { rx.recv().await.map(|x| (x, rx)) },
-    );
-    Ok(Response::builder()
-        .header(header::CONTENT_TYPE, "text/event-stream")
-        .header(header::CACHE_CONTROL, "no-cache")
-        .body(Body::from_stream(body))
-        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response()))
+        // None: the client left, and dropping the job cancelled its calls.
+        let Some(outcome) = sink.forward(run(setup, Some(tx)), &mut rx, each).await else {
+            return;
+        };
+        match outcome {
+            Ok(a) => {
+                sink.event("answer", serde_json::to_string(&a).unwrap_or_default())
+                    .await;
+            }
+            Err(e) => {
+                let e = ApiError::from(e);
+                let body = json!({"error": {"message": e.message, "type": e.kind}});
+                sink.event("error", body.to_string()).await;
+            }
+        }
+        sink.done().await;
+    }))
 }
 
 /// Resolves a validated request against the router's settings.
 fn resolve(state: &ApiState, r: JobRequest) -> Result<JobSetup, ApiError> {
     let cfg = &state.minions;
-    let directory = &state.dispatcher.directory;
-    let local_model = match r.local_model.clone().or_else(|| cfg.local_model.clone()) {
-        Some(m) => m,
-        None => {
-            let models = directory.models();
-            let digests: BTreeSet<_> = models.values().map(|(d, _)| *d).collect();
-            match (digests.len(), models.keys().next()) {
-                (1, Some(name)) => name.clone(),
-                _ => {
-                    return Err(ApiError::bad(
-                        "local_model",
-                        format!(
-                            "required: the network serves {}",
-                            if models.is_empty() {
-                                "no models yet".to_string()
-                            } else {
-                                models.keys().cloned().collect::<Vec<_>>().join(", ")
-                            }
-                        ),
-                    ));
-                }
-            }
-        }
-    };
-    let Some(local_digest) = directory.resolve_model(&local_model) else {
-        return Err(ApiError {
-            param: Some("local_model".into()),
-            ..ApiError::new(
-                StatusCode::NOT_FOUND,
-                "model_not_found",
-                format!("no provider serves {local_model}"),
-            )
-        });
-    };
-    let spec = r.remote.clone();
-    // The supervisor runs on the operator's key: which one, and which model (a client
-    // naming the priciest model spends the operator's money: review H8), is the
-    // operator's choice unless it allows otherwise.
-    let overrides = spec.as_ref().is_some_and(|s| {
-        s.base_url.is_some()
-            || s.api_key.is_some()
-            || s.model
-                .as_ref()
-                .is_some_and(|m| Some(m) != cfg.remote_model.as_ref())
-    });
-    if overrides && !cfg.allow_remote_override {
-        return Err(ApiError::bad(
-            "remote",
-            "this router does not accept a supervisor or supervisor model in the request (its operator can allow it with --allow-remote-override); leave out base_url, api_key and model to use the router's supervisor",
-        ));
-    }
-    let own_supervisor = spec.as_ref().is_some_and(|s| s.base_url.is_some());
-    let base = match spec.as_ref().and_then(|s| s.base_url.clone()) {
-        Some(u) => {
-            check_override_url(&u).map_err(|why| ApiError::bad("remote.base_url", why))?;
-            Remote {
-                base_url: u,
-                api_key: spec.as_ref().and_then(|s| s.api_key.clone()),
-            }
-        }
-        None => state.remote.clone().ok_or_else(|| {
-            ApiError::bad(
-                "remote",
-                "this router has no supervisor configured (--remote-base-url)",
-            )
-        })?,
-    };
-    let model = spec
-        .as_ref()
-        .and_then(|s| s.model.clone())
-        .or_else(|| cfg.remote_model.clone())
-        .ok_or_else(|| {
-            ApiError::bad(
-                "remote.model",
-                "required (the router has no --remote-model)",
-            )
-        })?;
-    let mut policy = state.policy.clone();
-    if let Some(wanted) = &r.policy.allowed_regions {
-        let wanted: BTreeSet<String> = wanted.iter().cloned().collect();
-        // A job can narrow the router's residency rule, never widen it.
-        let allowed: BTreeSet<String> = match &policy.allowed_regions {
-            Some(router) => router.intersection(&wanted).cloned().collect(),
-            None => wanted,
-        };
-        if allowed.is_empty() {
-            return Err(ApiError::bad(
-                "policy.allowed_regions",
-                "none of these regions is allowed by this router",
-            ));
-        }
-        policy.allowed_regions = Some(allowed);
-    }
+    let (local_model, local_digest) = local_model(state, &r)?;
+    let (base, model, own_supervisor) = supervisor(state, &r)?;
+    let policy = job_policy(state, &r)?;
     let mut dispatcher = state.dispatcher.clone();
     // A job may ask for more audits, never fewer: audits are how the network learns
     // which providers to trust, so no client can turn them off for its jobs.
@@ -322,6 +167,121 @@ fn resolve(state: &ApiState, r: JobRequest) -> Result<JobSetup, ApiError> {
         budget: None,
         own_supervisor,
     })
+}
+
+/// The job's local model (the one the network serves, when it serves one and the job
+/// names none) and its digest.
+fn local_model(
+    state: &ApiState,
+    r: &JobRequest,
+) -> Result<(String, beacon_proto::Digest), ApiError> {
+    let cfg = &state.minions;
+    let directory = &state.dispatcher.directory;
+    let local_model = match r.local_model.clone().or_else(|| cfg.local_model.clone()) {
+        Some(m) => m,
+        None => {
+            let models = directory.models();
+            let digests: BTreeSet<_> = models.values().map(|(d, _)| *d).collect();
+            match (digests.len(), models.keys().next()) {
+                (1, Some(name)) => name.clone(),
+                _ => {
+                    return Err(ApiError::bad(
+                        "local_model",
+                        format!(
+                            "required: the network serves {}",
+                            if models.is_empty() {
+                                "no models yet".to_string()
+                            } else {
+                                models.keys().cloned().collect::<Vec<_>>().join(", ")
+                            }
+                        ),
+                    ));
+                }
+            }
+        }
+    };
+    let Some(local_digest) = directory.resolve_model(&local_model) else {
+        return Err(ApiError {
+            param: Some("local_model".into()),
+            ..ApiError::new(
+                StatusCode::NOT_FOUND,
+                "model_not_found",
+                format!("no provider serves {local_model}"),
+            )
+        });
+    };
+    Ok((local_model, local_digest))
+}
+
+/// The job's supervisor: the router's unless the operator allows a job its own; whether
+/// it is the job's own (which spends its own key); and the supervisor model.
+fn supervisor(state: &ApiState, r: &JobRequest) -> Result<(Remote, String, bool), ApiError> {
+    let cfg = &state.minions;
+    let spec = r.remote.clone();
+    // The supervisor runs on the operator's key: which one, and which model (a client
+    // naming the priciest model spends the operator's money: review H8), is the
+    // operator's choice unless it allows otherwise.
+    let overrides = spec.as_ref().is_some_and(|s| {
+        s.base_url.is_some()
+            || s.api_key.is_some()
+            || s.model
+                .as_ref()
+                .is_some_and(|m| Some(m) != cfg.remote_model.as_ref())
+    });
+    if overrides && !cfg.allow_remote_override {
+        return Err(ApiError::bad(
+            "remote",
+            "this router does not accept a supervisor or supervisor model in the request (its operator can allow it with --allow-remote-override); leave out base_url, api_key and model to use the router's supervisor",
+        ));
+    }
+    let own_supervisor = spec.as_ref().is_some_and(|s| s.base_url.is_some());
+    let base = match spec.as_ref().and_then(|s| s.base_url.clone()) {
+        Some(u) => {
+            check_override_url(&u).map_err(|why| ApiError::bad("remote.base_url", why))?;
+            Remote {
+                base_url: u,
+                api_key: spec.as_ref().and_then(|s| s.api_key.clone()),
+            }
+        }
+        None => state.remote.clone().ok_or_else(|| {
+            ApiError::bad(
+                "remote",
+                "this router has no supervisor configured (--remote-base-url)",
+            )
+        })?,
+    };
+    let model = spec
+        .as_ref()
+        .and_then(|s| s.model.clone())
+        .or_else(|| cfg.remote_model.clone())
+        .ok_or_else(|| {
+            ApiError::bad(
+                "remote.model",
+                "required (the router has no --remote-model)",
+            )
+        })?;
+    Ok((base, model, own_supervisor))
+}
+
+/// The router's placement policy, narrowed to the regions the job allows.
+fn job_policy(state: &ApiState, r: &JobRequest) -> Result<crate::placement::Policy, ApiError> {
+    let mut policy = state.policy.clone();
+    if let Some(wanted) = &r.policy.allowed_regions {
+        let wanted: BTreeSet<String> = wanted.iter().cloned().collect();
+        // A job can narrow the router's residency rule, never widen it.
+        let allowed: BTreeSet<String> = match &policy.allowed_regions {
+            Some(router) => router.intersection(&wanted).cloned().collect(),
+            None => wanted,
+        };
+        if allowed.is_empty() {
+            return Err(ApiError::bad(
+                "policy.allowed_regions",
+                "none of these regions is allowed by this router",
+            ));
+        }
+        policy.allowed_regions = Some(allowed);
+    }
+    Ok(policy)
 }
 
 /// Whether a job's own supervisor URL may be called (review L1): http(s) only; no user
