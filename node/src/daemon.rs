@@ -129,7 +129,7 @@ async fn start_provider(
     parallel: u32,
     stop: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<(tokio::task::JoinHandle<()>, Network)> {
-    let endpoint = beacon_net::quic::server_endpoint(&key, p.data_plane)
+    let endpoint = beacon_net::quic::server_endpoint(key, p.data_plane)
         .with_context(|| format!("data plane on {}", p.data_plane))?;
     let bound = endpoint.local_addr()?;
     let advertised = p
