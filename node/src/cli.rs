@@ -445,35 +445,7 @@ async fn model(data_dir: &std::path::Path, cmd: ModelCommand) -> anyhow::Result<
                 print_table(&models);
             }
         }
-        ModelCommand::Rm { models } => {
-            let mut failed = false;
-            for m in models {
-                match store.remove(&m) {
-                    Ok(report) => {
-                        for t in &report.untagged {
-                            println!("Untagged: {t}");
-                        }
-                        for d in &report.deleted_models {
-                            println!("Deleted: {d}");
-                        }
-                        if report.deleted_blobs > 0 {
-                            println!(
-                                "Freed {} in {} blob(s)",
-                                beacon_proto::gguf::format_bytes(report.freed_bytes),
-                                report.deleted_blobs
-                            );
-                        }
-                    }
-                    Err(e) => {
-                        eprintln!("Error: {m}: {e}");
-                        failed = true;
-                    }
-                }
-            }
-            if failed {
-                bail!("some models could not be removed");
-            }
-        }
+        ModelCommand::Rm { models } => remove(&store, models)?,
         ModelCommand::Inspect {
             model,
             digest: true,
@@ -507,6 +479,39 @@ async fn model(data_dir: &std::path::Path, cmd: ModelCommand) -> anyhow::Result<
             let t = store.tag(&source, &target)?;
             println!("Model {source} tagged as {}", t.familiar());
         }
+    }
+    Ok(())
+}
+
+/// `beacon-node model rm`: each model untagged, and what no tag holds any more deleted;
+/// an error when any of them could not be removed.
+fn remove(store: &Store, models: Vec<String>) -> anyhow::Result<()> {
+    let mut failed = false;
+    for m in models {
+        match store.remove(&m) {
+            Ok(report) => {
+                for t in &report.untagged {
+                    println!("Untagged: {t}");
+                }
+                for d in &report.deleted_models {
+                    println!("Deleted: {d}");
+                }
+                if report.deleted_blobs > 0 {
+                    println!(
+                        "Freed {} in {} blob(s)",
+                        beacon_proto::gguf::format_bytes(report.freed_bytes),
+                        report.deleted_blobs
+                    );
+                }
+            }
+            Err(e) => {
+                eprintln!("Error: {m}: {e}");
+                failed = true;
+            }
+        }
+    }
+    if failed {
+        bail!("some models could not be removed");
     }
     Ok(())
 }

@@ -324,17 +324,7 @@ pub fn place(
                 .map(|((((f, r), p), d), w)| f + (r + af * p + bf * d) + w * sum / 1e6),
         );
         // Providers that hold the prefix score with the rest of the prompt only.
-        let holders: Vec<usize> = match &t.prefix {
-            Some(x) => {
-                let mut h = warm.get(&x.key).cloned().unwrap_or_default();
-                if !x.held_by.is_empty() {
-                    let index = index.get_or_insert_with(|| peer_index(providers));
-                    h.extend(x.held_by.iter().filter_map(|p| index.get(p)));
-                }
-                h
-            }
-            None => Vec::new(),
-        };
+        let holders = holders(t, &warm, &mut index, providers);
         let finish_of =
             |k: usize, holds: bool| g.free[k] + g.rates(k).service_ms(prefill_tokens(t, holds), b);
         for &j in &holders {
@@ -355,34 +345,13 @@ pub fn place(
                 }
             }
         }
-        // The lowest score; among equals, the lowest seeded hash.
-        let mut best = f64::INFINITY;
-        let mut any = false;
-        for &s in &scores {
-            if s <= best {
-                best = s;
-                any = true;
-            }
-        }
-        let chosen = if any {
-            let mut pick: Option<(u64, usize)> = None;
-            for (k, &s) in scores.iter().enumerate() {
-                if s == best {
-                    let tie = mix(
-                        policy.seed,
-                        i as u64,
-                        &providers[g.members[k]].peer.to_bytes(),
-                    );
-                    if pick.is_none_or(|(h, _)| tie < h) {
-                        pick = Some((tie, k));
-                    }
-                }
-            }
-            pick.map(|(_, k)| k)
-        } else {
-            None
-        };
-        let chosen = if let Some(k) = chosen {
+        let chosen = if let Some(k) = lowest(&scores, |k| {
+            mix(
+                policy.seed,
+                i as u64,
+                &providers[g.members[k]].peer.to_bytes(),
+            )
+        }) {
             let j = g.members[k];
             let finish = finish_of(k, holders.contains(&j));
             let free = lanes.take(j, providers[j].slots, finish) as f64;
@@ -406,6 +375,45 @@ pub fn place(
     out.into_iter()
         .map(|o| o.expect("every subtask placed or refused"))
         .collect()
+}
+
+/// The position of the lowest score (NaN never is); among equals, the one whose `tie`
+/// hash is lowest.
+fn lowest(scores: &[f64], tie: impl Fn(usize) -> u64) -> Option<usize> {
+    let best = scores
+        .iter()
+        .copied()
+        .filter(|s| !s.is_nan())
+        .fold(f64::INFINITY, f64::min);
+    let mut pick: Option<(u64, usize)> = None;
+    for (k, &s) in scores.iter().enumerate() {
+        if s == best {
+            let h = tie(k);
+            if pick.is_none_or(|(p, _)| h < p) {
+                pick = Some((h, k));
+            }
+        }
+    }
+    pick.map(|(_, k)| k)
+}
+
+/// The providers (by index) that hold subtask `t`'s prompt prefix: those its prefix was
+/// placed on earlier in this placement, and those the dispatcher knows hold it.
+fn holders(
+    t: &Subtask,
+    warm: &HashMap<u64, Vec<usize>>,
+    index: &mut Option<HashMap<PeerId, usize>>,
+    providers: &[ProviderView],
+) -> Vec<usize> {
+    let Some(x) = &t.prefix else {
+        return Vec::new();
+    };
+    let mut h = warm.get(&x.key).cloned().unwrap_or_default();
+    if !x.held_by.is_empty() {
+        let index = index.get_or_insert_with(|| peer_index(providers));
+        h.extend(x.held_by.iter().filter_map(|p| index.get(p)));
+    }
+    h
 }
 
 /// Subtask `i`'s entry of the result: the provider chosen and its expected finish, or why

@@ -431,44 +431,9 @@ impl<'m> Runner<'m> {
         for p in pos.max(first_out)..end.min(last_out) {
             if p + 1 == total {
                 // After the last claimed token: how likely is ending here?
-                let candidates = ctx.candidates_ith((p - pos) as i32);
-                let mut array = LlamaTokenDataArray::from_iter(candidates, false);
-                if let Some(g) = t.grammar.as_mut() {
-                    let started = grammar::thread_cpu_time();
-                    g.apply(&mut array);
-                    t.grammar_clock
-                        .charge(grammar::thread_cpu_time().saturating_sub(started))?;
-                }
-                let eogs: Vec<LlamaToken> = array
-                    .data
-                    .iter()
-                    .filter(|d| vocab.is_eog(d.id()) && d.logit().is_finite())
-                    .map(|d| d.id())
-                    .collect();
-                let forbidden = TokenScore {
-                    logprob: f32::MIN,
-                    argmax: 0,
-                    argmax_logprob: 0.0,
-                };
-                t.scored.end = Some(match &t.sampling {
-                    _ if eogs.is_empty() => forbidden,
-                    None => {
-                        let best = eogs
-                            .iter()
-                            .copied()
-                            .max_by(|a, b| logit_of(&array, *a).total_cmp(&logit_of(&array, *b)))
-                            .unwrap_or(eogs[0]);
-                        score_position(&array, best)
-                    }
-                    Some(s) => {
-                        let k = (total - t.prompt_len) as u32;
-                        let best = eogs
-                            .iter()
-                            .map(|e| seeded_score(&array, s, k, *e))
-                            .max_by(|a, b| a.logprob.total_cmp(&b.logprob));
-                        best.unwrap_or(forbidden)
-                    }
-                });
+                let array =
+                    LlamaTokenDataArray::from_iter(ctx.candidates_ith((p - pos) as i32), false);
+                t.scored.end = Some(score_end(t, array, |id| vocab.is_eog(id))?);
                 continue;
             }
             let claimed = t.all[p + 1];
@@ -820,8 +785,9 @@ impl<'m> Runner<'m> {
         }
     }
 
-    /// One decode step over every active sequence.
-    fn step(&mut self, ctx: &mut LlamaContext) {
+    /// Fills the batch: the next token of each generating sequence first (one token each
+    /// keeps their latency low), then prompt chunks, within the batch's capacity.
+    fn fill_batch(&mut self) {
         self.batch.clear();
         let mut budget = self.batch_cap;
         // Generating sequences first: one token each keeps their latency low.
@@ -860,6 +826,11 @@ impl<'m> Runner<'m> {
                 }
             }
         }
+    }
+
+    /// One decode step over every active sequence.
+    fn step(&mut self, ctx: &mut LlamaContext) {
+        self.fill_batch();
         if self.batch.n_tokens() == 0 {
             return;
         }
@@ -1124,4 +1095,50 @@ fn common_prefix(a: &[LlamaToken], b: &[LlamaToken]) -> usize {
 
 fn rand_seed() -> u64 {
     beacon_proto::Id::random().0 as u64
+}
+/// How likely ending generation is after the last claimed token of `t`: the best
+/// end-of-generation token's score under the same grammar and sampling (the lowest score
+/// when the grammar allows none).
+fn score_end(
+    t: &mut ScoreTask,
+    mut array: LlamaTokenDataArray,
+    is_eog: impl Fn(LlamaToken) -> bool,
+) -> Result<TokenScore, EngineError> {
+    if let Some(g) = t.grammar.as_mut() {
+        let started = grammar::thread_cpu_time();
+        g.apply(&mut array);
+        t.grammar_clock
+            .charge(grammar::thread_cpu_time().saturating_sub(started))?;
+    }
+    let eogs: Vec<LlamaToken> = array
+        .data
+        .iter()
+        .filter(|d| is_eog(d.id()) && d.logit().is_finite())
+        .map(|d| d.id())
+        .collect();
+    let forbidden = TokenScore {
+        logprob: f32::MIN,
+        argmax: 0,
+        argmax_logprob: 0.0,
+    };
+    let total = t.all.len();
+    Ok(match &t.sampling {
+        _ if eogs.is_empty() => forbidden,
+        None => {
+            let best = eogs
+                .iter()
+                .copied()
+                .max_by(|a, b| logit_of(&array, *a).total_cmp(&logit_of(&array, *b)))
+                .unwrap_or(eogs[0]);
+            score_position(&array, best)
+        }
+        Some(s) => {
+            let k = (total - t.prompt_len) as u32;
+            let best = eogs
+                .iter()
+                .map(|e| seeded_score(&array, s, k, *e))
+                .max_by(|a, b| a.logprob.total_cmp(&b.logprob));
+            best.unwrap_or(forbidden)
+        }
+    })
 }

@@ -202,22 +202,16 @@ impl Provider {
         Ok(lease)
     }
 
-    #[instrument(skip_all, fields(request = %request.request_id.short(), %peer))]
-    async fn infer(
+    /// When generation must end: the request's deadline, or [`MAX_REQUEST_TIME`] from
+    /// now. A deadline that has passed, or that the measured speed cannot meet, is refused
+    /// before any work starts, so the caller can place the subtask elsewhere at once.
+    fn deadline(
         &self,
-        peer: PeerId,
-        request: InferRequest,
-        sink: &mut FrameSink,
-    ) -> Result<(), Refusal> {
-        let started = now_ms();
+        request: &InferRequest,
+        started: u64,
+    ) -> Result<Option<tokio::time::Instant>, Refusal> {
         let model = request.model.digest;
-        // The HTTP API's limits, here where any peer may send a request (review M3).
-        request
-            .check()
-            .map_err(|e| Refusal::new(DataErrorCode::BadRequest, e.to_string()))?;
-        // A deadline that has passed, or that the measured speed cannot meet, is refused
-        // before any work starts, so the caller can place the subtask elsewhere at once.
-        let deadline = match request.deadline_ms {
+        Ok(match request.deadline_ms {
             Some(d) if d <= started => {
                 return Err(Refusal::new(
                     DataErrorCode::DeadlineExceeded,
@@ -243,27 +237,12 @@ impl Provider {
             }
             // No request holds a slot forever, however slowly its client reads (H4).
             None => Some(tokio::time::Instant::now() + MAX_REQUEST_TIME),
-        };
-        let request_digest = request
-            .digest()
-            .map_err(|e| Refusal::new(DataErrorCode::BadRequest, e.to_string()))?;
-        if self.fault == Some(Fault::Stall) {
-            tokio::select! {
-                _ = tokio::time::sleep(Duration::from_secs(600)) => {}
-                _ = sink.stopped() => {
-                    info!("the client cancelled the subtask while it stalled");
-                    return Ok(());
-                }
-            }
-        }
-        // Attack (c)'s guess: the draw routers used to take from the request id.
-        let cheat_text = match self.fault {
-            Some(Fault::Text) => true,
-            Some(Fault::GuessAudits) => request.request_id.0 % 10_000 >= 2_500,
-            _ => false,
-        };
-        let lease = self.lease(model).await?;
-        let format = output_format(&request.json_schema);
+        })
+    }
+
+    /// What the engine is asked for: the request's prompt, grammar and sampling (with
+    /// `--fault resample`, another seed and temperature).
+    fn generation(&self, request: &InferRequest) -> GenerateRequest {
         let mut sampling = request.sampling.clone();
         if self.fault == Some(Fault::Resample) {
             sampling.seed = Some(beacon_proto::Id::random().0 as u64);
@@ -273,12 +252,150 @@ impl Provider {
                 0.7
             };
         }
-        let mut events = lease.engine.generate(GenerateRequest {
+        GenerateRequest {
             prompt: prompt_of(&request.messages, &request.prompt),
             sampling,
-            format,
+            format: output_format(&request.json_schema),
             return_tokens: request.return_tokens,
-        })?;
+        }
+    }
+
+    /// The result of a finished generation (counted in the measured speed and the
+    /// metrics), before it is signed.
+    fn result_of(
+        &self,
+        request: &InferRequest,
+        request_digest: Digest,
+        c: crate::engine::Completion,
+    ) -> InferResult {
+        let model = request.model.digest;
+        self.throughput
+            .observe(model, c.usage.completion_tokens, c.timings.decode_ms);
+        self.metrics.completed(&request.model.reference, &c);
+        InferResult {
+            request_id: request.request_id,
+            request_digest,
+            model_digest: model,
+            output: c.text,
+            finish_reason: c.finish_reason,
+            usage: c.usage,
+            timings: c.timings,
+            token_ids: if request.return_tokens {
+                Some(c.token_ids.unwrap_or_default())
+            } else {
+                None
+            },
+        }
+    }
+
+    /// What a provider started with a `--fault` does to its result before signing it
+    /// (tests and benchmarks only); false when the client left meanwhile.
+    async fn falsify(
+        &self,
+        result: &mut InferResult,
+        cheat_text: bool,
+        sink: &mut FrameSink,
+    ) -> bool {
+        match self.fault {
+            Some(Fault::WrongModel) => result.model_digest = Digest::of(b"a cheaper model"),
+            Some(Fault::Tamper) => {
+                if let Some(ids) = result.token_ids.as_mut() {
+                    ids.reverse();
+                    ids.iter_mut().for_each(|t| *t = t.wrapping_add(7) % 30_000);
+                }
+            }
+            Some(Fault::Empty) => {
+                result.token_ids = result.token_ids.as_ref().map(|_| Vec::new());
+                result.usage.completion_tokens = 0;
+            }
+            _ if cheat_text => {
+                result.output = INJECTED_TEXT.to_string();
+                if sink
+                    .send(&DataFrame::Delta(result.output.clone()))
+                    .await
+                    .is_err()
+                {
+                    return false;
+                }
+            }
+            _ => {}
+        }
+        true
+    }
+
+    /// The result signed (or, with `--fault bad-signature`, with a broken signature), its
+    /// receipt in the ledger, and a log line.
+    fn sign_and_record(
+        &self,
+        peer: PeerId,
+        request: &InferRequest,
+        request_digest: Digest,
+        result: &InferResult,
+        started: u64,
+    ) -> Result<Signed<InferResult>, Refusal> {
+        let model = request.model.digest;
+        let mut signed = Signed::sign(&self.key, result)
+            .map_err(|e| Refusal::new(DataErrorCode::Internal, e.to_string()))?;
+        if self.fault == Some(Fault::BadSignature) {
+            let (payload, signer, mut sig) = (
+                signed.payload().to_vec(),
+                signed.signer(),
+                signed.signature().to_vec(),
+            );
+            sig[0] ^= 1;
+            signed = Signed::from_parts(payload, signer, sig);
+        }
+        let receipt = Receipt {
+            request_id: request.request_id,
+            job_id: request.job_id,
+            requester: peer,
+            request_digest,
+            result_digest: signed.payload_digest(),
+            model_digest: model,
+            usage: result.usage,
+            timings: result.timings,
+            finished_ms: now_ms(),
+        };
+        if let Err(e) = self.ledger.record(&self.key, &receipt) {
+            warn!(error = %e, "could not write the receipt");
+        }
+        info!(
+            prompt = result.usage.prompt_tokens,
+            completion = result.usage.completion_tokens,
+            ms = now_ms().saturating_sub(started),
+            "subtask served"
+        );
+        Ok(signed)
+    }
+
+    #[instrument(skip_all, fields(request = %request.request_id.short(), %peer))]
+    async fn infer(
+        &self,
+        peer: PeerId,
+        request: InferRequest,
+        sink: &mut FrameSink,
+    ) -> Result<(), Refusal> {
+        let started = now_ms();
+        let model = request.model.digest;
+        // The HTTP API's limits, here where any peer may send a request (review M3).
+        request
+            .check()
+            .map_err(|e| Refusal::new(DataErrorCode::BadRequest, e.to_string()))?;
+        let deadline = self.deadline(&request, started)?;
+        let request_digest = request
+            .digest()
+            .map_err(|e| Refusal::new(DataErrorCode::BadRequest, e.to_string()))?;
+        if self.fault == Some(Fault::Stall) && !stall(sink).await {
+            return Ok(());
+        }
+        // Attack (c)'s guess: the draw routers used to take from the request id.
+        let cheat_text = match self.fault {
+            Some(Fault::Text) => true,
+            Some(Fault::GuessAudits) => request.request_id.0 % 10_000 >= 2_500,
+            _ => false,
+        };
+        let lease = self.lease(model).await?;
+        let mut events = lease.engine.generate(self.generation(&request))?;
         // Generation does not wait for the client: deltas go to a writer through a channel
         // (at most one result's text), and the slot is given back the moment generation
         // ends, however slowly the client reads (H4: a slow reader holds a stream, never a
@@ -333,78 +450,11 @@ impl Provider {
             return Ok(());
         }
         let Some(c) = completion else { return Ok(()) };
-        self.throughput
-            .observe(model, c.usage.completion_tokens, c.timings.decode_ms);
-        self.metrics.completed(&request.model.reference, &c);
-        let mut result = InferResult {
-            request_id: request.request_id,
-            request_digest,
-            model_digest: model,
-            output: c.text,
-            finish_reason: c.finish_reason,
-            usage: c.usage,
-            timings: c.timings,
-            token_ids: if request.return_tokens {
-                Some(c.token_ids.unwrap_or_default())
-            } else {
-                None
-            },
-        };
-        match self.fault {
-            Some(Fault::WrongModel) => result.model_digest = Digest::of(b"a cheaper model"),
-            Some(Fault::Tamper) => {
-                if let Some(ids) = result.token_ids.as_mut() {
-                    ids.reverse();
-                    ids.iter_mut().for_each(|t| *t = t.wrapping_add(7) % 30_000);
-                }
-            }
-            Some(Fault::Empty) => {
-                result.token_ids = result.token_ids.as_ref().map(|_| Vec::new());
-                result.usage.completion_tokens = 0;
-            }
-            _ if cheat_text => {
-                result.output = INJECTED_TEXT.to_string();
-                if sink
-                    .send(&DataFrame::Delta(result.output.clone()))
-                    .await
-                    .is_err()
-                {
-                    return Ok(());
-                }
-            }
-            _ => {}
+        let mut result = self.result_of(&request, request_digest, c);
+        if !self.falsify(&mut result, cheat_text, sink).await {
+            return Ok(()); // the client left
         }
-        let mut signed = Signed::sign(&self.key, &result)
-            .map_err(|e| Refusal::new(DataErrorCode::Internal, e.to_string()))?;
-        if self.fault == Some(Fault::BadSignature) {
-            let (payload, signer, mut sig) = (
-                signed.payload().to_vec(),
-                signed.signer(),
-                signed.signature().to_vec(),
-            );
-            sig[0] ^= 1;
-            signed = Signed::from_parts(payload, signer, sig);
-        }
-        let receipt = Receipt {
-            request_id: request.request_id,
-            job_id: request.job_id,
-            requester: peer,
-            request_digest,
-            result_digest: signed.payload_digest(),
-            model_digest: model,
-            usage: result.usage,
-            timings: result.timings,
-            finished_ms: now_ms(),
-        };
-        if let Err(e) = self.ledger.record(&self.key, &receipt) {
-            warn!(error = %e, "could not write the receipt");
-        }
-        info!(
-            prompt = result.usage.prompt_tokens,
-            completion = result.usage.completion_tokens,
-            ms = now_ms().saturating_sub(started),
-            "subtask served"
-        );
+        let signed = self.sign_and_record(peer, &request, request_digest, &result, started)?;
         let _ = sink.send(&DataFrame::Result(signed)).await;
         Ok(())
     }
@@ -484,5 +534,16 @@ fn prompt_of(messages: &[beacon_proto::ChatMessage], prompt: &Option<String>) ->
     match prompt {
         Some(p) => Prompt::Text(p.clone()),
         None => Prompt::Chat(messages.to_vec()),
+    }
+}
+
+/// `--fault stall`: ten minutes without a word; false when the client gave up first.
+async fn stall(sink: &mut FrameSink) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(Duration::from_secs(600)) => true,
+        _ = sink.stopped() => {
+            info!("the client cancelled the subtask while it stalled");
+            false
+        }
     }
 }

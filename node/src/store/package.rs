@@ -52,6 +52,28 @@ pub fn read_gguf_header_within(path: &Path, max_read: u64) -> Result<GgufHeader,
     }
 }
 
+/// The first shard's GGUF header and the parameters of all shards; the first shard must
+/// declare as many shards as were given.
+fn shard_headers(shards: &[&PathBuf]) -> Result<(GgufHeader, u64), StoreError> {
+    let mut total_params = 0u64;
+    let mut first = None;
+    for (i, shard) in shards.iter().enumerate() {
+        let h = read_gguf_header(shard)?;
+        if i == 0 && h.split_count() != shards.len() as u64 {
+            return Err(StoreError::Package(format!(
+                "{} declares split.count {} but {} file(s) were given",
+                shard.display(),
+                h.split_count(),
+                shards.len()
+            )));
+        }
+        total_params = total_params.saturating_add(h.parameter_count());
+        first.get_or_insert(h);
+    }
+    let header = first.ok_or_else(|| StoreError::Package("no GGUF file given".into()))?;
+    Ok((header, total_params))
+}
+
 /// Packages files into the store under `reference`.
 pub fn package(
     store: &Store,
@@ -75,22 +97,7 @@ pub fn package(
     let order = artifact::order_shards(&names)?;
     let shards: Vec<&PathBuf> = order.iter().map(|&i| &opts.gguf[i]).collect();
 
-    let mut total_params = 0u64;
-    let mut first = None;
-    for (i, shard) in shards.iter().enumerate() {
-        let h = read_gguf_header(shard)?;
-        if i == 0 && h.split_count() != shards.len() as u64 {
-            return Err(StoreError::Package(format!(
-                "{} declares split.count {} but {} file(s) were given",
-                shard.display(),
-                h.split_count(),
-                shards.len()
-            )));
-        }
-        total_params = total_params.saturating_add(h.parameter_count());
-        first.get_or_insert(h);
-    }
-    let header = first.expect("at least one shard");
+    let (header, total_params) = shard_headers(&shards)?;
 
     let mut files = Vec::new();
     let mut add = |kind: FileKind, path: &Path| -> Result<(), StoreError> {

@@ -297,18 +297,112 @@ impl BlobPull<'_> {
         result
     }
 
+    /// Downloads the rest of the blob from byte `have` into `partial`, hashing as it is
+    /// written; returns the hasher and the bytes now there.
+    async fn fetch(
+        &self,
+        desc: &artifact::Descriptor,
+        digest: Digest,
+        partial: &std::path::Path,
+        mut hasher: Hasher,
+        mut have: u64,
+    ) -> Result<(Hasher, u64), StoreError> {
+        let BlobPull {
+            client,
+            image,
+            r,
+            had_creds,
+            progress,
+            ..
+        } = *self;
+        let oci_desc = oci_descriptor(desc)?;
+        // Always a range request from what is here, also from 0: a 206 answer is not
+        // hashed by oci-client, so each byte is hashed once, by the writer below (a full
+        // download was hashed twice). A registry that ignores Range answers 200; that
+        // body starts over, and oci-client checks it too.
+        let mut stream = match client
+            .pull_blob_stream_partial(image, &oci_desc, have, None)
+            .await
+            .map_err(|e| map_err(r, had_creds, e))?
+        {
+            BlobResponse::Partial(s) => s.stream,
+            BlobResponse::Full(s) => {
+                if have > 0 {
+                    debug!(blob = %digest, "registry ignored Range, restarting blob");
+                    truncate(partial).await?;
+                    (hasher, have) = (Hasher::new(), 0);
+                }
+                s.stream
+            }
+        };
+        let file = tokio::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(partial)
+            .await
+            .map_err(StoreError::io(partial))?
+            .into_std()
+            .await;
+        let writer = Writer::spawn(file, hasher);
+        let mut next_report = have + (1 << 20);
+        let mut stream_error = None;
+        while let Some(chunk) = stream.next().await {
+            let chunk = match chunk {
+                Ok(c) => c,
+                Err(e) => {
+                    stream_error = Some(e);
+                    break;
+                }
+            };
+            let len = chunk.len() as u64;
+            if have + len > desc.size {
+                drop(writer.finish().await);
+                let _ = tokio::fs::remove_file(partial).await;
+                return Err(StoreError::SizeMismatch {
+                    digest,
+                    expected: desc.size,
+                    actual: have + len,
+                });
+            }
+            if !writer.send(chunk).await {
+                break;
+            }
+            have += len;
+            if have >= next_report {
+                next_report = have + (1 << 20);
+                progress(Progress::Advance {
+                    digest: desc.digest.clone(),
+                    completed: have,
+                    total: desc.size,
+                });
+            }
+        }
+        // Every byte received is written, hashed and on disk before the checks below
+        // (a failed write ends the loop above and is the error here).
+        hasher = writer.finish().await.map_err(StoreError::io(partial))?;
+        // oci-client's own verification reports a mismatch as a stream error at the end;
+        // with every byte here, our digest check below gives the precise error.
+        if let Some(e) = stream_error
+            && have < desc.size
+        {
+            return Err(StoreError::Registry {
+                registry: r.registry.clone(),
+                message: format!(
+                    "transfer of {digest} broke after {have} of {} bytes: {e}",
+                    desc.size
+                ),
+            });
+        }
+        Ok((hasher, have))
+    }
+
     async fn download_once(
         &self,
         desc: &artifact::Descriptor,
         digest: Digest,
     ) -> Result<(), StoreError> {
         let BlobPull {
-            client,
-            image,
-            r,
-            had_creds,
-            store,
-            progress,
+            r, store, progress, ..
         } = *self;
         let partial = store.tmp_path(&digest, "partial");
         let (mut hasher, mut have) = rehash(&partial).await?;
@@ -325,91 +419,7 @@ impl BlobPull<'_> {
             resumed_from: have,
         });
         if have < desc.size {
-            let oci_desc = OciDescriptor {
-                media_type: desc.media_type.clone(),
-                digest: desc.digest.clone(),
-                size: i64::try_from(desc.size).map_err(|_| {
-                    StoreError::Manifest(format!("blob {} claims {} bytes", desc.digest, desc.size))
-                })?,
-                ..Default::default()
-            };
-            // Always a range request from what is here, also from 0: a 206 answer is not
-            // hashed by oci-client, so each byte is hashed once, by the writer below (a full
-            // download was hashed twice). A registry that ignores Range answers 200; that
-            // body starts over, and oci-client checks it too.
-            let mut stream = match client
-                .pull_blob_stream_partial(image, &oci_desc, have, None)
-                .await
-                .map_err(|e| map_err(r, had_creds, e))?
-            {
-                BlobResponse::Partial(s) => s.stream,
-                BlobResponse::Full(s) => {
-                    if have > 0 {
-                        debug!(blob = %digest, "registry ignored Range, restarting blob");
-                        truncate(&partial).await?;
-                        (hasher, have) = (Hasher::new(), 0);
-                    }
-                    s.stream
-                }
-            };
-            let file = tokio::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&partial)
-                .await
-                .map_err(StoreError::io(&partial))?
-                .into_std()
-                .await;
-            let writer = Writer::spawn(file, hasher);
-            let mut next_report = have + (1 << 20);
-            let mut stream_error = None;
-            while let Some(chunk) = stream.next().await {
-                let chunk = match chunk {
-                    Ok(c) => c,
-                    Err(e) => {
-                        stream_error = Some(e);
-                        break;
-                    }
-                };
-                let len = chunk.len() as u64;
-                if have + len > desc.size {
-                    drop(writer.finish().await);
-                    let _ = tokio::fs::remove_file(&partial).await;
-                    return Err(StoreError::SizeMismatch {
-                        digest,
-                        expected: desc.size,
-                        actual: have + len,
-                    });
-                }
-                if !writer.send(chunk).await {
-                    break;
-                }
-                have += len;
-                if have >= next_report {
-                    next_report = have + (1 << 20);
-                    progress(Progress::Advance {
-                        digest: desc.digest.clone(),
-                        completed: have,
-                        total: desc.size,
-                    });
-                }
-            }
-            // Every byte received is written, hashed and on disk before the checks below
-            // (a failed write ends the loop above and is the error here).
-            hasher = writer.finish().await.map_err(StoreError::io(&partial))?;
-            // oci-client's own verification reports a mismatch as a stream error at the end;
-            // with every byte here, our digest check below gives the precise error.
-            if let Some(e) = stream_error
-                && have < desc.size
-            {
-                return Err(StoreError::Registry {
-                    registry: r.registry.clone(),
-                    message: format!(
-                        "transfer of {digest} broke after {have} of {} bytes: {e}",
-                        desc.size
-                    ),
-                });
-            }
+            (hasher, have) = self.fetch(desc, digest, &partial, hasher, have).await?;
         }
         if have != desc.size {
             return Err(StoreError::Registry {
@@ -570,6 +580,18 @@ impl Writer {
             .await
             .map_err(|e| std::io::Error::other(format!("blob writer failed: {e}")))?
     }
+}
+
+/// `desc` as oci-client describes a blob.
+fn oci_descriptor(desc: &artifact::Descriptor) -> Result<OciDescriptor, StoreError> {
+    Ok(OciDescriptor {
+        media_type: desc.media_type.clone(),
+        digest: desc.digest.clone(),
+        size: i64::try_from(desc.size).map_err(|_| {
+            StoreError::Manifest(format!("blob {} claims {} bytes", desc.digest, desc.size))
+        })?,
+        ..Default::default()
+    })
 }
 
 async fn rehash(path: &std::path::Path) -> Result<(Hasher, u64), StoreError> {

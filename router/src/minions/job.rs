@@ -242,6 +242,45 @@ pub struct JobRecord {
     pub audit: Option<crate::dispatch::AuditOutcome>,
 }
 
+impl JobRecord {
+    /// A job that has not been answered (yet).
+    pub fn new(round: u32, job: usize, task: String, chunk: String, sample: u32, ms: u64) -> Self {
+        JobRecord {
+            round,
+            job,
+            task,
+            chunk,
+            sample,
+            provider: None,
+            region: None,
+            attempts: 0,
+            hedged: false,
+            verified: false,
+            answered: false,
+            prompt_tokens: 0,
+            cached_prompt_tokens: 0,
+            completion_tokens: 0,
+            ms,
+            error: None,
+            audit: None,
+        }
+    }
+
+    /// The job as the dispatcher's verified `outcome` answered it; `answered`: whether the
+    /// worker's output held an answer.
+    pub fn answered_by(&mut self, o: &crate::dispatch::Outcome, answered: bool) {
+        self.provider = Some(o.provider.to_string());
+        self.region = Some(o.region.clone());
+        self.attempts = o.attempts;
+        self.hedged = o.hedged;
+        self.verified = true;
+        self.answered = answered;
+        self.prompt_tokens = o.result.usage.prompt_tokens as u64;
+        self.cached_prompt_tokens = o.result.usage.cached_prompt_tokens as u64;
+        self.completion_tokens = o.result.usage.completion_tokens as u64;
+    }
+}
+
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct RemoteUsage {
     pub prompt_tokens: u64,

@@ -358,94 +358,280 @@ fn fitted_default_plan(setup: &JobSetup, limits: &Limits) -> Result<(Plan, Vec<C
     fit_chunks(setup, &mut p).map(|chunks| (p, chunks))
 }
 
-async fn minions(setup: &JobSetup, ledger: &mut Ledger) -> Result<(String, String, u32), JobError> {
+/// (1) Decompose: the supervisor's plan, checked and fitted to the documents, asked
+/// again with the reason up to `plan_retries` times, else the router's default plan (also
+/// when the supervisor's plans have rarely been valid). Returns the plan and its chunks,
+/// the attempts made, and whether it is the default plan.
+async fn decompose(
+    setup: &JobSetup,
+    ledger: &mut Ledger,
+    planner: &Supervisor,
+    scratchpad: &str,
+    round: u32,
+) -> Result<((Plan, Vec<Chunk>), u32, bool), JobError> {
     let limits = Limits::default();
     let plan_schema = plan::schema(&limits);
+    let docs = describe_documents(setup);
+    Ok(if let Some((valid, seen)) = setup.skip_plan {
+        let fitted = fitted_default_plan(setup, &limits).map_err(|e| JobError::Supervisor {
+            what: "plan",
+            attempts: 0,
+            error: format!("the default plan does not fit: {e}"),
+        })?;
+        ledger.notes.push(format!(
+            "round {round}: the router's default plan was used without asking the supervisor, whose plans were rarely valid ({valid} of its last {seen})"
+        ));
+        (fitted, 0, true)
+    } else {
+        let mut messages = vec![
+            Msg::system(format!("{DECOMPOSE_SYSTEM}\n{plan_schema}")),
+            Msg::user(format!(
+                "Task: {}\n\nDocuments:\n{docs}\n\nRound {round} of {}.{}\nReturn the plan.",
+                setup.task,
+                setup.max_rounds,
+                if scratchpad.is_empty() {
+                    String::new()
+                } else {
+                    format!("\nWhat earlier rounds found (your scratchpad):\n{scratchpad}")
+                }
+            )),
+        ];
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let text = ledger
+                .ask(
+                    planner,
+                    &messages,
+                    Some(("minions_plan", &plan_schema)),
+                    "decompose",
+                    round,
+                )
+                .await?;
+            let checked = plan::parse(&text, &limits)
+                .and_then(|mut p| fit_chunks(setup, &mut p).map(|chunks| (p, chunks)));
+            if let Some((record, supervisor)) = &setup.plan_record {
+                record.record(supervisor, checked.is_ok());
+            }
+            match checked {
+                Ok(ok) => break (ok, attempt, false),
+                Err(e) => {
+                    tracing::info!(round, attempt, error = %e, "supervisor plan rejected");
+                    ledger.emit(Progress::PlanRejected {
+                        round,
+                        attempt,
+                        error: e.to_string(),
+                    });
+                    if attempt > setup.plan_retries {
+                        let fitted = fitted_default_plan(setup, &limits).map_err(|d| {
+                            JobError::Supervisor {
+                                what: "plan",
+                                attempts: attempt,
+                                error: format!("{e}; nor does the default plan fit: {d}"),
+                            }
+                        })?;
+                        ledger.notes.push(format!(
+                            "round {round}: the supervisor gave no valid plan after {attempt} attempts (last error: {e}); the router's default plan was used"
+                        ));
+                        break (fitted, attempt, true);
+                    }
+                    // The retry shows the last refused plan only: earlier ones add
+                    // tokens, not help.
+                    messages.truncate(2);
+                    messages.push(Msg::assistant(text));
+                    messages.push(Msg::user(format!(
+                        "That plan is not valid: {e}. Reply with a corrected plan: one JSON object matching the schema, nothing else."
+                    )));
+                }
+            }
+        }
+    })
+}
+
+/// (3) Filter: only findings whose citation is in their chunk go on, into the job's
+/// evidence. Returns how many jobs gave an answer.
+fn filter(
+    setup: &JobSetup,
+    ledger: &mut Ledger,
+    round: u32,
+    plan: &Plan,
+    chunks: &[Chunk],
+    results: &[JobResult],
+) -> usize {
+    let mut answered = 0;
+    for r in results {
+        let Some(answer) = r.output.as_ref().and_then(answer_text) else {
+            continue;
+        };
+        answered += 1;
+        let c = &chunks[r.chunk];
+        let kept = ledger.evidence.add(Finding {
+            question: &format!("{} {}", setup.task, plan.tasks[r.task].instruction),
+            round,
+            task: &plan.tasks[r.task].id,
+            chunk: format!("{}#{}", c.doc, c.index),
+            chunk_text: &c.text,
+            citation: r.output.as_ref().and_then(|w| w.citation.as_deref()),
+            answer: &answer,
+            provider: r.provider.clone(),
+        });
+        tracing::debug!(
+            round,
+            chunk = %format!("{}#{}", c.doc, c.index),
+            kept,
+            answer = %answer,
+            citation = ?r.output.as_ref().and_then(|w| w.citation.as_deref()),
+            "worker finding"
+        );
+    }
+    answered
+}
+
+/// A supervisor's aggregation reply: in the last round the plain-text answer, else one
+/// JSON object deciding `final` or `more`; why it is not valid otherwise.
+fn parse_aggregate(text: &str, last: bool, quotes: usize) -> Result<Aggregate, String> {
+    if last {
+        let answer = text.trim();
+        if answer.is_empty() {
+            Err("the reply is empty".to_string())
+        } else {
+            Ok(Aggregate {
+                decision: "final".into(),
+                answer: shorten(answer, 1_000).to_string(),
+                explanation: format!(
+                    "From the evidence: {} quote(s) found in the documents, listed with this answer.",
+                    quotes
+                ),
+                scratchpad: String::new(),
+            })
+        }
+    } else {
+        plan::extract_json_object(text)
+            .ok_or_else(|| "the reply contains no JSON object".to_string())
+            .and_then(|j| serde_json::from_str::<Aggregate>(j).map_err(|e| e.to_string()))
+            .and_then(|a| match a.decision.as_str() {
+                "final" | "more" => Ok(a),
+                other => Err(format!("decision must be final or more, not {other:?}")),
+            })
+    }
+}
+
+/// (4) Aggregate: the supervisor's answer from the evidence (in the last round, asked as
+/// plain text), asked again with the reason up to `plan_retries` times, else the evidence
+/// found most often.
+async fn aggregate(
+    setup: &JobSetup,
+    ledger: &mut Ledger,
+    round: u32,
+    last: bool,
+) -> Result<Aggregate, JobError> {
+    let evidence = ledger.evidence.render(EVIDENCE_BYTES);
+    // (4) Aggregate.
+    let schema = aggregate_schema(last);
+    let mut messages = if last {
+        // The last round is final: the answer is asked for as plain text (a small
+        // supervisor constrained to the aggregation JSON wrote empty or looping answers
+        // where, asked plainly, it answers from the evidence).
+        vec![
+            Msg::system(FINAL_SYSTEM),
+            Msg::user(format!("Evidence:\n{evidence}\nQuestion: {}", setup.task)),
+        ]
+    } else {
+        vec![
+            Msg::system(
+                "You supervise small local models that read documents you cannot see. You get \
+             evidence: quotes they found in the documents (each checked to be there), with \
+             the answer they read from the quote when it supports one. Answer the task from \
+             the evidence. Reply with one JSON object only: \
+             {\"decision\": \"final\" or \"more\", \"answer\", \"explanation\", \"scratchpad\"}. \
+             Choose \"more\" only if another round with new instructions would find what is \
+             missing; the scratchpad carries what you know to that round.",
+            ),
+            Msg::user(format!(
+                "Task: {}\n\nRound {round} of {}.\n\nEvidence:\n{evidence}",
+                setup.task, setup.max_rounds,
+            )),
+        ]
+    };
+    let mut attempt = 0;
+    let agg = loop {
+        attempt += 1;
+        let text = ledger
+            .ask(
+                &setup.supervisor,
+                &messages,
+                (!last).then_some(("minions_aggregate", &schema)),
+                "aggregate",
+                round,
+            )
+            .await?;
+        let parsed = parse_aggregate(&text, last, ledger.evidence.evidence.len());
+        match parsed {
+            Ok(a) => break a,
+            Err(e) if attempt > setup.plan_retries => {
+                // The evidence found most often answers, when there is any.
+                let Some(best) = ledger.evidence.most_seen() else {
+                    return Err(JobError::Supervisor {
+                        what: "aggregation",
+                        attempts: attempt,
+                        error: e,
+                    });
+                };
+                let agg = from_evidence(best);
+                ledger.notes.push(format!(
+                    "round {round}: the supervisor gave no valid aggregation after {attempt} attempts (last error: {e}); the answer is the evidence found most often"
+                ));
+                break agg;
+            }
+            Err(e) => {
+                messages.push(Msg::assistant(text));
+                messages.push(Msg::user(if last {
+                    "Answer the question in one short sentence from the evidence.".to_string()
+                } else {
+                    format!(
+                        "That reply is not valid: {e}. Reply with one JSON object matching the schema, nothing else."
+                    )
+                }));
+            }
+        }
+    };
+    Ok(agg)
+}
+
+/// A final answer, in any round, that is empty or draws on none of the evidence (a weak
+/// supervisor's junk: a list of numbers, a fragment of the prompt) is not passed off as the
+/// answer: the evidence found most often is, and the answer says so. Not asked again: a
+/// supervisor that wrote junk from this evidence tends to.
+fn grounded(ledger: &mut Ledger, agg: Aggregate, round: u32, last: bool) -> Aggregate {
+    match ledger.evidence.most_seen() {
+        Some(best)
+            if (last || agg.decision == "final")
+                && (agg.answer.trim().is_empty() || !ledger.evidence.supports(&agg.answer)) =>
+        {
+            ledger.notes.push(format!(
+                "round {round}: the supervisor's answer drew on none of the evidence ({:?}); the answer is the evidence found most often",
+                shorten(agg.answer.trim(), 120)
+            ));
+            from_evidence(best)
+        }
+        _ => agg,
+    }
+}
+
+async fn minions(setup: &JobSetup, ledger: &mut Ledger) -> Result<(String, String, u32), JobError> {
+    let limits = Limits::default();
     // Room for the longest plan the schema allows, so that a constrained reply closes.
     let mut planner = setup.supervisor.clone();
     planner.max_tokens = planner
         .max_tokens
         .max(u32::try_from(plan::max_reply_chars(&limits)).unwrap_or(u32::MAX));
-    let docs = describe_documents(setup);
     let mut scratchpad = String::new();
     let mut default_rounds = 0;
     for round in 1..=setup.max_rounds {
         let last = round == setup.max_rounds;
         // (1) Decompose.
-        let ((plan, chunks), attempt, default) = if let Some((valid, seen)) = setup.skip_plan {
-            let fitted = fitted_default_plan(setup, &limits).map_err(|e| JobError::Supervisor {
-                what: "plan",
-                attempts: 0,
-                error: format!("the default plan does not fit: {e}"),
-            })?;
-            ledger.notes.push(format!(
-                "round {round}: the router's default plan was used without asking the supervisor, whose plans were rarely valid ({valid} of its last {seen})"
-            ));
-            (fitted, 0, true)
-        } else {
-            let mut messages = vec![
-                Msg::system(format!("{DECOMPOSE_SYSTEM}\n{plan_schema}")),
-                Msg::user(format!(
-                    "Task: {}\n\nDocuments:\n{docs}\n\nRound {round} of {}.{}\nReturn the plan.",
-                    setup.task,
-                    setup.max_rounds,
-                    if scratchpad.is_empty() {
-                        String::new()
-                    } else {
-                        format!("\nWhat earlier rounds found (your scratchpad):\n{scratchpad}")
-                    }
-                )),
-            ];
-            let mut attempt = 0;
-            loop {
-                attempt += 1;
-                let text = ledger
-                    .ask(
-                        &planner,
-                        &messages,
-                        Some(("minions_plan", &plan_schema)),
-                        "decompose",
-                        round,
-                    )
-                    .await?;
-                let checked = plan::parse(&text, &limits)
-                    .and_then(|mut p| fit_chunks(setup, &mut p).map(|chunks| (p, chunks)));
-                if let Some((record, supervisor)) = &setup.plan_record {
-                    record.record(supervisor, checked.is_ok());
-                }
-                match checked {
-                    Ok(ok) => break (ok, attempt, false),
-                    Err(e) => {
-                        tracing::info!(round, attempt, error = %e, "supervisor plan rejected");
-                        ledger.emit(Progress::PlanRejected {
-                            round,
-                            attempt,
-                            error: e.to_string(),
-                        });
-                        if attempt > setup.plan_retries {
-                            let fitted = fitted_default_plan(setup, &limits).map_err(|d| {
-                                JobError::Supervisor {
-                                    what: "plan",
-                                    attempts: attempt,
-                                    error: format!("{e}; nor does the default plan fit: {d}"),
-                                }
-                            })?;
-                            ledger.notes.push(format!(
-                                "round {round}: the supervisor gave no valid plan after {attempt} attempts (last error: {e}); the router's default plan was used"
-                            ));
-                            break (fitted, attempt, true);
-                        }
-                        // The retry shows the last refused plan only: earlier ones add
-                        // tokens, not help.
-                        messages.truncate(2);
-                        messages.push(Msg::assistant(text));
-                        messages.push(Msg::user(format!(
-                            "That plan is not valid: {e}. Reply with a corrected plan: one JSON object matching the schema, nothing else."
-                        )));
-                    }
-                }
-            }
-        };
+        let ((plan, chunks), attempt, default) =
+            decompose(setup, ledger, &planner, &scratchpad, round).await?;
         ledger.emit(Progress::Plan {
             round,
             attempt,
@@ -462,143 +648,11 @@ async fn minions(setup: &JobSetup, ledger: &mut Ledger) -> Result<(String, Strin
         };
         default_rounds += usize::from(default);
         let results = execute(setup, ledger, round, &plan, &chunks, skip).await?;
-        // (3) Filter: only findings whose citation is in their chunk go on.
-        let mut answered = 0;
-        for r in &results {
-            let Some(answer) = r.output.as_ref().and_then(answer_text) else {
-                continue;
-            };
-            answered += 1;
-            let c = &chunks[r.chunk];
-            let kept = ledger.evidence.add(Finding {
-                question: &format!("{} {}", setup.task, plan.tasks[r.task].instruction),
-                round,
-                task: &plan.tasks[r.task].id,
-                chunk: format!("{}#{}", c.doc, c.index),
-                chunk_text: &c.text,
-                citation: r.output.as_ref().and_then(|w| w.citation.as_deref()),
-                answer: &answer,
-                provider: r.provider.clone(),
-            });
-            tracing::debug!(
-                round,
-                chunk = %format!("{}#{}", c.doc, c.index),
-                kept,
-                answer = %answer,
-                citation = ?r.output.as_ref().and_then(|w| w.citation.as_deref()),
-                "worker finding"
-            );
-        }
-        let evidence = ledger.evidence.render(EVIDENCE_BYTES);
-        // (4) Aggregate.
-        let schema = aggregate_schema(last);
-        let mut messages = if last {
-            // The last round is final: the answer is asked for as plain text (a small
-            // supervisor constrained to the aggregation JSON wrote empty or looping answers
-            // where, asked plainly, it answers from the evidence).
-            vec![
-                Msg::system(FINAL_SYSTEM),
-                Msg::user(format!("Evidence:\n{evidence}\nQuestion: {}", setup.task)),
-            ]
-        } else {
-            vec![
-                Msg::system(
-                    "You supervise small local models that read documents you cannot see. You get \
-                 evidence: quotes they found in the documents (each checked to be there), with \
-                 the answer they read from the quote when it supports one. Answer the task from \
-                 the evidence. Reply with one JSON object only: \
-                 {\"decision\": \"final\" or \"more\", \"answer\", \"explanation\", \"scratchpad\"}. \
-                 Choose \"more\" only if another round with new instructions would find what is \
-                 missing; the scratchpad carries what you know to that round.",
-                ),
-                Msg::user(format!(
-                    "Task: {}\n\nRound {round} of {}.\n\nEvidence:\n{evidence}",
-                    setup.task, setup.max_rounds,
-                )),
-            ]
-        };
-        let mut attempt = 0;
-        let agg = loop {
-            attempt += 1;
-            let text = ledger
-                .ask(
-                    &setup.supervisor,
-                    &messages,
-                    (!last).then_some(("minions_aggregate", &schema)),
-                    "aggregate",
-                    round,
-                )
-                .await?;
-            let parsed = if last {
-                let answer = text.trim();
-                if answer.is_empty() {
-                    Err("the reply is empty".to_string())
-                } else {
-                    Ok(Aggregate {
-                        decision: "final".into(),
-                        answer: shorten(answer, 1_000).to_string(),
-                        explanation: format!(
-                            "From the evidence: {} quote(s) found in the documents, listed with this answer.",
-                            ledger.evidence.evidence.len()
-                        ),
-                        scratchpad: String::new(),
-                    })
-                }
-            } else {
-                plan::extract_json_object(&text)
-                    .ok_or_else(|| "the reply contains no JSON object".to_string())
-                    .and_then(|j| serde_json::from_str::<Aggregate>(j).map_err(|e| e.to_string()))
-                    .and_then(|a| match a.decision.as_str() {
-                        "final" | "more" => Ok(a),
-                        other => Err(format!("decision must be final or more, not {other:?}")),
-                    })
-            };
-            match parsed {
-                Ok(a) => break a,
-                Err(e) if attempt > setup.plan_retries => {
-                    // The evidence found most often answers, when there is any.
-                    let Some(best) = ledger.evidence.most_seen() else {
-                        return Err(JobError::Supervisor {
-                            what: "aggregation",
-                            attempts: attempt,
-                            error: e,
-                        });
-                    };
-                    let agg = from_evidence(best);
-                    ledger.notes.push(format!(
-                        "round {round}: the supervisor gave no valid aggregation after {attempt} attempts (last error: {e}); the answer is the evidence found most often"
-                    ));
-                    break agg;
-                }
-                Err(e) => {
-                    messages.push(Msg::assistant(text));
-                    messages.push(Msg::user(if last {
-                        "Answer the question in one short sentence from the evidence.".to_string()
-                    } else {
-                        format!(
-                            "That reply is not valid: {e}. Reply with one JSON object matching the schema, nothing else."
-                        )
-                    }));
-                }
-            }
-        };
-        // A final answer, in any round, that is empty or draws on none of the evidence (a
-        // weak supervisor's junk: a list of numbers, a fragment of the prompt) is not
-        // passed off as the answer: the evidence found most often is, and the answer says
-        // so. Not asked again: a supervisor that wrote junk from this evidence tends to.
-        let agg = match ledger.evidence.most_seen() {
-            Some(best)
-                if (last || agg.decision == "final")
-                    && (agg.answer.trim().is_empty() || !ledger.evidence.supports(&agg.answer)) =>
-            {
-                ledger.notes.push(format!(
-                    "round {round}: the supervisor's answer drew on none of the evidence ({:?}); the answer is the evidence found most often",
-                    shorten(agg.answer.trim(), 120)
-                ));
-                from_evidence(best)
-            }
-            _ => agg,
-        };
+        // (3) Filter.
+        let answered = filter(setup, ledger, round, &plan, &chunks, &results);
+        // (4) Aggregate, and keep the answer to the evidence.
+        let agg = aggregate(setup, ledger, round, last).await?;
+        let agg = grounded(ledger, agg, round, last);
         // The last round is final whatever the supervisor says.
         let decision = if last { "final" } else { agg.decision.as_str() };
         let placed = ledger.jobs.iter().filter(|j| j.round == round).count();
@@ -723,17 +777,7 @@ async fn execute(
     skip: usize,
 ) -> Result<Vec<JobResult>, JobError> {
     let started = Instant::now();
-    let schema = worker_schema().to_string();
-    // (task, chunk, sample) per job; with top_k, each task's best chunks only.
-    let mut specs = Vec::new();
-    for (ti, t) in plan.tasks.iter().enumerate() {
-        let query = format!("{} {} {}", setup.task, t.instruction, t.advice);
-        for ci in retrieval::select_after(chunks, &query, plan.top_k, skip) {
-            for s in 0..plan.samples_per_task {
-                specs.push((ti, ci, s));
-            }
-        }
-    }
+    let specs = job_specs(setup, plan, chunks, skip);
     ledger.emit(Progress::JobsPlaced {
         round,
         jobs: specs.len(),
@@ -741,19 +785,7 @@ async fn execute(
         tasks: plan.tasks.len(),
         top_k: plan.top_k,
     });
-    let job_id = Id::random();
-    let requests: Vec<(InferRequest, SharedPrefix)> = specs
-        .iter()
-        .map(|&(t, c, s)| {
-            let task = (&plan.tasks[t], plan.tasks.len() == 1);
-            let request = worker_request(setup, job_id, &schema, task, &chunks[c], s);
-            // Jobs on one chunk share the system prompt and the text: they gather on the
-            // provider that has it cached when that is no slower (task-major order leaves
-            // time for the first to be prefilled before the next arrives).
-            let prefix = SharedPrefix::of(&[&request.messages[0].content, &chunks[c].text]);
-            (request, prefix)
-        })
-        .collect();
+    let requests = job_requests(setup, plan, chunks, &specs);
     let policy = std::sync::Arc::new(setup.policy.clone());
     let runs = requests
         .into_iter()
@@ -781,38 +813,19 @@ async fn execute(
     while let Some((i, request_id, r, ms)) = stream.next().await {
         let (ti, ci, s) = specs[i];
         let c = &chunks[ci];
-        let mut rec = JobRecord {
+        let mut rec = JobRecord::new(
             round,
-            job: i,
-            task: plan.tasks[ti].id.clone(),
-            chunk: format!("{}#{}", c.doc, c.index),
-            sample: s,
-            provider: None,
-            region: None,
-            attempts: 0,
-            hedged: false,
-            verified: false,
-            answered: false,
-            prompt_tokens: 0,
-            cached_prompt_tokens: 0,
-            completion_tokens: 0,
+            i,
+            plan.tasks[ti].id.clone(),
+            format!("{}#{}", c.doc, c.index),
+            s,
             ms,
-            error: None,
-            audit: None,
-        };
+        );
         match r {
             Ok(o) => {
                 let parsed = serde_json::from_str::<WorkerOutput>(o.result.output.trim()).ok();
                 let answer = parsed.filter(|w| answer_text(w).is_some());
-                rec.provider = Some(o.provider.to_string());
-                rec.region = Some(o.region.clone());
-                rec.attempts = o.attempts;
-                rec.hedged = o.hedged;
-                rec.verified = true;
-                rec.answered = answer.is_some();
-                rec.prompt_tokens = o.result.usage.prompt_tokens as u64;
-                rec.cached_prompt_tokens = o.result.usage.cached_prompt_tokens as u64;
-                rec.completion_tokens = o.result.usage.completion_tokens as u64;
+                rec.answered_by(&o, answer.is_some());
                 out.push((
                     i,
                     JobResult {
@@ -845,6 +858,49 @@ async fn execute(
     }
     out.sort_by_key(|r| r.0);
     Ok(out.into_iter().map(|(_, r)| r).collect())
+}
+
+/// (task, chunk, sample) per job of a round, task-major; with `top_k`, each task's best
+/// chunks only.
+fn job_specs(
+    setup: &JobSetup,
+    plan: &Plan,
+    chunks: &[Chunk],
+    skip: usize,
+) -> Vec<(usize, usize, u32)> {
+    let mut specs = Vec::new();
+    for (ti, t) in plan.tasks.iter().enumerate() {
+        let query = format!("{} {} {}", setup.task, t.instruction, t.advice);
+        for ci in retrieval::select_after(chunks, &query, plan.top_k, skip) {
+            for s in 0..plan.samples_per_task {
+                specs.push((ti, ci, s));
+            }
+        }
+    }
+    specs
+}
+
+/// Each job's request, with the prompt prefix it shares. Jobs on one chunk share the
+/// system prompt and the text: they gather on the provider that has it cached when that is
+/// no slower (task-major order leaves time for the first to be prefilled before the next
+/// arrives).
+fn job_requests(
+    setup: &JobSetup,
+    plan: &Plan,
+    chunks: &[Chunk],
+    specs: &[(usize, usize, u32)],
+) -> Vec<(InferRequest, SharedPrefix)> {
+    let job_id = Id::random();
+    let schema = worker_schema().to_string();
+    specs
+        .iter()
+        .map(|&(t, c, s)| {
+            let task = (&plan.tasks[t], plan.tasks.len() == 1);
+            let request = worker_request(setup, job_id, &schema, task, &chunks[c], s);
+            let prefix = SharedPrefix::of(&[&request.messages[0].content, &chunks[c].text]);
+            (request, prefix)
+        })
+        .collect()
 }
 
 /// One MinionS job: one chunk, one instruction, one sample, in its own conversation.
@@ -924,6 +980,61 @@ time, and answer the task from what it tells you. Reply with one JSON object onl
 {\"decision\": \"ask\" to send `message` to the worker, or \"final\" with `answer` and \
 `explanation`}.";
 
+/// The supervisor's next turn in the Minion conversation `sup` (a message for the worker,
+/// or the final answer), asked again with the reason up to `plan_retries` times.
+async fn supervise(
+    setup: &JobSetup,
+    ledger: &mut Ledger,
+    sup: &mut Vec<Msg>,
+    round: u32,
+    last: bool,
+) -> Result<Turn, JobError> {
+    let schema = turn_schema(last);
+    let mut attempt = 0;
+    let turn = loop {
+        attempt += 1;
+        let text = ledger
+            .ask(
+                &setup.supervisor,
+                sup,
+                Some(("minion_turn", &schema)),
+                "supervise",
+                round,
+            )
+            .await?;
+        let parsed = plan::extract_json_object(&text)
+            .ok_or_else(|| "the reply contains no JSON object".to_string())
+            .and_then(|j| serde_json::from_str::<Turn>(j).map_err(|e| e.to_string()))
+            .and_then(|t| match t.decision.as_str() {
+                "final" => Ok(t),
+                "ask" if !last && !t.message.trim().is_empty() => Ok(t),
+                "ask" if last => Err("this is the last turn: the decision must be final".into()),
+                "ask" => Err("an ask needs a message".into()),
+                other => Err(format!("decision must be ask or final, not {other:?}")),
+            });
+        match parsed {
+            Ok(t) => {
+                sup.push(Msg::assistant(text));
+                break t;
+            }
+            Err(e) if attempt > setup.plan_retries => {
+                return Err(JobError::Supervisor {
+                    what: "turn",
+                    attempts: attempt,
+                    error: e,
+                });
+            }
+            Err(e) => {
+                sup.push(Msg::assistant(text));
+                sup.push(Msg::user(format!(
+                    "That reply is not valid: {e}. Reply with one JSON object matching the schema, nothing else."
+                )));
+            }
+        }
+    };
+    Ok(turn)
+}
+
 async fn minion(setup: &JobSetup, ledger: &mut Ledger) -> Result<(String, String, u32), JobError> {
     let context = setup
         .context
@@ -949,51 +1060,7 @@ async fn minion(setup: &JobSetup, ledger: &mut Ledger) -> Result<(String, String
     }];
     for round in 1..=setup.max_rounds {
         let last = round == setup.max_rounds;
-        let schema = turn_schema(last);
-        let mut attempt = 0;
-        let turn = loop {
-            attempt += 1;
-            let text = ledger
-                .ask(
-                    &setup.supervisor,
-                    &sup,
-                    Some(("minion_turn", &schema)),
-                    "supervise",
-                    round,
-                )
-                .await?;
-            let parsed = plan::extract_json_object(&text)
-                .ok_or_else(|| "the reply contains no JSON object".to_string())
-                .and_then(|j| serde_json::from_str::<Turn>(j).map_err(|e| e.to_string()))
-                .and_then(|t| match t.decision.as_str() {
-                    "final" => Ok(t),
-                    "ask" if !last && !t.message.trim().is_empty() => Ok(t),
-                    "ask" if last => {
-                        Err("this is the last turn: the decision must be final".into())
-                    }
-                    "ask" => Err("an ask needs a message".into()),
-                    other => Err(format!("decision must be ask or final, not {other:?}")),
-                });
-            match parsed {
-                Ok(t) => {
-                    sup.push(Msg::assistant(text));
-                    break t;
-                }
-                Err(e) if attempt > setup.plan_retries => {
-                    return Err(JobError::Supervisor {
-                        what: "turn",
-                        attempts: attempt,
-                        error: e,
-                    });
-                }
-                Err(e) => {
-                    sup.push(Msg::assistant(text));
-                    sup.push(Msg::user(format!(
-                        "That reply is not valid: {e}. Reply with one JSON object matching the schema, nothing else."
-                    )));
-                }
-            }
-        };
+        let turn = supervise(setup, ledger, &mut sup, round, last).await?;
         if turn.decision == "final" {
             ledger.emit(Progress::Round {
                 round,
@@ -1013,24 +1080,7 @@ async fn minion(setup: &JobSetup, ledger: &mut Ledger) -> Result<(String, String
             role: Role::User,
             content: turn.message.clone(),
         });
-        let request = InferRequest {
-            prompt: None,
-            request_id: Id::random(),
-            job_id: None,
-            model: ModelSpec {
-                reference: setup.local_model.clone(),
-                digest: setup.local_digest,
-            },
-            messages: worker.clone(),
-            sampling: Sampling {
-                temperature: 0.0,
-                max_tokens: setup.worker_max_tokens,
-                ..Sampling::default()
-            },
-            json_schema: None,
-            deadline_ms: None,
-            return_tokens: true,
-        };
+        let request = conversation_request(setup, worker.clone());
         let t0 = Instant::now();
         let r = setup.dispatcher.run(&request, &setup.policy, None).await;
         let ms = t0.elapsed().as_millis() as u64;
@@ -1051,25 +1101,15 @@ async fn minion(setup: &JobSetup, ledger: &mut Ledger) -> Result<(String, String
             }
         };
         let reply = o.result.output.trim().to_string();
-        let rec = JobRecord {
+        let mut rec = JobRecord::new(
             round,
-            job: ledger.jobs.len(),
-            task: "worker".into(),
-            chunk: "all".into(),
-            sample: 0,
-            provider: Some(o.provider.to_string()),
-            region: Some(o.region.clone()),
-            attempts: o.attempts,
-            hedged: o.hedged,
-            verified: true,
-            answered: !reply.is_empty(),
-            prompt_tokens: o.result.usage.prompt_tokens as u64,
-            cached_prompt_tokens: o.result.usage.cached_prompt_tokens as u64,
-            completion_tokens: o.result.usage.completion_tokens as u64,
+            ledger.jobs.len(),
+            "worker".into(),
+            "all".into(),
+            0,
             ms,
-            error: None,
-            audit: None,
-        };
+        );
+        rec.answered_by(&o, !reply.is_empty());
         ledger.emit(Progress::JobFinished(Box::new(rec.clone())));
         ledger.jobs.push(rec);
         ledger.request_ids.push(request.request_id);
@@ -1093,6 +1133,28 @@ async fn minion(setup: &JobSetup, ledger: &mut Ledger) -> Result<(String, String
         )));
     }
     unreachable!("the last turn always returns")
+}
+
+/// The Minion worker's next turn: the whole conversation so far, greedy.
+fn conversation_request(setup: &JobSetup, messages: Vec<ChatMessage>) -> InferRequest {
+    InferRequest {
+        prompt: None,
+        request_id: Id::random(),
+        job_id: None,
+        model: ModelSpec {
+            reference: setup.local_model.clone(),
+            digest: setup.local_digest,
+        },
+        messages,
+        sampling: Sampling {
+            temperature: 0.0,
+            max_tokens: setup.worker_max_tokens,
+            ..Sampling::default()
+        },
+        json_schema: None,
+        deadline_ms: None,
+        return_tokens: true,
+    }
 }
 
 /// The remote tokens a remote-only run (the supervisor given the task and every document)
