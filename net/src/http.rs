@@ -40,6 +40,20 @@ impl Default for HttpLimits {
     }
 }
 
+/// `listener` with Nagle's algorithm off on every connection it accepts: a response
+/// streamed as small events (SSE) leaves as each event is written, instead of waiting for
+/// the client's delayed acknowledgement of the one before (40 ms on Linux, per event).
+pub fn no_delay(
+    listener: tokio::net::TcpListener,
+) -> impl axum::serve::Listener<Io = tokio::net::TcpStream, Addr = SocketAddr> {
+    use axum::serve::ListenerExt;
+    listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            debug!(error = %e, "TCP_NODELAY not set");
+        }
+    })
+}
+
 /// Serves `app` on `listener` until `shutdown` resolves, then lets the connections in
 /// progress finish (as `axum::serve` with graceful shutdown does).
 pub async fn serve<L>(

@@ -157,6 +157,7 @@ pub async fn run(
         }
         None => {
             eprintln!("beacon-router API on http://{addr}, peer {}", key.peer_id());
+            let listener = beacon_net::http::no_delay(listener);
             beacon_net::http::serve(listener, app, http_limits, shutdown).await;
         }
     }

@@ -46,7 +46,12 @@ impl TlsListener {
         tokio::spawn(async move {
             loop {
                 let (stream, peer) = match tcp.accept().await {
-                    Ok(s) => s,
+                    Ok(s) => {
+                        // Events of a stream leave as they are written (see
+                        // `beacon_net::http::no_delay`).
+                        let _ = s.0.set_nodelay(true);
+                        s
+                    }
                     Err(e) => {
                         tracing::debug!(error = %e, "accept failed");
                         tokio::time::sleep(std::time::Duration::from_millis(50)).await;

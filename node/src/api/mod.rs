@@ -143,7 +143,7 @@ pub async fn serve(
         header_timeout: config.header_timeout,
         ..Default::default()
     };
-    beacon_net::http::serve(listener, app, limits, shutdown).await;
+    beacon_net::http::serve(beacon_net::http::no_delay(listener), app, limits, shutdown).await;
     Ok(())
 }
 

@@ -408,23 +408,9 @@ fn minions_workload(
     Ok(m)
 }
 
-fn local(
-    a: &RunArgs,
-    out: &std::path::Path,
-    scale: &Scale,
-    report: &mut Report,
-    say: &dyn Fn(&str),
-) -> anyhow::Result<()> {
-    let bins = Binaries::find(a.bin_dir.as_deref())?;
-    let model = a
-        .model
-        .clone()
-        .unwrap_or_else(|| cached_model("SmolLM2-135M-Instruct.Q4_1.gguf"));
-    anyhow::ensure!(
-        model.is_file(),
-        "model {} missing: run ops/setup.sh or pass --model",
-        model.display()
-    );
+/// The regions, their round-trip times and the operator's region, from the defaults and
+/// the options.
+fn wan_config(a: &RunArgs) -> anyhow::Result<WanConfig> {
     let mut wan = WanConfig::three_regions();
     if a.quick {
         wan.regions.truncate(2);
@@ -450,9 +436,25 @@ fn local(
             .clone()
             .unwrap_or_else(|| wan.regions[0].clone()),
     );
-    // One dishonest provider per attack (`beacon-node --fault`); the quick run keeps the
-    // two that each stand for a way of being caught (audit, refusal).
-    let dishonest_faults: &[&str] = if a.quick {
+    Ok(wan)
+}
+
+/// The report's account of the network it measured.
+fn setup(wan: &WanConfig, threads: usize, parallel: usize) -> Setup {
+    Setup {
+        regions: wan.regions.clone(),
+        rtt_ms: wan.rtt_ms.clone(),
+        operator_region: wan.operator_region.clone(),
+        threads,
+        parallel,
+        ..Setup::default()
+    }
+}
+
+/// One dishonest provider per attack (`beacon-node --fault`); the quick run keeps the two
+/// that each stand for a way of being caught (audit, refusal).
+fn attacks(quick: bool) -> &'static [&'static str] {
+    if quick {
         &["tamper", "wrong-model"]
     } else {
         &[
@@ -467,7 +469,28 @@ fn local(
             "q3-swap",
             "q2-swap",
         ]
-    };
+    }
+}
+
+fn local(
+    a: &RunArgs,
+    out: &std::path::Path,
+    scale: &Scale,
+    report: &mut Report,
+    say: &dyn Fn(&str),
+) -> anyhow::Result<()> {
+    let bins = Binaries::find(a.bin_dir.as_deref())?;
+    let model = a
+        .model
+        .clone()
+        .unwrap_or_else(|| cached_model("SmolLM2-135M-Instruct.Q4_1.gguf"));
+    anyhow::ensure!(
+        model.is_file(),
+        "model {} missing: run ops/setup.sh or pass --model",
+        model.display()
+    );
+    let wan = wan_config(a)?;
+    let dishonest_faults = attacks(a.quick);
     let providers = wan.regions.len() * a.per_region.max(1) + dishonest_faults.len();
     let threads = a
         .threads
@@ -476,52 +499,8 @@ fn local(
         .file_name()
         .map(|f| f.to_string_lossy().into_owned())
         .unwrap_or_default();
-    report.setup = Setup {
-        regions: wan.regions.clone(),
-        rtt_ms: wan.rtt_ms.clone(),
-        operator_region: wan.operator_region.clone(),
-        threads,
-        parallel: a.parallel,
-        ..Setup::default()
-    };
-    if wants(a, "engine") {
-        match &a.llama_server {
-            Some(server) => {
-                say("engine: beacon-node against llama-server, same model and settings");
-                match engine::run(
-                    &bins,
-                    server,
-                    &model,
-                    a.parallel,
-                    cores(),
-                    &scale.concurrency,
-                    scale.per_client,
-                    scale.max_tokens,
-                    say,
-                ) {
-                    Ok(e) => {
-                        let errors: usize = e
-                            .levels
-                            .iter()
-                            .map(|l| l.beacon.errors + l.llama_server.errors)
-                            .sum();
-                        report.check(
-                            "engine answered every request",
-                            errors == 0,
-                            format!("{errors} requests failed (both servers)"),
-                        );
-                        report.engine = Some(e);
-                    }
-                    Err(e) => report.problems.push(format!("engine: {e:#}")),
-                }
-            }
-            None => {
-                report.engine_skipped = Some(
-                    "no llama-server to compare with: pass --llama-server (`ops/bench-inference.sh` builds one)".into(),
-                )
-            }
-        }
-    }
+    report.setup = setup(&wan, threads, a.parallel);
+    engine_workload(a, &bins, &model, scale, report, say);
     say(&format!(
         "bringing up {} regions, {} honest provider(s) each (up to {providers} processes with the dishonest ones)",
         wan.regions.len(),
@@ -553,31 +532,7 @@ fn local(
         .unwrap_or_default()
         .to_string();
 
-    if wants(a, "chat") {
-        let routed = Target {
-            name: "router",
-            base: cluster.routers[main].url(""),
-            pid: 0,
-        };
-        let near = cluster
-            .providers
-            .iter()
-            .find(|p| p.region == op)
-            .context("no provider in the operator's region")?;
-        let direct = Target {
-            name: "the provider in the router's region",
-            base: format!("http://{}", near.http),
-            pid: 0,
-        };
-        let c = suite::chat(&routed, Some(&direct), scale, say);
-        let errors: usize = c.levels.iter().map(|l| l.routed.errors).sum();
-        report.check(
-            "chat load without failures",
-            errors == 0,
-            format!("{errors} routed requests failed with every provider up"),
-        );
-        report.chat = Some(c);
-    }
+    chat_workload(a, &cluster, main, &op, scale, report, say)?;
     if wants(a, "minions") {
         match minions_workload(a, &mut cluster, honest, scale, say) {
             Ok(m) => {
@@ -588,155 +543,23 @@ fn local(
         }
     }
 
-    if wants(a, "placement") {
-        let regions = cluster.wan.regions().to_vec();
-        let mut pinned = Vec::new();
-        for r in &regions {
-            let i = cluster.add_router(&["--audit-rate", "0", "--allowed-regions", r], honest)?;
-            pinned.push((r.clone(), i));
-        }
-        let p = suite::placement(&cluster, main, &pinned, scale, say);
-        let worst = p
-            .pinned
-            .iter()
-            .map(|r| r.in_region_share)
-            .fold(1.0, f64::min);
-        report.check(
-            "residency: pinned work stays in its region",
-            worst >= 1.0,
-            format!(
-                "lowest share of answers from inside the pinned region: {:.0}%",
-                worst * 100.0
-            ),
-        );
-        report.placement = Some(p);
-        for (_, i) in pinned.into_iter().rev() {
-            cluster.remove_router(i);
-        }
-    }
+    placement_workload(a, &mut cluster, main, honest, scale, report, say)?;
 
-    if wants(a, "audits") {
-        // The router's default rate (`--audit-rate` 0.05), stated so the report says it.
-        const DEFAULT_AUDIT_RATE: f64 = 0.05;
-        let rate = DEFAULT_AUDIT_RATE.to_string();
-        let auditing = cluster.add_router(
-            &["--audit-rate", &rate, "--attempt-timeout", &timeout],
-            honest,
-        )?;
-        let c = suite::audit_cost(&cluster, auditing, main, DEFAULT_AUDIT_RATE, scale, say);
-        // A quick run sends a few dozen requests: at a 5 % rate that is one or two audits,
-        // too few for a share to mean anything, so only the full run checks it.
-        if !a.quick {
-            report.check(
-                "audits cost at most 10 % of served tokens",
-                c.audits > 0.0 && c.cost_share <= 0.10,
-                format!(
-                    "{:.0} audits scored {:.0} tokens: {:.1} % of {:.0} served",
-                    c.audits,
-                    c.audit_tokens,
-                    100.0 * c.cost_share,
-                    c.served_tokens
-                ),
-            );
-        }
-        report.audits = Some(c);
-        cluster.remove_router(auditing);
-    }
+    audits_workload(a, &mut cluster, main, honest, &timeout, scale, report, say)?;
 
-    if wants(a, "dishonest") {
-        let rate = scale.audit_rate.to_string();
-        // Honest providers differ in thread count and batch shape, as on a real network
-        // (their logits differ a little): one more with two threads and one sequence, in
-        // full runs (a quick run keeps its time).
-        let shaped = if a.quick {
-            None
-        } else {
-            Some(cluster.add_provider_shaped(&op, None, Some((2, 1)))?)
-        };
-        let auditor = cluster.add_router(
-            &["--audit-rate", &rate, "--attempt-timeout", &timeout],
-            honest + usize::from(shaped.is_some()),
-        )?;
-        let other = cluster
-            .wan
-            .regions()
-            .iter()
-            .find(|r| **r != op)
-            .cloned()
-            .unwrap_or(op.clone());
-        // The tampering provider sits next to the router, where placement favours it; the
-        // others alternate between the far region and the router's.
-        let faults: Vec<(&str, &str)> = dishonest_faults
-            .iter()
-            .enumerate()
-            .map(|(i, f)| {
-                (
-                    if i.is_multiple_of(2) {
-                        op.as_str()
-                    } else {
-                        other.as_str()
-                    },
-                    *f,
-                )
-            })
-            .collect();
-        match suite::dishonest(&mut cluster, auditor, &faults, scale, say) {
-            Ok(d) => {
-                report.check(
-                    "no honest provider quarantined",
-                    d.false_quarantines == 0,
-                    format!(
-                        "{} of {} honest providers quarantined",
-                        d.false_quarantines, d.honest
-                    ),
-                );
-                let caught = d.providers.iter().filter(|v| v.caught()).count();
-                report.check(
-                    "dishonest providers quarantined (a lying auditor: or never given a vote)",
-                    caught == d.providers.len(),
-                    format!(
-                        "{caught} of {} within {} requests",
-                        d.providers.len(),
-                        d.requests
-                    ),
-                );
-                report.dishonest = Some(d);
-            }
-            Err(e) => report.problems.push(format!("dishonest: {e:#}")),
-        }
-        cluster.remove_router(auditor);
-        if let Some(i) = shaped {
-            cluster.kill_provider(i);
-        }
-    }
+    dishonest_workload(
+        a,
+        &mut cluster,
+        honest,
+        &timeout,
+        &op,
+        dishonest_faults,
+        scale,
+        report,
+        say,
+    )?;
 
-    if wants(a, "failures") {
-        match suite::failures(&mut cluster, main, scale, say) {
-            Ok(f) => {
-                for r in &f {
-                    report.check(
-                        &format!("every request completes: {}", r.scenario),
-                        r.failed == 0,
-                        format!(
-                            "{} of {} completed, {} retries",
-                            r.completed, r.requests, r.retries
-                        ),
-                    );
-                    report.check(
-                        &format!("every provider back after: {}", r.scenario),
-                        r.rejoined,
-                        if r.rejoined {
-                            "placed on again within two minutes".into()
-                        } else {
-                            "a provider could not be placed on two minutes later".into()
-                        },
-                    );
-                }
-                report.failures = f;
-            }
-            Err(e) => report.problems.push(format!("failures: {e:#}")),
-        }
-    }
+    failures_workload(a, &mut cluster, main, scale, report, say);
     if let Err(e) = cluster.save_logs(&out.join("logs")) {
         say(&format!("could not save the logs: {e}"));
     }
@@ -746,6 +569,304 @@ fn local(
         .map(|p| (p.name.clone(), p.fault.clone().unwrap_or_default()))
         .collect();
     Ok(())
+}
+
+/// Runs beacon-node against llama-server, same model and settings (when a llama-server is given).
+#[allow(clippy::too_many_arguments)]
+fn engine_workload(
+    a: &RunArgs,
+    bins: &Binaries,
+    model: &std::path::Path,
+    scale: &Scale,
+    report: &mut Report,
+    say: &dyn Fn(&str),
+) {
+    if !wants(a, "engine") {
+        return;
+    }
+    match &a.llama_server {
+        Some(server) => {
+            say("engine: beacon-node against llama-server, same model and settings");
+            match engine::run(
+                bins,
+                server,
+                model,
+                a.parallel,
+                cores(),
+                &scale.concurrency,
+                scale.per_client,
+                scale.max_tokens,
+                say,
+            ) {
+                Ok(e) => {
+                    let errors: usize = e
+                        .levels
+                        .iter()
+                        .map(|l| l.beacon.errors + l.llama_server.errors)
+                        .sum();
+                    report.check(
+                        "engine answered every request",
+                        errors == 0,
+                        format!("{errors} requests failed (both servers)"),
+                    );
+                    report.engine = Some(e);
+                }
+                Err(e) => report.problems.push(format!("engine: {e:#}")),
+            }
+        }
+        None => {
+            report.engine_skipped = Some(
+                "no llama-server to compare with: pass --llama-server (`ops/bench-inference.sh` builds one)".into(),
+            )
+        }
+    }
+}
+
+/// Chat load through the router and to the provider in its region, same run.
+#[allow(clippy::too_many_arguments)]
+fn chat_workload(
+    a: &RunArgs,
+    cluster: &Cluster,
+    main: usize,
+    op: &str,
+    scale: &Scale,
+    report: &mut Report,
+    say: &dyn Fn(&str),
+) -> anyhow::Result<()> {
+    if !wants(a, "chat") {
+        return Ok(());
+    }
+    let routed = Target {
+        name: "router",
+        base: cluster.routers[main].url(""),
+        pid: 0,
+    };
+    let near = cluster
+        .providers
+        .iter()
+        .find(|p| p.region == op)
+        .context("no provider in the operator's region")?;
+    let direct = Target {
+        name: "the provider in the router's region",
+        base: format!("http://{}", near.http),
+        pid: 0,
+    };
+    let c = suite::chat(&routed, Some(&direct), scale, say);
+    let errors: usize = c.levels.iter().map(|l| l.routed.errors).sum();
+    report.check(
+        "chat load without failures",
+        errors == 0,
+        format!("{errors} routed requests failed with every provider up"),
+    );
+    report.chat = Some(c);
+    Ok(())
+}
+
+/// Placement and residency: a router pinned to each region, against the unpinned one.
+#[allow(clippy::too_many_arguments)]
+fn placement_workload(
+    a: &RunArgs,
+    cluster: &mut Cluster,
+    main: usize,
+    honest: usize,
+    scale: &Scale,
+    report: &mut Report,
+    say: &dyn Fn(&str),
+) -> anyhow::Result<()> {
+    if !wants(a, "placement") {
+        return Ok(());
+    }
+    let regions = cluster.wan.regions().to_vec();
+    let mut pinned = Vec::new();
+    for r in &regions {
+        let i = cluster.add_router(&["--audit-rate", "0", "--allowed-regions", r], honest)?;
+        pinned.push((r.clone(), i));
+    }
+    let p = suite::placement(cluster, main, &pinned, scale, say);
+    let worst = p
+        .pinned
+        .iter()
+        .map(|r| r.in_region_share)
+        .fold(1.0, f64::min);
+    report.check(
+        "residency: pinned work stays in its region",
+        worst >= 1.0,
+        format!(
+            "lowest share of answers from inside the pinned region: {:.0}%",
+            worst * 100.0
+        ),
+    );
+    report.placement = Some(p);
+    for (_, i) in pinned.into_iter().rev() {
+        cluster.remove_router(i);
+    }
+    Ok(())
+}
+
+/// What audits at the default rate cost honest traffic, against a router that never audits.
+#[allow(clippy::too_many_arguments)]
+fn audits_workload(
+    a: &RunArgs,
+    cluster: &mut Cluster,
+    main: usize,
+    honest: usize,
+    timeout: &str,
+    scale: &Scale,
+    report: &mut Report,
+    say: &dyn Fn(&str),
+) -> anyhow::Result<()> {
+    if !wants(a, "audits") {
+        return Ok(());
+    }
+    // The router's default rate (`--audit-rate` 0.05), stated so the report says it.
+    const DEFAULT_AUDIT_RATE: f64 = 0.05;
+    let rate = DEFAULT_AUDIT_RATE.to_string();
+    let auditing = cluster.add_router(
+        &["--audit-rate", &rate, "--attempt-timeout", timeout],
+        honest,
+    )?;
+    let c = suite::audit_cost(cluster, auditing, main, DEFAULT_AUDIT_RATE, scale, say);
+    // A quick run sends a few dozen requests: at a 5 % rate that is one or two audits,
+    // too few for a share to mean anything, so only the full run checks it.
+    if !a.quick {
+        report.check(
+            "audits cost at most 10 % of served tokens",
+            c.audits > 0.0 && c.cost_share <= 0.10,
+            format!(
+                "{:.0} audits scored {:.0} tokens: {:.1} % of {:.0} served",
+                c.audits,
+                c.audit_tokens,
+                100.0 * c.cost_share,
+                c.served_tokens
+            ),
+        );
+    }
+    report.audits = Some(c);
+    cluster.remove_router(auditing);
+    Ok(())
+}
+
+/// One dishonest provider per attack next to the honest ones, behind an auditing router.
+#[allow(clippy::too_many_arguments)]
+fn dishonest_workload(
+    a: &RunArgs,
+    cluster: &mut Cluster,
+    honest: usize,
+    timeout: &str,
+    op: &str,
+    dishonest_faults: &[&str],
+    scale: &Scale,
+    report: &mut Report,
+    say: &dyn Fn(&str),
+) -> anyhow::Result<()> {
+    if !wants(a, "dishonest") {
+        return Ok(());
+    }
+    let rate = scale.audit_rate.to_string();
+    // Honest providers differ in thread count and batch shape, as on a real network
+    // (their logits differ a little): one more with two threads and one sequence, in
+    // full runs (a quick run keeps its time).
+    let shaped = if a.quick {
+        None
+    } else {
+        Some(cluster.add_provider_shaped(op, None, Some((2, 1)))?)
+    };
+    let auditor = cluster.add_router(
+        &["--audit-rate", &rate, "--attempt-timeout", timeout],
+        honest + usize::from(shaped.is_some()),
+    )?;
+    let other = cluster
+        .wan
+        .regions()
+        .iter()
+        .find(|r| **r != op)
+        .cloned()
+        .unwrap_or(op.to_string());
+    // The tampering provider sits next to the router, where placement favours it; the
+    // others alternate between the far region and the router's.
+    let faults: Vec<(&str, &str)> = dishonest_faults
+        .iter()
+        .enumerate()
+        .map(|(i, f)| {
+            (
+                if i.is_multiple_of(2) {
+                    op
+                } else {
+                    other.as_str()
+                },
+                *f,
+            )
+        })
+        .collect();
+    match suite::dishonest(cluster, auditor, &faults, scale, say) {
+        Ok(d) => {
+            report.check(
+                "no honest provider quarantined",
+                d.false_quarantines == 0,
+                format!(
+                    "{} of {} honest providers quarantined",
+                    d.false_quarantines, d.honest
+                ),
+            );
+            let caught = d.providers.iter().filter(|v| v.caught()).count();
+            report.check(
+                "dishonest providers quarantined (a lying auditor: or never given a vote)",
+                caught == d.providers.len(),
+                format!(
+                    "{caught} of {} within {} requests",
+                    d.providers.len(),
+                    d.requests
+                ),
+            );
+            report.dishonest = Some(d);
+        }
+        Err(e) => report.problems.push(format!("dishonest: {e:#}")),
+    }
+    cluster.remove_router(auditor);
+    if let Some(i) = shaped {
+        cluster.kill_provider(i);
+    }
+    Ok(())
+}
+
+/// Providers killed, partitioned and restarted under load.
+#[allow(clippy::too_many_arguments)]
+fn failures_workload(
+    a: &RunArgs,
+    cluster: &mut Cluster,
+    main: usize,
+    scale: &Scale,
+    report: &mut Report,
+    say: &dyn Fn(&str),
+) {
+    if !wants(a, "failures") {
+        return;
+    }
+    match suite::failures(cluster, main, scale, say) {
+        Ok(f) => {
+            for r in &f {
+                report.check(
+                    &format!("every request completes: {}", r.scenario),
+                    r.failed == 0,
+                    format!(
+                        "{} of {} completed, {} retries",
+                        r.completed, r.requests, r.retries
+                    ),
+                );
+                report.check(
+                    &format!("every provider back after: {}", r.scenario),
+                    r.rejoined,
+                    if r.rejoined {
+                        "placed on again within two minutes".into()
+                    } else {
+                        "a provider could not be placed on two minutes later".into()
+                    },
+                );
+            }
+            report.failures = f;
+        }
+        Err(e) => report.problems.push(format!("failures: {e:#}")),
+    }
 }
 
 fn wants(a: &RunArgs, w: &str) -> bool {
