@@ -144,3 +144,21 @@ where
         self.app.call(req)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use axum::serve::Listener;
+
+    /// Connections the API accepts have Nagle's algorithm off, so each streamed event
+    /// leaves when it is written.
+    #[tokio::test]
+    async fn accepted_connections_send_without_delay() {
+        let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = tcp.local_addr().unwrap();
+        let mut listener = super::no_delay(tcp);
+        let client = tokio::spawn(tokio::net::TcpStream::connect(addr));
+        let (io, _) = listener.accept().await;
+        assert!(io.nodelay().unwrap());
+        drop(client.await.unwrap().unwrap());
+    }
+}

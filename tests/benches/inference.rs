@@ -58,6 +58,62 @@ fn rss_mib(pid: u32) -> f64 {
         / 1024.0
 }
 
+/// Chat load on both servers at concurrency 1 to 16, alternating which goes first.
+fn chat(targets: &[Target; 2], max_tokens: u32) -> Vec<serde_json::Value> {
+    println!("\n## Chat completions, {max_tokens} tokens each (same run, same model)\n");
+    println!(
+        "| concurrency | beacon tok/s | llama-server tok/s | ratio | beacon p50 / p99 ms | llama-server p50 / p99 ms | errors |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    let mut loads = Vec::new();
+    for c in [1usize, 4, 8, 16] {
+        let n = (c * 2).max(6);
+        // Alternate the order so neither server always runs on a warmer machine.
+        let (a, b) = if c % 2 == 0 {
+            let a = run_load(&targets[0], c, n, question, max_tokens);
+            let b = run_load(&targets[1], c, n, question, max_tokens);
+            (a, b)
+        } else {
+            let b = run_load(&targets[1], c, n, question, max_tokens);
+            let a = run_load(&targets[0], c, n, question, max_tokens);
+            (a, b)
+        };
+        println!(
+            "| {c} | {:.1} | {:.1} | {:.2}x | {:.0} / {:.0} | {:.0} / {:.0} | {} / {} |",
+            a.tokens_per_second,
+            b.tokens_per_second,
+            a.tokens_per_second / b.tokens_per_second.max(1e-9),
+            a.p50_ms,
+            a.p99_ms,
+            b.p50_ms,
+            b.p99_ms,
+            a.errors,
+            b.errors
+        );
+        loads.push(serde_json::json!({"beacon": a, "llama_server": b}));
+    }
+    loads
+}
+
+/// Each server's resident memory with the model loaded, and beacon-node's own estimate.
+fn memory(targets: &[Target; 2]) -> serde_json::Map<String, serde_json::Value> {
+    println!("\n## Resident memory with the model loaded\n");
+    println!("| server | VmRSS MiB |");
+    println!("|---|---|");
+    let mut mem = serde_json::Map::new();
+    for t in targets {
+        let m = rss_mib(t.pid);
+        println!("| {} | {m:.0} |", t.name);
+        mem.insert(t.name.into(), m.into());
+    }
+    let ps = http("GET", &format!("{}/engines/ps", targets[0].base), None, &[]).json();
+    println!(
+        "\nbeacon-node's own estimate for the model (weights + KV cache): {:.0} MiB",
+        ps[0]["memory_estimate"].as_f64().unwrap_or(0.0) / 1048576.0
+    );
+    mem
+}
+
 fn main() {
     let max_tokens: u32 = std::env::var("BEACON_BENCH_TOKENS")
         .ok()
@@ -126,39 +182,7 @@ fn main() {
     }
 
     let mut report = serde_json::Map::new();
-    println!("\n## Chat completions, {max_tokens} tokens each (same run, same model)\n");
-    println!(
-        "| concurrency | beacon tok/s | llama-server tok/s | ratio | beacon p50 / p99 ms | llama-server p50 / p99 ms | errors |"
-    );
-    println!("|---|---|---|---|---|---|---|");
-    let mut loads = Vec::new();
-    for c in [1usize, 4, 8, 16] {
-        let n = (c * 2).max(6);
-        // Alternate the order so neither server always runs on a warmer machine.
-        let (a, b) = if c % 2 == 0 {
-            let a = run_load(&targets[0], c, n, question, max_tokens);
-            let b = run_load(&targets[1], c, n, question, max_tokens);
-            (a, b)
-        } else {
-            let b = run_load(&targets[1], c, n, question, max_tokens);
-            let a = run_load(&targets[0], c, n, question, max_tokens);
-            (a, b)
-        };
-        println!(
-            "| {c} | {:.1} | {:.1} | {:.2}x | {:.0} / {:.0} | {:.0} / {:.0} | {} / {} |",
-            a.tokens_per_second,
-            b.tokens_per_second,
-            a.tokens_per_second / b.tokens_per_second.max(1e-9),
-            a.p50_ms,
-            a.p99_ms,
-            b.p50_ms,
-            b.p99_ms,
-            a.errors,
-            b.errors
-        );
-        loads.push(serde_json::json!({"beacon": a, "llama_server": b}));
-    }
-    report.insert("chat".into(), loads.into());
+    report.insert("chat".into(), chat(&targets, max_tokens).into());
 
     println!("\n## Same-prefix jobs (shared ~500-token instructions, 24 jobs, concurrency 8)\n");
     println!("| server | wall s | ratio |");
@@ -176,21 +200,7 @@ fn main() {
         serde_json::json!({"beacon": a, "llama_server": b}),
     );
 
-    println!("\n## Resident memory with the model loaded\n");
-    println!("| server | VmRSS MiB |");
-    println!("|---|---|");
-    let mut mem = serde_json::Map::new();
-    for t in &targets {
-        let m = rss_mib(t.pid);
-        println!("| {} | {m:.0} |", t.name);
-        mem.insert(t.name.into(), m.into());
-    }
-    let ps = http("GET", &format!("{}/engines/ps", targets[0].base), None, &[]).json();
-    println!(
-        "\nbeacon-node's own estimate for the model (weights + KV cache): {:.0} MiB",
-        ps[0]["memory_estimate"].as_f64().unwrap_or(0.0) / 1048576.0
-    );
-    report.insert("memory_mib".into(), mem.into());
+    report.insert("memory_mib".into(), memory(&targets).into());
 
     let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
     std::fs::create_dir_all(&out).unwrap();

@@ -23,31 +23,8 @@ fn main() {
     let registry = Registry::start();
     let work = tempfile::tempdir().unwrap();
 
-    // A valid GGUF header followed by incompressible pseudo-random bytes.
     let gguf = work.path().join("big.gguf");
-    let mut bytes = write_header(
-        &[
-            ("general.architecture".into(), Value::Str("llama".into())),
-            ("general.file_type".into(), Value::U32(7)),
-        ],
-        &[TensorInfo {
-            name: "w".into(),
-            dims: vec![(mib as u64) << 20],
-            ggml_type: 24,
-            offset: 0,
-        }],
-    );
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    bytes.reserve(mib << 20);
-    for _ in 0..(mib << 17) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        bytes.extend_from_slice(&x.to_le_bytes());
-    }
-    std::fs::write(&gguf, &bytes).unwrap();
-    let digest = sha256_file(&gguf);
-    drop(bytes);
+    let digest = big_gguf(&gguf, mib);
     let reference = format!("{}/bench/big:1", registry.host());
     NodeCli::new().ok(&[
         "model",
@@ -104,6 +81,50 @@ fn main() {
         assert!(st.success());
         t.elapsed().as_secs_f64()
     });
+    print_table(mib, beacon, skopeo, curl);
+    let json = serde_json::json!({
+        "blob_mib": mib, "runs": runs,
+        "seconds": {"beacon": beacon, "skopeo": skopeo, "curl": curl},
+        "ratio_vs_skopeo": skopeo / beacon, "ratio_vs_curl": curl / beacon,
+    });
+    let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(
+        out.join("pull.json"),
+        serde_json::to_string_pretty(&json).unwrap(),
+    )
+    .unwrap();
+}
+
+/// Writes a valid GGUF header followed by `mib` MiB of incompressible pseudo-random bytes
+/// to `gguf`; returns its digest.
+fn big_gguf(gguf: &std::path::Path, mib: usize) -> String {
+    let mut bytes = write_header(
+        &[
+            ("general.architecture".into(), Value::Str("llama".into())),
+            ("general.file_type".into(), Value::U32(7)),
+        ],
+        &[TensorInfo {
+            name: "w".into(),
+            dims: vec![(mib as u64) << 20],
+            ggml_type: 24,
+            offset: 0,
+        }],
+    );
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    bytes.reserve(mib << 20);
+    for _ in 0..(mib << 17) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        bytes.extend_from_slice(&x.to_le_bytes());
+    }
+    std::fs::write(gguf, &bytes).unwrap();
+    sha256_file(gguf)
+}
+
+/// The three tools' times and throughputs, and the ratios.
+fn print_table(mib: usize, beacon: f64, skopeo: f64, curl: f64) {
     let mbps = |s: f64| mib as f64 / s;
     println!("{:<28} {:>9} {:>10}", "tool", "seconds", "MiB/s");
     println!(
@@ -126,18 +147,6 @@ fn main() {
     );
     println!("ratio beacon/skopeo throughput: {:.2}x", skopeo / beacon);
     println!("ratio beacon/curl throughput:   {:.2}x", curl / beacon);
-    let json = serde_json::json!({
-        "blob_mib": mib, "runs": runs,
-        "seconds": {"beacon": beacon, "skopeo": skopeo, "curl": curl},
-        "ratio_vs_skopeo": skopeo / beacon, "ratio_vs_curl": curl / beacon,
-    });
-    let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
-    std::fs::create_dir_all(&out).unwrap();
-    std::fs::write(
-        out.join("pull.json"),
-        serde_json::to_string_pretty(&json).unwrap(),
-    )
-    .unwrap();
 }
 
 fn median(runs: usize, mut f: impl FnMut() -> f64) -> f64 {

@@ -50,6 +50,45 @@ fn free_addr() -> anyhow::Result<SocketAddr> {
     Ok(SocketAddr::from((Ipv4Addr::LOCALHOST, port)))
 }
 
+/// llama-server with `parallel` sequences of `CTX_PER_SEQUENCE` tokens, once its health
+/// says ok.
+fn start_llama_server(
+    llama_server: &Path,
+    model: &Path,
+    parallel: usize,
+    p: &str,
+    t: &str,
+    dir: &Path,
+) -> anyhow::Result<(Proc, SocketAddr)> {
+    let llama_addr = free_addr()?;
+    let llama_log = dir.join("llama-server.log");
+    let total_ctx = (parallel * CTX_PER_SEQUENCE).to_string();
+    let llama = Proc::spawn(
+        Command::new(llama_server)
+            .arg("-m")
+            .arg(model)
+            .args(["--host", "127.0.0.1", "--port"])
+            .arg(llama_addr.port().to_string())
+            .args(["-np", p, "-c", &total_ctx, "-t", t, "-tb", t, "--no-webui"]),
+        &llama_log,
+    )
+    .with_context(|| format!("starting {}", llama_server.display()))?;
+    // llama-server answers 503 while it loads: wait for its health to say ok.
+    let healthy = (0..240).any(|_| {
+        let ok = crate::http::http("GET", &format!("http://{llama_addr}/health"), None, &[]).status
+            == 200;
+        if !ok {
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        ok
+    });
+    if !healthy {
+        let log = std::fs::read_to_string(&llama_log).unwrap_or_default();
+        bail!("llama-server did not become healthy:\n{}", tail(&log, 20));
+    }
+    Ok((llama, llama_addr))
+}
+
 /// Measures both servers at each concurrency in `levels`, `per_client` requests per client
 /// (at least 6), alternating which goes first.
 #[allow(clippy::too_many_arguments)]
@@ -100,45 +139,11 @@ pub fn run(
         &node_log,
     )
     .context("starting beacon-node")?;
-    let llama_addr = free_addr()?;
-    let llama_log = data.path().join("llama-server.log");
-    let total_ctx = (parallel * CTX_PER_SEQUENCE).to_string();
-    let _llama = Proc::spawn(
-        Command::new(llama_server)
-            .arg("-m")
-            .arg(model)
-            .args(["--host", "127.0.0.1", "--port"])
-            .arg(llama_addr.port().to_string())
-            .args([
-                "-np",
-                &p,
-                "-c",
-                &total_ctx,
-                "-t",
-                &t,
-                "-tb",
-                &t,
-                "--no-webui",
-            ]),
-        &llama_log,
-    )
-    .with_context(|| format!("starting {}", llama_server.display()))?;
+    let (_llama, llama_addr) =
+        start_llama_server(llama_server, model, parallel, &p, &t, data.path())?;
     if !wait_for_http(node_addr, "/healthz", Duration::from_secs(60)) {
         let log = std::fs::read_to_string(&node_log).unwrap_or_default();
         bail!("beacon-node did not start:\n{}", tail(&log, 20));
-    }
-    // llama-server answers 503 while it loads: wait for its health to say ok.
-    let healthy = (0..240).any(|_| {
-        let ok = crate::http::http("GET", &format!("http://{llama_addr}/health"), None, &[]).status
-            == 200;
-        if !ok {
-            std::thread::sleep(Duration::from_millis(500));
-        }
-        ok
-    });
-    if !healthy {
-        let log = std::fs::read_to_string(&llama_log).unwrap_or_default();
-        bail!("llama-server did not become healthy:\n{}", tail(&log, 20));
     }
     let targets = [
         Target {

@@ -148,6 +148,8 @@ pub async fn chat(
         return sample;
     }
     let mut pending = Vec::new();
+    // Text events seen: the token count when a server reports no usage in its stream.
+    let mut deltas = 0;
     loop {
         match r.chunk().await {
             Ok(Some(bytes)) => {
@@ -156,7 +158,7 @@ pub async fn chat(
                     let line: Vec<u8> = pending.drain(..=end).collect();
                     if let Some(data) = String::from_utf8_lossy(&line).trim().strip_prefix("data: ")
                     {
-                        event(&mut sample, data, start);
+                        deltas += u64::from(event(&mut sample, data, start));
                     }
                 }
             }
@@ -168,13 +170,16 @@ pub async fn chat(
         }
     }
     sample.ms = start.elapsed().as_secs_f64() * 1000.0;
+    if sample.completion_tokens == 0 {
+        sample.completion_tokens = deltas;
+    }
     sample
 }
 
-/// Reads one `data:` event of a chat stream into `sample`.
-fn event(sample: &mut Sample, data: &str, start: Instant) {
+/// Reads one `data:` event of a chat stream into `sample`; whether it carried text.
+fn event(sample: &mut Sample, data: &str, start: Instant) -> bool {
     let Ok(v) = serde_json::from_str::<Value>(data) else {
-        return; // `[DONE]`
+        return false; // `[DONE]`
     };
     if let Some(e) = v.get("error") {
         sample.error = Some(e["message"].as_str().unwrap_or("error event").to_string());
@@ -194,6 +199,7 @@ fn event(sample: &mut Sample, data: &str, start: Instant) {
         sample.attempts = b["attempts"].as_u64().unwrap_or(1);
         sample.hedged = b["hedged"].as_bool().unwrap_or(false);
     }
+    !text.is_empty()
 }
 
 /// `requests` requests from `concurrency` closed-loop clients; `make(i)` gives request i's

@@ -43,6 +43,68 @@ pub struct Corpus {
     pub questions: Vec<(String, Vec<String>)>,
 }
 
+// The generated report's vocabulary.
+const SUBJECTS: [&str; 12] = [
+    "Crane maintenance",
+    "Berth scheduling",
+    "Night shifts",
+    "Yard congestion",
+    "Pilotage",
+    "Tug availability",
+    "Lease income",
+    "Debt service",
+    "Operating costs",
+    "Insurance premiums",
+    "Dredging works",
+    "Staff training",
+];
+const VERBS: [&str; 6] = [
+    "was reviewed by",
+    "was discussed with",
+    "was reported to",
+    "was audited by",
+    "was planned together with",
+    "remained a priority for",
+];
+const BODIES: [&str; 6] = [
+    "the harbour board",
+    "the safety committee",
+    "the terminal operators",
+    "external auditors",
+    "the city council",
+    "the regional transport office",
+];
+const ENDINGS: [&str; 5] = [
+    "with no major findings",
+    "and the results were published internally",
+    "although several minor issues were noted",
+    "in line with the previous year",
+    "and a follow-up was scheduled for the next quarter",
+];
+const SECTIONS: [&str; 5] = [
+    "OPERATIONS",
+    "FINANCE",
+    "PEOPLE",
+    "INFRASTRUCTURE",
+    "OUTLOOK",
+];
+const NAMES: [&str; 6] = ["Ana", "Tomas", "Ingrid", "Kofi", "Mei", "Rafael"];
+const SURNAMES: [&str; 6] = [
+    "Okafor",
+    "Lindqvist",
+    "Moreau",
+    "Tanaka",
+    "Castillo",
+    "Brennan",
+];
+const TERMINALS: [&str; 5] = [
+    "Eastern Basin",
+    "Harbour Gate",
+    "Pier Seven",
+    "Riverside",
+    "Old Mole",
+];
+
 impl Corpus {
     /// The report's first `chars` characters (cut at a paragraph) and the first `questions`
     /// questions whose facts lie inside them.
@@ -103,66 +165,6 @@ impl Corpus {
     /// planted at seeded places, one per question. The same seed gives the same text; a
     /// report longer than the supervisor's context is one that remote-only cannot ask.
     pub fn generated(chars: usize, seed: u64) -> Corpus {
-        const SUBJECTS: [&str; 12] = [
-            "Crane maintenance",
-            "Berth scheduling",
-            "Night shifts",
-            "Yard congestion",
-            "Pilotage",
-            "Tug availability",
-            "Lease income",
-            "Debt service",
-            "Operating costs",
-            "Insurance premiums",
-            "Dredging works",
-            "Staff training",
-        ];
-        const VERBS: [&str; 6] = [
-            "was reviewed by",
-            "was discussed with",
-            "was reported to",
-            "was audited by",
-            "was planned together with",
-            "remained a priority for",
-        ];
-        const BODIES: [&str; 6] = [
-            "the harbour board",
-            "the safety committee",
-            "the terminal operators",
-            "external auditors",
-            "the city council",
-            "the regional transport office",
-        ];
-        const ENDINGS: [&str; 5] = [
-            "with no major findings",
-            "and the results were published internally",
-            "although several minor issues were noted",
-            "in line with the previous year",
-            "and a follow-up was scheduled for the next quarter",
-        ];
-        const SECTIONS: [&str; 5] = [
-            "OPERATIONS",
-            "FINANCE",
-            "PEOPLE",
-            "INFRASTRUCTURE",
-            "OUTLOOK",
-        ];
-        const NAMES: [&str; 6] = ["Ana", "Tomas", "Ingrid", "Kofi", "Mei", "Rafael"];
-        const SURNAMES: [&str; 6] = [
-            "Okafor",
-            "Lindqvist",
-            "Moreau",
-            "Tanaka",
-            "Castillo",
-            "Brennan",
-        ];
-        const TERMINALS: [&str; 5] = [
-            "Eastern Basin",
-            "Harbour Gate",
-            "Pier Seven",
-            "Riverside",
-            "Old Mole",
-        ];
         let mut r = Seeded(seed);
         let tonnes = format!("{}.{}", 10 + r.below(40), 1 + r.below(9));
         let revenue = format!("{}.{}", 50 + r.below(40), 1 + r.below(9));
@@ -329,6 +331,75 @@ fn contains_any(answer: &str, expect: &[String]) -> bool {
     expect.iter().any(|e| a.contains(e.as_str()))
 }
 
+impl MinionsResult {
+    /// Counts an answered question in the totals.
+    fn add(&mut self, q: &Question) {
+        self.completed += 1;
+        self.correct += q.correct as usize;
+        self.remote_only_correct += q.remote_only_correct as usize;
+        self.evidence_recalled += q.evidence_recall as usize;
+        self.findings += q.findings;
+        self.grounded += q.grounded;
+        self.remote_tokens += q.remote_tokens;
+        self.remote_only_tokens += q.remote_only_tokens;
+        self.local_tokens += q.local_tokens;
+        self.local_prompt_tokens += q.local_prompt_tokens;
+        self.local_cached_tokens += q.local_cached_tokens;
+        self.minions_s += q.minions_ms / 1000.0;
+        self.remote_only_s += q.remote_only_ms / 1000.0;
+        self.jobs += q.jobs;
+        self.unverified_jobs += q.jobs - q.verified;
+    }
+}
+
+/// What one MinionS answer `v` says: the answer and whether it is right, the evidence,
+/// tokens, times and jobs (counted per region in `regions` too).
+fn read_answer(
+    one: &mut Question,
+    v: &Value,
+    expect: &[String],
+    regions: &mut BTreeMap<String, usize>,
+) {
+    let u = &v["usage"];
+    one.answer = v["answer"].as_str().unwrap_or_default().to_string();
+    one.correct = contains_any(&one.answer, expect);
+    let evidence = v["evidence"].as_array().cloned().unwrap_or_default();
+    one.evidence_recall = evidence.iter().any(|e| {
+        contains_any(e["citation"].as_str().unwrap_or_default(), expect)
+            || contains_any(e["answer"].as_str().unwrap_or_default(), expect)
+    });
+    one.findings = v["grounding"]["findings"].as_u64().unwrap_or(0);
+    one.grounded = v["grounding"]["grounded"].as_u64().unwrap_or(0);
+    one.fallbacks = v["notes"].as_array().map_or(0, Vec::len);
+    one.rounds = v["rounds"].as_u64().unwrap_or(0);
+    one.remote_tokens = u["remote"]["total_tokens"].as_u64().unwrap_or(0);
+    one.local_tokens = u["local"]["total_tokens"].as_u64().unwrap_or(0);
+    one.local_prompt_tokens = u["local"]["prompt_tokens"].as_u64().unwrap_or(0);
+    one.local_cached_tokens = u["local"]["cached_prompt_tokens"].as_u64().unwrap_or(0);
+    one.remote_only_answer = u["remote_only"]["answer"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    one.remote_only_correct = contains_any(&one.remote_only_answer, expect);
+    one.remote_only_tokens = u["remote_only"]["total_tokens"].as_u64().unwrap_or(0);
+    one.remote_only_ms = u["remote_only"]["ms"].as_f64().unwrap_or(0.0);
+    one.minions_ms = v["timing"]["total_ms"].as_f64().unwrap_or(0.0) - one.remote_only_ms;
+    let jobs = v["jobs"].as_array().cloned().unwrap_or_default();
+    one.jobs = jobs.len();
+    one.verified = jobs.iter().filter(|j| j["verified"] == true).count();
+    one.retried = jobs
+        .iter()
+        .filter(|j| j["attempts"].as_u64().unwrap_or(1) > 1)
+        .count();
+    let mut mine: BTreeMap<String, usize> = BTreeMap::new();
+    for j in &jobs {
+        let r = j["region"].as_str().unwrap_or("?").to_string();
+        *mine.entry(r.clone()).or_insert(0) += 1;
+        *regions.entry(r).or_insert(0) += 1;
+    }
+    one.jobs_by_region = mine.into_iter().collect();
+}
+
 /// Asks every question of `corpus` as a MinionS job through the router at `router` (which
 /// has the supervisor configured), with the remote-only baseline run by the same job.
 pub fn run(
@@ -391,44 +462,7 @@ pub fn run(
             out.questions.push(one);
             continue;
         }
-        let u = &v["usage"];
-        one.answer = v["answer"].as_str().unwrap_or_default().to_string();
-        one.correct = contains_any(&one.answer, expect);
-        let evidence = v["evidence"].as_array().cloned().unwrap_or_default();
-        one.evidence_recall = evidence.iter().any(|e| {
-            contains_any(e["citation"].as_str().unwrap_or_default(), expect)
-                || contains_any(e["answer"].as_str().unwrap_or_default(), expect)
-        });
-        one.findings = v["grounding"]["findings"].as_u64().unwrap_or(0);
-        one.grounded = v["grounding"]["grounded"].as_u64().unwrap_or(0);
-        one.fallbacks = v["notes"].as_array().map_or(0, Vec::len);
-        one.rounds = v["rounds"].as_u64().unwrap_or(0);
-        one.remote_tokens = u["remote"]["total_tokens"].as_u64().unwrap_or(0);
-        one.local_tokens = u["local"]["total_tokens"].as_u64().unwrap_or(0);
-        one.local_prompt_tokens = u["local"]["prompt_tokens"].as_u64().unwrap_or(0);
-        one.local_cached_tokens = u["local"]["cached_prompt_tokens"].as_u64().unwrap_or(0);
-        one.remote_only_answer = u["remote_only"]["answer"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string();
-        one.remote_only_correct = contains_any(&one.remote_only_answer, expect);
-        one.remote_only_tokens = u["remote_only"]["total_tokens"].as_u64().unwrap_or(0);
-        one.remote_only_ms = u["remote_only"]["ms"].as_f64().unwrap_or(0.0);
-        one.minions_ms = v["timing"]["total_ms"].as_f64().unwrap_or(0.0) - one.remote_only_ms;
-        let jobs = v["jobs"].as_array().cloned().unwrap_or_default();
-        one.jobs = jobs.len();
-        one.verified = jobs.iter().filter(|j| j["verified"] == true).count();
-        one.retried = jobs
-            .iter()
-            .filter(|j| j["attempts"].as_u64().unwrap_or(1) > 1)
-            .count();
-        let mut mine: BTreeMap<String, usize> = BTreeMap::new();
-        for j in &jobs {
-            let r = j["region"].as_str().unwrap_or("?").to_string();
-            *mine.entry(r.clone()).or_insert(0) += 1;
-            *regions.entry(r).or_insert(0) += 1;
-        }
-        one.jobs_by_region = mine.into_iter().collect();
+        read_answer(&mut one, &v, expect, &mut regions);
         say(&format!(
             "minions [{}/{}] {} (fact {}in the evidence) in {:.0} s, {} remote tokens (remote-only {} in {:.0} s, {}); {} jobs, {} verified",
             i + 1,
@@ -448,21 +482,7 @@ pub fn run(
             one.verified
         ));
         one.raw = v;
-        out.completed += 1;
-        out.correct += one.correct as usize;
-        out.remote_only_correct += one.remote_only_correct as usize;
-        out.evidence_recalled += one.evidence_recall as usize;
-        out.findings += one.findings;
-        out.grounded += one.grounded;
-        out.remote_tokens += one.remote_tokens;
-        out.remote_only_tokens += one.remote_only_tokens;
-        out.local_tokens += one.local_tokens;
-        out.local_prompt_tokens += one.local_prompt_tokens;
-        out.local_cached_tokens += one.local_cached_tokens;
-        out.minions_s += one.minions_ms / 1000.0;
-        out.remote_only_s += one.remote_only_ms / 1000.0;
-        out.jobs += one.jobs;
-        out.unverified_jobs += one.jobs - one.verified;
+        out.add(&one);
         out.questions.push(one);
     }
     out.jobs_by_region = regions.into_iter().collect();

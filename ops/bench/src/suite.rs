@@ -599,6 +599,55 @@ impl Verdict {
     }
 }
 
+impl Verdict {
+    /// Provider `i`'s verdict before any request.
+    fn of(cluster: &Cluster, i: usize) -> Self {
+        Verdict {
+            name: cluster.providers[i].name.clone(),
+            fault: cluster.providers[i].fault.clone().unwrap_or_default(),
+            ..Verdict::default()
+        }
+    }
+}
+
+/// One provider per (region, fault), started and named in the log.
+fn add_attackers(
+    cluster: &mut Cluster,
+    faults: &[(&str, &str)],
+    say: &dyn Fn(&str),
+) -> anyhow::Result<Vec<usize>> {
+    let mut bad = Vec::new();
+    for (region, fault) in faults {
+        let i = cluster.add_provider(region, Some(fault))?;
+        say(&format!(
+            "dishonest provider {} ({fault}) up in {region}",
+            cluster.providers[i].name
+        ));
+        bad.push(i);
+    }
+    Ok(bad)
+}
+
+/// What the router's record says each dishonest provider did as an auditor: votes cast,
+/// reference checks and how many it got wrong.
+fn votes(
+    router: &crate::cluster::Router,
+    cluster: &Cluster,
+    bad: &[usize],
+    verdicts: &mut [Verdict],
+) {
+    let listed = router.providers();
+    for (v, &i) in verdicts.iter_mut().zip(bad) {
+        let id = cluster.providers[i].peer_id.as_str();
+        if let Some(p) = listed.iter().find(|p| p["peer_id"].as_str() == Some(id)) {
+            let n = |k: &str| p["stats"][k].as_u64().unwrap_or(0);
+            v.votes_cast = n("votes_agreed") + n("outvoted");
+            v.reference_checks = n("reference_checks");
+            v.reference_wrong = n("reference_wrong");
+        }
+    }
+}
+
 pub fn dishonest(
     cluster: &mut Cluster,
     r: usize,
@@ -621,15 +670,7 @@ pub fn dishonest(
     say(&format!(
         "dishonest: {established} of {honest} honest providers past probation after {warmup} requests"
     ));
-    let mut bad = Vec::new();
-    for (region, fault) in faults {
-        let i = cluster.add_provider(region, Some(fault))?;
-        say(&format!(
-            "dishonest provider {} ({fault}) up in {region}",
-            cluster.providers[i].name
-        ));
-        bad.push(i);
-    }
+    let bad = add_attackers(cluster, faults, say)?;
     let all = cluster.providers.iter().filter(|p| p.alive()).count();
     let router = &cluster.routers[r];
     // Wait until the router sees every provider, the dishonest ones included.
@@ -642,14 +683,7 @@ pub fn dishonest(
         base: router.url(""),
         pid: 0,
     };
-    let mut verdicts: Vec<Verdict> = bad
-        .iter()
-        .map(|&i| Verdict {
-            name: cluster.providers[i].name.clone(),
-            fault: cluster.providers[i].fault.clone().unwrap_or_default(),
-            ..Verdict::default()
-        })
-        .collect();
+    let mut verdicts: Vec<Verdict> = bad.iter().map(|&i| Verdict::of(cluster, i)).collect();
     let start = Instant::now();
     let mut sent = 0;
     let quarantined = |id: &str| {
@@ -690,16 +724,7 @@ pub fn dishonest(
         .map(|p| p.peer_id.as_str())
         .collect();
     let false_q = honest.iter().filter(|id| quarantined(id)).count();
-    let listed = router.providers();
-    for (v, &i) in verdicts.iter_mut().zip(&bad) {
-        let id = cluster.providers[i].peer_id.as_str();
-        if let Some(p) = listed.iter().find(|p| p["peer_id"].as_str() == Some(id)) {
-            let n = |k: &str| p["stats"][k].as_u64().unwrap_or(0);
-            v.votes_cast = n("votes_agreed") + n("outvoted");
-            v.reference_checks = n("reference_checks");
-            v.reference_wrong = n("reference_wrong");
-        }
-    }
+    votes(router, cluster, &bad, &mut verdicts);
     for v in verdicts.iter().filter(|v| !v.caught()) {
         say(&format!(
             "{} ({}) NOT quarantined within {sent} requests",
