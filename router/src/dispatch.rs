@@ -189,9 +189,9 @@ pub struct Outcome {
 /// Runs subtasks; cheap to clone.
 #[derive(Clone)]
 pub struct Dispatcher {
-    pub client: DataClient,
-    pub directory: RouterDirectory,
-    pub config: DispatchConfig,
+    client: DataClient,
+    directory: RouterDirectory,
+    config: DispatchConfig,
     /// Per provider: the slots its semaphore was made for, and the semaphore.
     limits: Arc<Mutex<HashMap<PeerId, Limit>>>,
     /// Requests this router has in flight per provider (adverts lag behind).
@@ -396,6 +396,29 @@ impl Dispatcher {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// The digest `reference` names on this router: its pin, else what the network's
+    /// adverts say (see [`RouterDirectory::resolve_model`]).
+    pub fn resolve_model(&self, reference: &str) -> Option<Digest> {
+        self.directory.resolve_model(reference)
+    }
+
+    /// The models the network serves: name → (digest, providers).
+    pub fn models(&self) -> std::collections::BTreeMap<String, (Digest, usize)> {
+        self.directory.models()
+    }
+
+    /// Every provider in the directory, as `/v1/providers` shows it.
+    pub fn providers(&self) -> Vec<crate::directory::ProviderInfo> {
+        self.directory.providers()
+    }
+
+    /// This dispatcher with at least `rate` as its audit rate: a job may ask for more
+    /// audits, never fewer.
+    pub fn with_audit_rate_at_least(mut self, rate: f64) -> Self {
+        self.config.audit_rate = self.config.audit_rate.max(rate);
+        self
     }
 
     /// Audits passed and failed since the router started.

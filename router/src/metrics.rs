@@ -235,7 +235,7 @@ impl fmt::Debug for Live {
 
 impl Collector for Live {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
-        let providers = self.dispatcher.directory.providers();
+        let providers = self.dispatcher.providers();
         let quarantined = providers.iter().filter(|p| p.quarantined).count();
         let (passed, failed) = self.dispatcher.audit_counts();
         let jobs = self

@@ -47,11 +47,10 @@ struct RunArgs {
     /// Where the report goes (default: bench-results/<unix time>).
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Workloads to run, comma-separated (engine, chat, minions, placement, audits,
-    /// dishonest, failures).
+    /// Workloads to run, comma-separated (default: all).
     /// With --router: chat unless minions is named.
-    #[arg(long, value_delimiter = ',')]
-    only: Vec<String>,
+    #[arg(long, value_delimiter = ',', value_enum)]
+    only: Vec<Workload>,
     /// Benchmark a deployed router at this base URL instead (chat load only).
     #[arg(long)]
     router: Option<String>,
@@ -289,7 +288,7 @@ fn remote(a: &RunArgs, url: &str, scale: &Scale, report: &mut Report, say: &dyn 
     report.setup.router = Some(routed.base.clone());
     report.setup.direct = direct.as_ref().map(|d| d.base.clone());
     // A deployed router may have no supervisor: MinionS runs when asked for by name.
-    if a.only.iter().any(|o| o == "minions") {
+    if a.only.contains(&Workload::Minions) {
         let corpus = Corpus::northport(scale.minions_chars, scale.minions_questions);
         let m = minions::run(
             &routed.base,
@@ -305,7 +304,7 @@ fn remote(a: &RunArgs, url: &str, scale: &Scale, report: &mut Report, say: &dyn 
         report.minions_skipped =
             Some("with --router, MinionS runs only when named (--only chat,minions)".into());
     }
-    if wants(a, "chat") {
+    if wants(a, Workload::Chat) {
         let c = suite::chat(&routed, direct.as_ref(), scale, say);
         let errors: usize = c.levels.iter().map(|l| l.routed.errors).sum();
         report.check(
@@ -533,7 +532,7 @@ fn local(
         .to_string();
 
     chat_workload(a, &cluster, main, &op, scale, report, say)?;
-    if wants(a, "minions") {
+    if wants(a, Workload::Minions) {
         match minions_workload(a, &mut cluster, honest, scale, say) {
             Ok(m) => {
                 minions_checks(report, &m);
@@ -581,7 +580,7 @@ fn engine_workload(
     report: &mut Report,
     say: &dyn Fn(&str),
 ) {
-    if !wants(a, "engine") {
+    if !wants(a, Workload::Engine) {
         return;
     }
     match &a.llama_server {
@@ -633,7 +632,7 @@ fn chat_workload(
     report: &mut Report,
     say: &dyn Fn(&str),
 ) -> anyhow::Result<()> {
-    if !wants(a, "chat") {
+    if !wants(a, Workload::Chat) {
         return Ok(());
     }
     let routed = Target {
@@ -673,7 +672,7 @@ fn placement_workload(
     report: &mut Report,
     say: &dyn Fn(&str),
 ) -> anyhow::Result<()> {
-    if !wants(a, "placement") {
+    if !wants(a, Workload::Placement) {
         return Ok(());
     }
     let regions = cluster.wan.regions().to_vec();
@@ -715,7 +714,7 @@ fn audits_workload(
     report: &mut Report,
     say: &dyn Fn(&str),
 ) -> anyhow::Result<()> {
-    if !wants(a, "audits") {
+    if !wants(a, Workload::Audits) {
         return Ok(());
     }
     // The router's default rate (`--audit-rate` 0.05), stated so the report says it.
@@ -759,7 +758,7 @@ fn dishonest_workload(
     report: &mut Report,
     say: &dyn Fn(&str),
 ) -> anyhow::Result<()> {
-    if !wants(a, "dishonest") {
+    if !wants(a, Workload::Dishonest) {
         return Ok(());
     }
     let rate = scale.audit_rate.to_string();
@@ -839,7 +838,7 @@ fn failures_workload(
     report: &mut Report,
     say: &dyn Fn(&str),
 ) {
-    if !wants(a, "failures") {
+    if !wants(a, Workload::Failures) {
         return;
     }
     match suite::failures(cluster, main, scale, say) {
@@ -869,8 +868,27 @@ fn failures_workload(
     }
 }
 
-fn wants(a: &RunArgs, w: &str) -> bool {
-    a.only.is_empty() || a.only.iter().any(|o| o == w)
+fn wants(a: &RunArgs, w: Workload) -> bool {
+    a.only.is_empty() || a.only.contains(&w)
+}
+
+/// The suite's workloads, as `--only` names them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Workload {
+    /// beacon-node against llama-server, same model and settings.
+    Engine,
+    /// Chat load through the router and direct.
+    Chat,
+    /// MinionS jobs and their remote-only baseline.
+    Minions,
+    /// Placement and residency.
+    Placement,
+    /// What audits cost honest traffic.
+    Audits,
+    /// One dishonest provider per attack.
+    Dishonest,
+    /// Providers killed, partitioned and restarted under load.
+    Failures,
 }
 
 fn main() -> anyhow::Result<()> {

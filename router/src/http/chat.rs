@@ -370,7 +370,7 @@ async fn serve_inner(
 ) -> Result<Response, ApiError> {
     let bytes = read_body(body)?;
     let (body, raw) = parse(&bytes)?;
-    let digest = state.dispatcher.directory.resolve_model(&body.model);
+    let digest = state.dispatcher.resolve_model(&body.model);
     let Some(digest) = digest else {
         let reason = format!("no provider serves {}", body.model);
         return fallback(state, endpoint, &body.model, raw, &reason).await;

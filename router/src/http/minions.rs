@@ -118,12 +118,12 @@ fn resolve(state: &ApiState, r: JobRequest) -> Result<JobSetup, ApiError> {
     let (local_model, local_digest) = local_model(state, &r)?;
     let (base, model, own_supervisor) = supervisor(state, &r)?;
     let policy = job_policy(state, &r)?;
-    let mut dispatcher = state.dispatcher.clone();
     // A job may ask for more audits, never fewer: audits are how the network learns
     // which providers to trust, so no client can turn them off for its jobs.
-    if let Some(a) = r.policy.audit_rate {
-        dispatcher.config.audit_rate = dispatcher.config.audit_rate.max(a);
-    }
+    let dispatcher = match r.policy.audit_rate {
+        Some(a) => state.dispatcher.clone().with_audit_rate_at_least(a),
+        None => state.dispatcher.clone(),
+    };
     let limits = &cfg.limits;
     // Plan calls are remembered per supervisor: its URL and model. A job that sets
     // `plan_retries` is always asked for a plan.
@@ -176,7 +176,7 @@ fn local_model(
     r: &JobRequest,
 ) -> Result<(String, beacon_proto::Digest), ApiError> {
     let cfg = &state.minions;
-    let directory = &state.dispatcher.directory;
+    let directory = &state.dispatcher;
     let local_model = match r.local_model.clone().or_else(|| cfg.local_model.clone()) {
         Some(m) => m,
         None => {

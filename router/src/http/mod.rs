@@ -209,7 +209,6 @@ fn authorised_key(state: &ApiState, req: &Request) -> Option<String> {
 async fn models(State(state): State<ApiState>) -> axum::Json<Value> {
     let data: Vec<Value> = state
         .dispatcher
-        .directory
         .models()
         .into_iter()
         .map(|(name, (digest, n))| json!({"id": name, "object": "model", "owned_by": "beacon", "digest": digest.to_string(), "providers": n}))
@@ -224,7 +223,7 @@ async fn providers(State(state): State<ApiState>) -> axum::Json<Value> {
         .into_iter()
         .map(|(peer, n)| (peer.to_string(), n))
         .collect();
-    let mut list = state.dispatcher.directory.providers();
+    let mut list = state.dispatcher.providers();
     for p in &mut list {
         p.in_flight = running.get(&p.peer_id).copied().unwrap_or(0);
     }
