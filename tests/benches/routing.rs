@@ -22,7 +22,11 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(32);
-    let node = NodeServer::start(&["--parallel", "8", "--keep-alive=-1"]);
+    // Every core for the node's engine (the test harness gives its nodes one thread).
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .to_string();
+    let node = NodeServer::start(&["--parallel", "8", "--keep-alive=-1", "--threads", &threads]);
     let router = RouterServer::start(Some(&node.bootstrap_addr()), &["--audit-rate", "0"]);
     let peer = node.peer_id();
     assert!(wait_until(Duration::from_secs(60), || router
