@@ -75,6 +75,28 @@ fn main() {
         );
         rows.push(serde_json::json!({"direct": d, "routed": r}));
     }
+    let (d, r) = one_token(&targets);
+    // The first node's threads would share the cores with the next two.
+    drop(router);
+    drop(node);
+    let audits = audit_cost(max_tokens);
+    let report = serde_json::json!({
+        "load": rows,
+        "one_token": {"direct": d, "routed": r},
+        "audits": audits,
+    });
+    let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(
+        out.join("routing.json"),
+        serde_json::to_string_pretty(&report).unwrap(),
+    )
+    .unwrap();
+    println!("\nwritten: target/bench/routing.json");
+}
+
+/// The latency the router adds alone: 1-token answers at concurrency 1, direct and routed.
+fn one_token(targets: &[Target; 2]) -> (Load, Load) {
     // Interleaved rounds, so drift on the machine (a warming cache, a busy core) falls on
     // both paths alike.
     println!(
@@ -102,23 +124,7 @@ fn main() {
          streamed requests from an in-process client with kept-alive connections).",
         r.p50_ms - d.p50_ms
     );
-    // The first node's threads would share the cores with the next two.
-    drop(router);
-    drop(node);
-    let audits = audit_cost(max_tokens);
-    let report = serde_json::json!({
-        "load": rows,
-        "one_token": {"direct": d, "routed": r},
-        "audits": audits,
-    });
-    let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
-    std::fs::create_dir_all(&out).unwrap();
-    std::fs::write(
-        out.join("routing.json"),
-        serde_json::to_string_pretty(&report).unwrap(),
-    )
-    .unwrap();
-    println!("\nwritten: target/bench/routing.json");
+    (d, r)
 }
 
 /// The load target of a router's OpenAI API.

@@ -12,11 +12,24 @@ use crate::remote::Remote;
 /// The largest supervisor reply read.
 const MAX_REPLY_BYTES: usize = 4 << 20;
 
+/// What a supervisor call is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Purpose {
+    /// A MinionS plan.
+    Decompose,
+    /// A MinionS round's answer from the evidence.
+    Aggregate,
+    /// The supervisor's turn in a Minion conversation.
+    Supervise,
+    /// The remote-only baseline: the task and every document.
+    RemoteOnly,
+}
+
 /// One remote call, as reported in a job's usage.
 #[derive(Clone, Debug, Serialize)]
 pub struct RemoteCall {
-    /// `decompose`, `aggregate`, `supervise` or `remote_only`.
-    pub purpose: &'static str,
+    pub purpose: Purpose,
     pub round: u32,
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
@@ -99,25 +112,15 @@ impl Supervisor {
         self
     }
 
-    /// One chat call; with `schema`, the reply is constrained to it where the endpoint
-    /// supports `response_format: json_schema` (the caller still validates it).
-    pub async fn chat(
-        &self,
-        messages: &[Msg],
-        schema: Option<(&str, &Value)>,
-        purpose: &'static str,
-        round: u32,
-    ) -> Result<(String, RemoteCall), RemoteError> {
-        self.chat_at(messages, schema, purpose, round, 0.0).await
-    }
-
-    /// [`Supervisor::chat`] at a sampling temperature (retries use one above zero, so a
-    /// deterministic supervisor does not repeat the same invalid reply).
+    /// One chat call at a sampling temperature (retries use one above zero, so a
+    /// deterministic supervisor does not repeat the same invalid reply); with `schema`, the
+    /// reply is constrained to it where the endpoint supports `response_format:
+    /// json_schema` (the caller still validates it).
     pub async fn chat_at(
         &self,
         messages: &[Msg],
         schema: Option<(&str, &Value)>,
-        purpose: &'static str,
+        purpose: Purpose,
         round: u32,
         temperature: f32,
     ) -> Result<(String, RemoteCall), RemoteError> {

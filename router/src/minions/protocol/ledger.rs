@@ -28,18 +28,56 @@ impl Ledger {
         }
     }
 
+    /// Asks the supervisor until `parse` accepts its reply, up to `retries` times more: a
+    /// refused reply goes back into `messages` with the reason as `again` words it (after
+    /// cutting `messages` back to its first `keep` when given: earlier refusals add tokens,
+    /// not help), and `refused` hears of each refusal. `Ok` holds the value, the attempts
+    /// made and the reply; `Err`, once the retries are spent, the last reason and the
+    /// attempts made.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn ask_until_valid<T>(
+        &mut self,
+        sup: &Supervisor,
+        messages: &mut Vec<Msg>,
+        schema: Option<(&str, &Value)>,
+        (purpose, round): (Purpose, u32),
+        (retries, keep): (u32, Option<usize>),
+        mut parse: impl FnMut(&str) -> Result<T, String>,
+        again: impl Fn(&str) -> String,
+        mut refused: impl FnMut(&mut Ledger, u32, &str),
+    ) -> Result<Result<(T, u32, String), (String, u32)>, JobError> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let text = self.ask(sup, messages, schema, purpose, round).await?;
+            let e = match parse(&text) {
+                Ok(v) => return Ok(Ok((v, attempt, text))),
+                Err(e) => e,
+            };
+            refused(self, attempt, &e);
+            if attempt > retries {
+                return Ok(Err((e, attempt)));
+            }
+            if let Some(n) = keep {
+                messages.truncate(n);
+            }
+            messages.push(Msg::assistant(text));
+            messages.push(Msg::user(again(&e)));
+        }
+    }
+
     pub(super) async fn ask(
         &mut self,
         sup: &Supervisor,
         messages: &[Msg],
         schema: Option<(&str, &Value)>,
-        purpose: &'static str,
+        purpose: Purpose,
         round: u32,
     ) -> Result<String, RemoteError> {
         // A conversation that already holds a rejected reply is a retry: sample, so that a
         // deterministic supervisor can answer differently.
-        let retry =
-            messages.iter().filter(|m| m.role == "assistant").count() > 0 && purpose != "supervise";
+        let retry = messages.iter().filter(|m| m.role == "assistant").count() > 0
+            && purpose != Purpose::Supervise;
         let temperature = if retry { 0.7 } else { 0.0 };
         if let Some(b) = &self.budget {
             b.check().map_err(|s| RemoteError::BudgetSpent {
@@ -54,7 +92,7 @@ impl Ledger {
         if let Some(b) = &self.budget {
             b.charge(call.prompt_tokens + call.completion_tokens);
         }
-        if purpose != "remote_only" {
+        if purpose != Purpose::RemoteOnly {
             self.remote_prompt_bytes +=
                 messages.iter().map(|m| m.content.len() as u64).sum::<u64>();
         }
@@ -88,7 +126,7 @@ pub(super) async fn baseline(
     match setup.baseline {
         Baseline::Run => {
             match ledger
-                .ask(&setup.supervisor, &messages, None, "remote_only", 0)
+                .ask(&setup.supervisor, &messages, None, Purpose::RemoteOnly, 0)
                 .await
             {
                 Ok(text) => {

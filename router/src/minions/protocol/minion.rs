@@ -13,55 +13,56 @@ pub(super) async fn supervise(
     last: bool,
 ) -> Result<Turn, JobError> {
     let schema = turn_schema(last);
-    let mut attempt = 0;
-    let turn = loop {
-        attempt += 1;
-        let text = ledger
-            .ask(
-                &setup.supervisor,
-                sup,
-                Some(("minion_turn", &schema)),
-                "supervise",
-                round,
-            )
-            .await?;
-        let parsed = plan::extract_json_object(&text)
-            .ok_or_else(|| "the reply contains no JSON object".to_string())
-            .and_then(|j| serde_json::from_str::<Turn>(j).map_err(|e| e.to_string()))
-            .and_then(|t| match t.decision.as_str() {
-                "final" => Ok(t),
-                "ask" if !last && !t.message.trim().is_empty() => Ok(t),
-                "ask" if last => Err("this is the last turn: the decision must be final".into()),
-                "ask" => Err("an ask needs a message".into()),
-                other => Err(format!("decision must be ask or final, not {other:?}")),
-            });
-        match parsed {
-            Ok(t) => {
-                sup.push(Msg::assistant(text));
-                break t;
-            }
-            Err(e) if attempt > setup.plan_retries => {
-                return Err(JobError::Supervisor {
-                    what: "turn",
-                    attempts: attempt,
-                    error: e,
-                });
-            }
-            Err(e) => {
-                sup.push(Msg::assistant(text));
-                sup.push(Msg::user(format!(
+    let asked = ledger
+        .ask_until_valid(
+            &setup.supervisor,
+            sup,
+            Some(("minion_turn", &schema)),
+            (Purpose::Supervise, round),
+            (setup.plan_retries, None),
+            |text| parse_turn(text, last),
+            |e| {
+                format!(
                     "That reply is not valid: {e}. Reply with one JSON object matching the schema, nothing else."
-                )));
-            }
+                )
+            },
+            |_, _, _| {},
+        )
+        .await?;
+    match asked {
+        Ok((turn, _, text)) => {
+            sup.push(Msg::assistant(text));
+            Ok(turn)
         }
-    };
-    Ok(turn)
+        Err((error, attempts)) => Err(JobError::Supervisor {
+            what: "turn",
+            attempts,
+            error,
+        }),
+    }
 }
 
-pub(super) async fn minion(
-    setup: &JobSetup,
-    ledger: &mut Ledger,
-) -> Result<(String, String, u32), JobError> {
+/// A supervisor's turn: one JSON object, final or asking the worker something (never in
+/// the last turn); why it is not valid otherwise.
+fn parse_turn(text: &str, last: bool) -> Result<Turn, String> {
+    plan::extract_json_object(text)
+        .ok_or_else(|| "the reply contains no JSON object".to_string())
+        .and_then(|j| serde_json::from_str::<Turn>(j).map_err(|e| e.to_string()))
+        .and_then(|t| match t.decision {
+            TurnDecision::Final => Ok(t),
+            TurnDecision::Ask if last => {
+                Err("this is the last turn: the decision must be final".into())
+            }
+            TurnDecision::Ask if t.message.trim().is_empty() => {
+                Err("an ask needs a message".into())
+            }
+            TurnDecision::Ask => Ok(t),
+        })
+}
+
+/// The two conversations as they open: the supervisor's (the task and a description of
+/// the documents) and the worker's (the whole context).
+fn openings(setup: &JobSetup) -> (Vec<Msg>, Vec<ChatMessage>) {
     let context = setup
         .context
         .iter()
@@ -69,7 +70,7 @@ pub(super) async fn minion(
         .map(|(i, d)| format!("Document {i}:\n{d}"))
         .collect::<Vec<_>>()
         .join("\n\n");
-    let mut sup = vec![
+    let sup = vec![
         Msg::system(MINION_SYSTEM),
         Msg::user(format!(
             "Task: {}\n\nThe context:\n{}\n\nYou have {} turn(s). Your first message to the worker?",
@@ -78,16 +79,24 @@ pub(super) async fn minion(
             setup.max_rounds
         )),
     ];
-    let mut worker = vec![ChatMessage {
+    let worker = vec![ChatMessage {
         role: Role::System,
         content: format!(
             "Answer questions about this context, only from it, briefly.\n\n{context}"
         ),
     }];
+    (sup, worker)
+}
+
+pub(super) async fn minion(
+    setup: &JobSetup,
+    ledger: &mut Ledger,
+) -> Result<(String, String, u32), JobError> {
+    let (mut sup, mut worker) = openings(setup);
     for round in 1..=setup.max_rounds {
         let last = round == setup.max_rounds;
         let turn = supervise(setup, ledger, &mut sup, round, last).await?;
-        if turn.decision == "final" {
+        if turn.decision == TurnDecision::Final {
             ledger.emit(Progress::Round {
                 round,
                 decision: "final".into(),

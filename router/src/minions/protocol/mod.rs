@@ -49,7 +49,7 @@ use super::job::{
     Timing, Usage, Verification,
 };
 use super::plan::{self, Chunking, Limits, Plan, PlanError, Strategy, TaskSpec};
-use super::remote::{Msg, RemoteCall, RemoteError, Supervisor};
+use super::remote::{Msg, Purpose, RemoteCall, RemoteError, Supervisor};
 use super::retrieval;
 use crate::dispatch::{DispatchError, Dispatcher, SharedPrefix};
 use crate::placement::Policy;
@@ -118,11 +118,31 @@ struct WorkerOutput {
     answer: Option<Value>,
 }
 
+/// A supervisor's decision after a MinionS round.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum Decision {
+    /// The answer is final.
+    Final,
+    /// Another round, with what the scratchpad carries.
+    More,
+}
+
+/// A supervisor's decision in a Minion conversation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum TurnDecision {
+    /// The answer is final.
+    Final,
+    /// A message for the worker.
+    Ask,
+}
+
 /// What the supervisor returns when aggregating.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Aggregate {
-    decision: String,
+    decision: Decision,
     #[serde(default)]
     answer: String,
     #[serde(default)]
@@ -135,7 +155,7 @@ struct Aggregate {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Turn {
-    decision: String,
+    decision: TurnDecision,
     #[serde(default)]
     message: String,
     #[serde(default)]

@@ -88,53 +88,49 @@ pub(super) async fn decompose(
                 }
             )),
         ];
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let text = ledger
-                .ask(
-                    planner,
-                    &messages,
-                    Some(("minions_plan", &plan_schema)),
-                    "decompose",
-                    round,
-                )
-                .await?;
-            let checked = plan::parse(&text, &limits)
-                .and_then(|mut p| fit_chunks(setup, &mut p).map(|chunks| (p, chunks)));
-            if let Some((record, supervisor)) = &setup.plan_record {
-                record.record(supervisor, checked.is_ok());
-            }
-            match checked {
-                Ok(ok) => break (ok, attempt, false),
-                Err(e) => {
+        let asked = ledger
+            .ask_until_valid(
+                planner,
+                &mut messages,
+                Some(("minions_plan", &plan_schema)),
+                (Purpose::Decompose, round),
+                (setup.plan_retries, Some(2)),
+                |text| {
+                    let checked = plan::parse(text, &limits)
+                        .and_then(|mut p| fit_chunks(setup, &mut p).map(|chunks| (p, chunks)));
+                    if let Some((record, supervisor)) = &setup.plan_record {
+                        record.record(supervisor, checked.is_ok());
+                    }
+                    checked.map_err(|e| e.to_string())
+                },
+                |e| {
+                    format!(
+                        "That plan is not valid: {e}. Reply with a corrected plan: one JSON object matching the schema, nothing else."
+                    )
+                },
+                |ledger, attempt, e| {
                     tracing::info!(round, attempt, error = %e, "supervisor plan rejected");
                     ledger.emit(Progress::PlanRejected {
                         round,
                         attempt,
                         error: e.to_string(),
                     });
-                    if attempt > setup.plan_retries {
-                        let fitted = fitted_default_plan(setup, &limits).map_err(|d| {
-                            JobError::Supervisor {
-                                what: "plan",
-                                attempts: attempt,
-                                error: format!("{e}; nor does the default plan fit: {d}"),
-                            }
-                        })?;
-                        ledger.notes.push(format!(
-                            "round {round}: the supervisor gave no valid plan after {attempt} attempts (last error: {e}); the router's default plan was used"
-                        ));
-                        break (fitted, attempt, true);
-                    }
-                    // The retry shows the last refused plan only: earlier ones add
-                    // tokens, not help.
-                    messages.truncate(2);
-                    messages.push(Msg::assistant(text));
-                    messages.push(Msg::user(format!(
-                        "That plan is not valid: {e}. Reply with a corrected plan: one JSON object matching the schema, nothing else."
-                    )));
-                }
+                },
+            )
+            .await?;
+        match asked {
+            Ok((planned, attempt, _)) => (planned, attempt, false),
+            Err((e, attempt)) => {
+                let fitted =
+                    fitted_default_plan(setup, &limits).map_err(|d| JobError::Supervisor {
+                        what: "plan",
+                        attempts: attempt,
+                        error: format!("{e}; nor does the default plan fit: {d}"),
+                    })?;
+                ledger.notes.push(format!(
+                    "round {round}: the supervisor gave no valid plan after {attempt} attempts (last error: {e}); the router's default plan was used"
+                ));
+                (fitted, attempt, true)
             }
         }
     })
@@ -188,7 +184,7 @@ pub(super) fn parse_aggregate(text: &str, last: bool, quotes: usize) -> Result<A
             Err("the reply is empty".to_string())
         } else {
             Ok(Aggregate {
-                decision: "final".into(),
+                decision: Decision::Final,
                 answer: shorten(answer, 1_000).to_string(),
                 explanation: format!(
                     "From the evidence: {} quote(s) found in the documents, listed with this answer.",
@@ -201,10 +197,6 @@ pub(super) fn parse_aggregate(text: &str, last: bool, quotes: usize) -> Result<A
         plan::extract_json_object(text)
             .ok_or_else(|| "the reply contains no JSON object".to_string())
             .and_then(|j| serde_json::from_str::<Aggregate>(j).map_err(|e| e.to_string()))
-            .and_then(|a| match a.decision.as_str() {
-                "final" | "more" => Ok(a),
-                other => Err(format!("decision must be final or more, not {other:?}")),
-            })
     }
 }
 
@@ -245,46 +237,43 @@ pub(super) async fn aggregate(
             )),
         ]
     };
-    let mut attempt = 0;
-    let agg = loop {
-        attempt += 1;
-        let text = ledger
-            .ask(
-                &setup.supervisor,
-                &messages,
-                (!last).then_some(("minions_aggregate", &schema)),
-                "aggregate",
-                round,
-            )
-            .await?;
-        let parsed = parse_aggregate(&text, last, ledger.evidence.evidence.len());
-        match parsed {
-            Ok(a) => break a,
-            Err(e) if attempt > setup.plan_retries => {
-                // The evidence found most often answers, when there is any.
-                let Some(best) = ledger.evidence.most_seen() else {
-                    return Err(JobError::Supervisor {
-                        what: "aggregation",
-                        attempts: attempt,
-                        error: e,
-                    });
-                };
-                let agg = from_evidence(best);
-                ledger.notes.push(format!(
-                    "round {round}: the supervisor gave no valid aggregation after {attempt} attempts (last error: {e}); the answer is the evidence found most often"
-                ));
-                break agg;
-            }
-            Err(e) => {
-                messages.push(Msg::assistant(text));
-                messages.push(Msg::user(if last {
+    let quotes = ledger.evidence.evidence.len();
+    let asked = ledger
+        .ask_until_valid(
+            &setup.supervisor,
+            &mut messages,
+            (!last).then_some(("minions_aggregate", &schema)),
+            (Purpose::Aggregate, round),
+            (setup.plan_retries, None),
+            |text| parse_aggregate(text, last, quotes),
+            |e| {
+                if last {
                     "Answer the question in one short sentence from the evidence.".to_string()
                 } else {
                     format!(
                         "That reply is not valid: {e}. Reply with one JSON object matching the schema, nothing else."
                     )
-                }));
-            }
+                }
+            },
+            |_, _, _| {},
+        )
+        .await?;
+    let agg = match asked {
+        Ok((agg, _, _)) => agg,
+        Err((e, attempt)) => {
+            // The evidence found most often answers, when there is any.
+            let Some(best) = ledger.evidence.most_seen() else {
+                return Err(JobError::Supervisor {
+                    what: "aggregation",
+                    attempts: attempt,
+                    error: e,
+                });
+            };
+            let agg = from_evidence(best);
+            ledger.notes.push(format!(
+                "round {round}: the supervisor gave no valid aggregation after {attempt} attempts (last error: {e}); the answer is the evidence found most often"
+            ));
+            agg
         }
     };
     Ok(agg)
@@ -297,7 +286,7 @@ pub(super) async fn aggregate(
 pub(super) fn grounded(ledger: &mut Ledger, agg: Aggregate, round: u32, last: bool) -> Aggregate {
     match ledger.evidence.most_seen() {
         Some(best)
-            if (last || agg.decision == "final")
+            if (last || agg.decision == Decision::Final)
                 && (agg.answer.trim().is_empty() || !ledger.evidence.supports(&agg.answer)) =>
         {
             ledger.notes.push(format!(
@@ -349,16 +338,20 @@ pub(super) async fn minions(
         let agg = aggregate(setup, ledger, round, last).await?;
         let agg = grounded(ledger, agg, round, last);
         // The last round is final whatever the supervisor says.
-        let decision = if last { "final" } else { agg.decision.as_str() };
+        let decision = if last { Decision::Final } else { agg.decision };
         let placed = ledger.jobs.iter().filter(|j| j.round == round).count();
         ledger.emit(Progress::Round {
             round,
-            decision: decision.to_string(),
+            decision: match decision {
+                Decision::Final => "final",
+                Decision::More => "more",
+            }
+            .to_string(),
             jobs: placed,
             answered,
             failed: placed.saturating_sub(results.len()),
         });
-        if decision == "final" {
+        if decision == Decision::Final {
             return Ok((agg.answer, agg.explanation, round));
         }
         let mut pad = agg.scratchpad;
@@ -372,7 +365,7 @@ pub(super) async fn minions(
 /// supervisor gave none worth passing on.
 pub(super) fn from_evidence(best: &crate::minions::evidence::Evidence) -> Aggregate {
     Aggregate {
-        decision: "final".into(),
+        decision: Decision::Final,
         answer: best.answer.clone().unwrap_or_else(|| best.citation.clone()),
         explanation: format!(
             "Found in document {} as \"{}\"",
