@@ -184,6 +184,20 @@ pub struct Outcome {
     pub latency_ms: f64,
     /// Whether this result was drawn for an audit (which runs after it is returned).
     pub audited: bool,
+    /// The audit's outcome once it is decided, when the result was drawn for one.
+    pub audit: Option<AuditHandle>,
+}
+
+/// Where an audit's outcome appears once it is decided (it runs after the result is
+/// returned); cheap to clone.
+#[derive(Clone, Debug, Default)]
+pub struct AuditHandle(Arc<std::sync::OnceLock<AuditOutcome>>);
+
+impl AuditHandle {
+    /// The outcome, when the audit has been decided (an inconclusive one never is).
+    pub fn outcome(&self) -> Option<AuditOutcome> {
+        self.0.get().cloned()
+    }
 }
 
 /// Runs subtasks; cheap to clone.
@@ -199,7 +213,6 @@ pub struct Dispatcher {
     /// Recent attempts: (milliseconds, milliseconds per generated token).
     latencies: Arc<Mutex<VecDeque<(f64, f64)>>>,
     /// Recent audit outcomes (bounded) and counts of all of them (passed, failed).
-    audits: Arc<Mutex<VecDeque<(PeerId, AuditOutcome)>>>,
     audit_counts: Arc<Mutex<(u64, u64)>>,
     /// Tokens auditors scored (prompt and claimed output, every vote): the cost of audits.
     audit_tokens: Arc<std::sync::atomic::AtomicU64>,
@@ -251,9 +264,6 @@ struct Limit {
     owed: u32,
 }
 
-/// Audit outcomes kept for lookups (jobs attach theirs when they finish).
-const RECENT_AUDITS: usize = 10_000;
-
 impl Dispatcher {
     pub fn new(client: DataClient, directory: RouterDirectory, config: DispatchConfig) -> Self {
         Dispatcher {
@@ -263,7 +273,6 @@ impl Dispatcher {
             limits: Arc::default(),
             in_flight: Arc::default(),
             latencies: Arc::default(),
-            audits: Arc::default(),
             audit_counts: Arc::default(),
             audit_tokens: Arc::default(),
             references: Arc::default(),
@@ -355,16 +364,6 @@ impl Dispatcher {
             l.pop_front();
         }
         l.push_back((ms, ms / (1.0 + f64::from(completion_tokens))));
-    }
-
-    /// Audit outcomes so far (for the trace and metrics).
-    pub fn audit_log(&self) -> Vec<(PeerId, AuditOutcome)> {
-        self.audits
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .cloned()
-            .collect()
     }
 
     /// Tokens auditors scored since the router started.
@@ -748,10 +747,11 @@ impl Dispatcher {
                     self.observe(ms, result.usage.completion_tokens);
                     self.directory
                         .success(&winner, ms, result.usage.completion_tokens, concurrent);
-                    let audited = self.maybe_audit(request, &result, winner);
+                    let audit = self.maybe_audit(request, &result, winner);
                     self.countersign(winner, winner_addr, &result, &signed);
                     return Ok(Outcome {
-                        audited,
+                        audited: audit.is_some(),
+                        audit,
                         result,
                         signed,
                         provider: winner,
@@ -818,20 +818,25 @@ impl Dispatcher {
     /// random among reputable providers of the same model digest (never by advertised
     /// speed). A failed audit counts against the provider only when a second, independent
     /// auditor agrees; an auditor outvoted by the others loses reputation itself.
-    /// Returns whether an audit was scheduled.
-    fn maybe_audit(&self, request: &InferRequest, result: &InferResult, peer: PeerId) -> bool {
-        let Some(tokens) = result.token_ids.clone() else {
-            return false;
-        };
+    /// Returns where the outcome will appear, when an audit was scheduled.
+    fn maybe_audit(
+        &self,
+        request: &InferRequest,
+        result: &InferResult,
+        peer: PeerId,
+    ) -> Option<AuditHandle> {
+        let tokens = result.token_ids.clone()?;
         let rate = self.directory.audit_rate(&peer, self.config.audit_rate);
         if rate <= 0.0 || unit_draw() >= rate {
-            return false;
+            return None;
         }
         let audit = AuditRequest::of(request, result);
         if self.auditor(&audit.model.digest, &[peer]).is_none() {
             debug!("no second provider to audit with");
-            return false;
+            return None;
         }
+        let handle = AuditHandle::default();
+        let outcome = handle.clone();
         let this = self.clone();
         let request_id = request.request_id;
         let output = result.output.clone();
@@ -846,11 +851,18 @@ impl Dispatcher {
         };
         tokio::spawn(async move {
             let model = audit.model.digest;
-            this.run_audit(peer, request_id, audit, tokens, output, tolerance)
-                .await;
+            this.run_audit(
+                peer,
+                (request_id, outcome),
+                audit,
+                tokens,
+                output,
+                tolerance,
+            )
+            .await;
             this.check_an_auditor(&model).await;
         });
-        true
+        Some(handle)
     }
 
     /// Tests one reputable auditor of `model` with a reference result (a good one or a
@@ -959,10 +971,11 @@ impl Dispatcher {
 
     /// Runs one audit to a decision: up to three independent auditors, stopping as soon
     /// as two agree (or the first passes the result).
+    /// `(request_id, handle)`: the audited request, and where its outcome goes.
     async fn run_audit(
         &self,
         peer: PeerId,
-        request_id: Id,
+        (request_id, handle): (Id, AuditHandle),
         audit: AuditRequest,
         tokens: Vec<u32>,
         output: String,
@@ -1097,21 +1110,14 @@ impl Dispatcher {
                 c.1 += 1;
             }
         }
-        let mut log = self.audits.lock().unwrap_or_else(|p| p.into_inner());
-        if log.len() >= RECENT_AUDITS {
-            log.pop_front();
-        }
-        log.push_back((
-            peer,
-            AuditOutcome {
-                request_id,
-                auditor: auditor.to_string(),
-                passed,
-                agreement: verdict.agreement,
-                auditors: votes.len(),
-                reason: if passed { None } else { verdict.reason },
-            },
-        ));
+        let _ = handle.0.set(AuditOutcome {
+            request_id,
+            auditor: auditor.to_string(),
+            passed,
+            agreement: verdict.agreement,
+            auditors: votes.len(),
+            reason: if passed { None } else { verdict.reason },
+        });
     }
 }
 

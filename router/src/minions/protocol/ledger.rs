@@ -7,8 +7,8 @@ use super::*;
 pub(super) struct Ledger {
     pub(super) calls: Vec<RemoteCall>,
     pub(super) jobs: Vec<JobRecord>,
-    /// The request id of each entry of `jobs`.
-    pub(super) request_ids: Vec<Id>,
+    /// The audit of each entry of `jobs`, when it was drawn for one.
+    pub(super) audits: Vec<Option<AuditHandle>>,
     pub(super) remote_ms: u64,
     pub(super) local_ms: u64,
     /// Bytes of the prompts sent to the supervisor, to calibrate the baseline estimate.
@@ -190,13 +190,9 @@ pub(super) fn finish(
     remote_only: RemoteOnly,
     started: Instant,
 ) -> JobAnswer {
-    // Attach the audits that have finished.
-    let audits = setup.dispatcher.audit_log();
-    for (rec, id) in ledger.jobs.iter_mut().zip(&ledger.request_ids) {
-        rec.audit = audits
-            .iter()
-            .find(|(_, a)| a.request_id == *id)
-            .map(|(_, a)| a.clone());
+    // Attach the audits that have been decided.
+    for (rec, audit) in ledger.jobs.iter_mut().zip(&ledger.audits) {
+        rec.audit = audit.as_ref().and_then(AuditHandle::outcome);
     }
     let mut remote = RemoteUsage {
         calls: std::mem::take(&mut ledger.calls),

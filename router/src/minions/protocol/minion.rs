@@ -147,7 +147,7 @@ pub(super) async fn minion(
         rec.answered_by(&o, !reply.is_empty());
         ledger.emit(Progress::JobFinished(Box::new(rec.clone())));
         ledger.jobs.push(rec);
-        ledger.request_ids.push(request.request_id);
+        ledger.audits.push(o.audit.clone());
         ledger.emit(Progress::Message {
             round,
             from: "worker",

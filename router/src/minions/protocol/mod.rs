@@ -51,7 +51,7 @@ use super::job::{
 use super::plan::{self, Chunking, Limits, Plan, PlanError, Strategy, TaskSpec};
 use super::remote::{Msg, Purpose, RemoteCall, RemoteError, Supervisor};
 use super::retrieval;
-use crate::dispatch::{DispatchError, Dispatcher, SharedPrefix};
+use crate::dispatch::{AuditHandle, DispatchError, Dispatcher, SharedPrefix};
 use crate::placement::Policy;
 use ledger::{Ledger, baseline, finish};
 use minion::minion;
@@ -173,7 +173,7 @@ pub async fn run(
     let mut ledger = Ledger {
         calls: Vec::new(),
         jobs: Vec::new(),
-        request_ids: Vec::new(),
+        audits: Vec::new(),
         remote_ms: 0,
         local_ms: 0,
         remote_prompt_bytes: 0,

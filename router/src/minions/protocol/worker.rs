@@ -43,7 +43,7 @@ pub(super) async fn execute(
                 let r = dispatcher
                     .run_sharing(&request, &policy, None, Some(prefix))
                     .await;
-                (i, request.request_id, r, t0.elapsed().as_millis() as u64)
+                (i, r, t0.elapsed().as_millis() as u64)
             }
         });
     // No more jobs in flight than the eligible providers have slots: extra ones would only
@@ -55,7 +55,7 @@ pub(super) async fn execute(
     let mut stream = futures::stream::iter(runs).buffer_unordered(parallelism);
     let mut out = Vec::new();
     let mut last_error = String::new();
-    while let Some((i, request_id, r, ms)) = stream.next().await {
+    while let Some((i, r, ms)) = stream.next().await {
         let (ti, ci, s) = specs[i];
         let c = &chunks[ci];
         let mut rec = JobRecord::new(
@@ -66,8 +66,11 @@ pub(super) async fn execute(
             s,
             ms,
         );
+        // Audits run in the background; their outcomes are attached at the end.
+        let mut audit = None;
         match r {
             Ok(o) => {
+                audit = o.audit.clone();
                 let parsed = serde_json::from_str::<WorkerOutput>(o.result.output.trim()).ok();
                 let answer = parsed.filter(|w| answer_text(w).is_some());
                 rec.answered_by(&o, answer.is_some());
@@ -91,8 +94,7 @@ pub(super) async fn execute(
         }
         ledger.emit(Progress::JobFinished(Box::new(rec.clone())));
         ledger.jobs.push(rec);
-        // Audits run in the background; their outcomes are attached at the end.
-        ledger.request_ids.push(request_id);
+        ledger.audits.push(audit);
     }
     ledger.local_ms += started.elapsed().as_millis() as u64;
     if out.is_empty() {
