@@ -453,6 +453,31 @@ fn falls_back_to_the_remote_api_with_keys_and_rate_limits() {
     let v = r.json();
     assert_eq!(v["usage"]["completion_tokens"], 3, "{v}");
     assert_eq!(v["choices"].as_array().unwrap().len(), 1, "{v}");
+    // Embeddings, which the network does not serve, go to the remote as they came.
+    let r = http(
+        "POST",
+        &capped.url("/v1/embeddings"),
+        Some(r#"{"model":"ai/smollm2:test","input":["a harbour","a port"]}"#),
+        &[],
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(r.headers.to_lowercase().contains("x-beacon-route: remote"));
+    let v = r.json();
+    assert_eq!(v["data"].as_array().unwrap().len(), 2, "{v}");
+    assert!(
+        v["data"][0]["embedding"].as_array().unwrap().len() > 8,
+        "{v}"
+    );
+    // A model the operator does not offer is refused, saying why.
+    let r = http(
+        "POST",
+        &capped.url("/v1/embeddings"),
+        Some(r#"{"model":"ai/other:1","input":"x"}"#),
+        &[],
+    );
+    assert_eq!(r.status, 404, "{r:?}");
+    assert!(r.body.contains("does not serve embeddings"), "{}", r.body);
+    assert!(r.body.contains("--fallback-models"), "{}", r.body);
     drop(capped);
     // and data kept in a region never leaves for a remote not declared in it.
     for (declared, status) in [(None, 404), (Some("us-east"), 404), (Some("eu-west"), 200)] {

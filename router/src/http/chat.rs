@@ -31,12 +31,27 @@ pub(super) enum Endpoint {
     Completions,
 }
 
-impl Endpoint {
+/// What the remote API is asked for: a generation (its tokens capped by the operator's
+/// limit) or embeddings, which the network does not serve.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Upstream {
+    Generation(Endpoint),
+    Embeddings,
+}
+
+impl From<Endpoint> for Upstream {
+    fn from(e: Endpoint) -> Self {
+        Upstream::Generation(e)
+    }
+}
+
+impl Upstream {
     /// The path under the remote API's base URL.
     fn path(self) -> &'static str {
         match self {
-            Endpoint::Chat => "chat/completions",
-            Endpoint::Completions => "completions",
+            Upstream::Generation(Endpoint::Chat) => "chat/completions",
+            Upstream::Generation(Endpoint::Completions) => "completions",
+            Upstream::Embeddings => "embeddings",
         }
     }
 }
@@ -336,6 +351,33 @@ pub(super) async fn chat(
     serve(state, Endpoint::Chat, body).await
 }
 
+/// `/v1/embeddings`: the network does not serve embeddings yet (a vector cannot be audited
+/// by scoring tokens, as answers are), so a request goes to the remote API where the
+/// operator offers it for the model, else is refused saying so.
+pub(super) async fn embeddings(
+    State(state): State<ApiState>,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Response {
+    state.metrics.requests.inc();
+    let r = async {
+        let bytes = read_body(body)?;
+        let raw: Value = serde_json::from_slice(&bytes)
+            .map_err(|e| ApiError::bad("body", format!("malformed JSON: {e}")))?;
+        let model = raw
+            .get("model")
+            .and_then(Value::as_str)
+            .ok_or_else(|| ApiError::bad("model", "a model is required"))?
+            .to_string();
+        let reason = "the network does not serve embeddings";
+        fallback(&state, Upstream::Embeddings, &model, raw, reason).await
+    }
+    .await;
+    r.unwrap_or_else(|e| {
+        state.metrics.errors.inc();
+        e.into_response()
+    })
+}
+
 pub(super) async fn completions(
     State(state): State<ApiState>,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
@@ -373,13 +415,13 @@ async fn serve_inner(
     let digest = state.dispatcher.resolve_model(&body.model);
     let Some(digest) = digest else {
         let reason = format!("no provider serves {}", body.model);
-        return fallback(state, endpoint, &body.model, raw, &reason).await;
+        return fallback(state, endpoint.into(), &body.model, raw, &reason).await;
     };
     if let Err((field, why)) = unserved(endpoint, &raw)? {
         // The network does not serve it (tools, several choices, log probabilities); the
         // remote API may, when the operator offers it for this model. Never dropped.
         if state.remote.is_some() && fallback_refusal(state, &body.model).is_none() {
-            return fallback(state, endpoint, &body.model, raw, why).await;
+            return fallback(state, endpoint.into(), &body.model, raw, why).await;
         }
         return Err(ApiError::bad(field, why));
     }
@@ -420,7 +462,7 @@ async fn serve_inner(
     let outcome = match state.dispatcher.run(&request, &state.policy, None).await {
         Ok(o) => o,
         Err(DispatchError::NoProvider(reason)) => {
-            return fallback(state, endpoint, &body.model, raw, &reason).await;
+            return fallback(state, endpoint.into(), &body.model, raw, &reason).await;
         }
         Err(e) => return Err(e.into()),
     };
@@ -590,7 +632,7 @@ fn forwarded(mut raw: Value, max_tokens: u64) -> Value {
 /// why it cannot be served.
 async fn fallback(
     state: &ApiState,
-    endpoint: Endpoint,
+    upstream: Upstream,
     model: &str,
     raw: Value,
     reason: &str,
@@ -613,9 +655,13 @@ async fn fallback(
     let url = format!(
         "{}/{}",
         remote.base_url.trim_end_matches('/'),
-        endpoint.path()
+        upstream.path()
     );
-    let raw = forwarded(raw, state.fallback.max_tokens);
+    // An embeddings request has no tokens to cap; it goes as it came.
+    let raw = match upstream {
+        Upstream::Embeddings => raw,
+        Upstream::Generation(_) => forwarded(raw, state.fallback.max_tokens),
+    };
     let mut req = state.http.post(url).json(&raw);
     if let Some(k) = &remote.api_key {
         req = req.bearer_auth(k.expose());

@@ -2,7 +2,8 @@
 //! the listing endpoints here; OpenAI chat completions and the remote fallback in
 //! [`chat`]; MinionS jobs in [`minions`]; every event stream through the one pump in
 //! [`sse`]; and every failure mapped to an OpenAI-shaped response once, in [`error`].
-//! Routes: `POST /v1/chat/completions`, `POST /v1/completions`, `POST /v1/minions`, `GET /v1/models` (the
+//! Routes: `POST /v1/chat/completions`, `POST /v1/completions`, `POST /v1/embeddings`
+//! (remote only), `POST /v1/minions`, `GET /v1/models` (the
 //! network's models), `GET /v1/providers`, `/metrics`, `/healthz`. Bearer API keys with a
 //! per-key rate limit, a body limit.
 
@@ -106,6 +107,7 @@ pub fn router(state: ApiState, max_body: usize) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(chat::chat))
         .route("/v1/completions", post(chat::completions))
+        .route("/v1/embeddings", post(chat::embeddings))
         .route("/v1/minions", post(minions::job))
         .route("/v1/models", get(models))
         .route("/v1/providers", get(providers))
