@@ -9,7 +9,7 @@
 
 use std::time::Duration;
 
-use beacon_tests::bench::{Load, Target, run_load, summarize};
+use beacon_tests::bench::{Load, Target, run_load, run_load_streamed, summarize};
 use beacon_tests::{NodeServer, RouterServer, http, wait_until};
 
 fn question(i: usize) -> serde_json::Value {
@@ -43,7 +43,7 @@ fn main() {
     // Warm-up at the highest concurrency measured: the router learns the node's capacity
     // from answers (slow start), as a router that has been running has.
     for t in &targets {
-        let _ = run_load(t, 8, 24, question, 8);
+        let _ = run_load_streamed(t, 8, 24, question, 8);
     }
     let mut rows = Vec::new();
     println!("\n## Routed vs direct chat ({max_tokens} tokens each, same run, same node)\n");
@@ -54,11 +54,17 @@ fn main() {
     for c in [1usize, 4, 8] {
         let n = (c * 3).max(8);
         let (d, r) = if c % 2 == 0 {
-            let d = run_load(&targets[0], c, n, question, max_tokens);
-            (d, run_load(&targets[1], c, n, question, max_tokens))
+            let d = run_load_streamed(&targets[0], c, n, question, max_tokens);
+            (
+                d,
+                run_load_streamed(&targets[1], c, n, question, max_tokens),
+            )
         } else {
-            let r = run_load(&targets[1], c, n, question, max_tokens);
-            (run_load(&targets[0], c, n, question, max_tokens), r)
+            let r = run_load_streamed(&targets[1], c, n, question, max_tokens);
+            (
+                run_load_streamed(&targets[0], c, n, question, max_tokens),
+                r,
+            )
         };
         println!(
             "| {c} | {:.1} | {:.1} | {:.2}x | {:.0} / {:.0} | {:.0} / {:.0} | {:.0} | {} / {} |",
@@ -105,7 +111,7 @@ fn one_token(targets: &[Target; 2]) -> (Load, Load) {
     let (mut d, mut r) = ((0.0, Vec::new()), (0.0, Vec::new()));
     for _ in 0..4 {
         for (t, acc) in [(&targets[0], &mut d), (&targets[1], &mut r)] {
-            let l = run_load(t, 1, 25, question, 1);
+            let l = run_load_streamed(t, 1, 25, question, 1);
             acc.0 += l.seconds;
             acc.1.extend(l.samples);
         }

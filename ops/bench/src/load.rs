@@ -1,8 +1,9 @@
 //! Closed-loop chat load against an OpenAI-compatible base URL: every request's outcome,
-//! throughput, latency and time-to-first-token percentiles. Requests are streamed from an
+//! throughput, latency and (streamed) time-to-first-token percentiles. Requests go from an
 //! in-process HTTP client (one connection pool, kept-alive connections, no process per
-//! request), so what is measured is the server's time, and the first token is seen when
-//! it arrives. The benchmarks and the suite's workloads share it.
+//! request), so what is measured is the server's time; `run_load_streamed` streams them
+//! and sees the first token when it arrives. The benchmarks and the suite's workloads
+//! share it.
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -97,21 +98,26 @@ fn client() -> reqwest::Client {
         .unwrap_or_default()
 }
 
-/// One streamed chat request to `{base}/v1/chat/completions`.
+/// One chat request to `{base}/v1/chat/completions`: streamed (the time to the first
+/// token is measured) or answered whole (a router retries it on another provider whenever
+/// one fails, which it cannot do for a stream that has sent text).
 pub async fn chat(
     client: &reqwest::Client,
     base: &str,
     messages: Value,
     max_tokens: u32,
+    stream: bool,
 ) -> Sample {
-    let body = serde_json::json!({
+    let mut body = serde_json::json!({
         "model": MODEL,
         "messages": messages,
         "max_tokens": max_tokens,
         "temperature": 0,
-        "stream": true,
-        "stream_options": {"include_usage": true},
+        "stream": stream,
     });
+    if stream {
+        body["stream_options"] = serde_json::json!({"include_usage": true});
+    }
     let start = Instant::now();
     let mut sample = Sample {
         attempts: 1,
@@ -144,6 +150,18 @@ pub async fn chat(
                 .map(str::to_string)
                 .unwrap_or_else(|| text.chars().take(300).collect()),
         );
+        sample.ms = start.elapsed().as_secs_f64() * 1000.0;
+        return sample;
+    }
+    if !stream {
+        match r.json::<Value>().await {
+            Ok(v) => {
+                sample.completion_tokens = v["usage"]["completion_tokens"].as_u64().unwrap_or(0);
+                event(&mut sample, &v.to_string(), start);
+                sample.ttft_ms = None;
+            }
+            Err(e) => sample.error = Some(e.to_string()),
+        }
         sample.ms = start.elapsed().as_secs_f64() * 1000.0;
         return sample;
     }
@@ -214,6 +232,23 @@ pub fn run_load(
     run_load_observed(target, concurrency, requests, make, max_tokens, |_, _| {})
 }
 
+/// [`run_load`] with every request streamed: the time to the first token is measured too.
+pub fn run_load_streamed(
+    target: &Target,
+    concurrency: usize,
+    requests: usize,
+    make: impl Fn(usize) -> serde_json::Value + Sync,
+    max_tokens: u32,
+) -> Load {
+    drive(
+        target,
+        (concurrency, requests),
+        make,
+        (max_tokens, true),
+        |_, _| {},
+    )
+}
+
 /// [`run_load`], calling `seen(done, sample)` after each request (progress, or an event to
 /// inject once a share of the load is done).
 pub fn run_load_observed(
@@ -222,6 +257,23 @@ pub fn run_load_observed(
     requests: usize,
     make: impl Fn(usize) -> serde_json::Value + Sync,
     max_tokens: u32,
+    seen: impl Fn(usize, &Sample) + Sync,
+) -> Load {
+    drive(
+        target,
+        (concurrency, requests),
+        make,
+        (max_tokens, false),
+        seen,
+    )
+}
+
+/// `requests` requests from `concurrency` closed-loop clients on one in-process client.
+fn drive(
+    target: &Target,
+    (concurrency, requests): (usize, usize),
+    make: impl Fn(usize) -> serde_json::Value + Sync,
+    (max_tokens, stream): (u32, bool),
     seen: impl Fn(usize, &Sample) + Sync,
 ) -> Load {
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -243,7 +295,7 @@ pub fn run_load_observed(
                 return;
             }
             let at_s = start.elapsed().as_secs_f64();
-            let mut r = chat(&client, &target.base, make(i), max_tokens).await;
+            let mut r = chat(&client, &target.base, make(i), max_tokens, stream).await;
             r.at_s = at_s;
             let n = done.fetch_add(1, Ordering::SeqCst) + 1;
             seen(n, &r);
