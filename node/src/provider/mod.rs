@@ -323,8 +323,17 @@ impl Provider {
         true
     }
 
-    /// The result signed (or, with `--fault bad-signature`, with a broken signature).
-    fn sign(&self, result: &InferResult) -> Result<Signed<InferResult>, Refusal> {
+    /// The result signed (or, with `--fault bad-signature`, with a broken signature), its
+    /// receipt in the ledger, and a log line.
+    fn sign_and_record(
+        &self,
+        peer: PeerId,
+        request: &InferRequest,
+        request_digest: Digest,
+        result: &InferResult,
+        started: u64,
+    ) -> Result<Signed<InferResult>, Refusal> {
+        let model = request.model.digest;
         let mut signed = Signed::sign(&self.key, result)
             .map_err(|e| Refusal::new(DataErrorCode::Internal, e.to_string()))?;
         if self.fault == Some(Fault::BadSignature) {
@@ -336,26 +345,13 @@ impl Provider {
             sig[0] ^= 1;
             signed = Signed::from_parts(payload, signer, sig);
         }
-        Ok(signed)
-    }
-
-    /// The served result's receipt in the ledger, and a log line; after the result is
-    /// sent, so the requester does not wait for the write.
-    fn record(
-        &self,
-        peer: PeerId,
-        request: &InferRequest,
-        (request_digest, result_digest): (Digest, Digest),
-        result: &InferResult,
-        started: u64,
-    ) {
         let receipt = Receipt {
             request_id: request.request_id,
             job_id: request.job_id,
             requester: peer,
             request_digest,
-            result_digest,
-            model_digest: request.model.digest,
+            result_digest: signed.payload_digest(),
+            model_digest: model,
             usage: result.usage,
             timings: result.timings,
             finished_ms: now_ms(),
@@ -369,6 +365,7 @@ impl Provider {
             ms = now_ms().saturating_sub(started),
             "subtask served"
         );
+        Ok(signed)
     }
 
     #[instrument(skip_all, fields(request = %request.request_id.short(), %peer))]
@@ -457,10 +454,8 @@ impl Provider {
         if !self.falsify(&mut result, cheat_text, sink).await {
             return Ok(()); // the client left
         }
-        let signed = self.sign(&result)?;
-        let digests = (request_digest, signed.payload_digest());
+        let signed = self.sign_and_record(peer, &request, request_digest, &result, started)?;
         let _ = sink.send(&DataFrame::Result(signed)).await;
-        self.record(peer, &request, digests, &result, started);
         Ok(())
     }
 
