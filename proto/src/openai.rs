@@ -6,6 +6,44 @@
 use serde::Deserialize;
 use serde_json::Value;
 
+use crate::{ChatMessage, Role};
+
+/// One message of a chat request.
+#[derive(Clone, Debug, Deserialize)]
+pub struct Message {
+    pub role: String,
+    #[serde(default)]
+    pub content: Option<Content>,
+}
+
+impl Message {
+    /// Message `i` as Beacon's: a known role (`developer` is `system`) and its text;
+    /// otherwise the field (`messages[i].role`, `messages[i].content[j].type`) and why.
+    pub fn into_chat(self, i: usize) -> Result<ChatMessage, (String, String)> {
+        let role = match self.role.as_str() {
+            "system" | "developer" => Role::System,
+            "user" => Role::User,
+            "assistant" => Role::Assistant,
+            other => {
+                return Err((
+                    format!("messages[{i}].role"),
+                    format!("unsupported role {other:?}"),
+                ));
+            }
+        };
+        let content = match self.content {
+            None => String::new(),
+            Some(c) => c.into_text().map_err(|(j, kind)| {
+                (
+                    format!("messages[{i}].content[{j}].type"),
+                    format!("content part type {kind:?} is not supported"),
+                )
+            })?,
+        };
+        Ok(ChatMessage { role, content })
+    }
+}
+
 /// A message's `content`: a string, or an array of parts (only text parts are served).
 #[derive(Clone, Debug, Deserialize)]
 #[serde(untagged)]

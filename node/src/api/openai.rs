@@ -10,14 +10,12 @@ use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
 use axum::response::sse::{Event as SseEvent, KeepAlive as SseKeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use beacon_proto::{
-    ChatMessage, FinishReason, MAX_COMPLETION_TOKENS, MAX_MESSAGES, Role, Sampling,
-};
+use beacon_proto::{ChatMessage, FinishReason, MAX_COMPLETION_TOKENS, MAX_MESSAGES, Sampling};
 use futures::{Stream, StreamExt};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use beacon_proto::openai::{Content, Unserved};
+use beacon_proto::openai::Unserved;
 
 use super::{ApiError, AppState, body_json, parse_value};
 use crate::engine::{Event, GenerateRequest, OutputFormat, Prompt};
@@ -28,13 +26,6 @@ use crate::scheduler::KeepAlive;
 enum StopField {
     One(String),
     Many(Vec<String>),
-}
-
-#[derive(Deserialize)]
-struct InMessage {
-    role: String,
-    #[serde(default)]
-    content: Option<Content>,
 }
 
 #[derive(Deserialize)]
@@ -158,7 +149,9 @@ impl Params {
     }
 }
 
-fn convert_messages(messages: Vec<InMessage>) -> Result<Vec<ChatMessage>, ApiError> {
+fn convert_messages(
+    messages: Vec<beacon_proto::openai::Message>,
+) -> Result<Vec<ChatMessage>, ApiError> {
     if messages.is_empty() {
         return Err(ApiError::bad_request(
             "messages",
@@ -175,27 +168,8 @@ fn convert_messages(messages: Vec<InMessage>) -> Result<Vec<ChatMessage>, ApiErr
         .into_iter()
         .enumerate()
         .map(|(i, m)| {
-            let role = match m.role.as_str() {
-                "system" | "developer" => Role::System,
-                "user" => Role::User,
-                "assistant" => Role::Assistant,
-                other => {
-                    return Err(ApiError::bad_request(
-                        format!("messages[{i}].role"),
-                        format!("unsupported role {other:?}"),
-                    ));
-                }
-            };
-            let content = match m.content {
-                None => String::new(),
-                Some(c) => c.into_text().map_err(|(j, kind)| {
-                    ApiError::bad_request(
-                        format!("messages[{i}].content[{j}].type"),
-                        format!("content part type {kind:?} is not supported"),
-                    )
-                })?,
-            };
-            Ok(ChatMessage { role, content })
+            m.into_chat(i)
+                .map_err(|(field, why)| ApiError::bad_request(field, why))
         })
         .collect()
 }
@@ -225,7 +199,7 @@ pub async fn chat_completions(
             .get_mut("messages")
             .map(serde_json::Value::take)
             .ok_or_else(|| ApiError::bad_request("messages", "messages is required"))?;
-        let messages: Vec<InMessage> = parse_value(messages, "messages")?;
+        let messages: Vec<beacon_proto::openai::Message> = parse_value(messages, "messages")?;
         let params: Params = parse_value(value, "")?;
         let sampling = params.sampling()?;
         let format = params.format()?;

@@ -13,7 +13,7 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::sse::Event;
 use axum::response::{IntoResponse, Response};
-use beacon_proto::{ChatMessage, Digest, Id, InferRequest, ModelSpec, Role, Sampling};
+use beacon_proto::{ChatMessage, Digest, Id, InferRequest, ModelSpec, Sampling};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
@@ -60,7 +60,7 @@ impl Upstream {
 struct ChatBody {
     model: String,
     #[serde(default)]
-    messages: Vec<InMessage>,
+    messages: Vec<beacon_proto::openai::Message>,
     /// `/v1/completions`: one prompt, as a string or an array of one string.
     #[serde(default)]
     prompt: Option<PromptField>,
@@ -133,13 +133,6 @@ enum Stop {
     Many(Vec<String>),
 }
 
-#[derive(Deserialize)]
-struct InMessage {
-    role: String,
-    #[serde(default)]
-    content: Option<beacon_proto::openai::Content>,
-}
-
 fn parse(bytes: &Bytes) -> Result<(ChatBody, Value), ApiError> {
     let value: Value = serde_json::from_slice(bytes)
         .map_err(|e| ApiError::bad("body", format!("malformed JSON: {e}")))?;
@@ -175,29 +168,11 @@ fn chat_messages(body: &ChatBody) -> Result<Vec<ChatMessage>, ApiError> {
         .iter()
         .enumerate()
         .map(|(i, m)| {
-            let role = match m.role.as_str() {
-                "system" | "developer" => Role::System,
-                "user" => Role::User,
-                "assistant" => Role::Assistant,
-                other => {
-                    return Err(ApiError::bad(
-                        &format!("messages[{i}].role"),
-                        format!("unknown role {other:?}"),
-                    ));
-                }
-            };
-            let content = match m.content.clone() {
-                None => String::new(),
-                Some(c) => c.into_text().map_err(|(j, kind)| {
-                    ApiError::bad(
-                        &format!("messages[{i}].content[{j}].type"),
-                        format!("content part type {kind:?} is not supported"),
-                    )
-                })?,
-            };
-            Ok(ChatMessage { role, content })
+            m.clone()
+                .into_chat(i)
+                .map_err(|(field, why)| ApiError::bad(&field, why))
         })
-        .collect::<Result<Vec<_>, _>>()
+        .collect()
 }
 
 /// The prompt of a completions request: exactly one string.
