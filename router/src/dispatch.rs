@@ -694,53 +694,15 @@ impl Dispatcher {
                 Err(_) => break,
             };
             let started = Instant::now();
-            let hedge = self.hedge_after(request.sampling.max_tokens);
-            let primary = self.attempt(
-                peer,
-                addr,
-                slots,
-                request,
-                deltas.as_ref().map(|tx| (tx, &owner, PRIMARY)),
-            );
-            let outcome = match hedge {
-                None => primary
-                    .await
-                    .map(|r| (r, (peer, addr), region.clone(), false)),
-                Some(after) => {
-                    tokio::pin!(primary);
-                    tokio::select! {
-                        r = &mut primary => r.map(|r| (r, (peer, addr), region.clone(), false)),
-                        _ = tokio::time::sleep(after) => {
-                            let others = [exclude.clone(), vec![peer]].concat();
-                            // A stream that has begun is not hedged: its text is the primary's.
-                            let second = match owner.load(Ordering::Acquire) {
-                                NO_OWNER => self.choose(request, policy, &others, prefix).ok(),
-                                _ => None,
-                            };
-                            match second {
-                                Some((p2, a2, r2, s2)) => {
-                                    info!(first = %peer, second = %p2, "hedging a straggler");
-                                    let second = self.attempt(
-                                        p2,
-                                        a2,
-                                        s2,
-                                        request,
-                                        deltas.as_ref().map(|tx| (tx, &owner, HEDGE)),
-                                    );
-                                    tokio::pin!(second);
-                                    self.race(primary.as_mut(), second, &owner).await.map(
-                                        |(r, hedge_won)| match hedge_won {
-                                            true => (r, (p2, a2), r2, true),
-                                            false => (r, (peer, addr), region.clone(), true),
-                                        },
-                                    )
-                                }
-                                None => primary.await.map(|r| (r, (peer, addr), region.clone(), false)),
-                            }
-                        }
-                    }
-                }
-            };
+            let outcome = self
+                .attempt_hedged(
+                    request,
+                    (policy, &exclude, prefix),
+                    (peer, addr, region, slots),
+                    deltas.as_ref(),
+                    &owner,
+                )
+                .await;
             match outcome {
                 Ok((((result, signed), concurrent), (winner, winner_addr), region, hedged)) => {
                     let ms = started.elapsed().as_secs_f64() * 1000.0;
@@ -789,6 +751,51 @@ impl Dispatcher {
         Err(DispatchError::Exhausted {
             attempts: exclude.len(),
             last,
+        })
+    }
+
+    /// One attempt on the chosen provider, hedged on a second one (placed as `placing`
+    /// says, never on the first) when it straggles past the hedge delay and its stream has
+    /// not begun: the answer, where it ran, its region, and whether a hedge was sent.
+    async fn attempt_hedged(
+        &self,
+        request: &InferRequest,
+        (policy, exclude, prefix): (&Policy, &[PeerId], Option<&SharedPrefix>),
+        (peer, addr, region, slots): (PeerId, SocketAddr, String, u32),
+        deltas: Option<&mpsc::UnboundedSender<String>>,
+        owner: &AtomicU8,
+    ) -> Result<(Answered, (PeerId, SocketAddr), String, bool), CallError> {
+        let primary = self.attempt(
+            peer,
+            addr,
+            slots,
+            request,
+            deltas.map(|tx| (tx, owner, PRIMARY)),
+        );
+        let Some(after) = self.hedge_after(request.sampling.max_tokens) else {
+            return primary.await.map(|r| (r, (peer, addr), region, false));
+        };
+        tokio::pin!(primary);
+        tokio::select! {
+            r = &mut primary => return r.map(|r| (r, (peer, addr), region, false)),
+            _ = tokio::time::sleep(after) => {}
+        }
+        let others = [exclude, &[peer]].concat();
+        // A stream that has begun is not hedged: its text is the primary's.
+        let second = match owner.load(Ordering::Acquire) {
+            NO_OWNER => self.choose(request, policy, &others, prefix).ok(),
+            _ => None,
+        };
+        let Some((p2, a2, r2, s2)) = second else {
+            return primary.await.map(|r| (r, (peer, addr), region, false));
+        };
+        info!(first = %peer, second = %p2, "hedging a straggler");
+        let second = self.attempt(p2, a2, s2, request, deltas.map(|tx| (tx, owner, HEDGE)));
+        tokio::pin!(second);
+        let (r, hedge_won) = self.race(primary.as_mut(), second, owner).await?;
+        Ok(match hedge_won {
+            true => (r, (p2, a2), r2, true),
+            false => (r, (peer, addr), region, true),
         })
     }
 
@@ -981,67 +988,9 @@ impl Dispatcher {
         output: String,
         tolerance: Option<f32>,
     ) {
-        let mut votes: Vec<(PeerId, AuditVerdict)> = Vec::new();
-        let mut asked = vec![peer];
-        // On probation one auditor's pass is not enough: a colluding auditor could wave a
-        // new identity through. Two must agree (when a second exists).
-        let passes_needed = if self.directory.on_probation(&peer) {
-            2
-        } else {
-            1
-        };
-        // Failing votes that can convict: a reputable auditor's, or, when the failure is
-        // hard (evidence every honest auditor sees the same way), any auditor's once a
-        // reputable one agrees. A soft failure (argmax agreement below the bar) needs two
-        // reputable auditors: a near copy of the model (a Q3_K_M requantisation) passes
-        // enough audits to become reputable, and with a newcomer running an even cheaper
-        // copy it would otherwise convict honest providers on probation.
-        let convicting = |votes: &[(PeerId, AuditVerdict)]| {
-            let fails: Vec<(bool, bool)> = votes
-                .iter()
-                .filter(|(_, v)| !v.passed)
-                .map(|(a, v)| (self.directory.reputable(a), v.hard))
-                .collect();
-            convicts(&fails)
-        };
-        // Transport failures do not count as votes; a few are tolerated.
-        for _ in 0..6 {
-            let passes = votes.iter().filter(|(_, v)| v.passed).count();
-            let fails = votes.len() - passes;
-            // The first auditor passing an established provider settles it; otherwise two
-            // must agree, and a failure must be one that can convict.
-            if (votes.len() == 1 && passes == passes_needed)
-                || passes >= 2
-                || convicting(&votes)
-                || votes.len() >= 4
-            {
-                break;
-            }
-            let Some((auditor, addr)) = self.auditor(&audit.model.digest, &asked) else {
-                break;
-            };
-            // Two failures that cannot convict yet: only another reputable vote can change
-            // that; a newcomer's would only spend tokens.
-            if fails >= 2 && !self.directory.reputable(&auditor) {
-                break;
-            }
-            asked.push(auditor);
-            let mut request = audit.clone();
-            request.audit_id = Id::random();
-            match self.client.audit(auditor, addr, &request).await {
-                Ok(scored) => {
-                    self.audit_tokens.fetch_add(
-                        u64::from(scored.prompt_tokens) + tokens.len() as u64,
-                        std::sync::atomic::Ordering::Relaxed,
-                    );
-                    let v = scored.judge(&tokens, &output, tolerance, self.config.audit_pass);
-                    info!(provider = %peer, %auditor, agreement = v.agreement, passed = v.passed,
-                          reason = v.reason.as_deref().unwrap_or(""), "audit vote");
-                    votes.push((auditor, v));
-                }
-                Err(e) => debug!(%auditor, error = %e, "audit could not run"),
-            }
-        }
+        let votes = self
+            .collect_votes(peer, &audit, &tokens, &output, tolerance)
+            .await;
         let passes = votes.iter().filter(|(_, v)| v.passed).count();
         let fails = votes.len() - passes;
         // A failure only newcomers voted for (no reputable provider existed to ask: two
@@ -1050,7 +999,7 @@ impl Dispatcher {
         // `convicting`).
         let decided = if passes > fails {
             Some(true)
-        } else if fails > passes && convicting(&votes) {
+        } else if fails > passes && self.convicting(&votes) {
             Some(false)
         } else {
             None
@@ -1076,17 +1025,104 @@ impl Dispatcher {
             }
             refs.push_back(Reference {
                 good: passed,
-                audit: audit.clone(),
-                tokens: tokens.clone(),
-                output: output.clone(),
+                audit,
+                tokens,
+                output,
                 tolerance,
                 involved,
             });
         }
+        self.record_audit(peer, passed, &votes, (request_id, handle));
+    }
+
+    /// Asks auditors until the votes decide: the first auditor passing an established
+    /// provider, two agreeing, a failure that can convict, or four votes.
+    async fn collect_votes(
+        &self,
+        peer: PeerId,
+        audit: &AuditRequest,
+        tokens: &[u32],
+        output: &str,
+        tolerance: Option<f32>,
+    ) -> Vec<(PeerId, AuditVerdict)> {
+        let mut votes: Vec<(PeerId, AuditVerdict)> = Vec::new();
+        let mut asked = vec![peer];
+        // On probation one auditor's pass is not enough: a colluding auditor could wave a
+        // new identity through. Two must agree (when a second exists).
+        let passes_needed = if self.directory.on_probation(&peer) {
+            2
+        } else {
+            1
+        };
+        // Transport failures do not count as votes; a few are tolerated.
+        for _ in 0..6 {
+            let passes = votes.iter().filter(|(_, v)| v.passed).count();
+            let fails = votes.len() - passes;
+            // The first auditor passing an established provider settles it; otherwise two
+            // must agree, and a failure must be one that can convict.
+            if (votes.len() == 1 && passes == passes_needed)
+                || passes >= 2
+                || self.convicting(&votes)
+                || votes.len() >= 4
+            {
+                break;
+            }
+            let Some((auditor, addr)) = self.auditor(&audit.model.digest, &asked) else {
+                break;
+            };
+            // Two failures that cannot convict yet: only another reputable vote can change
+            // that; a newcomer's would only spend tokens.
+            if fails >= 2 && !self.directory.reputable(&auditor) {
+                break;
+            }
+            asked.push(auditor);
+            let mut request = audit.clone();
+            request.audit_id = Id::random();
+            match self.client.audit(auditor, addr, &request).await {
+                Ok(scored) => {
+                    self.audit_tokens.fetch_add(
+                        u64::from(scored.prompt_tokens) + tokens.len() as u64,
+                        std::sync::atomic::Ordering::Relaxed,
+                    );
+                    let v = scored.judge(tokens, output, tolerance, self.config.audit_pass);
+                    info!(provider = %peer, %auditor, agreement = v.agreement, passed = v.passed,
+                          reason = v.reason.as_deref().unwrap_or(""), "audit vote");
+                    votes.push((auditor, v));
+                }
+                Err(e) => debug!(%auditor, error = %e, "audit could not run"),
+            }
+        }
+        votes
+    }
+
+    /// Whether the failing votes can convict: a reputable auditor's, or, when the failure
+    /// is hard (evidence every honest auditor sees the same way), any auditor's once a
+    /// reputable one agrees. A soft failure (argmax agreement below the bar) needs two
+    /// reputable auditors: a near copy of the model (a Q3_K_M requantisation) passes
+    /// enough audits to become reputable, and with a newcomer running an even cheaper copy
+    /// it would otherwise convict honest providers on probation.
+    fn convicting(&self, votes: &[(PeerId, AuditVerdict)]) -> bool {
+        let fails: Vec<(bool, bool)> = votes
+            .iter()
+            .filter(|(_, v)| !v.passed)
+            .map(|(a, v)| (self.directory.reputable(a), v.hard))
+            .collect();
+        convicts(&fails)
+    }
+
+    /// A decided audit: the provider's and the auditors' records, the counts, and the
+    /// outcome for whoever holds the audited result's handle.
+    fn record_audit(
+        &self,
+        peer: PeerId,
+        passed: bool,
+        votes: &[(PeerId, AuditVerdict)],
+        (request_id, handle): (Id, AuditHandle),
+    ) {
         // Failed on evidence no hardware noise explains, by every auditor that failed it.
         let hard = !passed && votes.iter().filter(|(_, v)| !v.passed).all(|(_, v)| v.hard);
         self.directory.audited(&peer, passed, hard);
-        for (auditor, v) in &votes {
+        for (auditor, v) in votes {
             if v.passed != passed {
                 warn!(%auditor, provider = %peer, "auditor outvoted");
                 self.directory.outvoted(auditor, passed);

@@ -15,8 +15,8 @@ use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use beacon_tests::bench::{Target, run_load};
-use beacon_tests::{ChildGuard, NodeServer, free_port, http, wait_for_http};
+use beacon_harness::load::{Target, run_load};
+use beacon_harness::{ChildGuard, NodeServer, free_port, http, wait_for_http};
 
 const PARALLEL: usize = 8;
 const CTX_PER_SLOT: usize = 2048;
@@ -142,7 +142,7 @@ fn main() {
     let child = Command::new(&llama_server)
         .args([
             "-m",
-            beacon_tests::test_model().to_str().unwrap(),
+            beacon_harness::test_model().to_str().unwrap(),
             "--host",
             "127.0.0.1",
             "--port",

@@ -1,6 +1,6 @@
 //! MinionS vs Minion vs remote-only, with the same supervisor, on documents with known
 //! answers: the bundled 28 KB report and generated reports of 300 KB and 1 MB (seeded, facts
-//! planted; `beacon_bench::minions::Corpus::generated`), which remote-only cannot even ask
+//! planted; `beacon_harness::corpus::Corpus::generated`), which remote-only cannot even ask
 //! a small supervisor. Reported per document as a table (and `target/bench/minions.json`):
 //! accuracy, evidence recall (the known fact was in the evidence the supervisor saw),
 //! grounding rate, remote tokens and wall time against remote-only, each measured in the
@@ -22,8 +22,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use beacon_bench::minions::Corpus;
-use beacon_tests::{NodeServer, RouterServer, SUPERVISOR_MODEL_REF, http_within, wait_until};
+use beacon_harness::corpus::Corpus;
+use beacon_harness::{NodeServer, RouterServer, SUPERVISOR_MODEL_REF, http_within, wait_until};
 use serde_json::{Value, json};
 
 #[derive(Default, serde::Serialize)]

@@ -8,8 +8,8 @@
 use std::process::Command;
 use std::time::Instant;
 
+use beacon_harness::{NodeCli, Registry, sha256_file};
 use beacon_proto::gguf::{TensorInfo, Value, write_header};
-use beacon_tests::{NodeCli, Registry, sha256_file};
 
 fn main() {
     let mib: usize = std::env::var("BEACON_BENCH_PULL_MIB")

@@ -9,8 +9,8 @@
 
 use std::time::Duration;
 
-use beacon_tests::bench::{Load, Target, run_load, run_load_streamed, summarize};
-use beacon_tests::{NodeServer, RouterServer, http, wait_until};
+use beacon_harness::load::{Load, Target, run_load, run_load_streamed, summarize};
+use beacon_harness::{NodeServer, RouterServer, http, wait_until};
 
 fn question(i: usize) -> serde_json::Value {
     const TOPICS: [&str; 6] = ["rivers", "bread", "trains", "bees", "glass", "music"];

@@ -6,7 +6,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use beacon_tests::*;
+use beacon_harness::*;
 
 fn chat_body(content: &str, extra: &str) -> String {
     format!(

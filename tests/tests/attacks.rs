@@ -17,12 +17,12 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use beacon_harness::{
+    NodeCli, NodeServer, RouterServer, TEST_MODEL_REF, http, test_model, wait_until,
+};
 use beacon_net::quic::DataClient;
 use beacon_proto::{
     AuditRequest, ChatMessage, Digest, Id, InferRequest, Keypair, PeerId, Role, Sampling,
-};
-use beacon_tests::{
-    NodeCli, NodeServer, RouterServer, TEST_MODEL_REF, http, test_model, wait_until,
 };
 use serde_json::Value;
 
@@ -332,7 +332,7 @@ fn swapped_store(to: &str) -> NodeCli {
     let blob = store
         .store()
         .join("blobs/sha256")
-        .join(beacon_tests::sha256_file(&model));
+        .join(beacon_harness::sha256_file(&model));
     let cheap = store.store().join(format!("cheaper-{to}.gguf"));
     store.ok(&[
         "model",
@@ -460,7 +460,7 @@ fn a_model_file_swapped_after_the_pull_is_never_served() {
         .cli
         .store()
         .join("blobs/sha256")
-        .join(beacon_tests::sha256_file(&test_model()));
+        .join(beacon_harness::sha256_file(&test_model()));
     let original = std::fs::read(&blob).unwrap();
     let mut swapped = original.clone();
     let mid = swapped.len() / 2;
@@ -493,7 +493,7 @@ fn a_model_file_swapped_after_the_pull_is_never_served() {
 
 fn sampled_request(digest: Digest, i: usize, temperature: f32) -> InferRequest {
     let topics = ["harbours", "forests", "trains", "glass", "salt", "clocks"];
-    beacon_tests::infer_request(
+    beacon_harness::infer_request(
         digest,
         vec![
             // A shared prefix: later requests reuse its KV cells.

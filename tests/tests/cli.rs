@@ -5,7 +5,7 @@ use std::process::Command;
 #[test]
 fn binaries_print_help() {
     for (bin, expect) in [("beacon-node", "model"), ("beacon-router", "serve")] {
-        let out = Command::new(beacon_tests::bin(bin))
+        let out = Command::new(beacon_harness::bin(bin))
             .arg("--help")
             .output()
             .unwrap();
@@ -23,7 +23,7 @@ fn binaries_print_help() {
 #[test]
 fn run_answers_from_the_terminal() {
     use std::io::Write;
-    let cli = beacon_tests::NodeCli::new();
+    let cli = beacon_harness::NodeCli::new();
     cli.package_test_model();
     let flags = [
         "--temperature",

@@ -12,7 +12,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use beacon_tests::{
+use beacon_harness::{
     ChildGuard, NodeCli, NodeServer, Registry, RouterServer, bin, free_port, http, http_within,
     test_model, wait_until,
 };

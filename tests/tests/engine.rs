@@ -4,11 +4,11 @@
 
 use std::sync::OnceLock;
 
+use beacon_harness::test_model;
 use beacon_node::engine::{
     Engine, EngineConfig, EngineError, Event, GenerateRequest, OutputFormat, Prompt, ScoreRequest,
 };
 use beacon_proto::{ChatMessage, FinishReason, Role, Sampling};
-use beacon_tests::test_model;
 
 fn engine() -> &'static Engine {
     static E: OnceLock<Engine> = OnceLock::new();

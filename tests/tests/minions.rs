@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use beacon_tests::{NodeServer, RouterServer, bin, http, http_within, wait_until};
+use beacon_harness::{NodeServer, RouterServer, bin, http, http_within, wait_until};
 use serde_json::{Value, json};
 
 const MODEL: &str = "ai/smollm2:test";
@@ -349,7 +349,7 @@ fn invalid_plans_are_sent_back_a_bounded_number_of_times_then_the_default_plan_r
     ];
     // Each reply takes a second, as a model's would: the job is still running when the
     // second one is posted.
-    let sup = beacon_tests::ScriptedRemote::start_slow(invalid.to_vec(), Duration::from_secs(1));
+    let sup = beacon_harness::ScriptedRemote::start_slow(invalid.to_vec(), Duration::from_secs(1));
     let a = NodeServer::start(&[]);
     let boot = a.bootstrap_addr();
     let remote = sup.base_url();
@@ -479,7 +479,7 @@ fn a_job_whose_provider_dies_is_placed_again() {
     // eight slots, so some are in flight on A when it dies. This test is about re-placement
     // after a death; the real supervisor's plans are the other tests'.
     let plan = r#"{"chunking":{"strategy":"paragraphs","size":1,"overlap":0},"tasks":[{"id":"code","instruction":"What is the launch code for Project Heron?","advice":""}],"samples_per_task":1,"top_k":0}"#;
-    let sup = beacon_tests::ScriptedRemote::start(vec![
+    let sup = beacon_harness::ScriptedRemote::start(vec![
         plan.to_string(),
         "The launch code is BLUE-4471.".to_string(),
     ]);

@@ -4,6 +4,10 @@
 
 use std::time::{Duration, Instant};
 
+use beacon_harness::data_plane::{
+    joined, keep_alive_transport, new_client, provider_of, raw_connect, request, stalled_streams,
+};
+use beacon_harness::{NodeServer, advert_of, http, now_ms, wait_until};
 use beacon_net::quic::{
     CallError, DataClient, MAX_CONNECTIONS_PER_IP, MAX_CONNECTIONS_PER_PEER, quinn, read_frame,
 };
@@ -12,10 +16,6 @@ use beacon_proto::{
     AuditRequest, DataErrorCode, DataFrame, DataRequest, Digest, Id, Keypair, Sampling, Signed,
     Wire,
 };
-use beacon_tests::data_plane::{
-    joined, keep_alive_transport, new_client, provider_of, raw_connect, request, stalled_streams,
-};
-use beacon_tests::{NodeServer, advert_of, http, now_ms, wait_until};
 
 /// `node`'s directory entry for `peer`.
 fn providers_of(node: &NodeServer, peer: &str) -> serde_json::Value {
@@ -740,14 +740,14 @@ async fn a_peer_over_its_memory_limit_takes_no_new_connection() {
 #[test]
 fn tags_on_private_registries_are_not_advertised() {
     let advertised = |extra: &[&str]| {
-        let cli = beacon_tests::NodeCli::new();
+        let cli = beacon_harness::NodeCli::new();
         cli.package_test_model();
         for tag in [
             "10.0.0.7:5000/team/model:v2",
             "registry.corp.internal/team/model:v2",
             "registry.example.net/team/model:v2",
         ] {
-            cli.ok(&["model", "tag", beacon_tests::TEST_MODEL_REF, tag]);
+            cli.ok(&["model", "tag", beacon_harness::TEST_MODEL_REF, tag]);
         }
         let node = NodeServer::start_with_store(cli, extra);
         let url = node.url("/beacon/node");

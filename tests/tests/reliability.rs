@@ -7,7 +7,7 @@ use std::io::BufRead;
 use std::net::UdpSocket;
 use std::time::{Duration, Instant};
 
-use beacon_tests::{
+use beacon_harness::{
     ChildGuard, HttpReply, NodeCli, NodeServer, Registry, Relay, RelayOptions, RouterServer,
     TEST_MODEL_REF, advert_of, http, http_within, now_ms, sha256_file, test_model, wait_until,
 };
@@ -423,7 +423,7 @@ fn a_provider_killed_in_every_minions_round_leaves_the_evidence_unchanged() {
         )
     };
     // Per job: plan, aggregation (more), plan, the final answer.
-    let sup = beacon_tests::ScriptedRemote::start(vec![
+    let sup = beacon_harness::ScriptedRemote::start(vec![
         plan("Find the figure asked for."),
         r#"{"decision":"more","answer":"","explanation":"","scratchpad":"look again"}"#.into(),
         plan("Find the sentence that states it."),
@@ -451,7 +451,7 @@ fn a_provider_killed_in_every_minions_round_leaves_the_evidence_unchanged() {
         })
     };
     assert!(all_known(&router, &nodes), "{}", router.log());
-    let doc = &beacon_bench::minions::NORTHPORT[..4_000];
+    let doc = &beacon_harness::corpus::NORTHPORT[..4_000];
     // Two jobs, each first undisturbed (the answer to compare with), then with a provider
     // killed in each of its rounds (however many rounds the supervisor asks for).
     let mut compared = 0;

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use beacon_tests::{NodeServer, RouterServer, http, wait_until};
+use beacon_harness::{NodeServer, RouterServer, http, wait_until};
 
 fn chat(word: &str, extra: &str) -> String {
     format!(
@@ -398,7 +398,7 @@ fn falls_back_to_the_remote_api_with_keys_and_rate_limits() {
     // Review H8: beyond loopback without keys the router would spend its remote key for
     // anyone; it refuses to start unless told --open.
     let data = tempfile::tempdir().unwrap();
-    let refused = std::process::Command::new(beacon_tests::bin("beacon-router"))
+    let refused = std::process::Command::new(beacon_harness::bin("beacon-router"))
         .args(["serve", "--listen", "0.0.0.0:0", "--data-dir"])
         .arg(data.path())
         .args(["--p2p-listen", "/ip4/127.0.0.1/tcp/0"])
@@ -572,7 +572,7 @@ fn falls_back_to_the_remote_api_with_keys_and_rate_limits() {
 /// hedging off the per-attempt timeout moves its subtasks elsewhere until its circuit
 /// breaker opens and keeps it out of placement.
 /// A streamed chat answer: its text and the last chunk's `beacon` fields.
-fn streamed(r: &beacon_tests::HttpReply, word: &str) -> serde_json::Value {
+fn streamed(r: &beacon_harness::HttpReply, word: &str) -> serde_json::Value {
     assert_eq!(r.status, 200, "{r:?}");
     let chunks: Vec<serde_json::Value> = r
         .body
@@ -963,8 +963,8 @@ fn serves_https_when_given_a_certificate() {
         .status()
         .unwrap();
     assert!(ok.success());
-    let port = beacon_tests::free_port();
-    let child = Command::new(beacon_tests::bin("beacon-router"))
+    let port = beacon_harness::free_port();
+    let child = Command::new(beacon_harness::bin("beacon-router"))
         .args([
             "serve",
             "--listen",
@@ -982,7 +982,7 @@ fn serves_https_when_given_a_certificate() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let _guard = beacon_tests::ChildGuard(child);
+    let _guard = beacon_harness::ChildGuard(child);
     let curl = |scheme: &str| {
         Command::new("curl")
             .args(["-s", "--max-time", "5", "--cacert"])

@@ -4,8 +4,8 @@
 
 use std::time::{Duration, Instant};
 
+use beacon_harness::*;
 use beacon_proto::gguf::{GgufHeader, TensorInfo, Value, write_header};
-use beacon_tests::*;
 
 const LAYER_GGUF: &str = "application/vnd.docker.ai.gguf.v3";
 

@@ -7,15 +7,15 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use beacon_net::quic::{CallError, DataClient, quinn};
-use beacon_proto::{DataErrorCode, Digest, Keypair, PeerId, Signed, Wire};
-use beacon_tests::data_plane::{
+use beacon_harness::data_plane::{
     deprioritise_this_thread, joined_at, keep_alive_transport, new_client, provider_of,
     raw_connect, request, stalled_streams,
 };
-use beacon_tests::{
+use beacon_harness::{
     NodeServer, RouterServer, ScriptedRemote, TEST_MODEL_REF, advert_of, http, now_ms, wait_until,
 };
+use beacon_net::quic::{CallError, DataClient, quinn};
+use beacon_proto::{DataErrorCode, Digest, Keypair, PeerId, Signed, Wire};
 
 /// Pins every thread of process `pid` to `cpu` (`taskset`); false when it cannot.
 fn pin(pid: u32, cpu: usize) -> bool {

@@ -1,19 +1,17 @@
-//! `beacon-bench`: the harness behind the benchmark suite and the reliability tests.
+//! `beacon-bench`: the benchmark suite. Its processes, HTTP client and load generator are
+//! `beacon-harness`'s, shared with the tests.
 //!
 //! - [`wan`]: regions emulated on one machine (a network namespace per region, WAN round
 //!   trips added in user space);
-//! - [`cluster`]: real provider nodes and routers started in those regions;
-//! - [`load`] and [`http`]: closed-loop chat load through `curl`, shared with the benches;
-//! - [`engine`]: beacon-node's engine against llama.cpp's own server;
-//! - [`suite`] and [`minions`]: the workloads, each against a baseline measured in the same
-//!   run;
-//! - [`report`]: the JSON, Markdown and SVG output.
+//! - [`cluster`]: the harness's provider nodes and routers started in those regions;
+//! - [`workloads`]: one module per workload (the engine against llama.cpp's own server,
+//!   routed chat, MinionS, placement, failures, dishonest providers, audit cost), each
+//!   with `run`, `checks` and `render`, measured against a baseline in the same run;
+//! - [`report`]: the JSON and the Markdown with its figures; [`chart`]: what the figures
+//!   share.
 
+pub mod chart;
 pub mod cluster;
-pub mod engine;
-pub mod http;
-pub mod load;
-pub mod minions;
 pub mod report;
-pub mod suite;
 pub mod wan;
+pub mod workloads;

@@ -8,15 +8,17 @@ use std::path::PathBuf;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use beacon_bench::cluster::{Binaries, Cluster, ClusterConfig};
-use beacon_bench::engine;
-use beacon_bench::load::Target;
-use beacon_bench::minions::{self, Corpus, MinionsResult};
+use beacon_bench::cluster::{Cluster, ClusterConfig};
 use beacon_bench::report::{Machine, Report, Setup};
-use beacon_bench::suite::{self, Scale};
 use beacon_bench::wan::{Wan, WanConfig, clean_stale};
+use beacon_bench::workloads::{
+    Ctx, Scale, Workload, audits, chat, dishonest, engine, failures, minions, placement,
+};
+use beacon_harness::Binaries;
+use beacon_harness::corpus::Corpus;
+use beacon_harness::load::Target;
 
 #[derive(Parser)]
 #[command(
@@ -206,18 +208,6 @@ fn memory_mib() -> u64 {
         .map_or(0, |kib| kib / 1024)
 }
 
-/// A model as `ops/setup.sh` caches it.
-fn cached_model(file: &str) -> PathBuf {
-    let home = std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_default();
-    std::env::var_os("BEACON_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| home.join(".cache/beacon"))
-        .join("models")
-        .join(file)
-}
-
 fn run(a: RunArgs) -> anyhow::Result<bool> {
     let t0 = Instant::now();
     let say = move |m: &str| eprintln!("[bench {:>6.1}s] {m}", t0.elapsed().as_secs_f64());
@@ -290,7 +280,7 @@ fn remote(a: &RunArgs, url: &str, scale: &Scale, report: &mut Report, say: &dyn 
     // A deployed router may have no supervisor: MinionS runs when asked for by name.
     if a.only.contains(&Workload::Minions) {
         let corpus = Corpus::northport(scale.minions_chars, scale.minions_questions);
-        let m = minions::run(
+        let m = minions::measure(
             &routed.base,
             "the router's configured supervisor",
             &corpus,
@@ -298,113 +288,17 @@ fn remote(a: &RunArgs, url: &str, scale: &Scale, report: &mut Report, say: &dyn 
             scale.minions_max_jobs,
             say,
         );
-        minions_checks(report, &m);
+        report.checks.extend(minions::checks(&m));
         report.minions = Some(m);
     } else {
         report.minions_skipped =
             Some("with --router, MinionS runs only when named (--only chat,minions)".into());
     }
     if wants(a, Workload::Chat) {
-        let c = suite::chat(&routed, direct.as_ref(), scale, say);
-        let errors: usize = c.levels.iter().map(|l| l.routed.errors).sum();
-        report.check(
-            "routed chat answered",
-            errors == 0,
-            format!("{errors} routed requests failed"),
-        );
+        let c = chat::measure(&routed, direct.as_ref(), scale, say);
+        report.checks.extend(chat::checks(&c));
         report.chat = Some(c);
     }
-}
-
-fn minions_checks(report: &mut Report, m: &MinionsResult) {
-    let asked = m.questions.len();
-    report.check(
-        "every MinionS job answered",
-        asked > 0 && m.completed == asked,
-        format!("{} of {asked} jobs answered", m.completed),
-    );
-    report.check(
-        "every local MinionS job verified",
-        m.jobs > 0 && m.unverified_jobs == 0,
-        format!(
-            "{} of {} local jobs came back signed and verified",
-            m.jobs - m.unverified_jobs,
-            m.jobs
-        ),
-    );
-}
-
-/// Workload 2 on the cluster: the supervisor (a local node unless a remote API is named),
-/// a router that uses it, and the jobs.
-fn minions_workload(
-    a: &RunArgs,
-    cluster: &mut Cluster,
-    honest: usize,
-    scale: &Scale,
-    say: &dyn Fn(&str),
-) -> anyhow::Result<MinionsResult> {
-    let (url, model, env) = match (&a.remote_base_url, &a.remote_model) {
-        (Some(u), Some(m)) => {
-            let env: Vec<(String, String)> = std::env::var("BEACON_REMOTE_API_KEY")
-                .ok()
-                .map(|k| ("BEACON_REMOTE_API_KEY".to_string(), k))
-                .into_iter()
-                .collect();
-            (u.clone(), m.clone(), env)
-        }
-        _ => {
-            let gguf = a
-                .supervisor_model
-                .clone()
-                .or_else(|| a.model.clone())
-                .unwrap_or_else(|| cached_model("SmolLM2-135M-Instruct.Q4_1.gguf"));
-            anyhow::ensure!(
-                gguf.is_file(),
-                "supervisor model {} missing: run ops/setup.sh, pass --supervisor-model, or \
-                 name a remote API with --remote-base-url",
-                gguf.display()
-            );
-            // The supervisor and the providers take turns (plan, jobs, aggregate): it may
-            // use every core.
-            cluster.add_supervisor(&gguf, cores())?;
-            let s = cluster.supervisor.as_ref().context("supervisor")?;
-            say(&format!("supervisor {} up at {}", s.model, s.addr));
-            (s.base_url(), s.model.clone(), Vec::new())
-        }
-    };
-    let router = cluster.add_router_env(
-        &[
-            "--audit-rate",
-            "0",
-            // A CPU worker reading a chunk, or a CPU supervisor reading the whole report
-            // for the baseline, can pass the default attempt timeout.
-            "--attempt-timeout",
-            "600",
-            "--remote-base-url",
-            &url,
-            "--remote-model",
-            &model,
-        ],
-        &env,
-        honest,
-    )?;
-    let corpus = Corpus::northport(scale.minions_chars, scale.minions_questions);
-    say(&format!(
-        "minions: {} question(s) on {} ({} characters), supervisor {model}",
-        corpus.questions.len(),
-        corpus.name,
-        corpus.chars
-    ));
-    let m = minions::run(
-        &cluster.routers[router].url(""),
-        &format!("{model} at {url}"),
-        &corpus,
-        scale.minions_rounds,
-        scale.minions_max_jobs,
-        say,
-    );
-    cluster.remove_router(router);
-    Ok(m)
 }
 
 /// The regions, their round-trip times and the operator's region, from the defaults and
@@ -450,27 +344,8 @@ fn setup(wan: &WanConfig, threads: usize, parallel: usize) -> Setup {
     }
 }
 
-/// One dishonest provider per attack (`beacon-node --fault`); the quick run keeps the two
-/// that each stand for a way of being caught (audit, refusal).
-fn attacks(quick: bool) -> &'static [&'static str] {
-    if quick {
-        &["tamper", "wrong-model"]
-    } else {
-        &[
-            "tamper",
-            "wrong-model",
-            "text",
-            "empty",
-            "guess-audits",
-            "stream",
-            "resample",
-            "lying-auditor",
-            "q3-swap",
-            "q2-swap",
-        ]
-    }
-}
-
+/// The suite on emulated regions: the engine against llama-server, then a cluster of
+/// providers and a router, and every selected workload on it in turn.
 fn local(
     a: &RunArgs,
     out: &std::path::Path,
@@ -482,15 +357,15 @@ fn local(
     let model = a
         .model
         .clone()
-        .unwrap_or_else(|| cached_model("SmolLM2-135M-Instruct.Q4_1.gguf"));
+        .unwrap_or_else(beacon_harness::models::default_test_model);
     anyhow::ensure!(
         model.is_file(),
         "model {} missing: run ops/setup.sh or pass --model",
         model.display()
     );
     let wan = wan_config(a)?;
-    let dishonest_faults = attacks(a.quick);
-    let providers = wan.regions.len() * a.per_region.max(1) + dishonest_faults.len();
+    let faults = dishonest::attacks(a.quick);
+    let providers = wan.regions.len() * a.per_region.max(1) + faults.len();
     let threads = a
         .threads
         .unwrap_or((cores() / wan.regions.len().max(1)).max(1));
@@ -499,7 +374,9 @@ fn local(
         .map(|f| f.to_string_lossy().into_owned())
         .unwrap_or_default();
     report.setup = setup(&wan, threads, a.parallel);
-    engine_workload(a, &bins, &model, scale, report, say);
+    if wants(a, Workload::Engine) {
+        engine_workload(a, &bins, &model, scale, report, say);
+    }
     say(&format!(
         "bringing up {} regions, {} honest provider(s) each (up to {providers} processes with the dishonest ones)",
         wan.regions.len(),
@@ -530,35 +407,27 @@ fn local(
         .operator_region()
         .unwrap_or_default()
         .to_string();
-
-    chat_workload(a, &cluster, main, &op, scale, report, say)?;
-    if wants(a, Workload::Minions) {
-        match minions_workload(a, &mut cluster, honest, scale, say) {
-            Ok(m) => {
-                minions_checks(report, &m);
-                report.minions = Some(m);
-            }
-            Err(e) => report.problems.push(format!("minions: {e:#}")),
+    let mut ctx = Ctx {
+        cluster: &mut cluster,
+        main,
+        honest,
+        timeout,
+        op,
+        scale,
+        quick: a.quick,
+        say,
+    };
+    for &w in Workload::value_variants() {
+        if w != Workload::Engine
+            && wants(a, w)
+            && let Err(e) = on_cluster(w, &mut ctx, a, faults, report)
+        {
+            let name = w.to_possible_value().map(|v| v.get_name().to_string());
+            report
+                .problems
+                .push(format!("{}: {e:#}", name.unwrap_or_default()));
         }
     }
-
-    placement_workload(a, &mut cluster, main, honest, scale, report, say)?;
-
-    audits_workload(a, &mut cluster, main, honest, &timeout, scale, report, say)?;
-
-    dishonest_workload(
-        a,
-        &mut cluster,
-        honest,
-        &timeout,
-        &op,
-        dishonest_faults,
-        scale,
-        report,
-        say,
-    )?;
-
-    failures_workload(a, &mut cluster, main, scale, report, say);
     if let Err(e) = cluster.save_logs(&out.join("logs")) {
         say(&format!("could not save the logs: {e}"));
     }
@@ -570,8 +439,67 @@ fn local(
     Ok(())
 }
 
-/// Runs beacon-node against llama-server, same model and settings (when a llama-server is given).
-#[allow(clippy::too_many_arguments)]
+/// Runs workload `w` on the cluster: its result and its checks into the report.
+fn on_cluster(
+    w: Workload,
+    ctx: &mut Ctx,
+    a: &RunArgs,
+    faults: &[&str],
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    match w {
+        Workload::Engine => {}
+        Workload::Chat => {
+            let c = chat::run(ctx)?;
+            report.checks.extend(chat::checks(&c));
+            report.chat = Some(c);
+        }
+        Workload::Minions => {
+            let supervisor = match (&a.remote_base_url, &a.remote_model) {
+                (Some(url), Some(model)) => minions::Supervisor::Remote {
+                    url: url.clone(),
+                    model: model.clone(),
+                },
+                // The supervisor and the providers take turns (plan, jobs, aggregate): it
+                // may use every core.
+                _ => minions::Supervisor::Local {
+                    gguf: a
+                        .supervisor_model
+                        .clone()
+                        .or_else(|| a.model.clone())
+                        .unwrap_or_else(beacon_harness::models::default_test_model),
+                    threads: cores(),
+                },
+            };
+            let m = minions::run(ctx, &supervisor)?;
+            report.checks.extend(minions::checks(&m));
+            report.minions = Some(m);
+        }
+        Workload::Placement => {
+            let p = placement::run(ctx)?;
+            report.checks.extend(placement::checks(&p));
+            report.placement = Some(p);
+        }
+        Workload::Audits => {
+            let c = audits::run(ctx)?;
+            report.checks.extend(audits::checks(&c, ctx.quick));
+            report.audits = Some(c);
+        }
+        Workload::Dishonest => {
+            let d = dishonest::run(ctx, faults)?;
+            report.checks.extend(dishonest::checks(&d));
+            report.dishonest = Some(d);
+        }
+        Workload::Failures => {
+            let f = failures::run(ctx)?;
+            report.checks.extend(failures::checks(&f));
+            report.failures = f;
+        }
+    }
+    Ok(())
+}
+
+/// beacon-node against llama-server, same model and settings (when a llama-server is given).
 fn engine_workload(
     a: &RunArgs,
     bins: &Binaries,
@@ -580,315 +508,34 @@ fn engine_workload(
     report: &mut Report,
     say: &dyn Fn(&str),
 ) {
-    if !wants(a, Workload::Engine) {
-        return;
-    }
-    match &a.llama_server {
-        Some(server) => {
-            say("engine: beacon-node against llama-server, same model and settings");
-            match engine::run(
-                bins,
-                server,
-                model,
-                a.parallel,
-                cores(),
-                &scale.concurrency,
-                scale.per_client,
-                scale.max_tokens,
-                say,
-            ) {
-                Ok(e) => {
-                    let errors: usize = e
-                        .levels
-                        .iter()
-                        .map(|l| l.beacon.errors + l.llama_server.errors)
-                        .sum();
-                    report.check(
-                        "engine answered every request",
-                        errors == 0,
-                        format!("{errors} requests failed (both servers)"),
-                    );
-                    report.engine = Some(e);
-                }
-                Err(e) => report.problems.push(format!("engine: {e:#}")),
-            }
-        }
-        None => {
-            report.engine_skipped = Some(
-                "no llama-server to compare with: pass --llama-server (`ops/bench-inference.sh` builds one)".into(),
-            )
-        }
-    }
-}
-
-/// Chat load through the router and to the provider in its region, same run.
-#[allow(clippy::too_many_arguments)]
-fn chat_workload(
-    a: &RunArgs,
-    cluster: &Cluster,
-    main: usize,
-    op: &str,
-    scale: &Scale,
-    report: &mut Report,
-    say: &dyn Fn(&str),
-) -> anyhow::Result<()> {
-    if !wants(a, Workload::Chat) {
-        return Ok(());
-    }
-    let routed = Target {
-        name: "router",
-        base: cluster.routers[main].url(""),
-        pid: 0,
-    };
-    let near = cluster
-        .providers
-        .iter()
-        .find(|p| p.region == op)
-        .context("no provider in the operator's region")?;
-    let direct = Target {
-        name: "the provider in the router's region",
-        base: format!("http://{}", near.http),
-        pid: 0,
-    };
-    let c = suite::chat(&routed, Some(&direct), scale, say);
-    let errors: usize = c.levels.iter().map(|l| l.routed.errors).sum();
-    report.check(
-        "chat load without failures",
-        errors == 0,
-        format!("{errors} routed requests failed with every provider up"),
-    );
-    report.chat = Some(c);
-    Ok(())
-}
-
-/// Placement and residency: a router pinned to each region, against the unpinned one.
-#[allow(clippy::too_many_arguments)]
-fn placement_workload(
-    a: &RunArgs,
-    cluster: &mut Cluster,
-    main: usize,
-    honest: usize,
-    scale: &Scale,
-    report: &mut Report,
-    say: &dyn Fn(&str),
-) -> anyhow::Result<()> {
-    if !wants(a, Workload::Placement) {
-        return Ok(());
-    }
-    let regions = cluster.wan.regions().to_vec();
-    let mut pinned = Vec::new();
-    for r in &regions {
-        let i = cluster.add_router(&["--audit-rate", "0", "--allowed-regions", r], honest)?;
-        pinned.push((r.clone(), i));
-    }
-    let p = suite::placement(cluster, main, &pinned, scale, say);
-    let worst = p
-        .pinned
-        .iter()
-        .map(|r| r.in_region_share)
-        .fold(1.0, f64::min);
-    report.check(
-        "residency: pinned work stays in its region",
-        worst >= 1.0,
-        format!(
-            "lowest share of answers from inside the pinned region: {:.0}%",
-            worst * 100.0
-        ),
-    );
-    report.placement = Some(p);
-    for (_, i) in pinned.into_iter().rev() {
-        cluster.remove_router(i);
-    }
-    Ok(())
-}
-
-/// What audits at the default rate cost honest traffic, against a router that never audits.
-#[allow(clippy::too_many_arguments)]
-fn audits_workload(
-    a: &RunArgs,
-    cluster: &mut Cluster,
-    main: usize,
-    honest: usize,
-    timeout: &str,
-    scale: &Scale,
-    report: &mut Report,
-    say: &dyn Fn(&str),
-) -> anyhow::Result<()> {
-    if !wants(a, Workload::Audits) {
-        return Ok(());
-    }
-    // The router's default rate (`--audit-rate` 0.05), stated so the report says it.
-    const DEFAULT_AUDIT_RATE: f64 = 0.05;
-    let rate = DEFAULT_AUDIT_RATE.to_string();
-    let auditing = cluster.add_router(
-        &["--audit-rate", &rate, "--attempt-timeout", timeout],
-        honest,
-    )?;
-    let c = suite::audit_cost(cluster, auditing, main, DEFAULT_AUDIT_RATE, scale, say);
-    // A quick run sends a few dozen requests: at a 5 % rate that is one or two audits,
-    // too few for a share to mean anything, so only the full run checks it.
-    if !a.quick {
-        report.check(
-            "audits cost at most 10 % of served tokens",
-            c.audits > 0.0 && c.cost_share <= 0.10,
-            format!(
-                "{:.0} audits scored {:.0} tokens: {:.1} % of {:.0} served",
-                c.audits,
-                c.audit_tokens,
-                100.0 * c.cost_share,
-                c.served_tokens
-            ),
+    let Some(server) = &a.llama_server else {
+        report.engine_skipped = Some(
+            "no llama-server to compare with: pass --llama-server (`ops/bench-inference.sh` builds one)".into(),
         );
-    }
-    report.audits = Some(c);
-    cluster.remove_router(auditing);
-    Ok(())
-}
-
-/// One dishonest provider per attack next to the honest ones, behind an auditing router.
-#[allow(clippy::too_many_arguments)]
-fn dishonest_workload(
-    a: &RunArgs,
-    cluster: &mut Cluster,
-    honest: usize,
-    timeout: &str,
-    op: &str,
-    dishonest_faults: &[&str],
-    scale: &Scale,
-    report: &mut Report,
-    say: &dyn Fn(&str),
-) -> anyhow::Result<()> {
-    if !wants(a, Workload::Dishonest) {
-        return Ok(());
-    }
-    let rate = scale.audit_rate.to_string();
-    // Honest providers differ in thread count and batch shape, as on a real network
-    // (their logits differ a little): one more with two threads and one sequence, in
-    // full runs (a quick run keeps its time).
-    let shaped = if a.quick {
-        None
-    } else {
-        Some(cluster.add_provider_shaped(op, None, Some((2, 1)))?)
-    };
-    let auditor = cluster.add_router(
-        &["--audit-rate", &rate, "--attempt-timeout", timeout],
-        honest + usize::from(shaped.is_some()),
-    )?;
-    let other = cluster
-        .wan
-        .regions()
-        .iter()
-        .find(|r| **r != op)
-        .cloned()
-        .unwrap_or(op.to_string());
-    // The tampering provider sits next to the router, where placement favours it; the
-    // others alternate between the far region and the router's.
-    let faults: Vec<(&str, &str)> = dishonest_faults
-        .iter()
-        .enumerate()
-        .map(|(i, f)| {
-            (
-                if i.is_multiple_of(2) {
-                    op
-                } else {
-                    other.as_str()
-                },
-                *f,
-            )
-        })
-        .collect();
-    match suite::dishonest(cluster, auditor, &faults, scale, say) {
-        Ok(d) => {
-            report.check(
-                "no honest provider quarantined",
-                d.false_quarantines == 0,
-                format!(
-                    "{} of {} honest providers quarantined",
-                    d.false_quarantines, d.honest
-                ),
-            );
-            let caught = d.providers.iter().filter(|v| v.caught()).count();
-            report.check(
-                "dishonest providers quarantined (a lying auditor: or never given a vote)",
-                caught == d.providers.len(),
-                format!(
-                    "{caught} of {} within {} requests",
-                    d.providers.len(),
-                    d.requests
-                ),
-            );
-            report.dishonest = Some(d);
-        }
-        Err(e) => report.problems.push(format!("dishonest: {e:#}")),
-    }
-    cluster.remove_router(auditor);
-    if let Some(i) = shaped {
-        cluster.kill_provider(i);
-    }
-    Ok(())
-}
-
-/// Providers killed, partitioned and restarted under load.
-#[allow(clippy::too_many_arguments)]
-fn failures_workload(
-    a: &RunArgs,
-    cluster: &mut Cluster,
-    main: usize,
-    scale: &Scale,
-    report: &mut Report,
-    say: &dyn Fn(&str),
-) {
-    if !wants(a, Workload::Failures) {
         return;
-    }
-    match suite::failures(cluster, main, scale, say) {
-        Ok(f) => {
-            for r in &f {
-                report.check(
-                    &format!("every request completes: {}", r.scenario),
-                    r.failed == 0,
-                    format!(
-                        "{} of {} completed, {} retries",
-                        r.completed, r.requests, r.retries
-                    ),
-                );
-                report.check(
-                    &format!("every provider back after: {}", r.scenario),
-                    r.rejoined,
-                    if r.rejoined {
-                        "placed on again within two minutes".into()
-                    } else {
-                        "a provider could not be placed on two minutes later".into()
-                    },
-                );
-            }
-            report.failures = f;
+    };
+    say("engine: beacon-node against llama-server, same model and settings");
+    match engine::run(
+        bins,
+        server,
+        model,
+        a.parallel,
+        cores(),
+        &scale.concurrency,
+        scale.per_client,
+        scale.max_tokens,
+        say,
+    ) {
+        Ok(e) => {
+            report.checks.extend(engine::checks(&e));
+            report.engine = Some(e);
         }
-        Err(e) => report.problems.push(format!("failures: {e:#}")),
+        Err(e) => report.problems.push(format!("engine: {e:#}")),
     }
 }
 
 fn wants(a: &RunArgs, w: Workload) -> bool {
     a.only.is_empty() || a.only.contains(&w)
-}
-
-/// The suite's workloads, as `--only` names them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-enum Workload {
-    /// beacon-node against llama-server, same model and settings.
-    Engine,
-    /// Chat load through the router and direct.
-    Chat,
-    /// MinionS jobs and their remote-only baseline.
-    Minions,
-    /// Placement and residency.
-    Placement,
-    /// What audits cost honest traffic.
-    Audits,
-    /// One dishonest provider per attack.
-    Dishonest,
-    /// Providers killed, partitioned and restarted under load.
-    Failures,
 }
 
 fn main() -> anyhow::Result<()> {

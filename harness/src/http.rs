@@ -110,8 +110,16 @@ pub fn http_within(
     }
 }
 
+/// Waits until `addr` answers `GET path` with any HTTP status; panics after `timeout`.
+pub fn wait_for_http(addr: SocketAddr, path: &str, timeout: Duration) {
+    assert!(
+        http_up(addr, path, timeout),
+        "{addr}{path} did not answer within {timeout:?}"
+    );
+}
+
 /// Waits until `addr` answers `GET path` with any HTTP status; false when `timeout` passes.
-pub fn wait_for_http(addr: SocketAddr, path: &str, timeout: Duration) -> bool {
+pub fn http_up(addr: SocketAddr, path: &str, timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;
     loop {
         if let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {

@@ -10,6 +10,7 @@ use beacon_net::{NetEvent, Network, NetworkConfig};
 use beacon_proto::{ChatMessage, Digest, InferRequest, Keypair, PeerId, Role, Sampling};
 
 use crate::NodeServer;
+use crate::models::TEST_MODEL_REF;
 
 /// A node's identity, data-plane address and test-model digest.
 pub fn provider_of(node: &NodeServer) -> (PeerId, SocketAddr, Digest) {
@@ -20,7 +21,7 @@ pub fn provider_of(node: &NodeServer) -> (PeerId, SocketAddr, Digest) {
 
 /// A 12-token request that asks the model to say `word`.
 pub fn request(digest: Digest, word: &str) -> InferRequest {
-    crate::infer_request(
+    infer_request(
         digest,
         vec![ChatMessage {
             role: Role::User,
@@ -149,5 +150,56 @@ pub async fn stalled_streams(
         _endpoint: endpoint,
         conn,
         streams,
+    }
+}
+
+/// A data-plane request for the test model (`digest`), asking for token ids back.
+pub fn infer_request(
+    digest: beacon_proto::Digest,
+    messages: Vec<beacon_proto::ChatMessage>,
+    sampling: beacon_proto::Sampling,
+) -> beacon_proto::InferRequest {
+    beacon_proto::InferRequest {
+        prompt: None,
+        request_id: beacon_proto::Id::random(),
+        job_id: None,
+        model: beacon_proto::ModelSpec {
+            reference: TEST_MODEL_REF.into(),
+            digest,
+        },
+        messages,
+        sampling,
+        json_schema: None,
+        deadline_ms: None,
+        return_tokens: true,
+    }
+}
+
+/// An advert of `peer` that serves nothing (for tests that publish their own, honest or
+/// forged).
+pub fn advert_of(
+    peer: beacon_proto::PeerId,
+    timestamp_ms: u64,
+    seq: u64,
+) -> beacon_proto::ProviderAdvert {
+    beacon_proto::ProviderAdvert {
+        peer_id: peer,
+        region: "test-region".into(),
+        listen_addrs: vec![],
+        data_plane: Some("127.0.0.1:1".into()),
+        version: "test".into(),
+        accelerators: vec![],
+        host: beacon_proto::HostInfo::default(),
+        engines: vec![],
+        models: vec![],
+        slots: beacon_proto::Slots {
+            total: 1,
+            busy: 0,
+            queued: 0,
+        },
+        throughput: vec![],
+        price: None,
+        seq,
+        timestamp_ms,
     }
 }

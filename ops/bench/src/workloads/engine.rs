@@ -3,18 +3,22 @@
 //! threads, measured in the same run with the same client. Both run on loopback in this
 //! namespace, one at a time under load.
 
+use std::fmt::Write as _;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use plotters::prelude::*;
 use serde::Serialize;
 
-use crate::cluster::{Binaries, Proc, tail};
-use crate::http::wait_for_http;
-use crate::load::{Load, MODEL, Target, run_load};
-use crate::suite::question;
+use super::{Check, Section, question};
+use crate::chart::{Svg, err, legend, line};
+use beacon_harness::load::{Load, Target, run_load};
+use beacon_harness::node::{NodeCli, NodeServer, Serve};
+use beacon_harness::proc::{ChildGuard, tail};
+use beacon_harness::{Binaries, TEST_MODEL_REF};
 
 /// Context per sequence, both servers.
 const CTX_PER_SEQUENCE: usize = 2048;
@@ -59,11 +63,11 @@ fn start_llama_server(
     p: &str,
     t: &str,
     dir: &Path,
-) -> anyhow::Result<(Proc, SocketAddr)> {
+) -> anyhow::Result<(ChildGuard, SocketAddr)> {
     let llama_addr = free_addr()?;
     let llama_log = dir.join("llama-server.log");
     let total_ctx = (parallel * CTX_PER_SEQUENCE).to_string();
-    let llama = Proc::spawn(
+    let llama = ChildGuard::spawn(
         Command::new(llama_server)
             .arg("-m")
             .arg(model)
@@ -75,7 +79,8 @@ fn start_llama_server(
     .with_context(|| format!("starting {}", llama_server.display()))?;
     // llama-server answers 503 while it loads: wait for its health to say ok.
     let healthy = (0..240).any(|_| {
-        let ok = crate::http::http("GET", &format!("http://{llama_addr}/health"), None, &[]).status
+        let ok = beacon_harness::http("GET", &format!("http://{llama_addr}/health"), None, &[])
+            .status
             == 200;
         if !ok {
             std::thread::sleep(Duration::from_millis(500));
@@ -103,48 +108,33 @@ pub fn run(
     max_tokens: u32,
     say: &dyn Fn(&str),
 ) -> anyhow::Result<EngineResult> {
-    let data = tempfile::Builder::new()
-        .prefix("beacon-bench-engine")
-        .tempdir()?;
-    let node_cmd = || {
-        let mut c = Command::new(&bins.node);
-        c.env("BEACON_DATA_DIR", data.path())
-            .env("DOCKER_CONFIG", data.path().join("docker"))
-            .env("BEACON_LOG", "warn")
-            .env("SOURCE_DATE_EPOCH", "1700000000")
-            .env_remove("BEACON_FAULT");
-        c
-    };
-    let out = node_cmd()
-        .args(["model", "package", "--gguf"])
-        .arg(model)
-        .arg(MODEL)
-        .output()
-        .context("running beacon-node model package")?;
-    if !out.status.success() {
-        bail!("packaging: {}", String::from_utf8_lossy(&out.stderr));
-    }
+    let cli = NodeCli::with_program(bins.node.clone());
+    cli.package(model, TEST_MODEL_REF)?;
     let (p, t, ctx) = (
         parallel.to_string(),
         threads.to_string(),
         CTX_PER_SEQUENCE.to_string(),
     );
-    let node_addr = free_addr()?;
-    let node_log = data.path().join("engine-node.log");
-    let _node = Proc::spawn(
-        node_cmd()
-            .args(["serve", "--no-network", "--keep-alive=-1", "--listen"])
-            .arg(node_addr.to_string())
-            .args(["--parallel", &p, "--ctx-size", &ctx, "--threads", &t]),
-        &node_log,
-    )
-    .context("starting beacon-node")?;
+    let node = NodeServer::launch(
+        cli,
+        Serve {
+            wait: Duration::from_secs(60),
+            env: vec![("BEACON_LOG".into(), "warn".into())],
+            ..Serve::loopback(&[
+                "--no-network",
+                "--keep-alive=-1",
+                "--parallel",
+                &p,
+                "--ctx-size",
+                &ctx,
+                "--threads",
+                &t,
+            ])
+        },
+    )?;
+    let node_addr = node.addr;
     let (_llama, llama_addr) =
-        start_llama_server(llama_server, model, parallel, &p, &t, data.path())?;
-    if !wait_for_http(node_addr, "/healthz", Duration::from_secs(60)) {
-        let log = std::fs::read_to_string(&node_log).unwrap_or_default();
-        bail!("beacon-node did not start:\n{}", tail(&log, 20));
-    }
+        start_llama_server(llama_server, model, parallel, &p, &t, node.cli.data.path())?;
     let targets = [
         Target {
             name: "beacon-node",
@@ -190,4 +180,93 @@ pub fn run(
         out.levels.push(level);
     }
     Ok(out)
+}
+
+pub fn checks(e: &EngineResult) -> Vec<Check> {
+    let errors: usize = e
+        .levels
+        .iter()
+        .map(|l| l.beacon.errors + l.llama_server.errors)
+        .sum();
+    vec![Check::new(
+        "engine answered every request",
+        errors == 0,
+        format!("{errors} requests failed (both servers)"),
+    )]
+}
+
+pub fn render(e: &EngineResult) -> Section {
+    let mut m = String::new();
+    markdown(&mut m, e);
+    Section {
+        markdown: m,
+        figure: Some(("engine.svg", figure(e))),
+    }
+}
+
+fn markdown(m: &mut String, e: &EngineResult) {
+    let _ = writeln!(
+        m,
+        "\n## Engine\n\nbeacon-node off the network against llama.cpp's own server (`{}`), same \
+         model, {} parallel sequences, {} threads, {}-token answers, one server under load at a \
+         time, same client.\n",
+        e.llama_server, e.parallel, e.threads, e.max_tokens
+    );
+    let _ = writeln!(
+        m,
+        "| concurrency | beacon-node tok/s | llama-server tok/s | ratio | beacon-node p50 / p99 ms | llama-server p50 / p99 ms | errors |\n|---|---|---|---|---|---|---|"
+    );
+    for l in &e.levels {
+        let _ = writeln!(
+            m,
+            "| {} | {:.1} | {:.1} | {:.2}x | {:.0} / {:.0} | {:.0} / {:.0} | {} / {} |",
+            l.concurrency,
+            l.beacon.tokens_per_second,
+            l.llama_server.tokens_per_second,
+            l.ratio(),
+            l.beacon.p50_ms,
+            l.beacon.p99_ms,
+            l.llama_server.p50_ms,
+            l.llama_server.p99_ms,
+            l.beacon.errors,
+            l.llama_server.errors
+        );
+    }
+    let _ = writeln!(m, "\n![engine throughput](engine.svg)");
+}
+
+fn figure(e: &EngineResult) -> Svg {
+    let mut s = String::new();
+    {
+        let root = SVGBackend::with_string(&mut s, (600, 360)).into_drawing_area();
+        root.fill(&WHITE).map_err(err)?;
+        let max_c = e.levels.iter().map(|l| l.concurrency).max().unwrap_or(1) as f64;
+        let pts = |f: &dyn Fn(&EngineLevel) -> f64| -> Vec<(f64, f64)> {
+            e.levels
+                .iter()
+                .map(|l| (l.concurrency as f64, f(l)))
+                .collect()
+        };
+        let beacon = pts(&|l| l.beacon.tokens_per_second);
+        let llama = pts(&|l| l.llama_server.tokens_per_second);
+        let top = beacon.iter().chain(&llama).map(|p| p.1).fold(1.0, f64::max) * 1.15;
+        let mut chart = ChartBuilder::on(&root)
+            .caption("Engine throughput", ("sans-serif", 18))
+            .margin(12)
+            .x_label_area_size(36)
+            .y_label_area_size(52)
+            .build_cartesian_2d(0.5..max_c + 0.5, 0.0..top)
+            .map_err(err)?;
+        chart
+            .configure_mesh()
+            .x_desc("concurrency")
+            .y_desc("tokens/s")
+            .draw()
+            .map_err(err)?;
+        line(&mut chart, "beacon-node", &beacon, RED)?;
+        line(&mut chart, "llama-server (baseline)", &llama, BLUE)?;
+        legend(&mut chart, SeriesLabelPosition::UpperLeft)?;
+        root.present().map_err(err)?;
+    }
+    Ok(s)
 }

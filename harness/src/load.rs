@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+use crate::models::TEST_MODEL_REF;
+
 /// A server under load.
 pub struct Target {
     pub name: &'static str,
@@ -18,9 +20,6 @@ pub struct Target {
     pub base: String,
     pub pid: u32,
 }
-
-/// The model name every request asks for (the test model's reference).
-pub const MODEL: &str = "ai/smollm2:test";
 
 /// One request's outcome.
 #[derive(Clone, Debug, Default, serde::Serialize)]
@@ -109,7 +108,7 @@ pub async fn chat(
     stream: bool,
 ) -> Sample {
     let mut body = serde_json::json!({
-        "model": MODEL,
+        "model": TEST_MODEL_REF,
         "messages": messages,
         "max_tokens": max_tokens,
         "temperature": 0,
