@@ -1,17 +1,18 @@
 //! Child processes that cannot outlive their harness: killed (SIGKILL) when their guard
-//! drops, and by the kernel when the thread that started them dies however it dies (the
+//! drops, and by the kernel when the harness's process dies however it dies (the
 //! parent-death signal), so an interrupted test or benchmark leaves no node behind.
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::sync::{Mutex, OnceLock};
 
 /// Kills its child when dropped.
 pub struct ChildGuard(pub Child);
 
 impl ChildGuard {
     /// Starts `c` with the parent-death signal set, its stderr appended to `log` and its
-    /// stdout dropped. The kernel kills it when the thread that started it exits: start it
-    /// from the thread that owns the guard (a test's own, or a benchmark's main thread).
+    /// stdout dropped.
     #[allow(unsafe_code)] // prctl in pre_exec, SAFETY below
     pub fn spawn(c: &mut Command, log: &Path) -> std::io::Result<ChildGuard> {
         use std::os::unix::process::CommandExt;
@@ -26,7 +27,9 @@ impl ChildGuard {
                 Ok(())
             });
         }
-        Ok(ChildGuard(c.stdout(Stdio::null()).stderr(log).spawn()?))
+        c.stdout(Stdio::null()).stderr(log);
+        let c = std::mem::replace(c, Command::new("true"));
+        Ok(ChildGuard(spawn_from_keeper(c)?))
     }
 
     pub fn id(&self) -> u32 {
@@ -44,6 +47,37 @@ impl Drop for ChildGuard {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// A spawn request for the keeper thread, and where its child goes.
+type Job = (Command, mpsc::Sender<std::io::Result<Child>>);
+
+/// Spawns `c` from one thread that lives as long as this process. The kernel sends the
+/// parent-death signal when the *thread* that forked a child exits, and tests start nodes
+/// from threads that end before the node should (tokio's blocking pool, helper threads):
+/// forked from the keeper, a child dies exactly when the process does.
+fn spawn_from_keeper(c: Command) -> std::io::Result<Child> {
+    static KEEPER: OnceLock<Mutex<mpsc::Sender<Job>>> = OnceLock::new();
+    let keeper = KEEPER.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("harness-spawner".into())
+            .spawn(move || {
+                for (mut c, reply) in rx {
+                    let _ = reply.send(c.spawn());
+                }
+            })
+            .expect("the harness's spawner thread");
+        Mutex::new(tx)
+    });
+    let (tx, rx) = mpsc::channel();
+    keeper
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .send((c, tx))
+        .map_err(|_| std::io::Error::other("the harness's spawner thread is gone"))?;
+    rx.recv()
+        .map_err(|_| std::io::Error::other("the harness's spawner thread is gone"))?
 }
 
 /// The last `n` lines of a log.
