@@ -8,6 +8,16 @@ use serde_json::Value;
 
 use crate::{ChatMessage, Role};
 
+/// Sampling defaults of the OpenAI surface where a request leaves a field out: llama.cpp
+/// server's, which the node's API follows and the router applies too, so that a request
+/// sent to a provider directly and the same request routed draw from one distribution.
+pub mod defaults {
+    pub const TEMPERATURE: f32 = 0.8;
+    pub const TOP_P: f32 = 1.0;
+    pub const TOP_K: u32 = 40;
+    pub const MIN_P: f32 = 0.05;
+}
+
 /// One message of a chat request.
 #[derive(Clone, Debug, Deserialize)]
 pub struct Message {

@@ -15,8 +15,11 @@ pub async fn write_frame<T: Wire, W: AsyncWrite + Unpin>(
     let bytes = value.encode()?;
     let len =
         u32::try_from(bytes.len()).map_err(|_| NetError::Protocol("frame too large".into()))?;
-    out.write_all(&len.to_be_bytes()).await?;
-    out.write_all(&bytes).await?;
+    // One write: on a QUIC stream each write may leave as a packet of its own.
+    let mut frame = Vec::with_capacity(4 + bytes.len());
+    frame.extend_from_slice(&len.to_be_bytes());
+    frame.extend_from_slice(&bytes);
+    out.write_all(&frame).await?;
     Ok(())
 }
 

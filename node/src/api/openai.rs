@@ -15,7 +15,7 @@ use futures::{Stream, StreamExt};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use beacon_proto::openai::Unserved;
+use beacon_proto::openai::{Unserved, defaults};
 
 use super::{ApiError, AppState, body_json, parse_value};
 use crate::engine::{Event, GenerateRequest, OutputFormat, Prompt};
@@ -97,10 +97,10 @@ impl Params {
             Some(StopField::Many(v)) => v.clone(),
         };
         let sampling = Sampling {
-            temperature: self.temperature.unwrap_or(0.8),
-            top_p: self.top_p.unwrap_or(1.0),
-            top_k: self.top_k.unwrap_or(40),
-            min_p: self.min_p.unwrap_or(0.05),
+            temperature: self.temperature.unwrap_or(defaults::TEMPERATURE),
+            top_p: self.top_p.unwrap_or(defaults::TOP_P),
+            top_k: self.top_k.unwrap_or(defaults::TOP_K),
+            min_p: self.min_p.unwrap_or(defaults::MIN_P),
             max_tokens: self
                 .max_completion_tokens
                 .or(self.max_tokens)

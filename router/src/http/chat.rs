@@ -13,6 +13,7 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::sse::Event;
 use axum::response::{IntoResponse, Response};
+use beacon_proto::openai::defaults;
 use beacon_proto::{ChatMessage, Digest, Id, InferRequest, ModelSpec, Sampling};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -70,6 +71,11 @@ struct ChatBody {
     temperature: Option<f32>,
     #[serde(default)]
     top_p: Option<f32>,
+    /// llama.cpp's sampling extensions, as a provider's own API takes them.
+    #[serde(default)]
+    top_k: Option<u32>,
+    #[serde(default)]
+    min_p: Option<f32>,
     #[serde(default)]
     seed: Option<u64>,
     #[serde(default)]
@@ -203,7 +209,7 @@ fn to_request(
         }
         Endpoint::Chat => (chat_messages(body)?, None),
     };
-    let temperature = body.temperature.unwrap_or(1.0);
+    let temperature = body.temperature.unwrap_or(defaults::TEMPERATURE);
     if !(0.0..=2.0).contains(&temperature) {
         return Err(ApiError::bad("temperature", "must be between 0 and 2"));
     }
@@ -236,7 +242,9 @@ fn to_request(
         messages,
         sampling: Sampling {
             temperature,
-            top_p: body.top_p.unwrap_or(1.0),
+            top_p: body.top_p.unwrap_or(defaults::TOP_P),
+            top_k: body.top_k.unwrap_or(defaults::TOP_K),
+            min_p: body.min_p.unwrap_or(defaults::MIN_P),
             max_tokens: body.max_tokens.unwrap_or(512).clamp(1, 8192),
             // The router chooses the seed (unless the client asks for one), so a sampled
             // answer can be replayed by an auditor.
@@ -246,7 +254,6 @@ fn to_request(
                 Some(Stop::One(s)) => vec![s.clone()],
                 Some(Stop::Many(v)) => v.iter().take(4).cloned().collect(),
             },
-            ..Sampling::default()
         },
         json_schema,
         deadline_ms: None,
@@ -658,4 +665,43 @@ async fn fallback(
     r = r.header("x-beacon-route", "remote");
     Ok(r.body(Body::from_stream(stream))
         .unwrap_or_else(|_| StatusCode::BAD_GATEWAY.into_response()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(body: Value) -> InferRequest {
+        let body: ChatBody = serde_json::from_value(body).unwrap();
+        let Ok(r) = to_request(Endpoint::Chat, &body, Digest::of(b"model")) else {
+            panic!("refused")
+        };
+        r
+    }
+
+    #[test]
+    fn sampling_defaults_and_extensions_are_the_providers() {
+        // Left out: the provider API's defaults, so routed and direct draw alike.
+        let r = request(json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]}));
+        let s = &r.sampling;
+        assert_eq!(
+            (s.temperature, s.top_p, s.top_k, s.min_p),
+            (
+                defaults::TEMPERATURE,
+                defaults::TOP_P,
+                defaults::TOP_K,
+                defaults::MIN_P
+            )
+        );
+        // llama.cpp's extensions pass through, and are checked like the rest.
+        let r = request(
+            json!({"model": "m", "messages": [{"role": "user", "content": "hi"}],
+            "temperature": 0.5, "top_k": 7, "min_p": 0.2}),
+        );
+        assert_eq!((r.sampling.top_k, r.sampling.min_p), (7, 0.2));
+        let body: ChatBody = serde_json::from_value(json!({"model": "m",
+            "messages": [{"role": "user", "content": "hi"}], "min_p": 3.0}))
+        .unwrap();
+        assert!(to_request(Endpoint::Chat, &body, Digest::of(b"model")).is_err());
+    }
 }
