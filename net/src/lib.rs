@@ -4,13 +4,16 @@
 //!   signed adverts), one swarm task behind the [`p2p::Network`] handle;
 //! - [`directory`]: the live table of providers built from adverts, expiring silent ones;
 //! - [`quic`]: the QUIC data plane with identity-key TLS: a provider's server loop and a
-//!   pooling client.
+//!   pooling client;
+//! - [`http`] and [`api`]: how both HTTP APIs are served, and the OpenAI-shaped error they
+//!   answer with.
 //!
 //! It lives in its own crate because both `beacon-node` (serving) and `beacon-router`
 //! (calling) need it, and they must not depend on each other; `beacon-proto` stays free of
 //! I/O.
 
 pub mod addr;
+pub mod api;
 pub mod directory;
 pub mod http;
 pub mod identity;

@@ -1,57 +1,14 @@
-//! The one place errors become HTTP: status code plus an OpenAI-shaped body
-//! `{"error":{"message","type","param","code"}}` with a stable `type`.
+//! The one place the node's errors become HTTP: each layer's error mapped to the
+//! OpenAI-shaped [`ApiError`] both APIs answer with (`beacon_net::api`), with a stable
+//! `type`.
 
-use axum::Json;
-use axum::http::{HeaderValue, StatusCode, header};
-use axum::response::{IntoResponse, Response};
-use serde_json::json;
+use axum::http::StatusCode;
 
 use crate::engine::EngineError;
 use crate::scheduler::SchedError;
 use crate::store::StoreError;
 
-#[derive(Debug)]
-pub struct ApiError {
-    pub status: StatusCode,
-    pub kind: &'static str,
-    pub message: String,
-    pub param: Option<String>,
-    pub retry_after: Option<u64>,
-}
-
-impl ApiError {
-    pub fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
-        ApiError {
-            status,
-            kind,
-            message: message.into(),
-            param: None,
-            retry_after: None,
-        }
-    }
-    pub fn bad_request(param: impl Into<String>, message: impl Into<String>) -> Self {
-        ApiError {
-            param: Some(param.into()),
-            ..Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message)
-        }
-    }
-    pub fn not_found(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::NOT_FOUND, "not_found_error", message)
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let body = json!({"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.status.as_u16()}});
-        let mut resp = (self.status, Json(body)).into_response();
-        if let Some(s) = self.retry_after
-            && let Ok(v) = HeaderValue::from_str(&s.to_string())
-        {
-            resp.headers_mut().insert(header::RETRY_AFTER, v);
-        }
-        resp
-    }
-}
+pub use beacon_net::api::ApiError;
 
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {

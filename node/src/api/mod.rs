@@ -257,17 +257,7 @@ pub(crate) fn parse_body<T: DeserializeOwned>(
 pub(crate) fn body_json(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<serde_json::Value, ApiError> {
-    let bytes = body.map_err(|e| {
-        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "invalid_request_error",
-                "request body is too large",
-            )
-        } else {
-            ApiError::bad_request("body", e.body_text())
-        }
-    })?;
+    let bytes = beacon_net::api::read_body(body)?;
     serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::bad_request("body", format!("malformed JSON: {e}")))
 }

@@ -141,7 +141,7 @@ enum Stop {
 
 fn parse(bytes: &Bytes) -> Result<(ChatBody, Value), ApiError> {
     let value: Value = serde_json::from_slice(bytes)
-        .map_err(|e| ApiError::bad("body", format!("malformed JSON: {e}")))?;
+        .map_err(|e| ApiError::bad_request("body", format!("malformed JSON: {e}")))?;
     let body: ChatBody = read_value(&value)?;
     Ok((body, value))
 }
@@ -150,7 +150,7 @@ fn parse(bytes: &Bytes) -> Result<(ChatBody, Value), ApiError> {
 fn read_value<T: serde::de::DeserializeOwned>(value: &Value) -> Result<T, ApiError> {
     serde_path_to_error::deserialize(value.clone()).map_err(|e| {
         let p = e.path().to_string();
-        ApiError::bad(
+        ApiError::bad_request(
             if p == "." { "body" } else { &p },
             e.into_inner().to_string(),
         )
@@ -176,7 +176,7 @@ fn chat_messages(body: &ChatBody) -> Result<Vec<ChatMessage>, ApiError> {
         .map(|(i, m)| {
             m.clone()
                 .into_chat(i)
-                .map_err(|(field, why)| ApiError::bad(&field, why))
+                .map_err(|(field, why)| ApiError::bad_request(&field, why))
         })
         .collect()
 }
@@ -186,11 +186,11 @@ fn text_prompt(body: &ChatBody) -> Result<String, ApiError> {
     match &body.prompt {
         Some(PromptField::One(p)) => Ok(p.clone()),
         Some(PromptField::Many(v)) if v.len() == 1 => Ok(v[0].clone()),
-        Some(PromptField::Many(_)) => Err(ApiError::bad(
+        Some(PromptField::Many(_)) => Err(ApiError::bad_request(
             "prompt",
             "exactly one prompt is served: send one request per prompt",
         )),
-        None => Err(ApiError::bad("prompt", "a prompt is required")),
+        None => Err(ApiError::bad_request("prompt", "a prompt is required")),
     }
 }
 
@@ -202,7 +202,7 @@ fn to_request(
     let (messages, prompt) = match endpoint {
         Endpoint::Completions => (Vec::new(), Some(text_prompt(body)?)),
         Endpoint::Chat if body.messages.is_empty() => {
-            return Err(ApiError::bad(
+            return Err(ApiError::bad_request(
                 "messages",
                 "at least one message is required",
             ));
@@ -211,7 +211,10 @@ fn to_request(
     };
     let temperature = body.temperature.unwrap_or(defaults::TEMPERATURE);
     if !(0.0..=2.0).contains(&temperature) {
-        return Err(ApiError::bad("temperature", "must be between 0 and 2"));
+        return Err(ApiError::bad_request(
+            "temperature",
+            "must be between 0 and 2",
+        ));
     }
     let json_schema = match &body.response_format {
         None => None,
@@ -220,11 +223,13 @@ fn to_request(
             Some("json_object") => Some(r#"{"type":"object"}"#.to_string()),
             Some("json_schema") => Some(
                 f.pointer("/json_schema/schema")
-                    .ok_or_else(|| ApiError::bad("response_format.json_schema.schema", "missing"))?
+                    .ok_or_else(|| {
+                        ApiError::bad_request("response_format.json_schema.schema", "missing")
+                    })?
                     .to_string(),
             ),
             _ => {
-                return Err(ApiError::bad(
+                return Err(ApiError::bad_request(
                     "response_format.type",
                     "must be text, json_object or json_schema",
                 ));
@@ -262,7 +267,7 @@ fn to_request(
     // The check providers apply: refused here with a 400 rather than by every provider.
     request
         .check()
-        .map_err(|e| ApiError::bad(e.field, e.to_string()))?;
+        .map_err(|e| ApiError::bad_request(e.field, e.to_string()))?;
     Ok(request)
 }
 
@@ -344,11 +349,11 @@ pub(super) async fn embeddings(
     let r = async {
         let bytes = read_body(body)?;
         let raw: Value = serde_json::from_slice(&bytes)
-            .map_err(|e| ApiError::bad("body", format!("malformed JSON: {e}")))?;
+            .map_err(|e| ApiError::bad_request("body", format!("malformed JSON: {e}")))?;
         let model = raw
             .get("model")
             .and_then(Value::as_str)
-            .ok_or_else(|| ApiError::bad("model", "a model is required"))?
+            .ok_or_else(|| ApiError::bad_request("model", "a model is required"))?
             .to_string();
         let reason = "the network does not serve embeddings";
         fallback(&state, Upstream::Embeddings, &model, raw, reason).await
@@ -405,7 +410,7 @@ async fn serve_inner(
         if state.remote.is_some() && fallback_refusal(state, &body.model).is_none() {
             return fallback(state, endpoint.into(), &body.model, raw, why).await;
         }
-        return Err(ApiError::bad(field, why));
+        return Err(ApiError::bad_request(field, why));
     }
     let request = to_request(endpoint, &body, digest)?;
     let span = tracing::Span::current();

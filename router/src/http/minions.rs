@@ -42,14 +42,14 @@ async fn job_inner(
     let mut de = serde_json::Deserializer::from_slice(&bytes);
     let request: JobRequest = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let p = e.path().to_string();
-        ApiError::bad(
+        ApiError::bad_request(
             if p == "." { "body" } else { &p },
             e.into_inner().to_string(),
         )
     })?;
     request
         .validate(&state.minions.limits)
-        .map_err(|e| ApiError::bad(&e.param, e.message))?;
+        .map_err(|e| ApiError::bad_request(&e.param, e.message))?;
     let stream = request.stream;
     let mut setup = resolve(state, request)?;
     // The operator's supervisor is spent against the client's budget (review H8); a job
@@ -185,7 +185,7 @@ fn local_model(
             match (digests.len(), models.keys().next()) {
                 (1, Some(name)) => name.clone(),
                 _ => {
-                    return Err(ApiError::bad(
+                    return Err(ApiError::bad_request(
                         "local_model",
                         format!(
                             "required: the network serves {}",
@@ -229,7 +229,7 @@ fn supervisor(state: &ApiState, r: &JobRequest) -> Result<(Remote, String, bool)
                 .is_some_and(|m| Some(m) != cfg.remote_model.as_ref())
     });
     if overrides && !cfg.allow_remote_override {
-        return Err(ApiError::bad(
+        return Err(ApiError::bad_request(
             "remote",
             "this router does not accept a supervisor or supervisor model in the request (its operator can allow it with --allow-remote-override); leave out base_url, api_key and model to use the router's supervisor",
         ));
@@ -237,14 +237,14 @@ fn supervisor(state: &ApiState, r: &JobRequest) -> Result<(Remote, String, bool)
     let own_supervisor = spec.as_ref().is_some_and(|s| s.base_url.is_some());
     let base = match spec.as_ref().and_then(|s| s.base_url.clone()) {
         Some(u) => {
-            check_override_url(&u).map_err(|why| ApiError::bad("remote.base_url", why))?;
+            check_override_url(&u).map_err(|why| ApiError::bad_request("remote.base_url", why))?;
             Remote {
                 base_url: u,
                 api_key: spec.as_ref().and_then(|s| s.api_key.clone()),
             }
         }
         None => state.remote.clone().ok_or_else(|| {
-            ApiError::bad(
+            ApiError::bad_request(
                 "remote",
                 "this router has no supervisor configured (--remote-base-url)",
             )
@@ -255,7 +255,7 @@ fn supervisor(state: &ApiState, r: &JobRequest) -> Result<(Remote, String, bool)
         .and_then(|s| s.model.clone())
         .or_else(|| cfg.remote_model.clone())
         .ok_or_else(|| {
-            ApiError::bad(
+            ApiError::bad_request(
                 "remote.model",
                 "required (the router has no --remote-model)",
             )
@@ -274,7 +274,7 @@ fn job_policy(state: &ApiState, r: &JobRequest) -> Result<crate::placement::Poli
             None => wanted,
         };
         if allowed.is_empty() {
-            return Err(ApiError::bad(
+            return Err(ApiError::bad_request(
                 "policy.allowed_regions",
                 "none of these regions is allowed by this router",
             ));
