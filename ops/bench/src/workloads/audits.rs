@@ -169,12 +169,7 @@ pub fn checks(c: &AuditCost, quick: bool) -> Vec<Check> {
 }
 
 pub fn render(c: &AuditCost) -> Section {
-    let mut m = String::new();
-    markdown(&mut m, c);
-    Section {
-        markdown: m,
-        figure: None,
-    }
+    Section::new(|m| markdown(m, c), None)
 }
 
 fn markdown(m: &mut String, c: &AuditCost) {

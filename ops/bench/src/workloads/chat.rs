@@ -145,12 +145,7 @@ pub fn checks(c: &ChatResult) -> Vec<Check> {
 }
 
 pub fn render(c: &ChatResult) -> Section {
-    let mut m = String::new();
-    markdown(&mut m, c);
-    Section {
-        markdown: m,
-        figure: Some(("chat.svg", figure(c))),
-    }
+    Section::new(|m| markdown(m, c), Some(("chat.svg", figure(c))))
 }
 
 fn markdown(m: &mut String, c: &ChatResult) {

@@ -300,12 +300,7 @@ pub fn checks(d: &DishonestResult) -> Vec<Check> {
 }
 
 pub fn render(d: &DishonestResult) -> Section {
-    let mut m = String::new();
-    markdown(&mut m, d);
-    Section {
-        markdown: m,
-        figure: None,
-    }
+    Section::new(|m| markdown(m, d), None)
 }
 
 fn markdown(m: &mut String, d: &DishonestResult) {

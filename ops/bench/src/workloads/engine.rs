@@ -196,12 +196,7 @@ pub fn checks(e: &EngineResult) -> Vec<Check> {
 }
 
 pub fn render(e: &EngineResult) -> Section {
-    let mut m = String::new();
-    markdown(&mut m, e);
-    Section {
-        markdown: m,
-        figure: Some(("engine.svg", figure(e))),
-    }
+    Section::new(|m| markdown(m, e), Some(("engine.svg", figure(e))))
 }
 
 fn markdown(m: &mut String, e: &EngineResult) {

@@ -274,12 +274,7 @@ pub fn checks(f: &[FailureResult]) -> Vec<Check> {
 }
 
 pub fn render(f: &[FailureResult]) -> Section {
-    let mut m = String::new();
-    markdown(&mut m, f);
-    Section {
-        markdown: m,
-        figure: Some(("failures.svg", figure(f))),
-    }
+    Section::new(|m| markdown(m, f), Some(("failures.svg", figure(f))))
 }
 
 fn markdown(m: &mut String, f: &[FailureResult]) {

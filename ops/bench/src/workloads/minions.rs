@@ -355,12 +355,10 @@ pub fn checks(m: &MinionsResult) -> Vec<Check> {
 
 /// Its section; the figure only when a job was answered.
 pub fn render(m: &MinionsResult) -> Section {
-    let mut md = String::new();
-    markdown(&mut md, m);
-    Section {
-        markdown: md,
-        figure: (m.completed > 0).then(|| ("minions.svg", figure(m))),
-    }
+    Section::new(
+        |md| markdown(md, m),
+        (m.completed > 0).then(|| ("minions.svg", figure(m))),
+    )
 }
 
 fn markdown(m: &mut String, r: &MinionsResult) {

@@ -146,6 +146,18 @@ pub struct Section {
     pub figure: Option<(&'static str, crate::chart::Svg)>,
 }
 
+impl Section {
+    /// The Markdown that `write` appends, and the figure, if any.
+    pub fn new(
+        write: impl FnOnce(&mut String),
+        figure: Option<(&'static str, crate::chart::Svg)>,
+    ) -> Section {
+        let mut markdown = String::new();
+        write(&mut markdown);
+        Section { markdown, figure }
+    }
+}
+
 /// What a workload on the cluster is given.
 pub struct Ctx<'a> {
     pub cluster: &'a mut Cluster,

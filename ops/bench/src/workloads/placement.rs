@@ -155,12 +155,7 @@ pub fn checks(p: &PlacementResult) -> Vec<Check> {
 }
 
 pub fn render(p: &PlacementResult) -> Section {
-    let mut m = String::new();
-    markdown(&mut m, p);
-    Section {
-        markdown: m,
-        figure: Some(("placement.svg", figure(p))),
-    }
+    Section::new(|m| markdown(m, p), Some(("placement.svg", figure(p))))
 }
 
 fn markdown(m: &mut String, p: &PlacementResult) {
